@@ -1,0 +1,65 @@
+// The activation maths of handgrad, written once.
+//
+// Notation follows "Understanding Deep Learning", chapter 7: a layer computes the
+// pre-activation f = beta + Omega h and its output a[f].
+//
+// Every formula is a template over a value type V, instantiated with
+//   - float or double: the CUDA kernels and the CPU loop tails;
+//   - at::vec::Vectorized<float or double>: the CPU main loops (csrc/cpu/vectorized.h
+//     gives `where` and `exp` for those).
+// Half-precision types are widened to float before they reach these functions.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace handgrad {
+
+enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid };
+
+// Scalar primitives, for host and device code.
+template <typename T>
+C10_HOST_DEVICE inline T where(bool condition, T if_true, T if_false) {
+  return condition ? if_true : if_false;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T exp(T x) {
+  return std::exp(x);
+}
+
+// Forward: out = a[f].
+template <Activation A, typename V>
+C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
+  if constexpr (A == Activation::ReLU) {
+    return where(f < V(0), V(0), f);  // max(0, f); written so that NaN propagates
+  } else if constexpr (A == Activation::LeakyReLU) {
+    return where(f > V(0), f, f * negative_slope);
+  } else {
+    return V(1) / (V(1) + exp(-f));  // sig[f]; saturates to 0 or 1, never NaN
+  }
+}
+
+// Backward: dl/df = dl/d(out) * a'[f], with a'[f] read off `saved`.
+//
+// `saved` is the output out = a[f], except for LeakyReLU with a negative slope, where
+// the output no longer tells the sign of f and the caller passes f itself. For slopes
+// >= 0, out > 0 exactly when f > 0, so one sign test serves both.
+//
+// At the kink f = 0 we follow PyTorch: ReLU'(0) = 0 and LeakyReLU'(0) = negative_slope.
+// Each branch selects rather than multiplies, so that a NaN gradient on the flat side of
+// ReLU gives 0, exactly as eager PyTorch does.
+template <Activation A, typename V>
+C10_HOST_DEVICE inline V activation_backward(V grad, V saved, V negative_slope) {
+  if constexpr (A == Activation::ReLU) {
+    return where(saved <= V(0), V(0), grad);  // a' = I[out > 0]
+  } else if constexpr (A == Activation::LeakyReLU) {
+    return where(saved > V(0), grad, grad * negative_slope);  // a' = I[out > 0] + alpha I[out <= 0]  (7.10)
+  } else {
+    return grad * (V(1) - saved) * saved;  // a' = sig[f] (1 - sig[f]) = out (1 - out)  (7.7)
+  }
+}
+
+}  // namespace handgrad

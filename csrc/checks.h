@@ -1,0 +1,116 @@
+// Argument checks shared by the CPU and CUDA implementations of every handgrad op.
+//
+// They run first in each op, before any kernel, so that a caller of torch.ops.handgrad.*
+// gets an error that names the argument and the problem instead of undefined behaviour.
+// pyext/handgrad/_fake.py makes the same checks for fake tensors (torch.compile, export).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/accumulate.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "activation.h"
+
+namespace handgrad {
+
+inline Activation parse_activation(std::string_view name) {
+  if (name == "relu") return Activation::ReLU;
+  if (name == "leaky_relu") return Activation::LeakyReLU;
+  if (name == "sigmoid") return Activation::Sigmoid;
+  TORCH_CHECK_VALUE(
+      false, "handgrad: unknown activation '", name,
+      "'; expected 'relu', 'leaky_relu' or 'sigmoid'");
+}
+
+// The name users call the op by, used to start every message: "linear_relu", "sigmoid", ...
+inline std::string op_name(std::string_view activation, bool fused_with_linear) {
+  return (fused_with_linear ? "linear_" : "") + std::string(activation);
+}
+
+inline std::string dtype_name(const at::Tensor& t) {
+  return "torch." + std::string(c10::getDtypeNames(t.scalar_type()).first);
+}
+
+inline void check_negative_slope(const std::string& op, double negative_slope) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(negative_slope), op, ": negative_slope must be a finite number, got ",
+      negative_slope);
+}
+
+inline void check_floating_dtype(
+    const std::string& op, const char* arg, const at::Tensor& t, bool half_supported) {
+  const auto dtype = t.scalar_type();
+  const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+      (half_supported && dtype == at::kHalf);
+  TORCH_CHECK(
+      supported, op, ": ", arg, " has dtype ", dtype_name(t), "; expected torch.float32, ",
+      "torch.float64", half_supported ? ", torch.float16" : "", " or torch.bfloat16 on ",
+      t.device().type());
+}
+
+// `other` must share dtype and device with `reference`.
+inline void check_same_dtype_and_device(
+    const std::string& op, const char* arg, const at::Tensor& other, const char* reference_arg,
+    const at::Tensor& reference) {
+  TORCH_CHECK(
+      other.device() == reference.device(), op, ": ", arg, " is on ", other.device(), " but ",
+      reference_arg, " is on ", reference.device(), "; all tensors must be on one device");
+  TORCH_CHECK(
+      other.scalar_type() == reference.scalar_type(), op, ": ", arg, " has dtype ",
+      dtype_name(other), " but ", reference_arg, " has dtype ", dtype_name(reference));
+}
+
+inline void check_linear_arguments(
+    const std::string& op, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, double negative_slope, bool half_supported) {
+  check_negative_slope(op, negative_slope);
+  check_floating_dtype(op, "input", input, half_supported);
+  check_same_dtype_and_device(op, "weight", weight, "input", input);
+  if (bias.has_value()) check_same_dtype_and_device(op, "bias", *bias, "input", input);
+
+  TORCH_CHECK(
+      input.dim() >= 1, op,
+      ": input must have shape (*, in_features) with at least 1 dimension, got a 0-D tensor");
+  TORCH_CHECK(
+      weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
+      weight.sizes());
+  TORCH_CHECK(
+      weight.size(1) == input.size(-1), op, ": weight has ", weight.size(1),
+      " columns but input has ", input.size(-1), " features (input shape ", input.sizes(),
+      ", weight shape ", weight.sizes(), ")");
+  if (bias.has_value()) {
+    TORCH_CHECK(
+        bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [",
+        weight.size(0), "] (out_features), got shape ", bias->sizes());
+  }
+}
+
+inline void check_activation_arguments(
+    const std::string& op, const at::Tensor& input, double negative_slope, bool half_supported) {
+  check_negative_slope(op, negative_slope);
+  check_floating_dtype(op, "input", input, half_supported);
+}
+
+// For the backward ops: the incoming gradient and the saved tensor match element for element.
+inline void check_backward_arguments(
+    const std::string& op, const at::Tensor& grad_output, const at::Tensor& saved,
+    double negative_slope, bool half_supported) {
+  check_negative_slope(op, negative_slope);
+  check_floating_dtype(op, "grad_output", grad_output, half_supported);
+  check_same_dtype_and_device(op, "saved", saved, "grad_output", grad_output);
+  TORCH_CHECK(
+      grad_output.sizes() == saved.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
+      " but saved has shape ", saved.sizes());
+}
+
+// Rows of a (*, features) tensor seen as a matrix; works for zero sizes too.
+inline int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
+}  // namespace handgrad

@@ -1,0 +1,87 @@
+"""Fake (meta) kernels of the handgrad ops: output shapes only, for torch.compile and export.
+
+They make the same argument checks as csrc/checks.h, so that a traced program fails with
+the same message as an eager one.
+"""
+
+import math
+
+import torch
+
+_FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _op_name(activation, fused):
+    return ("linear_" if fused else "") + activation
+
+
+def _check(condition, op, message):
+    torch._check(condition, lambda: f"{op}: {message}")
+
+
+def _check_common(op, activation, negative_slope, first_name, first):
+    torch._check_value(
+        activation in ("relu", "leaky_relu", "sigmoid"),
+        lambda: f"handgrad: unknown activation '{activation}'; "
+        "expected 'relu', 'leaky_relu' or 'sigmoid'",
+    )
+    torch._check_value(
+        math.isfinite(negative_slope),
+        lambda: f"{op}: negative_slope must be a finite number, got {negative_slope}",
+    )
+    _check(first.dtype in _FLOATING, op, f"{first_name} has dtype {first.dtype}; expected a "
+           "floating-point dtype")
+
+
+def _check_same(op, name, other, reference_name, reference):
+    _check(other.device == reference.device, op, f"{name} is on {other.device} but "
+           f"{reference_name} is on {reference.device}; all tensors must be on one device")
+    _check(other.dtype == reference.dtype, op, f"{name} has dtype {other.dtype} but "
+           f"{reference_name} has dtype {reference.dtype}")
+
+
+@torch.library.register_fake("handgrad::linear_activation")
+def _linear_activation_fake(input, weight, bias, activation, negative_slope=0.01):
+    op = _op_name(activation, fused=True)
+    _check_common(op, activation, negative_slope, "input", input)
+    _check_same(op, "weight", weight, "input", input)
+    if bias is not None:
+        _check_same(op, "bias", bias, "input", input)
+    _check(input.dim() >= 1, op, "input must have shape (*, in_features) with at least 1 "
+           "dimension, got a 0-D tensor")
+    _check(weight.dim() == 2, op, "weight must be 2-D (out_features, in_features), got shape "
+           f"{list(weight.shape)}")
+    _check(weight.shape[1] == input.shape[-1], op, f"weight has {weight.shape[1]} columns but "
+           f"input has {input.shape[-1]} features")
+    if bias is not None:
+        _check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], op, "bias must have shape "
+               f"[{weight.shape[0]}] (out_features), got shape {list(bias.shape)}")
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("handgrad::activation")
+def _activation_fake(input, activation, negative_slope=0.01):
+    _check_common(_op_name(activation, False), activation, negative_slope, "input", input)
+    return input.new_empty(input.shape)
+
+
+def _check_backward(op, grad_output, saved, activation, negative_slope):
+    _check_common(op, activation, negative_slope, "grad_output", grad_output)
+    _check_same(op, "saved", saved, "grad_output", grad_output)
+    _check(grad_output.shape == saved.shape, op, f"grad_output has shape "
+           f"{list(grad_output.shape)} but saved has shape {list(saved.shape)}")
+
+
+@torch.library.register_fake("handgrad::activation_backward")
+def _activation_backward_fake(grad_output, saved, activation, negative_slope=0.01):
+    _check_backward(_op_name(activation, False) + "_backward", grad_output, saved, activation,
+                    negative_slope)
+    return saved.new_empty(saved.shape)
+
+
+@torch.library.register_fake("handgrad::bias_activation_backward")
+def _bias_activation_backward_fake(grad_output, saved, activation, negative_slope=0.01):
+    op = _op_name(activation, True) + "_backward"
+    _check_backward(op, grad_output, saved, activation, negative_slope)
+    _check(saved.dim() >= 1, op, "saved must have shape (*, out_features), got a 0-D tensor")
+    return saved.new_empty(saved.shape), saved.new_empty(saved.shape[-1:])

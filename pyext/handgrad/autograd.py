@@ -1,0 +1,247 @@
+"""The torch.autograd.Functions of handgrad, over the torch.ops.handgrad operators.
+
+A fused layer computes f = beta + Omega h and out = a[f]. It saves h, Omega and out (never
+f), and its backward is the chapter's:
+
+    dl/df     = dl/d(out) * a'[f]       a' read off out (7.7, 7.10)
+    dl/dh     = Omega^T dl/df           (7.6)
+    dl/dOmega = dl/df h^T               (7.9), summed over the batch
+    dl/dbeta  = sum of dl/df            made in the same pass as dl/df
+
+The backward is itself built from differentiable pieces (_ActivationBackward and ATen
+matrix products), so double backward works; each Function also has a jvp for
+forward-mode AD.
+
+LeakyReLU with a negative slope is the one case where out does not tell the sign of f
+(both sides of zero give out >= 0). There the layer keeps the same tensors and recomputes f
+in the backward: one more matrix product, no extra memory.
+"""
+
+import torch
+from torch.autograd import Function
+
+_ops = torch.ops.handgrad
+
+
+def _as_matrix(t):
+    """View a (*, n) tensor as a (rows, n) matrix, zero sizes included."""
+    return t.unsqueeze(0) if t.dim() == 1 else t.flatten(0, -2)
+
+
+def _output_hides_sign(activation, negative_slope):
+    return activation == "leaky_relu" and negative_slope < 0
+
+
+# --- dl/df = dl/d(out) * a'[f], as Functions so that the backward is differentiable ---
+
+
+def _activation_backward_grads(ctx, grad_grad_pre):
+    """Gradients of grad_pre = grad_output * a'(saved) w.r.t. grad_output and saved."""
+    grad_output, saved = ctx.saved_tensors
+    grad_grad_output = grad_saved = None
+    if ctx.needs_input_grad[0]:
+        grad_grad_output = _ActivationBackward.apply(
+            grad_grad_pre, saved, ctx.activation, ctx.negative_slope
+        )
+    if ctx.needs_input_grad[1] and ctx.activation == "sigmoid":
+        # d/d(out) [out (1 - out)] = 1 - 2 out. ReLU and LeakyReLU have a'' = 0 almost
+        # everywhere, so nothing flows back through their saved tensor.
+        grad_saved = grad_grad_pre * grad_output * (1 - 2 * saved)
+    return grad_grad_output, grad_saved
+
+
+class _ActivationBackward(Function):
+    """grad_pre = grad_output * a'(saved)."""
+
+    @staticmethod
+    def forward(grad_output, saved, activation, negative_slope):
+        return _ops.activation_backward(grad_output, saved, activation, negative_slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_output, saved, ctx.activation, ctx.negative_slope = inputs
+        ctx.save_for_backward(grad_output, saved)
+
+    @staticmethod
+    def backward(ctx, grad_grad_pre):
+        return (*_activation_backward_grads(ctx, grad_grad_pre), None, None)
+
+
+class _BiasActivationBackward(_ActivationBackward):
+    """(grad_pre, grad_bias): grad_pre as above, and its sum over all leading dimensions."""
+
+    @staticmethod
+    def forward(grad_output, saved, activation, negative_slope):
+        return _ops.bias_activation_backward(grad_output, saved, activation, negative_slope)
+
+    @staticmethod
+    def backward(ctx, grad_grad_pre, grad_grad_bias):
+        # grad_bias sums grad_pre over the rows, so its gradient reaches every row.
+        return (*_activation_backward_grads(ctx, grad_grad_pre + grad_grad_bias), None, None)
+
+
+# --- The fused layers: out = a[beta + Omega h] ---
+
+
+def _setup_linear(ctx, inputs, output, activation, negative_slope):
+    input, weight, bias = inputs[:3]
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+    ctx.num_inputs = len(inputs)
+    ctx.save_for_backward(input, weight, bias, output)
+    ctx.save_for_forward(input, weight, bias, output)
+
+
+def _sign_source(ctx, input, weight, bias, output):
+    """The tensor a'[f] is read off: out, or a recomputed f where out hides the sign."""
+    if not _output_hides_sign(ctx.activation, ctx.negative_slope):
+        return output
+    with torch.no_grad():
+        return _ops.linear_activation(input, weight, bias, "leaky_relu", 1.0)  # slope 1: f itself
+
+
+class _LinearActivationFunction(Function):
+    """Backward and jvp shared by the fused layers; subclasses give forward and setup_context."""
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, output = ctx.saved_tensors
+        saved = _sign_source(ctx, input, weight, bias, output)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input = grad_weight = grad_bias = None
+        if need_bias:
+            grad_pre, grad_bias = _BiasActivationBackward.apply(
+                grad_output, saved, ctx.activation, ctx.negative_slope
+            )
+        else:
+            grad_pre = _ActivationBackward.apply(
+                grad_output, saved, ctx.activation, ctx.negative_slope
+            )
+        if need_input:
+            grad_input = grad_pre.matmul(weight)  # dl/dh = Omega^T dl/df  (7.6)
+        if need_weight:
+            grad_weight = _as_matrix(grad_pre).t().mm(_as_matrix(input))  # dl/dOmega (7.9)
+        return (grad_input, grad_weight, grad_bias, None)[: ctx.num_inputs]
+
+    @staticmethod
+    def jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
+        input, weight, bias, output = ctx.saved_tensors
+        saved = _sign_source(ctx, input, weight, bias, output)
+        # df = dh Omega^T + h dOmega^T + dbeta, then d(out) = a'[f] df.
+        tangent_pre = torch.zeros_like(output)
+        if input_tangent is not None:
+            tangent_pre = tangent_pre + input_tangent.matmul(weight.t())
+        if weight_tangent is not None:
+            tangent_pre = tangent_pre + input.matmul(weight_tangent.t())
+        if bias_tangent is not None:
+            tangent_pre = tangent_pre + bias_tangent
+        return _ops.activation_backward(tangent_pre, saved, ctx.activation, ctx.negative_slope)
+
+
+class LinearReLUFunction(_LinearActivationFunction):
+    """relu(input @ weight.T + bias)."""
+
+    @staticmethod
+    def forward(input, weight, bias=None):
+        return _ops.linear_activation(input, weight, bias, "relu", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, "relu", 0.0)
+
+
+class LinearLeakyReLUFunction(_LinearActivationFunction):
+    """leaky_relu(input @ weight.T + bias, negative_slope)."""
+
+    @staticmethod
+    def forward(input, weight, bias=None, negative_slope=0.01):
+        return _ops.linear_activation(input, weight, bias, "leaky_relu", negative_slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, "leaky_relu", inputs[3])
+
+
+class LinearSigmoidFunction(_LinearActivationFunction):
+    """sigmoid(input @ weight.T + bias)."""
+
+    @staticmethod
+    def forward(input, weight, bias=None):
+        return _ops.linear_activation(input, weight, bias, "sigmoid", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, "sigmoid", 0.0)
+
+
+# --- The standalone activations: out = a[input] ---
+
+
+def _setup_activation(ctx, inputs, output, activation, negative_slope):
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+    ctx.num_inputs = len(inputs)
+    saved = inputs[0] if _output_hides_sign(activation, negative_slope) else output
+    ctx.save_for_backward(saved)
+    ctx.save_for_forward(saved)
+
+
+class _ActivationFunction(Function):
+    """Backward and jvp shared by the standalone activations."""
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (saved,) = ctx.saved_tensors
+        grad_input = _ActivationBackward.apply(
+            grad_output, saved, ctx.activation, ctx.negative_slope
+        )
+        return (grad_input, None)[: ctx.num_inputs]
+
+    @staticmethod
+    def jvp(ctx, input_tangent, *_):
+        (saved,) = ctx.saved_tensors
+        return _ops.activation_backward(input_tangent, saved, ctx.activation, ctx.negative_slope)
+
+
+class ReLUFunction(_ActivationFunction):
+    """relu(input)."""
+
+    @staticmethod
+    def forward(input):
+        return _ops.activation(input, "relu", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_activation(ctx, inputs, output, "relu", 0.0)
+
+
+class LeakyReLUFunction(_ActivationFunction):
+    """leaky_relu(input, negative_slope)."""
+
+    @staticmethod
+    def forward(input, negative_slope=0.01):
+        return _ops.activation(input, "leaky_relu", negative_slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_activation(ctx, inputs, output, "leaky_relu", inputs[1])
+
+
+class SigmoidFunction(_ActivationFunction):
+    """sigmoid(input)."""
+
+    @staticmethod
+    def forward(input):
+        return _ops.activation(input, "sigmoid", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_activation(ctx, inputs, output, "sigmoid", 0.0)
+
+
+__all__ = [
+    "LinearReLUFunction",
+    "LinearLeakyReLUFunction",
+    "LinearSigmoidFunction",
+    "ReLUFunction",
+    "LeakyReLUFunction",
+    "SigmoidFunction",
+]

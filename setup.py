@@ -1,0 +1,97 @@
+"""Builds handgrad._C: a CppExtension, or a CUDAExtension when CUDA is there.
+
+Switches (environment variables):
+  HANDGRAD_CUDA=0|1         force the CPU-only or the CUDA build (default: CUDA when torch
+                            has CUDA and a toolkit is found)
+  HANDGRAD_CPU_CAPABILITY   DEFAULT, AVX2 or AVX512: the SIMD level of the CPU kernels
+                            (default: what this machine supports, as PyTorch detects it)
+  DEBUG=1                   -O0 -g
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "handgrad: PyTorch must be installed before handgrad is built, and the build must "
+        "see it.\n  pip install torch==2.13.0        (or the torch you use)\n"
+        "  pip install --no-build-isolation .\n"
+        "Build isolation is off on purpose: an isolated build would download a multi-GB "
+        "CUDA build of torch just to compile against it."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.getenv("DEBUG", "0") == "1"
+
+# Compiler flags and macros for each SIMD level of at::vec::Vectorized, as ATen uses them.
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def cpu_capability():
+    chosen = os.getenv("HANDGRAD_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
+    chosen = chosen.upper()
+    return chosen if chosen in CPU_CAPABILITY_FLAGS else "DEFAULT"
+
+
+def use_cuda():
+    forced = os.getenv("HANDGRAD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def write_build_config(capability, cuda):
+    # Read at import time, before the library is loaded: a library built for AVX-512
+    # must not be loaded on a CPU without it.
+    with open(os.path.join(ROOT, "pyext", "handgrad", "_build_config.py"), "w") as f:
+        f.write(
+            "# Written by setup.py at build time.\n"
+            f"CPU_CAPABILITY = {capability!r}\nCUDA = {cuda!r}\n"
+        )
+
+
+def get_extensions():
+    capability = cpu_capability()
+    cuda = use_cuda()
+    write_build_config(capability, cuda)
+
+    cxx_flags = [
+        "-O0" if DEBUG else "-O3",
+        "-fopenmp",
+        f"-DCPU_CAPABILITY={capability}",
+        f"-DCPU_CAPABILITY_{capability}",
+        *CPU_CAPABILITY_FLAGS[capability],
+    ]
+    if DEBUG:
+        cxx_flags += ["-g"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    extra_compile_args = {"cxx": cxx_flags}
+    extension = cpp_extension.CppExtension
+    if cuda:
+        extension = cpp_extension.CUDAExtension
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra_compile_args["nvcc"] = ["-O0" if DEBUG else "-O3", "-g" if DEBUG else "-lineinfo"]
+    return [
+        extension(
+            "handgrad._C",
+            sources,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+setup(
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
