@@ -8,9 +8,10 @@ f), and its backward is the chapter's:
     dl/dOmega = dl/df h^T               (7.9), summed over the batch
     dl/dbeta  = sum of dl/df            made in the same pass as dl/df
 
-The backward is itself built from differentiable pieces (_ActivationBackward and ATen
-matrix products), so double backward works; each Function also has a jvp for
-forward-mode AD.
+The backward is itself built from differentiable pieces: the activation-backward ops, whose
+own derivatives are registered below, and ATen matrix products. So double backward works.
+Each Function also has a jvp for forward-mode AD. The same formulas are registered as the
+autograd of the torch.ops.handgrad ops, for callers of the ops themselves.
 
 LeakyReLU with a negative slope is the one case where out does not tell the sign of f
 (both sides of zero give out >= 0). There the layer keeps the same tensors and recomputes f
@@ -32,52 +33,50 @@ def _output_hides_sign(activation, negative_slope):
     return activation == "leaky_relu" and negative_slope < 0
 
 
-# --- dl/df = dl/d(out) * a'[f], as Functions so that the backward is differentiable ---
+# --- Autograd of the backward ops themselves, registered on the ops: double backward ---
 
 
-def _activation_backward_grads(ctx, grad_grad_pre):
+def _setup_activation_backward(ctx, inputs, output):
+    grad_output, saved, ctx.activation, ctx.negative_slope = inputs
+    ctx.save_for_backward(grad_output, saved)
+
+
+def _grads_of_activation_backward(ctx, grad_grad_pre):
     """Gradients of grad_pre = grad_output * a'(saved) w.r.t. grad_output and saved."""
     grad_output, saved = ctx.saved_tensors
     grad_grad_output = grad_saved = None
     if ctx.needs_input_grad[0]:
-        grad_grad_output = _ActivationBackward.apply(
+        grad_grad_output = _ops.activation_backward(
             grad_grad_pre, saved, ctx.activation, ctx.negative_slope
         )
     if ctx.needs_input_grad[1] and ctx.activation == "sigmoid":
         # d/d(out) [out (1 - out)] = 1 - 2 out. ReLU and LeakyReLU have a'' = 0 almost
         # everywhere, so nothing flows back through their saved tensor.
         grad_saved = grad_grad_pre * grad_output * (1 - 2 * saved)
-    return grad_grad_output, grad_saved
+    return grad_grad_output, grad_saved, None, None
 
 
-class _ActivationBackward(Function):
-    """grad_pre = grad_output * a'(saved)."""
-
-    @staticmethod
-    def forward(grad_output, saved, activation, negative_slope):
-        return _ops.activation_backward(grad_output, saved, activation, negative_slope)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad_output, saved, ctx.activation, ctx.negative_slope = inputs
-        ctx.save_for_backward(grad_output, saved)
-
-    @staticmethod
-    def backward(ctx, grad_grad_pre):
-        return (*_activation_backward_grads(ctx, grad_grad_pre), None, None)
+def _activation_backward_backward(ctx, grad_grad_pre):
+    return _grads_of_activation_backward(ctx, grad_grad_pre)
 
 
-class _BiasActivationBackward(_ActivationBackward):
-    """(grad_pre, grad_bias): grad_pre as above, and its sum over all leading dimensions."""
+def _bias_activation_backward_backward(ctx, grad_grad_pre, grad_grad_bias):
+    # grad_bias sums grad_pre over the rows, so its gradient reaches every row.
+    if grad_grad_bias is not None:
+        grad_grad_pre = grad_grad_bias if grad_grad_pre is None else grad_grad_pre + grad_grad_bias
+    return _grads_of_activation_backward(ctx, grad_grad_pre)
 
-    @staticmethod
-    def forward(grad_output, saved, activation, negative_slope):
-        return _ops.bias_activation_backward(grad_output, saved, activation, negative_slope)
 
-    @staticmethod
-    def backward(ctx, grad_grad_pre, grad_grad_bias):
-        # grad_bias sums grad_pre over the rows, so its gradient reaches every row.
-        return (*_activation_backward_grads(ctx, grad_grad_pre + grad_grad_bias), None, None)
+torch.library.register_autograd(
+    "handgrad::activation_backward",
+    _activation_backward_backward,
+    setup_context=_setup_activation_backward,
+)
+torch.library.register_autograd(
+    "handgrad::bias_activation_backward",
+    _bias_activation_backward_backward,
+    setup_context=_setup_activation_backward,
+)
 
 
 # --- The fused layers: out = a[beta + Omega h] ---
@@ -109,18 +108,18 @@ class _LinearActivationFunction(Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
         if need_bias:
-            grad_pre, grad_bias = _BiasActivationBackward.apply(
+            grad_pre, grad_bias = _ops.bias_activation_backward(
                 grad_output, saved, ctx.activation, ctx.negative_slope
             )
         else:
-            grad_pre = _ActivationBackward.apply(
+            grad_pre = _ops.activation_backward(
                 grad_output, saved, ctx.activation, ctx.negative_slope
             )
         if need_input:
             grad_input = grad_pre.matmul(weight)  # dl/dh = Omega^T dl/df  (7.6)
         if need_weight:
             grad_weight = _as_matrix(grad_pre).t().mm(_as_matrix(input))  # dl/dOmega (7.9)
-        return (grad_input, grad_weight, grad_bias, None)[: ctx.num_inputs]
+        return (grad_input, grad_weight, grad_bias) + (None,) * (ctx.num_inputs - 3)
 
     @staticmethod
     def jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
@@ -190,10 +189,10 @@ class _ActivationFunction(Function):
     @staticmethod
     def backward(ctx, grad_output):
         (saved,) = ctx.saved_tensors
-        grad_input = _ActivationBackward.apply(
+        grad_input = _ops.activation_backward(
             grad_output, saved, ctx.activation, ctx.negative_slope
         )
-        return (grad_input, None)[: ctx.num_inputs]
+        return (grad_input,) + (None,) * (ctx.num_inputs - 1)
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
@@ -236,6 +235,22 @@ class SigmoidFunction(_ActivationFunction):
     def setup_context(ctx, inputs, output):
         _setup_activation(ctx, inputs, output, "sigmoid", 0.0)
 
+
+# The same formulas as the autograd of the forward ops, for callers of torch.ops.handgrad.
+torch.library.register_autograd(
+    "handgrad::linear_activation",
+    _LinearActivationFunction.backward,
+    setup_context=lambda ctx, inputs, output: _setup_linear(
+        ctx, inputs, output, activation=inputs[3], negative_slope=inputs[4]
+    ),
+)
+torch.library.register_autograd(
+    "handgrad::activation",
+    _ActivationFunction.backward,
+    setup_context=lambda ctx, inputs, output: _setup_activation(
+        ctx, inputs, output, activation=inputs[1], negative_slope=inputs[2]
+    ),
+)
 
 __all__ = [
     "LinearReLUFunction",

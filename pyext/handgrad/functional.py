@@ -8,6 +8,8 @@ kernel runs; negative_slope is checked here.
 import math
 import numbers
 
+import torch
+
 from .autograd import (
     LeakyReLUFunction,
     LinearLeakyReLUFunction,
@@ -29,34 +31,42 @@ def check_negative_slope(negative_slope):
     return float(negative_slope)
 
 
+def _apply(function, *args):
+    # Dynamo cannot trace a Function that defines jvp (forward-mode AD). While compiling we
+    # call its forward, i.e. the op itself, whose registered autograd is the same backward.
+    if torch.compiler.is_compiling():
+        return function.forward(*args)
+    return function.apply(*args)
+
+
 def linear_relu(input, weight, bias=None):
     """relu(input @ weight.T + bias)."""
-    return LinearReLUFunction.apply(input, weight, bias)
+    return _apply(LinearReLUFunction, input, weight, bias)
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
     """leaky_relu(input @ weight.T + bias, negative_slope), for any finite slope."""
-    return LinearLeakyReLUFunction.apply(input, weight, bias, check_negative_slope(negative_slope))
+    return _apply(LinearLeakyReLUFunction, input, weight, bias, check_negative_slope(negative_slope))
 
 
 def linear_sigmoid(input, weight, bias=None):
     """sigmoid(input @ weight.T + bias)."""
-    return LinearSigmoidFunction.apply(input, weight, bias)
+    return _apply(LinearSigmoidFunction, input, weight, bias)
 
 
 def relu(input):
     """relu(input), elementwise."""
-    return ReLUFunction.apply(input)
+    return _apply(ReLUFunction, input)
 
 
 def leaky_relu(input, negative_slope=0.01):
     """leaky_relu(input, negative_slope), elementwise, for any finite slope."""
-    return LeakyReLUFunction.apply(input, check_negative_slope(negative_slope))
+    return _apply(LeakyReLUFunction, input, check_negative_slope(negative_slope))
 
 
 def sigmoid(input):
     """sigmoid(input), elementwise."""
-    return SigmoidFunction.apply(input)
+    return _apply(SigmoidFunction, input)
 
 
 __all__ = [
