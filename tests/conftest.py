@@ -1,0 +1,67 @@
+"""Shared cases: every handgrad function next to the eager PyTorch code it replaces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import handgrad.functional as hf
+
+# Slopes the issue asks for, plus one above 1.
+SLOPES = [0.01, 0.2, 1.0, 0.0, -0.5, 1.5]
+
+
+def _fused_cases():
+    cases = [
+        pytest.param(hf.linear_relu, lambda x, w, b: F.relu(F.linear(x, w, b)), id="linear_relu"),
+        pytest.param(
+            hf.linear_sigmoid, lambda x, w, b: torch.sigmoid(F.linear(x, w, b)), id="linear_sigmoid"
+        ),
+    ]
+    for slope in SLOPES:
+        cases.append(
+            pytest.param(
+                lambda x, w, b, s=slope: hf.linear_leaky_relu(x, w, b, negative_slope=s),
+                lambda x, w, b, s=slope: F.leaky_relu(F.linear(x, w, b), s),
+                id=f"linear_leaky_relu[{slope}]",
+            )
+        )
+    return cases
+
+
+def _activation_cases():
+    cases = [
+        pytest.param(hf.relu, F.relu, id="relu"),
+        pytest.param(hf.sigmoid, torch.sigmoid, id="sigmoid"),
+    ]
+    for slope in SLOPES:
+        cases.append(
+            pytest.param(
+                lambda x, s=slope: hf.leaky_relu(x, negative_slope=s),
+                lambda x, s=slope: F.leaky_relu(x, s),
+                id=f"leaky_relu[{slope}]",
+            )
+        )
+    return cases
+
+
+FUSED = _fused_cases()
+ACTIVATIONS = _activation_cases()
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def tolerances(dtype):
+    """assert_close tolerances against eager PyTorch.
+
+    bfloat16 keeps 8 bits: the GEMM result is rounded before our epilogue adds the bias,
+    where eager rounds once after, so the two may differ by one rounding step.
+    """
+    if dtype == torch.bfloat16:
+        return {"rtol": 2e-2, "atol": 2e-2}
+    return {}
+
+
+def grads(output, inputs, grad_output):
+    """Gradients of <output, grad_output> w.r.t. those of `inputs` that require grad."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(output, wanted, grad_output)

@@ -1,0 +1,30 @@
+"""The main job (make demo) and the build's front door."""
+
+import os
+import subprocess
+import sys
+
+from handgrad.examples import fig7_8
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fig7_8_trains_both_models_alike_and_writes_the_figure(tmp_path, capsys):
+    torch_losses, handgrad_losses = fig7_8.main(["--epochs", "12", "--out", str(tmp_path)])
+    assert len(torch_losses) == len(handgrad_losses) == 12
+    assert torch_losses[-1] < 0.5 * torch_losses[0]  # it does train
+    assert max(abs(a - b) for a, b in zip(torch_losses, handgrad_losses)) < 1e-5
+    assert (tmp_path / "fig7_8.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "identical initial parameters: True" in printed
+    assert "max |difference|" in printed
+
+
+def test_setup_without_torch_stops_with_a_clear_message():
+    # As `pip install .` would run it in an environment without torch.
+    code = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; exec(open('setup.py').read())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "PyTorch must be installed before handgrad is built" in result.stderr
+    assert "--no-build-isolation" in result.stderr
+    assert "Traceback" not in result.stderr

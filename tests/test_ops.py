@@ -1,0 +1,204 @@
+"""Forward and every gradient equal eager PyTorch, for every op, dtype, shape and stride."""
+
+import pytest
+import torch
+from conftest import ACTIVATIONS, DTYPES, FUSED, grads, tolerances
+
+import handgrad.functional as hf
+
+
+def make_linear_inputs(layout, dtype, in_features=12, out_features=9, bias=True, seed=0):
+    """(input, weight, bias, leaves): the arguments in the given memory layout, and the leaf
+    tensors whose gradients are compared."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        if dtype == torch.bfloat16:
+            # Small integers: every product and sum is exact in bfloat16, so no pre-activation
+            # can change sign between our rounding and eager's, and the kinks (f = 0) occur.
+            return torch.randint(-3, 4, shape, generator=g).to(dtype)
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    K, M = in_features, out_features
+    leaves = {}
+    if layout == "2d":
+        x = leaves["x"] = randn(7, K).requires_grad_()
+    elif layout == "1d":
+        x = leaves["x"] = randn(K).requires_grad_()
+    elif layout == "3d":
+        x = leaves["x"] = randn(2, 3, K).requires_grad_()
+    elif layout == "4d":
+        x = leaves["x"] = randn(2, 1, 3, K).requires_grad_()
+    elif layout == "transposed":
+        leaves["x"] = randn(K, 7).requires_grad_()
+        x = leaves["x"].t()
+    elif layout == "sliced":
+        leaves["x"] = randn(9, 2 * K).requires_grad_()
+        x = leaves["x"][::2, 1::2]
+    elif layout == "expanded":
+        leaves["x"] = randn(1, K).requires_grad_()
+        x = leaves["x"].expand(6, K)
+    elif layout == "empty_batch":
+        x = leaves["x"] = randn(0, K).requires_grad_()
+    elif layout == "empty_3d":
+        x = leaves["x"] = randn(2, 0, K).requires_grad_()
+    elif layout == "zero_features":
+        K = 0
+        x = leaves["x"] = randn(5, 0).requires_grad_()
+    elif layout == "zero_outputs":
+        M = 0
+        x = leaves["x"] = randn(5, K).requires_grad_()
+    else:
+        raise ValueError(layout)
+
+    if layout == "transposed":
+        leaves["w"] = randn(K, M).requires_grad_()
+        w = leaves["w"].t()  # a non-contiguous weight too
+    else:
+        w = leaves["w"] = randn(M, K).requires_grad_()
+    b = None
+    if bias:
+        if layout == "sliced":
+            leaves["b"] = randn(2 * M).requires_grad_()
+            b = leaves["b"][::2]
+        else:
+            b = leaves["b"] = randn(M).requires_grad_()
+    return x, w, b, leaves
+
+
+LAYOUTS = [
+    "2d", "1d", "3d", "4d", "transposed", "sliced", "expanded", "empty_batch", "empty_3d",
+    "zero_features", "zero_outputs",
+]
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_fused_matches_eager(fn, reference, dtype, layout, bias):
+    x, w, b, leaves = make_linear_inputs(layout, dtype, bias=bias)
+    out = fn(x, w, b)
+    expected = reference(x, w, b)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+
+    grad_output = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    if dtype == torch.bfloat16:
+        grad_output = grad_output.round()
+    leaf_list = list(leaves.values())
+    for got, want in zip(grads(out, leaf_list, grad_output), grads(expected, leaf_list, grad_output)):
+        torch.testing.assert_close(got, want, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("fn,reference", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 5), (3, 0, 4), (), (1000,), (2, 3, 37)], ids=str)
+def test_activation_matches_eager(fn, reference, dtype, shape):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype).requires_grad_()
+    out, expected = fn(x), reference(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad_output = torch.randn(shape, dtype=torch.float64).to(dtype)
+    torch.testing.assert_close(
+        grads(out, [x], grad_output)[0], grads(expected, [x], grad_output)[0], **tolerances(dtype)
+    )
+
+
+@pytest.mark.parametrize("fn,reference", ACTIVATIONS)
+def test_activation_of_strided_input(fn, reference):
+    base = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    for x in (base.t(), base[:, ::3], base[:1].expand(4, 10)):
+        torch.testing.assert_close(fn(x), reference(x))
+        torch.testing.assert_close(
+            torch.autograd.grad(fn(x).sum(), base)[0],
+            torch.autograd.grad(reference(x).sum(), base)[0],
+        )
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+def test_expanded_grad_output(fn, reference):
+    # out.sum().backward() hands the backward a stride-0 gradient.
+    x, w, b, leaves = make_linear_inputs("3d", torch.float64)
+    got = torch.autograd.grad(fn(x, w, b).sum(), list(leaves.values()))
+    want = torch.autograd.grad(reference(x, w, b).sum(), list(leaves.values()))
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("requires", ["x", "w", "b", "xw"])
+def test_partial_requires_grad(fn, reference, requires):
+    x, w, b, _ = make_linear_inputs("2d", torch.float64)
+    x, w, b = (t.detach().requires_grad_(name in requires) for t, name in ((x, "x"), (w, "w"), (b, "b")))
+    wanted = [t for t in (x, w, b) if t.requires_grad]
+    got = torch.autograd.grad(fn(x, w, b).sum(), wanted)
+    want = torch.autograd.grad(reference(x, w, b).sum(), wanted)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("rows,in_features,out_features", [(64, 96, 80), (513, 33, 257), (4096, 8, 3)])
+@pytest.mark.parametrize("fn,reference", FUSED[:3])
+def test_larger_shapes_cross_thread_and_vector_boundaries(rows, in_features, out_features, fn, reference):
+    torch.manual_seed(1)
+    x = torch.randn(rows, in_features, requires_grad=True)
+    w = torch.randn(out_features, in_features, requires_grad=True)
+    b = torch.randn(out_features, requires_grad=True)
+    out, expected = fn(x, w, b), reference(x, w, b)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    for got, want in zip(grads(out, [x, w, b], g), grads(expected, [x, w, b], g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_gradient_is_deterministic():
+    torch.manual_seed(2)
+    x = torch.randn(20000, 48)
+    w = torch.randn(40, 48)
+    b = torch.randn(40, requires_grad=True)
+    g = torch.randn(20000, 40)
+    first = torch.autograd.grad(hf.linear_sigmoid(x, w, b), b, g)[0]
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            again = torch.autograd.grad(hf.linear_sigmoid(x, w, b), b, g)[0]
+        finally:
+            torch.set_num_threads(previous)
+        assert torch.equal(first, again)
+
+
+def test_sigmoid_extremes_give_no_nan():
+    x = torch.tensor([[-1000.0, 1000.0, -88.0, 89.0, 0.0]], requires_grad=True)
+    for out in (hf.sigmoid(x), hf.linear_sigmoid(x, torch.eye(5), None)):
+        torch.testing.assert_close(out, torch.sigmoid(x.detach()))
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert not torch.isnan(out).any() and not torch.isnan(grad).any()
+        torch.testing.assert_close(grad, torch.autograd.grad(torch.sigmoid(x).sum(), x)[0])
+
+
+@pytest.mark.parametrize("fn,reference", ACTIVATIONS)
+def test_nan_propagates_as_in_eager(fn, reference):
+    x = torch.tensor([float("nan"), -1.0, 0.0, 2.0, float("inf"), -float("inf")], requires_grad=True)
+    torch.testing.assert_close(fn(x), reference(x), equal_nan=True)
+    g = torch.tensor([1.0, float("nan"), 1.0, float("nan"), 1.0, 1.0])
+    torch.testing.assert_close(
+        torch.autograd.grad(fn(x), x, g)[0], torch.autograd.grad(reference(x), x, g)[0], equal_nan=True
+    )
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+def test_nan_in_input_propagates_through_fused_layer(fn, reference):
+    x = torch.tensor([[1.0, float("nan")], [0.5, -2.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    torch.testing.assert_close(fn(x, w, None), reference(x, w, None), equal_nan=True)
+
+
+def test_kinks_follow_pytorch():
+    # ReLU'(0) = 0 and LeakyReLU'(0) = negative_slope, as in PyTorch (not the book's 0).
+    zero = torch.zeros(3, requires_grad=True)
+    assert torch.equal(torch.autograd.grad(hf.relu(zero).sum(), zero)[0], torch.zeros(3))
+    assert torch.equal(
+        torch.autograd.grad(hf.leaky_relu(zero, 0.3).sum(), zero)[0], torch.full((3,), 0.3)
+    )
