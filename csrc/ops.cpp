@@ -32,4 +32,10 @@ TORCH_LIBRARY(handgrad, m) {
   m.def(
       "bias_activation_backward(Tensor grad_output, Tensor saved, str activation, "
       "float negative_slope=0.01) -> (Tensor grad_preactivation, Tensor grad_bias)");
+  // The whole backward of linear_activation, for when it need not itself be differentiable:
+  // dl/dh (7.6), dl/dOmega (7.9) and dl/dbeta, each only where output_mask asks for it.
+  m.def(
+      "linear_activation_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor saved, str activation, float negative_slope, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }

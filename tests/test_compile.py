@@ -24,6 +24,14 @@ def opcheck_cases():
             pytest.param(ops.activation_backward.default, (t(3, 4), torch.rand(3, 4, dtype=torch.float64, requires_grad=True), activation, slope), id=f"{name}_backward"),
             pytest.param(ops.bias_activation_backward.default, (t(2, 3, 4), torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True), activation, slope), id=f"bias_{name}_backward"),
         ]
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            # Used only where the backward need not be differentiable: no grad-requiring args.
+            cases.append(pytest.param(
+                ops.linear_activation_backward.default,
+                (t(600, 3, grad=False), t(600, 5, grad=False), t(3, 5, grad=False),
+                 torch.rand(600, 3, dtype=torch.float64), activation, slope, mask),
+                id=f"linear_{name}_backward_{mask}",
+            ))
     return cases
 
 

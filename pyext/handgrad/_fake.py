@@ -85,3 +85,22 @@ def _bias_activation_backward_fake(grad_output, saved, activation, negative_slop
     _check_backward(op, grad_output, saved, activation, negative_slope)
     _check(saved.dim() >= 1, op, "saved must have shape (*, out_features), got a 0-D tensor")
     return saved.new_empty(saved.shape), saved.new_empty(saved.shape[-1:])
+
+
+@torch.library.register_fake("handgrad::linear_activation_backward")
+def _linear_activation_backward_fake(grad_output, input, weight, saved, activation,
+                                     negative_slope, output_mask):
+    op = _op_name(activation, True) + "_backward"
+    _check_backward(op, grad_output, saved, activation, negative_slope)
+    _check_same(op, "input", input, "grad_output", grad_output)
+    _check_same(op, "weight", weight, "grad_output", grad_output)
+    _check(weight.dim() == 2 and input.dim() >= 1 and weight.shape[1] == input.shape[-1]
+           and saved.shape == (*input.shape[:-1], weight.shape[0]), op,
+           f"shapes do not match: input {list(input.shape)}, weight {list(weight.shape)}, "
+           f"saved {list(saved.shape)}")
+    need_input, need_weight, need_bias = output_mask
+    return (
+        input.new_empty(input.shape) if need_input else None,
+        weight.new_empty(weight.shape) if need_weight else None,
+        saved.new_empty(saved.shape[-1:]) if need_bias else None,
+    )

@@ -18,10 +18,37 @@ LeakyReLU with a negative slope is the one case where out does not tell the sign
 in the backward: one more matrix product, no extra memory.
 """
 
+import inspect
+
 import torch
-from torch.autograd import Function
+from torch._functorch.utils import unwrap_dead_wrappers
 
 _ops = torch.ops.handgrad
+
+
+class Function(torch.autograd.Function):
+    """torch.autograd.Function with a leaner apply for calls that give every argument.
+
+    Function.apply binds default arguments through inspect.signature on every call, which
+    costs more than the whole forward of a small layer. When all arguments are given and no
+    torch.func transform is active, that binding changes nothing, so we go straight to the
+    C++ apply, as Function.apply itself then does.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in vars(cls):
+            cls._num_args = len(inspect.signature(cls.forward).parameters)
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        if (
+            not kwargs
+            and len(args) == getattr(cls, "_num_args", -1)
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
+        return super().apply(*args, **kwargs)
 
 
 def _as_matrix(t):
@@ -86,6 +113,9 @@ def _setup_linear(ctx, inputs, output, activation, negative_slope):
     input, weight, bias = inputs[:3]
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.num_inputs = len(inputs)
+    # The bias is needed only to recompute f where the output hides its sign.
+    if not _output_hides_sign(activation, negative_slope):
+        bias = None
     ctx.save_for_backward(input, weight, bias, output)
     ctx.save_for_forward(input, weight, bias, output)
 
@@ -105,7 +135,14 @@ class _LinearActivationFunction(Function):
     def backward(ctx, grad_output):
         input, weight, bias, output = ctx.saved_tensors
         saved = _sign_source(ctx, input, weight, bias, output)
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        needs = ctx.needs_input_grad[:3]
+        not_inputs = (None,) * (ctx.num_inputs - 3)
+        if not torch.is_grad_enabled():
+            # A plain backward (no create_graph): the whole of it in one fused op.
+            return _ops.linear_activation_backward(
+                grad_output, input, weight, saved, ctx.activation, ctx.negative_slope, needs
+            ) + not_inputs
+        need_input, need_weight, need_bias = needs
         grad_input = grad_weight = grad_bias = None
         if need_bias:
             grad_pre, grad_bias = _ops.bias_activation_backward(
@@ -119,7 +156,7 @@ class _LinearActivationFunction(Function):
             grad_input = grad_pre.matmul(weight)  # dl/dh = Omega^T dl/df  (7.6)
         if need_weight:
             grad_weight = _as_matrix(grad_pre).t().mm(_as_matrix(input))  # dl/dOmega (7.9)
-        return (grad_input, grad_weight, grad_bias) + (None,) * (ctx.num_inputs - 3)
+        return (grad_input, grad_weight, grad_bias) + not_inputs
 
     @staticmethod
     def jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):

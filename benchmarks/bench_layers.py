@@ -1,0 +1,260 @@
+"""Speed and memory of the handgrad layers against PyTorch, on the CPU.
+
+For each activation and shape (N rows, K in_features, M out_features) it times, interleaved
+in one run with torch.utils.benchmark:
+  - forward+backward and forward alone;
+  - handgrad, nn.Linear + activation in eager mode, and torch.compile of the same;
+  - the floor: the bare matrix products any implementation must do (one for the forward,
+    three for forward+backward).
+It prints a markdown table of medians and ratios, writes it with the raw figures to JSON,
+and draws the handgrad/eager ratios as a bar chart (PNG). It also counts the bytes autograd
+keeps for an 8-layer MLP, through torch.autograd.graph.saved_tensors_hooks.
+
+    python benchmarks/bench_layers.py [--shapes tiny,thin] [--activations relu] [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
+from torch import nn
+
+import handgrad
+import handgrad.functional as hf
+import handgrad.nn as hnn
+
+SHAPES = {  # name: (N, K, M)
+    "tiny": (10, 10, 40),  # figure 7.8 size: overhead-bound
+    "mid": (256, 512, 512),
+    "large": (4096, 1024, 1024),
+    "skinny": (16384, 256, 256),
+    "thin": (65536, 64, 64),
+}
+
+ACTIVATIONS = {  # name: (handgrad fused, eager activation, handgrad module, torch.nn module)
+    "relu": (hf.linear_relu, F.relu, hnn.LinearReLU, nn.ReLU),
+    "leaky_relu": (
+        lambda x, w, b: hf.linear_leaky_relu(x, w, b, 0.1),
+        lambda f: F.leaky_relu(f, 0.1),
+        lambda i, o: hnn.LinearLeakyReLU(i, o, negative_slope=0.1),
+        lambda: nn.LeakyReLU(0.1),
+    ),
+    "sigmoid": (hf.linear_sigmoid, torch.sigmoid, hnn.LinearSigmoid, nn.Sigmoid),
+}
+
+CANDIDATES = ["handgrad", "eager", "compile", "floor"]
+
+
+def make_steps(activation, shape, seed=0):
+    """The callables to time: {(mode, candidate): fn} for mode in fwd+bwd, fwd."""
+    fused, eager_activation, _, _ = ACTIVATIONS[activation]
+    N, K, M = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, K, generator=g).requires_grad_()
+    w = (torch.randn(M, K, generator=g) / K**0.5).requires_grad_()
+    b = torch.randn(M, generator=g).requires_grad_()
+    grad_output = torch.randn(N, M, generator=g)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+
+    def eager(x, w, b):
+        return eager_activation(F.linear(x, w, b))
+
+    compiled = torch.compile(eager, dynamic=False)
+
+    def train_step(fn):
+        return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), grad_output)
+
+    def inference_step(fn):
+        def step():
+            with torch.no_grad():
+                return fn(xd, wd, bd)
+
+        return step
+
+    def floor_train():
+        torch.mm(xd, wd.t())  # f = h Omega^T
+        torch.mm(grad_output, wd)  # dl/dh (7.6)
+        torch.mm(grad_output.t(), xd)  # dl/dOmega (7.9)
+
+    steps = {
+        ("fwd+bwd", "handgrad"): train_step(fused),
+        ("fwd+bwd", "eager"): train_step(eager),
+        ("fwd+bwd", "compile"): train_step(compiled),
+        ("fwd+bwd", "floor"): floor_train,
+        ("fwd", "handgrad"): inference_step(fused),
+        ("fwd", "eager"): inference_step(eager),
+        ("fwd", "compile"): inference_step(compiled),
+        ("fwd", "floor"): lambda: torch.mm(xd, wd.t()),
+    }
+    for step in steps.values():  # warm up, and compile
+        step()
+        step()
+    return steps
+
+
+def measure(steps, rounds, min_time_per_round):
+    """Median seconds per call of each step, timed round-robin so that drifts in the
+    machine's speed touch every candidate alike."""
+    timers = {key: benchmark.Timer(stmt="step()", globals={"step": fn}) for key, fn in steps.items()}
+    numbers = {}
+    for key, timer in timers.items():  # calls per sample, so a sample lasts min_time_per_round
+        start = time.perf_counter()
+        timer.timeit(1)
+        numbers[key] = max(1, int(min_time_per_round / max(time.perf_counter() - start, 1e-7)))
+    samples = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, timer in timers.items():
+            samples[key].append(timer.timeit(numbers[key]).mean)
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def saved_bytes(model, x):
+    """Bytes of distinct storage that autograd keeps for backward of model(x)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+def mlp(activation, kind, width, layers):
+    _, _, fused_module, torch_activation = ACTIVATIONS[activation]
+    if kind == "handgrad":
+        return nn.Sequential(*[fused_module(width, width) for _ in range(layers)])
+    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), torch_activation())])
+
+
+def memory_table(activations, width=256, batch=1024, layers=8):
+    rows = []
+    x = torch.randn(batch, width, requires_grad=True)
+    for activation in activations:
+        ours = saved_bytes(mlp(activation, "handgrad", width, layers), x)
+        eager = saved_bytes(mlp(activation, "eager", width, layers), x)
+        rows.append({"activation": activation, "handgrad_bytes_per_layer": ours / layers,
+                     "eager_bytes_per_layer": eager / layers, "ratio": ours / eager})
+    return rows, (batch, width, layers)
+
+
+def results_table(results):
+    lines = [
+        "| shape | N,K,M | activation | mode | floor ms | handgrad ms | eager ms | compile ms "
+        "| handgrad/eager | handgrad/floor | eager/floor | compile/eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['shape']} | {','.join(map(str, r['NKM']))} | {r['activation']} | {r['mode']} "
+            f"| {r['floor'] * 1e3:.3f} | {r['handgrad'] * 1e3:.3f} | {r['eager'] * 1e3:.3f} "
+            f"| {r['compile'] * 1e3:.3f} | **{r['handgrad'] / r['eager']:.2f}** "
+            f"| {r['handgrad'] / r['floor']:.2f} | {r['eager'] / r['floor']:.2f} "
+            f"| {r['compile'] / r['eager']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, mode in zip(axes, ["fwd+bwd", "fwd"]):
+        rows = [r for r in results if r["mode"] == mode]
+        labels = [f"{r['shape']}\n{r['activation']}" for r in rows]
+        ratios = [r["handgrad"] / r["eager"] for r in rows]
+        compile_ratios = [r["compile"] / r["eager"] for r in rows]
+        positions = range(len(rows))
+        ax.bar([p - 0.2 for p in positions], ratios, width=0.4, label="handgrad / eager")
+        ax.bar([p + 0.2 for p in positions], compile_ratios, width=0.4, label="torch.compile / eager",
+               alpha=0.6)
+        ax.axhline(1.0, color="black", linewidth=1)
+        if mode == "fwd+bwd":
+            ax.axhline(0.75, color="red", linestyle="--", linewidth=1, label="target 0.75")
+        ax.set_xticks(list(positions))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(f"{mode}: time relative to eager PyTorch (lower is faster)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("time / eager time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine_description():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"capability {torch.backends.cpu.get_cpu_capability()}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, handgrad {handgrad.__version__}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, of " + ", ".join(SHAPES))
+    parser.add_argument("--activations", default=",".join(ACTIVATIONS))
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved samples per candidate")
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per sample")
+    parser.add_argument("--out", default="benchmarks/out", help="folder for the JSON and PNG")
+    args = parser.parse_args(argv)
+    shapes = args.shapes.split(",")
+    activations = args.activations.split(",")
+    for name in shapes:
+        if name not in SHAPES:
+            parser.error(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+    for name in activations:
+        if name not in ACTIVATIONS:
+            parser.error(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
+
+    machine = machine_description()
+    print(f"# handgrad CPU benchmark\n\n{machine}\n", flush=True)
+    results = []
+    for shape in shapes:
+        for activation in activations:
+            medians = measure(make_steps(activation, SHAPES[shape]), args.rounds, args.min_time)
+            for mode in ["fwd+bwd", "fwd"]:
+                row = {"shape": shape, "NKM": SHAPES[shape], "activation": activation, "mode": mode}
+                row.update({c: medians[(mode, c)] for c in CANDIDATES})
+                results.append(row)
+            done = [r for r in results if r["shape"] == shape and r["activation"] == activation]
+            for r in done:
+                print(f"  {shape:7s} {activation:10s} {r['mode']:8s} handgrad/eager "
+                      f"{r['handgrad'] / r['eager']:.2f}", file=sys.stderr, flush=True)
+
+    table = results_table(results)
+    print("Median time per call; ratios are of medians measured in the same run.\n")
+    print(table)
+    memory, (batch, width, layers) = memory_table(activations)
+    print(f"\nSaved for backward by an {layers}-layer MLP, width {width}, batch {batch} "
+          "(bytes per layer):\n")
+    print("| activation | handgrad | eager | handgrad/eager |\n|---|---|---|---|")
+    for m in memory:
+        print(f"| {m['activation']} | {m['handgrad_bytes_per_layer']:,.0f} | "
+              f"{m['eager_bytes_per_layer']:,.0f} | {m['ratio']:.2f} |")
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_cpu.json"), "w") as f:
+        json.dump({"machine": machine, "results": results, "memory": memory}, f, indent=1)
+    plot(results, os.path.join(args.out, "bench_cpu.png"))
+    print(f"\nwrote {args.out}/bench_cpu.json and {args.out}/bench_cpu.png")
+    return results, memory
+
+
+if __name__ == "__main__":
+    main()
