@@ -1,0 +1,37 @@
+"""The benchmark harness runs and writes its files; the saved-memory claims hold.
+
+No timing is asserted here: speed is shown by `make bench`, not by tests.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_layers  # noqa: E402
+
+
+def test_harness_prints_table_and_writes_json_and_png(tmp_path, capsys):
+    bench_layers.main(["--shapes", "tiny", "--rounds", "1", "--min-time", "0.001", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| tiny | 10,10,40 | relu | fwd+bwd |" in printed
+    assert "handgrad/eager" in printed
+    data = json.loads((tmp_path / "bench_cpu.json").read_text())
+    assert len(data["results"]) == 3 * 2  # three activations, two modes
+    assert all(r["handgrad"] > 0 and r["floor"] > 0 for r in data["results"])
+    assert (tmp_path / "bench_cpu.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid"])
+def test_saved_memory_is_at_most_eagers(activation):
+    rows, (batch, width, layers) = bench_layers.memory_table([activation], width=64, batch=128, layers=8)
+    (row,) = rows
+    assert row["handgrad_bytes_per_layer"] <= row["eager_bytes_per_layer"]
+    activations = batch * width * 4
+    if activation == "leaky_relu":
+        # Eager keeps each layer's pre-activation as well as its output (the next layer's
+        # input); we keep the output alone, which costs one extra output for the last layer.
+        saved_per_layer = row["eager_bytes_per_layer"] - row["handgrad_bytes_per_layer"]
+        assert saved_per_layer >= (layers - 1) / layers * activations
