@@ -66,6 +66,7 @@ def make_steps(activation, shape, seed=0):
     def eager(x, w, b):
         return eager_activation(F.linear(x, w, b))
 
+    torch._dynamo.reset()  # a fresh compile for each shape and activation
     compiled = torch.compile(eager, dynamic=False)
 
     def train_step(fn):
@@ -102,7 +103,11 @@ def make_steps(activation, shape, seed=0):
 def measure(steps, rounds, min_time_per_round):
     """Median seconds per call of each step, timed round-robin so that drifts in the
     machine's speed touch every candidate alike."""
-    timers = {key: benchmark.Timer(stmt="step()", globals={"step": fn}) for key, fn in steps.items()}
+    threads = torch.get_num_threads()  # Timer would otherwise run on one thread
+    timers = {
+        key: benchmark.Timer(stmt="step()", globals={"step": fn}, num_threads=threads)
+        for key, fn in steps.items()
+    }
     numbers = {}
     for key, timer in timers.items():  # calls per sample, so a sample lasts min_time_per_round
         start = time.perf_counter()
