@@ -28,6 +28,7 @@ _check_cpu_capability()
 
 from . import _C  # noqa: E402,F401  (registers the ops)
 from . import _fake  # noqa: E402,F401  (registers their fake kernels)
+from . import _vmap  # noqa: E402,F401  (and their vmap rules)
 from . import autograd, functional, nn  # noqa: E402
 
 try:

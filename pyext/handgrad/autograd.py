@@ -35,6 +35,10 @@ class Function(torch.autograd.Function):
     C++ apply, as Function.apply itself then does.
     """
 
+    # torch.func transforms (vmap, jacrev, ...) run forward, backward and jvp through the
+    # ops' own vmap rules (_vmap.py).
+    generate_vmap_rule = True
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "forward" in vars(cls):
@@ -60,12 +64,7 @@ def _output_hides_sign(activation, negative_slope):
     return activation == "leaky_relu" and negative_slope < 0
 
 
-# --- Autograd of the backward ops themselves, registered on the ops: double backward ---
-
-
-def _setup_activation_backward(ctx, inputs, output):
-    grad_output, saved, ctx.activation, ctx.negative_slope = inputs
-    ctx.save_for_backward(grad_output, saved)
+# --- dl/df = dl/d(out) * a'[f] as Functions of their own: a differentiable backward ---
 
 
 def _grads_of_activation_backward(ctx, grad_grad_pre):
@@ -73,7 +72,7 @@ def _grads_of_activation_backward(ctx, grad_grad_pre):
     grad_output, saved = ctx.saved_tensors
     grad_grad_output = grad_saved = None
     if ctx.needs_input_grad[0]:
-        grad_grad_output = _ops.activation_backward(
+        grad_grad_output = _ActivationBackward.apply(
             grad_grad_pre, saved, ctx.activation, ctx.negative_slope
         )
     if ctx.needs_input_grad[1] and ctx.activation == "sigmoid":
@@ -83,27 +82,60 @@ def _grads_of_activation_backward(ctx, grad_grad_pre):
     return grad_grad_output, grad_saved, None, None
 
 
-def _activation_backward_backward(ctx, grad_grad_pre):
-    return _grads_of_activation_backward(ctx, grad_grad_pre)
+def _activation_grad(grad_output, saved, activation, negative_slope):
+    """dl/df, through a differentiable Function only when the backward is itself recorded."""
+    if torch.is_grad_enabled():
+        return _ActivationBackward.apply(grad_output, saved, activation, negative_slope)
+    return _ops.activation_backward(grad_output, saved, activation, negative_slope)
 
 
-def _bias_activation_backward_backward(ctx, grad_grad_pre, grad_grad_bias):
-    # grad_bias sums grad_pre over the rows, so its gradient reaches every row.
-    if grad_grad_bias is not None:
-        grad_grad_pre = grad_grad_bias if grad_grad_pre is None else grad_grad_pre + grad_grad_bias
-    return _grads_of_activation_backward(ctx, grad_grad_pre)
+class _ActivationBackward(Function):
+    """grad_pre = grad_output * a'(saved)."""
+
+    @staticmethod
+    def forward(grad_output, saved, activation, negative_slope):
+        return _ops.activation_backward(grad_output, saved, activation, negative_slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_output, saved, ctx.activation, ctx.negative_slope = inputs
+        ctx.save_for_backward(grad_output, saved)
+        ctx.save_for_forward(grad_output, saved)
+
+    @staticmethod
+    def backward(ctx, grad_grad_pre):
+        return _grads_of_activation_backward(ctx, grad_grad_pre)
+
+    @staticmethod
+    def jvp(ctx, grad_output_tangent, saved_tangent, *_):
+        # Linear in grad_output; the sigmoid's also depends on saved (a'' = 1 - 2 out).
+        grad_output, saved = ctx.saved_tensors
+        tangent = torch.zeros_like(saved)
+        if grad_output_tangent is not None:
+            tangent = _activation_grad(grad_output_tangent, saved, ctx.activation, ctx.negative_slope)
+        if saved_tangent is not None and ctx.activation == "sigmoid":
+            tangent = tangent + grad_output * (1 - 2 * saved) * saved_tangent
+        return tangent
 
 
-torch.library.register_autograd(
-    "handgrad::activation_backward",
-    _activation_backward_backward,
-    setup_context=_setup_activation_backward,
-)
-torch.library.register_autograd(
-    "handgrad::bias_activation_backward",
-    _bias_activation_backward_backward,
-    setup_context=_setup_activation_backward,
-)
+class _BiasActivationBackward(_ActivationBackward):
+    """(grad_pre, grad_bias): grad_pre as above, and its sum over all leading dimensions."""
+
+    @staticmethod
+    def forward(grad_output, saved, activation, negative_slope):
+        return _ops.bias_activation_backward(grad_output, saved, activation, negative_slope)
+
+    @staticmethod
+    def backward(ctx, grad_grad_pre, grad_grad_bias):
+        # grad_bias sums grad_pre over the rows, so its gradient reaches every row.
+        if grad_grad_bias is not None:  # (None only where the op's autograd is called)
+            grad_grad_pre = grad_grad_bias if grad_grad_pre is None else grad_grad_pre + grad_grad_bias
+        return _grads_of_activation_backward(ctx, grad_grad_pre)
+
+    @staticmethod
+    def jvp(ctx, grad_output_tangent, saved_tangent, *_):
+        tangent = _ActivationBackward.jvp(ctx, grad_output_tangent, saved_tangent)
+        return tangent, _as_matrix(tangent).sum(0)
 
 
 # --- The fused layers: out = a[beta + Omega h] ---
@@ -145,11 +177,11 @@ class _LinearActivationFunction(Function):
         need_input, need_weight, need_bias = needs
         grad_input = grad_weight = grad_bias = None
         if need_bias:
-            grad_pre, grad_bias = _ops.bias_activation_backward(
+            grad_pre, grad_bias = _BiasActivationBackward.apply(
                 grad_output, saved, ctx.activation, ctx.negative_slope
             )
         else:
-            grad_pre = _ops.activation_backward(
+            grad_pre = _ActivationBackward.apply(
                 grad_output, saved, ctx.activation, ctx.negative_slope
             )
         if need_input:
@@ -170,7 +202,7 @@ class _LinearActivationFunction(Function):
             tangent_pre = tangent_pre + input.matmul(weight_tangent.t())
         if bias_tangent is not None:
             tangent_pre = tangent_pre + bias_tangent
-        return _ops.activation_backward(tangent_pre, saved, ctx.activation, ctx.negative_slope)
+        return _activation_grad(tangent_pre, saved, ctx.activation, ctx.negative_slope)
 
 
 class LinearReLUFunction(_LinearActivationFunction):
@@ -226,15 +258,13 @@ class _ActivationFunction(Function):
     @staticmethod
     def backward(ctx, grad_output):
         (saved,) = ctx.saved_tensors
-        grad_input = _ops.activation_backward(
-            grad_output, saved, ctx.activation, ctx.negative_slope
-        )
+        grad_input = _activation_grad(grad_output, saved, ctx.activation, ctx.negative_slope)
         return (grad_input,) + (None,) * (ctx.num_inputs - 1)
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
         (saved,) = ctx.saved_tensors
-        return _ops.activation_backward(input_tangent, saved, ctx.activation, ctx.negative_slope)
+        return _activation_grad(input_tangent, saved, ctx.activation, ctx.negative_slope)
 
 
 class ReLUFunction(_ActivationFunction):
@@ -273,7 +303,18 @@ class SigmoidFunction(_ActivationFunction):
         _setup_activation(ctx, inputs, output, "sigmoid", 0.0)
 
 
-# The same formulas as the autograd of the forward ops, for callers of torch.ops.handgrad.
+# The same formulas as the autograd of the ops, for callers of torch.ops.handgrad (and for
+# torch.compile, which calls the ops).
+torch.library.register_autograd(
+    "handgrad::activation_backward",
+    _ActivationBackward.backward,
+    setup_context=_ActivationBackward.setup_context,
+)
+torch.library.register_autograd(
+    "handgrad::bias_activation_backward",
+    _BiasActivationBackward.backward,
+    setup_context=_BiasActivationBackward.setup_context,
+)
 torch.library.register_autograd(
     "handgrad::linear_activation",
     _LinearActivationFunction.backward,
