@@ -5,6 +5,7 @@ Switches (environment variables):
                             has CUDA and a toolkit is found)
   HANDGRAD_CPU_CAPABILITY   DEFAULT, AVX2 or AVX512: the SIMD level of the CPU kernels
                             (default: what this machine supports, as PyTorch detects it)
+  HANDGRAD_SANITIZE=1       AddressSanitizer and UndefinedBehaviorSanitizer (`make sanitize`)
   DEBUG=1                   -O0 -g
 """
 
@@ -28,6 +29,9 @@ except ImportError:
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.getenv("DEBUG", "0") == "1"
+SANITIZE = os.getenv("HANDGRAD_SANITIZE", "0") == "1"
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                   "-fno-omit-frame-pointer", "-g"]
 
 # Compiler flags and macros for each SIMD level of at::vec::Vectorized, as ATen uses them.
 CPU_CAPABILITY_FLAGS = {
@@ -74,6 +78,10 @@ def get_extensions():
     ]
     if DEBUG:
         cxx_flags += ["-g"]
+    link_flags = ["-fopenmp"]
+    if SANITIZE:
+        cxx_flags += SANITIZER_FLAGS
+        link_flags += SANITIZER_FLAGS
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra_compile_args = {"cxx": cxx_flags}
     extension = cpp_extension.CppExtension
@@ -86,7 +94,7 @@ def get_extensions():
             "handgrad._C",
             sources,
             extra_compile_args=extra_compile_args,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     ]
 

@@ -39,19 +39,35 @@ def _apply(function, *args):
     return function.apply(*args)
 
 
+def _autocast(input, weight, bias):
+    """Under torch.autocast, cast as autocast casts nn.Linear's arguments: to its dtype.
+
+    The casts are ordinary differentiable ops, so gradients reach the original tensors in
+    their own dtype, exactly as with nn.Linear.
+    """
+    device_type = input.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() else t for t in (input, weight, bias)
+    )
+
+
 def linear_relu(input, weight, bias=None):
     """relu(input @ weight.T + bias)."""
-    return _apply(LinearReLUFunction, input, weight, bias)
+    return _apply(LinearReLUFunction, *_autocast(input, weight, bias))
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
     """leaky_relu(input @ weight.T + bias, negative_slope), for any finite slope."""
-    return _apply(LinearLeakyReLUFunction, input, weight, bias, check_negative_slope(negative_slope))
+    negative_slope = check_negative_slope(negative_slope)
+    return _apply(LinearLeakyReLUFunction, *_autocast(input, weight, bias), negative_slope)
 
 
 def linear_sigmoid(input, weight, bias=None):
     """sigmoid(input @ weight.T + bias)."""
-    return _apply(LinearSigmoidFunction, input, weight, bias)
+    return _apply(LinearSigmoidFunction, *_autocast(input, weight, bias))
 
 
 def relu(input):

@@ -1,0 +1,113 @@
+"""Forward-mode AD (problem 7.13) and torch.func: jvp, vmap, per-sample gradients, jacrev,
+jacfwd, hessian; and gradcheck with forward, backward and batched checks for every op."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from conftest import ACTIVATIONS, FUSED
+from torch.autograd import gradcheck, gradgradcheck
+
+import handgrad.functional as hf
+
+
+def double(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+def test_forward_mode_ad_matches_eager(fn, reference):
+    primals = (double(4, 5, seed=1), double(3, 5, seed=2), double(3, seed=3))
+    tangents = (double(4, 5, seed=4), double(3, 5, seed=5), double(3, seed=6))
+    results = []
+    for f in (fn, reference):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+            results.append(fwAD.unpack_dual(f(*duals)))
+    torch.testing.assert_close(results[0].primal, results[1].primal)
+    torch.testing.assert_close(results[0].tangent, results[1].tangent)
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("with_tangent", ["input", "weight", "bias"])
+def test_jvp_with_one_tangent(fn, reference, with_tangent):
+    x, w, b = double(2, 3, 5, seed=1), double(3, 5, seed=2), double(3, seed=3)
+    index = ["input", "weight", "bias"].index(with_tangent)
+
+    def partial(f):
+        return lambda t: f(*[t if i == index else a for i, a in enumerate((x, w, b))])
+
+    primal = (x, w, b)[index]
+    tangent = torch.ones_like(primal)
+    got = torch.func.jvp(partial(fn), (primal,), (tangent,))
+    want = torch.func.jvp(partial(reference), (primal,), (tangent,))
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("fn,reference", ACTIVATIONS)
+def test_activation_jvp(fn, reference):
+    x, t = double(4, 6, seed=1), double(4, 6, seed=2)
+    for g, e in zip(torch.func.jvp(fn, (x,), (t,)), torch.func.jvp(reference, (x,), (t,))):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+def test_vmap_over_input_and_over_weight(fn, reference):
+    x, w, b = double(3, 4, 5, seed=1), double(3, 6, 5, seed=2), double(6, seed=3)
+    torch.testing.assert_close(
+        torch.func.vmap(lambda xi: fn(xi, w[0], b))(x), reference(x, w[0], b)
+    )
+    torch.testing.assert_close(
+        torch.func.vmap(lambda xi, wi: fn(xi, wi, b))(x, w),
+        torch.stack([reference(x[i], w[i], b) for i in range(3)]),
+    )
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+def test_per_sample_gradients_with_vmap_of_grad(fn, reference):
+    x, y = double(8, 4, 5, seed=1), double(8, 4, 3, seed=2)
+    params = (double(3, 5, seed=3), double(3, seed=4))
+
+    def loss(f):
+        return lambda p, xi, yi: ((f(xi, p[0], p[1]) - yi) ** 2).mean()
+
+    got = torch.func.vmap(torch.func.grad(loss(fn)), in_dims=(None, 0, 0))(params, x, y)
+    want = torch.func.vmap(torch.func.grad(loss(reference)), in_dims=(None, 0, 0))(params, x, y)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+def test_jacrev_jacfwd_and_hessian_agree_with_eager(fn, reference):
+    w, b, x = double(3, 5, seed=1), double(3, seed=2), double(5, seed=3)
+    expected = torch.func.jacrev(lambda v: reference(v, w, b))(x)
+    torch.testing.assert_close(torch.func.jacrev(lambda v: fn(v, w, b))(x), expected)
+    torch.testing.assert_close(torch.func.jacfwd(lambda v: fn(v, w, b))(x), expected)
+    torch.testing.assert_close(
+        torch.func.hessian(lambda v: fn(v, w, b).pow(2).sum())(x),
+        torch.func.hessian(lambda v: reference(v, w, b).pow(2).sum())(x),
+    )
+
+
+FULL_CHECKS = dict(check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
+                   check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("fn,_", FUSED)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_fused_gradcheck_every_mode(fn, _, bias):
+    args = [double(2, 3, 5, seed=1).requires_grad_(), double(4, 5, seed=2).requires_grad_()]
+    if bias:
+        args.append(double(4, seed=3).requires_grad_())
+    layer = (lambda x, w, b: fn(x, w, b)) if bias else (lambda x, w: fn(x, w, None))
+    assert gradcheck(layer, args, **FULL_CHECKS)
+    assert gradgradcheck(layer, args, check_fwd_over_rev=True, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("fn,_", ACTIVATIONS)
+def test_activation_gradcheck_every_mode(fn, _):
+    x = double(3, 7, seed=5).requires_grad_()
+    assert gradcheck(fn, (x,), **FULL_CHECKS)
+    assert gradgradcheck(fn, (x,), check_fwd_over_rev=True, check_batched_grad=True)

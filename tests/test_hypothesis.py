@@ -1,0 +1,70 @@
+"""Property-based tests: random shapes (zero sizes too), strides, dtypes, slopes and bias
+on or off, forward and backward against eager PyTorch."""
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import handgrad.functional as hf
+
+ACTIVATIONS = ["relu", "leaky_relu", "sigmoid"]
+
+
+def eager(activation, f, slope):
+    if activation == "relu":
+        return F.relu(f)
+    if activation == "leaky_relu":
+        return F.leaky_relu(f, slope)
+    return torch.sigmoid(f)
+
+
+def handgrad_layer(activation, x, w, b, slope):
+    if activation == "relu":
+        return hf.linear_relu(x, w, b)
+    if activation == "leaky_relu":
+        return hf.linear_leaky_relu(x, w, b, slope)
+    return hf.linear_sigmoid(x, w, b)
+
+
+def make(shape, dtype, layout, seed):
+    """A tensor of `shape` in the given memory layout, and the leaf its gradient reaches."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "transposed" and len(shape) >= 2:
+        leaf = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=g, dtype=dtype)
+        leaf.requires_grad_()
+        return leaf.transpose(-1, -2), leaf
+    if layout == "sliced":
+        leaf = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=dtype).requires_grad_()
+        return leaf[..., ::2], leaf
+    leaf = torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+    return leaf, leaf
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    activation=st.sampled_from(ACTIVATIONS),
+    batch=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    in_features=st.integers(0, 40),
+    out_features=st.integers(0, 40),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    layouts=st.tuples(*[st.sampled_from(["contiguous", "transposed", "sliced"])] * 2),
+    bias=st.booleans(),
+    slope=st.one_of(st.sampled_from([0.0, 1.0, -1.0]), st.floats(-3, 3, allow_nan=False)),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_layers_match_eager(activation, batch, in_features, out_features, dtype, layouts,
+                                  bias, slope, seed):
+    x, x_leaf = make((*batch, in_features), dtype, layouts[0], seed)
+    w, w_leaf = make((out_features, in_features), dtype, layouts[1], seed + 1)
+    b, b_leaf = make((out_features,), dtype, "contiguous", seed + 2) if bias else (None, None)
+    leaves = [t for t in (x_leaf, w_leaf, b_leaf) if t is not None]
+
+    out = handgrad_layer(activation, x, w, b, slope)
+    expected = eager(activation, F.linear(x, w, b), slope)
+    torch.testing.assert_close(out, expected)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 3), dtype=dtype)
+    got = torch.autograd.grad(out, leaves, grad_output, allow_unused=True)
+    want = torch.autograd.grad(expected, leaves, grad_output, allow_unused=True)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
