@@ -7,6 +7,7 @@ kernel as the bias.
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import functional as F
 
@@ -69,6 +70,52 @@ class Sigmoid(nn.Module):
         return F.sigmoid(input)
 
 
+_FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": LinearSigmoid}
+
+
+class MLP(nn.Module):
+    """A stack of fused layers and a plain nn.Linear output layer.
+
+    sizes = [D_i, D_1, ..., D_K, D_o] gives K fused hidden layers. With checkpoint_every=k
+    (problem 7.11), training keeps the activations only at every k-th layer and recomputes
+    the layers in between during the backward (torch.utils.checkpoint, non-reentrant):
+    memory falls by about a factor k for one more forward pass.
+    """
+
+    def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None,
+                 device=None, dtype=None):
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"sizes must list at least the input and output sizes, got {sizes}")
+        if activation not in _FUSED_LAYERS:
+            raise ValueError(f"activation must be one of {sorted(_FUSED_LAYERS)}, got {activation!r}")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+        extra = {"negative_slope": negative_slope} if activation == "leaky_relu" else {}
+        self.hidden = nn.ModuleList(
+            _FUSED_LAYERS[activation](d_in, d_out, device=device, dtype=dtype, **extra)
+            for d_in, d_out in zip(sizes[:-2], sizes[1:-1])
+        )
+        self.output = nn.Linear(sizes[-2], sizes[-1], device=device, dtype=dtype)
+        self.checkpoint_every = checkpoint_every
+
+    def _run(self, first, last, x):
+        for layer in self.hidden[first:last]:
+            x = layer(x)
+        return x
+
+    def forward(self, x):
+        k = self.checkpoint_every
+        if k is None or not (self.training and torch.is_grad_enabled()):
+            return self.output(self._run(0, len(self.hidden), x))
+        for first in range(0, len(self.hidden), k):
+            x = checkpoint(self._run, first, first + k, x, use_reentrant=False)
+        return self.output(x)
+
+    def extra_repr(self):
+        return f"checkpoint_every={self.checkpoint_every}" if self.checkpoint_every else ""
+
+
 def _fused_layer(linear, activation):
     """The fused module for linear followed by activation, or None if they do not fuse."""
     if type(linear) is not nn.Linear:  # subclasses (ours included) may change forward
@@ -116,5 +163,6 @@ __all__ = [
     "ReLU",
     "LeakyReLU",
     "Sigmoid",
+    "MLP",
     "fuse",
 ]

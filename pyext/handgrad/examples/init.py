@@ -1,0 +1,110 @@
+"""Problems 7.14 and 7.15: what initialisation does to a deep ReLU network.
+
+1. Monte Carlo check of problem 7.14: for a symmetric a with variance s^2,
+   E[ReLU(a)^2] = s^2 / 2.
+2. The variance of the activations through a 50-layer handgrad MLP under He
+   (variance 2 / D_in, which makes up for the halving of 7.14), Xavier/Glorot
+   (2 / (D_in + D_out)) and a too-small initialisation: He keeps it level, the others let
+   it vanish geometrically.
+3. Problem 7.15, all-zero initialisation: which parameters still receive gradient.
+
+    python -m handgrad.examples.init [--out DIR]
+"""
+
+import argparse
+
+import torch
+from torch import nn
+
+from handgrad.nn import MLP
+
+from ._plotting import progress, pyplot, save
+
+DEPTH, WIDTH, BATCH = 50, 100, 1000
+
+
+def relu_second_moment(sigmas, samples, seed=0):
+    """[(sigma, Monte Carlo E[ReLU(a)^2], sigma^2 / 2)] for a ~ N(0, sigma^2)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for sigma in sigmas:
+        a = sigma * torch.randn(samples, generator=g, dtype=torch.float64)
+        rows.append((sigma, a.clamp(min=0).pow(2).mean().item(), sigma**2 / 2))
+    return rows
+
+
+INITIALISERS = {
+    "He": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+    "Xavier (Glorot)": nn.init.xavier_normal_,
+    "too small (std 0.01)": lambda w: nn.init.normal_(w, std=0.01),
+}
+
+
+def activation_variances(init, seed=0):
+    """Variance of the pre-activations f_k = beta_k + Omega_k h_k at each layer k."""
+    torch.manual_seed(seed)
+    model = MLP([WIDTH] * (DEPTH + 1) + [1])
+    variances = []
+    with torch.no_grad():
+        for layer in model.hidden:
+            INITIALISERS[init](layer.weight)
+            nn.init.zeros_(layer.bias)
+        h = torch.randn(BATCH, WIDTH)
+        for layer in model.hidden:
+            variances.append((h @ layer.weight.T + layer.bias).var().item())
+            h = layer(h)
+    return variances
+
+
+def zero_init_gradients(activation="relu", seed=0):
+    """Train step of an all-zero network: {parameter name: largest |gradient|}."""
+    torch.manual_seed(seed)
+    model = MLP([10, 40, 40, 5], activation=activation)
+    for parameter in model.parameters():
+        nn.init.zeros_(parameter)
+    x, y = torch.randn(100, 10), torch.randn(100, 5)
+    nn.functional.mse_loss(model(x), y).backward()
+    return {name: p.grad.abs().max().item() for name, p in model.named_parameters()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="figures")
+    parser.add_argument("--samples", type=int, default=1_000_000)
+    args = parser.parse_args(argv)
+
+    print("Problem 7.14: E[ReLU(a)^2] for a ~ N(0, s^2)")
+    print(f"{'s':>6}  {'Monte Carlo':>12}  {'s^2 / 2':>10}")
+    moments = relu_second_moment([0.5, 1.0, 2.0, 3.0], args.samples)
+    for sigma, estimate, exact in moments:
+        print(f"{sigma:>6.2f}  {estimate:>12.5f}  {exact:>10.5f}")
+
+    variances = {}
+    for init in progress(INITIALISERS, len(INITIALISERS), "50-layer MLP"):
+        variances[init] = activation_variances(init)
+    print(f"\nVariance of the pre-activations of a {DEPTH}-layer ReLU MLP (width {WIDTH}):")
+    print(f"{'layer':>5}  " + "  ".join(f"{name:>20}" for name in variances))
+    for k in (0, 9, 19, 29, 39, 49):
+        print(f"{k + 1:>5}  " + "  ".join(f"{v[k]:>20.3e}" for v in variances.values()))
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, v in variances.items():
+        ax.semilogy(range(1, DEPTH + 1), v, label=name)
+    ax.set(xlabel="layer", ylabel="variance of pre-activations",
+           title="Activations through a 50-layer handgrad MLP")
+    ax.legend()
+    save(fig, args.out, "init.png")
+
+    print("\nProblem 7.15: all weights and biases zero; largest |gradient| after one step:")
+    found = {}
+    for activation in ("relu", "sigmoid"):
+        grads = zero_init_gradients(activation)
+        found[activation] = [name for name, g in grads.items() if g > 0]
+        print(f"  hidden {activation}: " + ", ".join(f"{n} {g:.3g}" for n, g in grads.items()))
+        print(f"    receive gradient: {', '.join(found[activation]) or 'none'}")
+    return {"moments": moments, "variances": variances, "zero_init": found}
+
+
+if __name__ == "__main__":
+    main()
