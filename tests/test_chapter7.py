@@ -1,0 +1,172 @@
+"""Every closed form of handgrad.chapter7 against torch autograd, reverse and forward mode,
+in float64 at many random points; and the chapter's examples, run small."""
+
+import itertools
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from handgrad import chapter7 as c7
+from handgrad.examples import binary, checkpoint, init
+from handgrad.nn import MLP
+
+POINTS = 4000
+
+
+def random_points(seed):
+    """x and the 13 parameters of problem 7.1, one independent draw per point."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(POINTS, generator=g, dtype=torch.float64)
+    p = {name: torch.randn(POINTS, generator=g, dtype=torch.float64) for name in c7.PARAMS_7_1}
+    return x, p
+
+
+def relu_patterns(x, p):
+    """Which of the four ReLUs of problem 7.1 are on, at each point."""
+    z1, z2, _, _, g1, g2 = c7._two_layer_parts(x, p)
+    return {tuple(int(v) for v in row) for row in torch.stack([z1 > 0, z2 > 0, g1 > 0, g2 > 0], 1)}
+
+
+def test_7_1_params_order():
+    assert c7.PARAMS_7_1 == ["phi0", "phi1", "phi2", "psi01", "psi11", "psi21", "psi02", "psi12",
+                             "psi22", "theta01", "theta11", "theta02", "theta12"]
+
+
+def test_7_1_points_reach_every_relu_pattern():
+    assert relu_patterns(*random_points(0)) == set(itertools.product((0, 1), repeat=4))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_7_1_derivatives_match_reverse_mode_autograd(seed):
+    x, p = random_points(seed)
+    p = {k: v.requires_grad_() for k, v in p.items()}
+    y = c7.two_layer_net(x, p)
+    grads = torch.autograd.grad(y.sum(), [p[name] for name in c7.PARAMS_7_1])
+    closed = c7.two_layer_derivatives(x, p)
+    assert set(closed) == set(c7.PARAMS_7_1)
+    for name, grad in zip(c7.PARAMS_7_1, grads):
+        torch.testing.assert_close(closed[name].detach(), grad, msg=f"dy/d{name}")
+
+
+@pytest.mark.parametrize("name", c7.PARAMS_7_1)
+def test_7_1_derivatives_match_forward_mode_autograd(name):
+    x, p = random_points(2)
+    with fwAD.dual_level():
+        dual = dict(p, **{name: fwAD.make_dual(p[name], torch.ones(POINTS, dtype=torch.float64))})
+        tangent = fwAD.unpack_dual(c7.two_layer_net(x, dual)).tangent
+    torch.testing.assert_close(c7.two_layer_derivatives(x, p)[name], tangent)
+
+
+def test_7_1_derivative_with_scalar_parameters_broadcasts():
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    p = {name: torch.tensor(0.5, dtype=torch.float64) for name in c7.PARAMS_7_1}
+    assert all(v.shape == x.shape for v in c7.two_layer_derivatives(x, p).values())
+
+
+def toy_parameters(seed):
+    g = torch.Generator().manual_seed(seed)
+    beta = [0.3 * torch.randn(POINTS, generator=g, dtype=torch.float64) for _ in range(4)]
+    omega = [0.5 * torch.randn(POINTS, generator=g, dtype=torch.float64) for _ in range(4)]
+    x = torch.randn(POINTS, generator=g, dtype=torch.float64)
+    y = torch.randn(POINTS, generator=g, dtype=torch.float64)
+    return x, y, beta, omega
+
+
+def test_7_2_toy_chain_matches_autograd():
+    x, y, beta, omega = toy_parameters(3)
+    nodes = c7.toy_chain(x.requires_grad_(), y, beta, omega)
+    keys = ["f3", "h3", "f2", "h2", "f1", "h1", "f0"]
+    grads = torch.autograd.grad(nodes["l"].sum(), [nodes[k] for k in keys])
+    closed = c7.toy_chain_derivatives(x.detach(), y, beta, omega)
+    for key, grad in zip(keys, grads):
+        torch.testing.assert_close(closed[key], grad, msg=f"dl/d{key}")
+
+
+def test_7_2_loss_derivative_needs_the_target():
+    # The worked answer's dl/df3 = 2 f3 is wrong unless y = 0.
+    x, y, beta, omega = toy_parameters(4)
+    f3 = c7.toy_chain(x, y, beta, omega)["f3"]
+    assert not torch.allclose(c7.toy_chain_derivatives(x, y, beta, omega)["f3"], 2 * f3)
+
+
+def test_7_12_reverse_mode_matches_autograd():
+    x = torch.linspace(-3, 1, 41, dtype=torch.float64, requires_grad=True)
+    nodes = c7.graph_7_12(x)
+    keys = ["f5", "f4", "f3", "f2", "f1"]
+    grads = torch.autograd.grad(nodes["y"].sum(), [nodes[k] for k in keys] + [x])
+    closed = c7.reverse_mode(x.detach())
+    for key, grad in zip(keys + ["x"], grads):
+        torch.testing.assert_close(closed[key], grad, msg=f"dy/d{key}")
+
+
+def test_7_13_forward_mode_matches_forward_ad():
+    x = torch.linspace(-3, 1, 41, dtype=torch.float64)
+    with fwAD.dual_level():
+        nodes = c7.graph_7_12(fwAD.make_dual(x, torch.ones_like(x)))
+        tangents = {k: fwAD.unpack_dual(v).tangent for k, v in nodes.items()}
+    closed = c7.forward_mode(x)
+    for key in ["f1", "f2", "f3", "f4", "f5", "y"]:
+        torch.testing.assert_close(closed[key], tangents[key], msg=f"d{key}/dx")
+    torch.testing.assert_close(closed["y"], c7.reverse_mode(x)["x"])
+
+
+def test_7_4_and_7_5_loss_derivatives():
+    f = torch.randn(100, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(100, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(((y - f) ** 2).sum(), f)
+    torch.testing.assert_close(c7.least_squares_derivative(f.detach(), y), grad)
+    labels = (torch.rand(100, dtype=torch.float64) > 0.5).double()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(f, labels, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, f)
+    torch.testing.assert_close(c7.binary_cross_entropy_derivative(f.detach(), labels), grad)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid"])
+def test_7_11_checkpointed_mlp_equals_plain(activation):
+    torch.manual_seed(0)
+    plain = MLP([6, 12, 12, 12, 12, 3], activation=activation)
+    checkpointed = MLP([6, 12, 12, 12, 12, 3], activation=activation, checkpoint_every=2)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 6, dtype=torch.float32)
+    for a, b in zip(torch.autograd.grad(plain(x).sum(), list(plain.parameters())),
+                    torch.autograd.grad(checkpointed(x).sum(), list(checkpointed.parameters()))):
+        torch.testing.assert_close(a, b)
+
+
+def test_7_11_checkpointing_keeps_under_30_percent_for_50_layers():
+    plain, kept, difference = checkpoint.compare(depth=50, width=64, batch=64, every=10)
+    assert kept <= 0.30 * plain
+    assert difference == 0.0
+
+
+def test_mlp_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
+        MLP([2, 3, 1], checkpoint_every=0)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MLP([2, 3, 1], activation="tanh")
+
+
+def test_example_binary(tmp_path):
+    result = binary.main(["--epochs", "5", "--out", str(tmp_path)])
+    torch_losses, handgrad_losses = result["losses"]
+    assert max(abs(a - b) for a, b in zip(torch_losses, handgrad_losses)) < 1e-5
+    assert result["output_gradient_error"] < 1e-5  # dl/df = sig[f] - y (7.5)
+    assert (tmp_path / "binary.png").stat().st_size > 1000
+
+
+def test_example_init(tmp_path):
+    result = init.main(["--samples", "400000", "--out", str(tmp_path)])
+    for sigma, estimate, exact in result["moments"]:  # 7.14
+        assert abs(estimate - exact) < 0.02 * exact
+    he, too_small = result["variances"]["He"], result["variances"]["too small (std 0.01)"]
+    assert he[-1] > 1e-2 and too_small[-1] < 1e-30
+    assert result["zero_init"]["relu"] == ["output.bias"]  # 7.15
+    assert result["zero_init"]["sigmoid"] == ["output.weight", "output.bias"]
+    assert (tmp_path / "init.png").stat().st_size > 1000
+
+
+def test_example_checkpoint(tmp_path):
+    plain, kept, difference = checkpoint.main(["--out", str(tmp_path)])
+    assert kept <= 0.30 * plain and difference == 0.0
+    assert (tmp_path / "checkpoint.png").stat().st_size > 1000
