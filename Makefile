@@ -20,7 +20,7 @@ PIP     := $(PYTHON) -m pip
 STAMP   := $(dir $(PYTHON)).handgrad-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install demo test bench sanitize clean
+.PHONY: install demo test bench sanitize cuda-build clean
 
 install: $(STAMP)
 
@@ -43,23 +43,39 @@ test: install
 bench: install
 	$(PYTHON) benchmarks/bench_layers.py
 
-# The sanitized library is built beside the normal one, and the tests import it from there.
-# Python itself is not instrumented, so the runtimes are preloaded; leak checking is off
-# because the interpreter keeps objects alive at exit by design.
+# $(call build_into,DIR,PYTHON,ENVIRONMENT): the package, with its library freshly built by
+# PYTHON under ENVIRONMENT, in DIR, beside the editable install, for tests to import from there.
+define build_into
+	rm -rf $(1) && mkdir -p $(1)
+	cp -r pyext/handgrad $(1)/ && rm -f $(1)/handgrad/_C*.so
+	$(3) $(2) setup.py -q build_ext --force --build-lib $(1) --build-temp $(1)/temp
+	cp pyext/handgrad/_build_config.py $(1)/handgrad/
+endef
+
+# Python itself is not instrumented, so the sanitizer runtimes are preloaded; leak checking
+# is off because the interpreter keeps objects alive at exit by design.
 SANITIZE_DIR := build/sanitize
+SANITIZE_ENV := PYTHONPATH=$(CURDIR)/$(SANITIZE_DIR) \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 sanitize: install
-	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
-	cp -r pyext/handgrad $(SANITIZE_DIR)/ && rm -f $(SANITIZE_DIR)/handgrad/_C*.so
-	HANDGRAD_SANITIZE=1 $(PYTHON) setup.py -q build_ext --force --build-lib $(SANITIZE_DIR) --build-temp $(SANITIZE_DIR)/temp
-	cp pyext/handgrad/_build_config.py $(SANITIZE_DIR)/handgrad/
-	PYTHONPATH=$(CURDIR)/$(SANITIZE_DIR) \
-	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	$(PYTHON) -c "import handgrad, sys; assert '$(SANITIZE_DIR)' in handgrad._C.__file__, handgrad._C.__file__; print('sanitized build:', handgrad._C.__file__)" && \
-	PYTHONPATH=$(CURDIR)/$(SANITIZE_DIR) \
-	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests $(SANITIZE_PYTEST_ARGS)
+	$(call build_into,$(SANITIZE_DIR),$(PYTHON),HANDGRAD_SANITIZE=1)
+	$(SANITIZE_ENV) $(PYTHON) -c "import handgrad; print('sanitized build:', handgrad._C.__file__)" \
+		| grep -F "$(SANITIZE_DIR)"
+	$(SANITIZE_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# The CUDA build needs no GPU to compile and link: a cached virtual environment outside the
+# checkout holds the CUDA build of torch; setup.py finds the toolkit root and cuBLAS headers.
+CUDA_VENV       ?= $(HOME)/.cache/handgrad-cuda-venv
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_DIR        := build/cuda
+cuda-build:
+	test -x $(CUDA_VENV)/bin/python || python3 -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH_SPEC) $(PACKAGES)
+	$(call build_into,$(CUDA_DIR),$(CUDA_VENV)/bin/python,HANDGRAD_CUDA=1)
+	PYTHONPATH=$(CURDIR)/$(CUDA_DIR) $(CUDA_VENV)/bin/python -c \
+		"import handgrad; assert handgrad.cuda_built(), 'no CUDA kernels'; print('CUDA build:', handgrad._C.__file__)"
+	PYTHONPATH=$(CURDIR)/$(CUDA_DIR) $(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf build pyext/*.egg-info pyext/handgrad/_C*.so pyext/handgrad/_build_config.py $(STAMP)

@@ -3,6 +3,8 @@
 Switches (environment variables):
   HANDGRAD_CUDA=0|1         force the CPU-only or the CUDA build (default: CUDA when torch
                             has CUDA and a toolkit is found)
+  TORCH_CUDA_ARCH_LIST      GPU architectures of the CUDA build (default "8.0;9.0+PTX":
+                            A100, and H100/H200 with PTX for newer GPUs)
   HANDGRAD_CPU_CAPABILITY   DEFAULT, AVX2 or AVX512: the SIMD level of the CPU kernels
                             (default: what this machine supports, as PyTorch detects it)
   HANDGRAD_SANITIZE=1       AddressSanitizer and UndefinedBehaviorSanitizer (`make sanitize`)
@@ -11,10 +13,31 @@ Switches (environment variables):
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
 
+
+def find_cuda_home():
+    """Point CUDA_HOME at the toolkit root, unless it is set.
+
+    PyTorch guesses the root as the folder above `which nvcc`, which is wrong where nvcc is
+    a wrapper script outside the toolkit (such as /usr/local/bin/nvcc); nvcc knows its own
+    root. Must run before torch.utils.cpp_extension is imported.
+    """
+    nvcc = shutil.which("nvcc")
+    if os.getenv("CUDA_HOME") or nvcc is None:
+        return
+    dry_run = subprocess.run([nvcc, "-dryrun", "-x", "cu", os.devnull], capture_output=True, text=True)
+    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            os.environ["CUDA_HOME"] = os.path.normpath(line.split("=", 1)[1])
+            return
+
+
+find_cuda_home()
 try:
     import torch
     from torch.utils import cpp_extension
@@ -54,20 +77,31 @@ def use_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def write_build_config(capability, cuda):
+def cublas_include_dirs():
+    """Where cublas_v2.h is, if not in the toolkit: torch's NVIDIA wheels carry it."""
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cublas_v2.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    headers = [h for root in nvidia.__path__ for h in glob.glob(os.path.join(root, "*", "include", "cublas_v2.h"))]
+    return sorted({os.path.dirname(h) for h in headers})
+
+
+def write_build_config(capability):
     # Read at import time, before the library is loaded: a library built for AVX-512
     # must not be loaded on a CPU without it.
     with open(os.path.join(ROOT, "pyext", "handgrad", "_build_config.py"), "w") as f:
         f.write(
-            "# Written by setup.py at build time.\n"
-            f"CPU_CAPABILITY = {capability!r}\nCUDA = {cuda!r}\n"
+            f"# Written by setup.py at build time.\nCPU_CAPABILITY = {capability!r}\n"
         )
 
 
 def get_extensions():
     capability = cpu_capability()
     cuda = use_cuda()
-    write_build_config(capability, cuda)
+    write_build_config(capability)
 
     cxx_flags = [
         "-O0" if DEBUG else "-O3",
@@ -84,15 +118,18 @@ def get_extensions():
         link_flags += SANITIZER_FLAGS
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra_compile_args = {"cxx": cxx_flags}
-    extension = cpp_extension.CppExtension
+    extension, include_dirs = cpp_extension.CppExtension, []
     if cuda:
         extension = cpp_extension.CUDAExtension
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra_compile_args["nvcc"] = ["-O0" if DEBUG else "-O3", "-g" if DEBUG else "-lineinfo"]
+        include_dirs = cublas_include_dirs()
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     return [
         extension(
             "handgrad._C",
             sources,
+            include_dirs=include_dirs,
             extra_compile_args=extra_compile_args,
             extra_link_args=link_flags,
         )

@@ -37,6 +37,13 @@ SHAPES = {  # name: (N, K, M)
     "skinny": (16384, 256, 256),
     "thin": (65536, 64, 64),
 }
+GPU_SHAPES = {
+    "8k": (8192, 1024, 1024),
+    "16k-4k": (16384, 4096, 4096),
+    "64k-256": (65536, 256, 256),
+    "256k-64": (262144, 64, 64),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 ACTIVATIONS = {  # name: (handgrad fused, eager activation, handgrad module, torch.nn module)
     "relu": (hf.linear_relu, F.relu, hnn.LinearReLU, nn.ReLU),
@@ -52,15 +59,34 @@ ACTIVATIONS = {  # name: (handgrad fused, eager activation, handgrad module, tor
 CANDIDATES = ["handgrad", "eager", "compile", "floor"]
 
 
-def make_steps(activation, shape, seed=0):
-    """The callables to time: {(mode, candidate): fn} for mode in fwd+bwd, fwd."""
+def replay_from_cuda_graph(step):
+    """step captured in a CUDA graph; returns graph.replay (GPU-bound time, one launch)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up the caching allocator outside the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def make_steps(activation, shape, device="cpu", dtype=torch.float32, seed=0):
+    """The callables to time: {(mode, candidate): fn} for mode in fwd+bwd, fwd, and on a
+    GPU also "fwd+bwd graph" (replayed from a CUDA graph)."""
     fused, eager_activation, _, _ = ACTIVATIONS[activation]
     N, K, M = shape
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, K, generator=g).requires_grad_()
-    w = (torch.randn(M, K, generator=g) / K**0.5).requires_grad_()
-    b = torch.randn(M, generator=g).requires_grad_()
-    grad_output = torch.randn(N, M, generator=g)
+
+    def tensor(*size, scale=1.0):
+        return (scale * torch.randn(*size, generator=g)).to(device, dtype)
+
+    x = tensor(N, K).requires_grad_()
+    w = tensor(M, K, scale=K**-0.5).requires_grad_()
+    b = tensor(M).requires_grad_()
+    grad_output = tensor(N, M)
     xd, wd, bd = x.detach(), w.detach(), b.detach()
 
     def eager(x, w, b):
@@ -97,6 +123,13 @@ def make_steps(activation, shape, seed=0):
     for step in steps.values():  # warm up, and compile
         step()
         step()
+    if device == "cuda":
+        for candidate in CANDIDATES:
+            try:
+                steps[("fwd+bwd graph", candidate)] = replay_from_cuda_graph(steps[("fwd+bwd", candidate)])
+            except Exception as error:  # e.g. a compiled function that cannot be captured
+                print(f"  {candidate}: no CUDA graph ({type(error).__name__}: {error})", file=sys.stderr)
+                steps[("fwd+bwd graph", candidate)] = None
     return steps
 
 
@@ -107,17 +140,19 @@ def measure(steps, rounds, min_time_per_round):
     timers = {
         key: benchmark.Timer(stmt="step()", globals={"step": fn}, num_threads=threads)
         for key, fn in steps.items()
+        if fn is not None
     }
     numbers = {}
     for key, timer in timers.items():  # calls per sample, so a sample lasts min_time_per_round
         start = time.perf_counter()
         timer.timeit(1)
         numbers[key] = max(1, int(min_time_per_round / max(time.perf_counter() - start, 1e-7)))
-    samples = {key: [] for key in steps}
+    samples = {key: [] for key in timers}
     for _ in range(rounds):
         for key, timer in timers.items():
             samples[key].append(timer.timeit(numbers[key]).mean)
-    return {key: statistics.median(values) for key, values in samples.items()}
+    medians = {key: statistics.median(values) for key, values in samples.items()}
+    return {key: medians.get(key, float("nan")) for key in steps}
 
 
 def saved_bytes(model, x):
@@ -154,13 +189,14 @@ def memory_table(activations, width=256, batch=1024, layers=8):
 
 def results_table(results):
     lines = [
-        "| shape | N,K,M | activation | mode | floor ms | handgrad ms | eager ms | compile ms "
-        "| handgrad/eager | handgrad/floor | eager/floor | compile/eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | N,K,M | dtype | activation | mode | floor ms | handgrad ms | eager ms "
+        "| compile ms | handgrad/eager | handgrad/floor | eager/floor | compile/eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['shape']} | {','.join(map(str, r['NKM']))} | {r['activation']} | {r['mode']} "
+            f"| {r['shape']} | {','.join(map(str, r['NKM']))} | {r['dtype']} | {r['activation']} "
+            f"| {r['mode']} "
             f"| {r['floor'] * 1e3:.3f} | {r['handgrad'] * 1e3:.3f} | {r['eager'] * 1e3:.3f} "
             f"| {r['compile'] * 1e3:.3f} | **{r['handgrad'] / r['eager']:.2f}** "
             f"| {r['handgrad'] / r['floor']:.2f} | {r['eager'] / r['floor']:.2f} "
@@ -175,10 +211,11 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, mode in zip(axes, ["fwd+bwd", "fwd"]):
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
         rows = [r for r in results if r["mode"] == mode]
-        labels = [f"{r['shape']}\n{r['activation']}" for r in rows]
+        labels = [f"{r['shape']} {r['dtype']}\n{r['activation']}" for r in rows]
         ratios = [r["handgrad"] / r["eager"] for r in rows]
         compile_ratios = [r["compile"] / r["eager"] for r in rows]
         positions = range(len(rows))
@@ -186,19 +223,22 @@ def plot(results, path):
         ax.bar([p + 0.2 for p in positions], compile_ratios, width=0.4, label="torch.compile / eager",
                alpha=0.6)
         ax.axhline(1.0, color="black", linewidth=1)
-        if mode == "fwd+bwd":
+        if mode == "fwd+bwd" and rows and rows[0]["device"] == "cpu":
             ax.axhline(0.75, color="red", linestyle="--", linewidth=1, label="target 0.75")
         ax.set_xticks(list(positions))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(f"{mode}: time relative to eager PyTorch (lower is faster)")
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("time / eager time")
+    axes[0][0].set_ylabel("time / eager time")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def machine_description():
+def machine_description(device):
+    if device == "cuda":
+        return (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}; Python "
+                f"{platform.python_version()}, torch {torch.__version__}, handgrad {handgrad.__version__}")
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -212,52 +252,65 @@ def machine_description():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, of " + ", ".join(SHAPES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shapes", help="comma-separated names, of " + ", ".join(SHAPES)
+                        + " (cpu) or " + ", ".join(GPU_SHAPES) + " (cuda); default: all")
+    parser.add_argument("--dtypes", help="default: float32 on cpu, float32,bfloat16 on cuda")
     parser.add_argument("--activations", default=",".join(ACTIVATIONS))
     parser.add_argument("--rounds", type=int, default=7, help="interleaved samples per candidate")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per sample")
     parser.add_argument("--out", default="benchmarks/out", help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
-    shapes = args.shapes.split(",")
+    known_shapes = SHAPES if args.device == "cpu" else GPU_SHAPES
+    shapes = (args.shapes or ",".join(known_shapes)).split(",")
+    dtypes = (args.dtypes or ("float32" if args.device == "cpu" else "float32,bfloat16")).split(",")
     activations = args.activations.split(",")
-    for name in shapes:
-        if name not in SHAPES:
-            parser.error(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
-    for name in activations:
-        if name not in ACTIVATIONS:
-            parser.error(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
+    for names, known, what in ((shapes, known_shapes, "shape"), (dtypes, DTYPES, "dtype"),
+                               (activations, ACTIVATIONS, "activation")):
+        for name in names:
+            if name not in known:
+                parser.error(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU")
 
-    machine = machine_description()
-    print(f"# handgrad CPU benchmark\n\n{machine}\n", flush=True)
+    machine = machine_description(args.device)
+    print(f"# handgrad {args.device.upper()} benchmark\n\n{machine}\n", flush=True)
     results = []
-    for shape in shapes:
-        for activation in activations:
-            medians = measure(make_steps(activation, SHAPES[shape]), args.rounds, args.min_time)
-            for mode in ["fwd+bwd", "fwd"]:
-                row = {"shape": shape, "NKM": SHAPES[shape], "activation": activation, "mode": mode}
-                row.update({c: medians[(mode, c)] for c in CANDIDATES})
-                results.append(row)
-            done = [r for r in results if r["shape"] == shape and r["activation"] == activation]
-            for r in done:
-                print(f"  {shape:7s} {activation:10s} {r['mode']:8s} handgrad/eager "
-                      f"{r['handgrad'] / r['eager']:.2f}", file=sys.stderr, flush=True)
+    for dtype in dtypes:
+        for shape in shapes:
+            for activation in activations:
+                steps = make_steps(activation, known_shapes[shape], args.device, DTYPES[dtype])
+                medians = measure(steps, args.rounds, args.min_time)
+                for mode in dict.fromkeys(key[0] for key in steps):
+                    row = {"device": args.device, "shape": shape, "NKM": known_shapes[shape],
+                           "dtype": dtype, "activation": activation, "mode": mode}
+                    row.update({c: medians[(mode, c)] for c in CANDIDATES})
+                    results.append(row)
+                    print(f"  {shape:8s} {dtype:8s} {activation:10s} {mode:14s} handgrad/eager "
+                          f"{row['handgrad'] / row['eager']:.2f}", file=sys.stderr, flush=True)
 
     table = results_table(results)
     print("Median time per call; ratios are of medians measured in the same run.\n")
     print(table)
-    memory, (batch, width, layers) = memory_table(activations)
-    print(f"\nSaved for backward by an {layers}-layer MLP, width {width}, batch {batch} "
-          "(bytes per layer):\n")
-    print("| activation | handgrad | eager | handgrad/eager |\n|---|---|---|---|")
-    for m in memory:
-        print(f"| {m['activation']} | {m['handgrad_bytes_per_layer']:,.0f} | "
-              f"{m['eager_bytes_per_layer']:,.0f} | {m['ratio']:.2f} |")
+    memory = []
+    if args.device == "cpu":
+        memory, (batch, width, layers) = memory_table(activations)
+        print(f"\nSaved for backward by an {layers}-layer MLP, width {width}, batch {batch} "
+              "(bytes per layer):\n")
+        print("| activation | handgrad | eager | handgrad/eager |\n|---|---|---|---|")
+        for m in memory:
+            print(f"| {m['activation']} | {m['handgrad_bytes_per_layer']:,.0f} | "
+                  f"{m['eager_bytes_per_layer']:,.0f} | {m['ratio']:.2f} |")
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_cpu.json"), "w") as f:
+    stem = os.path.join(args.out, f"bench_{args.device}")
+    with open(stem + ".json", "w") as f:
         json.dump({"machine": machine, "results": results, "memory": memory}, f, indent=1)
-    plot(results, os.path.join(args.out, "bench_cpu.png"))
-    print(f"\nwrote {args.out}/bench_cpu.json and {args.out}/bench_cpu.png")
+    try:
+        plot(results, stem + ".png")
+        print(f"\nwrote {stem}.json and {stem}.png")
+    except ImportError:
+        print(f"\nwrote {stem}.json (no matplotlib: no chart)")
     return results, memory
 
 

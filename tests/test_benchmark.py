@@ -16,7 +16,7 @@ import bench_layers  # noqa: E402
 def test_harness_prints_table_and_writes_json_and_png(tmp_path, capsys):
     bench_layers.main(["--shapes", "tiny", "--rounds", "1", "--min-time", "0.001", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "| tiny | 10,10,40 | relu | fwd+bwd |" in printed
+    assert "| tiny | 10,10,40 | float32 | relu | fwd+bwd |" in printed
     assert "handgrad/eager" in printed
     data = json.loads((tmp_path / "bench_cpu.json").read_text())
     assert len(data["results"]) == 3 * 2  # three activations, two modes
