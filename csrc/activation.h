@@ -14,10 +14,25 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace handgrad {
 
 enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid };
+
+template <Activation A>
+using ActivationTag = std::integral_constant<Activation, A>;
+
+// Calls body(ActivationTag<A>{}) with the activation as a compile-time constant, so that
+// a kernel's inner loop carries no branch on it.
+template <typename Body>
+void dispatch_activation(Activation activation, const Body& body) {
+  switch (activation) {
+    case Activation::ReLU: return body(ActivationTag<Activation::ReLU>{});
+    case Activation::LeakyReLU: return body(ActivationTag<Activation::LeakyReLU>{});
+    case Activation::Sigmoid: return body(ActivationTag<Activation::Sigmoid>{});
+  }
+}
 
 // Scalar primitives, for host and device code.
 template <typename T>

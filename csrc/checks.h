@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "activation.h"
 
@@ -106,6 +107,32 @@ inline void check_backward_arguments(
   TORCH_CHECK(
       grad_output.sizes() == saved.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
       " but saved has shape ", saved.sizes());
+}
+
+// The shape of a linear layer's output (or of its gradient): input's leading dimensions,
+// then out_features.
+inline std::vector<int64_t> linear_output_sizes(const at::Tensor& input, const at::Tensor& weight) {
+  std::vector<int64_t> sizes = input.sizes().vec();
+  sizes.back() = weight.size(0);
+  return sizes;
+}
+
+inline void check_bias_backward_arguments(
+    const std::string& op, const at::Tensor& grad_output, const at::Tensor& saved,
+    double negative_slope, bool half_supported) {
+  check_backward_arguments(op, grad_output, saved, negative_slope, half_supported);
+  TORCH_CHECK(saved.dim() >= 1, op, ": saved must have shape (*, out_features), got a 0-D tensor");
+}
+
+inline void check_linear_backward_arguments(
+    const std::string& op, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& saved, double negative_slope,
+    bool half_supported) {
+  check_backward_arguments(op, grad_output, saved, negative_slope, half_supported);
+  check_linear_arguments(op, input, weight, std::nullopt, negative_slope, half_supported);
+  const std::vector<int64_t> saved_sizes = linear_output_sizes(input, weight);
+  TORCH_CHECK(saved.sizes() == saved_sizes, op, ": saved must have shape ", saved_sizes,
+              " (input's leading dimensions, then out_features), got ", saved.sizes());
 }
 
 // Rows of a (*, features) tensor seen as a matrix; works for zero sizes too.

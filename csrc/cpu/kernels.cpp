@@ -32,20 +32,6 @@ namespace {
 // About this many elements per task: ATen's own grain size for elementwise kernels.
 constexpr int64_t kGrainElements = 32768;
 
-template <Activation A>
-using ActivationTag = std::integral_constant<Activation, A>;
-
-// Calls body(ActivationTag<A>{}) with the activation as a compile-time constant, so that
-// the inner loops carry no branch on it.
-template <typename Body>
-void dispatch_activation(Activation activation, const Body& body) {
-  switch (activation) {
-    case Activation::ReLU: return body(ActivationTag<Activation::ReLU>{});
-    case Activation::LeakyReLU: return body(ActivationTag<Activation::LeakyReLU>{});
-    case Activation::Sigmoid: return body(ActivationTag<Activation::Sigmoid>{});
-  }
-}
-
 #define HANDGRAD_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
@@ -164,8 +150,6 @@ at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weig
 
   const int64_t rows = leading_rows(input);
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
-  std::vector<int64_t> out_sizes = input.sizes().vec();
-  out_sizes.back() = out_features;
 
   const at::Tensor x = input.reshape({rows, in_features});
   const at::Tensor weight_t = weight.t();
@@ -199,7 +183,7 @@ at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weig
       });
     });
   });
-  return out.view(out_sizes);
+  return out.view(linear_output_sizes(input, weight));
 }
 
 at::Tensor activation_cpu(const at::Tensor& input, c10::string_view activation,
@@ -242,8 +226,7 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cpu(
     double negative_slope) {
   const Activation act = parse_activation(activation);
   const std::string op = op_name(activation, true) + "_backward";
-  check_backward_arguments(op, grad_output, saved, negative_slope, false);
-  TORCH_CHECK(saved.dim() >= 1, op, ": saved must have shape (*, out_features), got a 0-D tensor");
+  check_bias_backward_arguments(op, grad_output, saved, negative_slope, false);
 
   const int64_t rows = leading_rows(saved), cols = saved.size(-1);
   const at::Tensor grad = grad_output.contiguous(), saved_contiguous = saved.contiguous();
@@ -266,12 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
     std::array<bool, 3> output_mask) {
   const Activation act = parse_activation(activation);
   const std::string op = op_name(activation, true) + "_backward";
-  check_backward_arguments(op, grad_output, saved, negative_slope, false);
-  check_linear_arguments(op, input, weight, std::nullopt, negative_slope, false);
-  std::vector<int64_t> saved_sizes = input.sizes().vec();
-  saved_sizes.back() = weight.size(0);
-  TORCH_CHECK(saved.sizes() == saved_sizes, op, ": saved must have shape ", saved_sizes,
-              " (input's leading dimensions, then out_features), got ", saved.sizes());
+  check_linear_backward_arguments(op, grad_output, input, weight, saved, negative_slope, false);
   // The ATen ops below compute values only: no autograd graph for them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 

@@ -52,18 +52,6 @@ int64_t blocks_for(int64_t work_items) {
   return std::max<int64_t>(1, std::min<int64_t>((work_items + kThreads - 1) / kThreads, 1 << 20));
 }
 
-template <Activation A>
-using ActivationTag = std::integral_constant<Activation, A>;
-
-template <typename Body>
-void dispatch_activation(Activation activation, const Body& body) {
-  switch (activation) {
-    case Activation::ReLU: return body(ActivationTag<Activation::ReLU>{});
-    case Activation::LeakyReLU: return body(ActivationTag<Activation::LeakyReLU>{});
-    case Activation::Sigmoid: return body(ActivationTag<Activation::Sigmoid>{});
-  }
-}
-
 #define HANDGRAD_DISPATCH_CUDA_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
@@ -274,8 +262,6 @@ at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& wei
 
   const int64_t rows = leading_rows(input);
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
-  std::vector<int64_t> out_sizes = input.sizes().vec();
-  out_sizes.back() = out_features;
   // f = h Omega^T by cuBLAS; beta and a[.] by one pass over it.
   at::Tensor out = at::mm(input.reshape({rows, in_features}), weight.t()).contiguous();
   const at::Tensor bias_contiguous = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -284,7 +270,7 @@ at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& wei
       launch_bias_activation<scalar_t, decltype(tag)::value>(out, bias_contiguous, negative_slope);
     });
   });
-  return out.view(out_sizes);
+  return out.view(linear_output_sizes(input, weight));
 }
 
 at::Tensor activation_cuda(const at::Tensor& input, c10::string_view activation,
@@ -342,8 +328,7 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cuda(
     double negative_slope) {
   const Activation act = parse_activation(activation);
   const std::string op = op_name(activation, true) + "_backward";
-  check_backward_arguments(op, grad_output, saved, negative_slope, true);
-  TORCH_CHECK(saved.dim() >= 1, op, ": saved must have shape (*, out_features), got a 0-D tensor");
+  check_bias_backward_arguments(op, grad_output, saved, negative_slope, true);
   const c10::cuda::CUDAGuard device_guard(saved.device());
   auto [grad_pre, grad_bias] = bias_activation_backward_matrix(grad_output, saved, act, negative_slope);
   return {grad_pre.view(saved.sizes()), grad_bias};
@@ -355,12 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cuda(
     std::array<bool, 3> output_mask) {
   const Activation act = parse_activation(activation);
   const std::string op = op_name(activation, true) + "_backward";
-  check_backward_arguments(op, grad_output, saved, negative_slope, true);
-  check_linear_arguments(op, input, weight, std::nullopt, negative_slope, true);
-  std::vector<int64_t> saved_sizes = input.sizes().vec();
-  saved_sizes.back() = weight.size(0);
-  TORCH_CHECK(saved.sizes() == saved_sizes, op, ": saved must have shape ", saved_sizes,
-              " (input's leading dimensions, then out_features), got ", saved.sizes());
+  check_linear_backward_arguments(op, grad_output, input, weight, saved, negative_slope, true);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 

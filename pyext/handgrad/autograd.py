@@ -8,10 +8,12 @@ f), and its backward is the chapter's:
     dl/dOmega = dl/df h^T               (7.9), summed over the batch
     dl/dbeta  = sum of dl/df            made in the same pass as dl/df
 
-The backward is itself built from differentiable pieces: the activation-backward ops, whose
-own derivatives are registered below, and ATen matrix products. So double backward works.
-Each Function also has a jvp for forward-mode AD. The same formulas are registered as the
-autograd of the torch.ops.handgrad ops, for callers of the ops themselves.
+A plain backward runs as one fused op (linear_activation_backward). When the backward is
+itself recorded (create_graph=True, torch.func), it is built from differentiable pieces
+instead: the Functions _ActivationBackward and _BiasActivationBackward, which have their
+own backward and jvp, and ATen matrix products. So double backward works. Each Function
+also has a jvp for forward-mode AD. The same formulas are registered as the autograd of the
+torch.ops.handgrad ops, for callers of the ops themselves (and torch.compile).
 
 LeakyReLU with a negative slope is the one case where out does not tell the sign of f
 (both sides of zero give out >= 0). There the layer keeps the same tensors and recomputes f
@@ -26,7 +28,7 @@ from torch._functorch.utils import unwrap_dead_wrappers
 _ops = torch.ops.handgrad
 
 
-class Function(torch.autograd.Function):
+class _LeanFunction(torch.autograd.Function):
     """torch.autograd.Function with a leaner apply for calls that give every argument.
 
     Function.apply binds default arguments through inspect.signature on every call, which
@@ -89,7 +91,7 @@ def _activation_grad(grad_output, saved, activation, negative_slope):
     return _ops.activation_backward(grad_output, saved, activation, negative_slope)
 
 
-class _ActivationBackward(Function):
+class _ActivationBackward(_LeanFunction):
     """grad_pre = grad_output * a'(saved)."""
 
     @staticmethod
@@ -160,7 +162,7 @@ def _sign_source(ctx, input, weight, bias, output):
         return _ops.linear_activation(input, weight, bias, "leaky_relu", 1.0)  # slope 1: f itself
 
 
-class _LinearActivationFunction(Function):
+class _LinearActivationFunction(_LeanFunction):
     """Backward and jvp shared by the fused layers; subclasses give forward and setup_context."""
 
     @staticmethod
@@ -252,7 +254,7 @@ def _setup_activation(ctx, inputs, output, activation, negative_slope):
     ctx.save_for_forward(saved)
 
 
-class _ActivationFunction(Function):
+class _ActivationFunction(_LeanFunction):
     """Backward and jvp shared by the standalone activations."""
 
     @staticmethod
