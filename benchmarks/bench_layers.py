@@ -215,7 +215,9 @@ def plot(results, path):
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         rows = [r for r in results if r["mode"] == mode]
-        labels = [f"{r['shape']} {r['dtype']}\n{r['activation']}" for r in rows]
+        several_dtypes = len({r["dtype"] for r in rows}) > 1
+        labels = [f"{r['shape']} {r['activation']}" + (f" {r['dtype']}" if several_dtypes else "")
+                  for r in rows]
         ratios = [r["handgrad"] / r["eager"] for r in rows]
         compile_ratios = [r["compile"] / r["eager"] for r in rows]
         positions = range(len(rows))
@@ -226,7 +228,7 @@ def plot(results, path):
         if mode == "fwd+bwd" and rows and rows[0]["device"] == "cpu":
             ax.axhline(0.75, color="red", linestyle="--", linewidth=1, label="target 0.75")
         ax.set_xticks(list(positions))
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, fontsize=7, rotation=60, ha="right")
         ax.set_title(f"{mode}: time relative to eager PyTorch (lower is faster)")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("time / eager time")

@@ -26,6 +26,7 @@ def progress(iterable, total, label):
     """A one-line progress bar on stderr, without dependencies."""
     import sys
 
+    sys.stderr.write(f"{label} [{'.' * 30}] 0/{total}")
     for i, item in enumerate(iterable, start=1):
         yield item
         filled = int(30 * i / total)

@@ -9,12 +9,13 @@ from the same seed, so their losses should agree to rounding.
 """
 
 import argparse
-import os
 
 import torch
 from torch import nn
 
 import handgrad.nn as hnn
+
+from ._plotting import progress, pyplot, save
 
 D_I, D_K, D_O = 10, 40, 5
 NUM_POINTS, BATCH_SIZE = 100, 10
@@ -43,14 +44,14 @@ def make_data(seed):
     return x, y
 
 
-def train(model, x, y, epochs, seed):
+def train(model, x, y, epochs, seed, label="training"):
     """Train with the recipe of the problem; return the mean training loss of each epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
     loss_function = nn.MSELoss()
     order = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(epochs):
+    for _ in progress(range(epochs), epochs, label):
         total = 0.0
         for batch in torch.randperm(NUM_POINTS, generator=order).split(BATCH_SIZE):
             optimizer.zero_grad()
@@ -63,12 +64,8 @@ def train(model, x, y, epochs, seed):
     return losses
 
 
-def plot(torch_losses, handgrad_losses, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(torch_losses, handgrad_losses, out):
+    plt = pyplot()
     epochs = range(1, len(torch_losses) + 1)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, torch_losses, label="torch.nn (Linear + ReLU)", linewidth=3, alpha=0.5)
@@ -78,9 +75,7 @@ def plot(torch_losses, handgrad_losses, path):
     ax.set_ylabel("training loss (MSE)")
     ax.set_title("Figure 7.8 network, same seed (problem 7.16)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save(fig, out, "fig7_8.png")
 
 
 def main(argv=None):
@@ -98,8 +93,8 @@ def main(argv=None):
         torch.equal(a, b)
         for a, b in zip(torch_model.state_dict().values(), handgrad_model.state_dict().values())
     )
-    torch_losses = train(torch_model, x, y, args.epochs, args.seed)
-    handgrad_losses = train(handgrad_model, x, y, args.epochs, args.seed)
+    torch_losses = train(torch_model, x, y, args.epochs, args.seed, "torch.nn")
+    handgrad_losses = train(handgrad_model, x, y, args.epochs, args.seed, "handgrad")
     differences = [abs(a - b) for a, b in zip(torch_losses, handgrad_losses)]
 
     print(f"Figure 7.8 network: {D_I}-{D_K}-{D_K}-{D_O}, He init, {NUM_POINTS} points, "
@@ -111,10 +106,7 @@ def main(argv=None):
             print(f"{epoch:>5}  {a:>14.8f}  {b:>14.8f}  {d:>12.3e}")
     print(f"max |difference| over all {args.epochs} epochs: {max(differences):.3e}")
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "fig7_8.png")
-    plot(torch_losses, handgrad_losses, path)
-    print(f"wrote {path}")
+    plot(torch_losses, handgrad_losses, args.out)
     return torch_losses, handgrad_losses
 
 
