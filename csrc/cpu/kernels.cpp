@@ -14,7 +14,6 @@
 #include <ATen/ops/narrow.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -95,6 +94,17 @@ void activation_backward_flat(const scalar_t* grad, const scalar_t* saved, scala
   });
 }
 
+// total[j] = sum over blocks of sums[block, j], added in block order so that the result
+// does not depend on how the blocks were shared among threads. Overwrites sums[0, :].
+template <typename scalar_t, typename opmath_t>
+void add_blocks_in_order(opmath_t* sums, int64_t num_blocks, int64_t cols, scalar_t* total) {
+  using Vec = at::vec::Vectorized<opmath_t>;
+  for (int64_t block = 1; block < num_blocks; ++block) {
+    at::vec::map2([](Vec sum, Vec x) { return sum + x; }, sums, sums, sums + block * cols, cols);
+  }
+  at::vec::convert(sums, total, cols);
+}
+
 // One pass over a contiguous (rows, cols) gradient: grad_pre = grad * a'[f], and
 // grad_bias[j] = sum_i grad_pre[i, j] accumulated in the accumulation type.
 //
@@ -133,12 +143,7 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
     }
   });
 
-  opmath_t* total = block_sums.data();
-  for (int64_t block = 1; block < num_blocks; ++block) {
-    at::vec::map2([](Vec sum, Vec x) { return sum + x; }, total, total,
-                  block_sums.data() + block * cols, cols);
-  }
-  at::vec::convert(total, grad_bias, cols);
+  add_blocks_in_order(block_sums.data(), num_blocks, cols, grad_bias);
 }
 
 at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -259,8 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
   const at::Tensor saved_rows = saved.reshape({rows, out_features}).contiguous();
   const at::Tensor x = input.reshape({rows, in_features});
   const auto [need_input, need_weight, need_bias] = output_mask;
-  at::Tensor grad_input = need_input ? at::empty({rows, in_features}, input.options()) : at::Tensor();
-  at::Tensor grad_weight = need_weight ? at::empty_like(weight, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor grad_input, grad_weight;
   at::Tensor grad_bias = need_bias ? at::empty({out_features}, input.options()) : at::Tensor();
 
   int64_t block_rows = cache_block_rows(rows, in_features, out_features, input.element_size());
@@ -281,14 +285,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
               grad.const_data_ptr<scalar_t>(), saved_rows.const_data_ptr<scalar_t>(),
               grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), negative_slope);
         }
-        if (need_input) at::mm_out(grad_input, grad_pre, weight);          // (7.6)
-        if (need_weight) at::mm_out(grad_weight, grad_pre.t(), x);        // (7.9)
+        if (need_input) grad_input = at::mm(grad_pre, weight);      // (7.6)
+        if (need_weight) grad_weight = at::mm(grad_pre.t(), x);     // (7.9)
         return;
       }
       // Cache-blocked: each block's dl/df is made, used for its rows of dl/dh and added into
       // this thread's share of dl/dOmega while it is still in cache, and never written out
       // whole. The bias sums of the blocks are added in block order (deterministic).
       const int64_t num_blocks = at::divup(rows, block_rows);
+      if (need_input) grad_input = at::empty({rows, in_features}, input.options());
       at::Tensor block_bias_sums = at::empty({num_blocks, out_features}, input.options());
       at::Tensor weight_shares = need_weight
           ? at::zeros({at::get_num_threads(), out_features, in_features}, input.options())
@@ -312,15 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
           if (need_weight) weight_share.addmm_(grad_pre_block.t(), x.narrow(0, row, count));
         }
       });
-      if (need_weight) at::sum_out(grad_weight, weight_shares, 0);
+      if (need_weight) grad_weight = weight_shares.sum(0);
       if (need_bias) {
-        scalar_t* total = grad_bias.data_ptr<scalar_t>();
-        using Vec = at::vec::Vectorized<scalar_t>;
-        at::vec::convert(block_bias_sums.const_data_ptr<scalar_t>(), total, out_features);
-        for (int64_t block = 1; block < num_blocks; ++block) {
-          at::vec::map2([](Vec sum, Vec x) { return sum + x; }, total, total,
-                        block_bias_sums[block].const_data_ptr<scalar_t>(), out_features);
-        }
+        add_blocks_in_order(block_bias_sums.data_ptr<scalar_t>(), num_blocks, out_features,
+                            grad_bias.data_ptr<scalar_t>());
       }
     });
   });
