@@ -135,3 +135,12 @@ def test_fake_kernels_make_the_same_checks():
         ops.linear_activation(x, w, torch.randn(4, device="meta"), "relu", 0.0)
     with pytest.raises(RuntimeError, match=r"weight has dtype torch.float64 but input has dtype torch.float32"):
         ops.linear_activation(x, w.double(), b, "relu", 0.0)
+
+
+def test_non_tensor_arguments_are_named():
+    with pytest.raises(TypeError, match="input must be a Tensor, got list"):
+        hf.linear_relu([1.0, 2.0], torch.ones(3, 2))
+    with pytest.raises(RuntimeError, match="argument 'weight'"):
+        hf.linear_sigmoid(torch.ones(2, 3), [1.0])
+    with pytest.raises(RuntimeError, match="argument 'input'"):
+        hf.relu([1.0])

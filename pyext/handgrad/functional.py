@@ -45,6 +45,8 @@ def _autocast(input, weight, bias):
     The casts are ordinary differentiable ops, so gradients reach the original tensors in
     their own dtype, exactly as with nn.Linear.
     """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     device_type = input.device.type
     if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return input, weight, bias
