@@ -1,6 +1,8 @@
 """The CUDA kernels: the same guarantees as the CPU path. Skipped on machines without a GPU
 (benchmarks/gpu_check.sh runs them on one)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,28 +23,29 @@ def test_build_has_cuda_kernels():
 
 
 def cuda_tensor(*shape, dtype, seed, layout="contiguous"):
-    """A CUDA leaf of `shape` (half types: small integers, exact in every product), seen
-    through the given layout."""
+    """A CUDA leaf and the tensor of `shape` seen through it. Half types hold small integers,
+    exact in every product. "offset" is contiguous but starts one element into its storage,
+    so the 16-byte vector accesses do not apply and the scalar paths run."""
     g = torch.Generator().manual_seed(seed)
-    full = shape if layout == "contiguous" else (*shape[:-1], shape[-1] + 1)
+    numel = math.prod(shape) + (layout == "offset")
     if dtype in (torch.float16, torch.bfloat16):
-        t = torch.randint(-3, 4, full, generator=g).to(dtype)
+        t = torch.randint(-3, 4, (numel,), generator=g).to(dtype)
     else:
-        t = torch.randn(full, generator=g, dtype=dtype)
+        t = torch.randn(numel, generator=g, dtype=dtype)
     leaf = t.cuda().requires_grad_()
-    # "offset": starts one element in, so 16-byte vector loads do not apply (scalar path)
-    return leaf if layout == "contiguous" else leaf[..., 1:], leaf
+    return (leaf[1:] if layout == "offset" else leaf).view(shape), leaf
 
 
 @pytest.mark.parametrize("fn,reference", FUSED)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("shape", [(7, 12), (2, 3, 16), (12,), (0, 12), (1000, 64)], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "offset"])
+@pytest.mark.parametrize("out_features", [9, 16])  # 16: whole 16-byte packs per row
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_matches_eager_on_cuda(fn, reference, dtype, shape, layout, bias):
+def test_fused_matches_eager_on_cuda(fn, reference, dtype, shape, layout, out_features, bias):
     x, x_leaf = cuda_tensor(*shape, dtype=dtype, seed=0, layout=layout)
-    w, w_leaf = cuda_tensor(9, shape[-1], dtype=dtype, seed=1)
-    b, b_leaf = cuda_tensor(9, dtype=dtype, seed=2) if bias else (None, None)
+    w, w_leaf = cuda_tensor(out_features, shape[-1], dtype=dtype, seed=1)
+    b, b_leaf = cuda_tensor(out_features, dtype=dtype, seed=2, layout=layout) if bias else (None, None)
     leaves = [t for t in (x_leaf, w_leaf, b_leaf) if t is not None]
     out, expected = fn(x, w, b), reference(x, w, b)
     assert out.dtype == expected.dtype and out.device == expected.device
@@ -57,8 +60,7 @@ def test_fused_matches_eager_on_cuda(fn, reference, dtype, shape, layout, bias):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "offset"])
 def test_activation_matches_eager_on_cuda(fn, reference, dtype, layout):
-    x, leaf = cuda_tensor(37, 40, dtype=dtype, seed=3, layout=layout)
-    x = x * 0.5
+    x, leaf = cuda_tensor(37, 41, dtype=dtype, seed=3, layout=layout)
     torch.testing.assert_close(fn(x), reference(x))
     g = torch.randn(x.shape, device="cuda").to(dtype)
     torch.testing.assert_close(torch.autograd.grad(fn(x), leaf, g)[0],
