@@ -8,7 +8,7 @@
 # whole check ends well inside 8 minutes on an H100 or H200.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
-mkdir -p "$out"
+out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute, before changing directory
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
