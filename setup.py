@@ -71,10 +71,17 @@ def cpu_capability():
 
 
 def use_cuda():
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     forced = os.getenv("HANDGRAD_CUDA")
-    if forced is not None:
-        return forced == "1"
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if forced is None:
+        return available
+    if forced == "1" and not available:
+        sys.exit(
+            f"handgrad: HANDGRAD_CUDA=1, but torch {torch.__version__} is not a CUDA build"
+            if torch.version.cuda is None
+            else "handgrad: HANDGRAD_CUDA=1, but no CUDA toolkit was found: set CUDA_HOME"
+        )
+    return forced == "1"
 
 
 def cublas_include_dirs():
