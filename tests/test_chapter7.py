@@ -83,6 +83,35 @@ def test_7_2_toy_chain_matches_autograd():
         torch.testing.assert_close(closed[key], grad, msg=f"dl/d{key}")
 
 
+# The toy chain after each node, so that forward mode can start from any node.
+TOY_STEPS = [
+    ("f0", lambda v, beta, omega: torch.sin(v)),
+    ("h1", lambda v, beta, omega: beta[1] + omega[1] * v),
+    ("f1", lambda v, beta, omega: torch.exp(v)),
+    ("h2", lambda v, beta, omega: beta[2] + omega[2] * v),
+    ("f2", lambda v, beta, omega: torch.cos(v)),
+    ("h3", lambda v, beta, omega: beta[3] + omega[3] * v),
+    ("f3", lambda v, beta, omega: v),
+]
+
+
+def toy_loss_from(node, value, y, beta, omega):
+    names = [name for name, _ in TOY_STEPS]
+    for _, step in TOY_STEPS[names.index(node):]:
+        value = step(value, beta, omega)
+    return (value - y) ** 2
+
+
+@pytest.mark.parametrize("node", ["f3", "h3", "f2", "h2", "f1", "h1", "f0"])
+def test_7_2_toy_chain_matches_forward_mode(node):
+    x, y, beta, omega = toy_parameters(5)
+    value = c7.toy_chain(x, y, beta, omega)[node]
+    with fwAD.dual_level():
+        loss = toy_loss_from(node, fwAD.make_dual(value, torch.ones_like(value)), y, beta, omega)
+        tangent = fwAD.unpack_dual(loss).tangent
+    torch.testing.assert_close(c7.toy_chain_derivatives(x, y, beta, omega)[node], tangent)
+
+
 def test_7_2_loss_derivative_needs_the_target():
     # The worked answer's dl/df3 = 2 f3 is wrong unless y = 0.
     x, y, beta, omega = toy_parameters(4)
@@ -100,6 +129,39 @@ def test_7_12_reverse_mode_matches_autograd():
         torch.testing.assert_close(closed[key], grad, msg=f"dy/d{key}")
 
 
+def y_from(node, value, x):
+    """y as a function of one node of figure 7.9; nodes that do not depend on it stay fixed."""
+    v = c7.graph_7_12(x)
+    if node == "x":
+        return c7.graph_7_12(value)["y"]
+    if node == "f5":
+        return v["f4"] + value
+    if node == "f4":
+        return value + v["f5"]
+    f1 = value if node == "f1" else v["f1"]
+    f2 = f1**2 if node == "f1" else (value if node == "f2" else v["f2"])
+    f3 = value if node == "f3" else f1 + f2
+    return torch.exp(f3) + torch.sin(f3)
+
+
+@pytest.mark.parametrize("node", ["f5", "f4", "f3", "f2", "f1", "x"])
+def test_7_12_reverse_mode_matches_forward_ad(node):
+    x = torch.linspace(-3, 1, 41, dtype=torch.float64)
+    value = x if node == "x" else c7.graph_7_12(x)[node]
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(y_from(node, fwAD.make_dual(value, torch.ones_like(value)), x)).tangent
+    torch.testing.assert_close(c7.reverse_mode(x)[node], tangent)
+
+
+def test_7_13_forward_mode_matches_reverse_mode_autograd():
+    x = torch.linspace(-3, 1, 41, dtype=torch.float64, requires_grad=True)
+    nodes = c7.graph_7_12(x)
+    closed = c7.forward_mode(x.detach())
+    for key in ["f1", "f2", "f3", "f4", "f5", "y"]:
+        (grad,) = torch.autograd.grad(nodes[key].sum(), x, retain_graph=True)
+        torch.testing.assert_close(closed[key], grad, msg=f"d{key}/dx")
+
+
 def test_7_13_forward_mode_matches_forward_ad():
     x = torch.linspace(-3, 1, 41, dtype=torch.float64)
     with fwAD.dual_level():
@@ -114,12 +176,21 @@ def test_7_13_forward_mode_matches_forward_ad():
 def test_7_4_and_7_5_loss_derivatives():
     f = torch.randn(100, dtype=torch.float64, requires_grad=True)
     y = torch.randn(100, dtype=torch.float64)
-    (grad,) = torch.autograd.grad(((y - f) ** 2).sum(), f)
-    torch.testing.assert_close(c7.least_squares_derivative(f.detach(), y), grad)
     labels = (torch.rand(100, dtype=torch.float64) > 0.5).double()
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(f, labels, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, f)
-    torch.testing.assert_close(c7.binary_cross_entropy_derivative(f.detach(), labels), grad)
+
+    def least_squares(f):
+        return (y - f) ** 2
+
+    def binary_cross_entropy(f):  # the loss of 7.5, written out
+        s = torch.sigmoid(f)
+        return -(1 - labels) * torch.log(1 - s) - labels * torch.log(s)
+
+    for loss, closed in ((least_squares, c7.least_squares_derivative(f.detach(), y)),
+                         (binary_cross_entropy, c7.binary_cross_entropy_derivative(f.detach(), labels))):
+        (grad,) = torch.autograd.grad(loss(f).sum(), f)  # reverse mode
+        torch.testing.assert_close(closed, grad)
+        _, tangent = torch.func.jvp(loss, (f.detach(),), (torch.ones_like(f),))  # forward mode
+        torch.testing.assert_close(closed, tangent)
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid"])
