@@ -28,3 +28,17 @@ def test_setup_without_torch_stops_with_a_clear_message():
     assert "PyTorch must be installed before handgrad is built" in result.stderr
     assert "--no-build-isolation" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_import_refuses_a_build_for_a_richer_cpu(monkeypatch):
+    import pytest
+    import torch
+
+    import handgrad
+
+    monkeypatch.setattr(handgrad._build_config, "CPU_CAPABILITY", "AVX512")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(ImportError, match="built for AVX512 CPUs but this CPU .* offers AVX2"):
+        handgrad._check_cpu_capability()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    handgrad._check_cpu_capability()  # the same level is fine
