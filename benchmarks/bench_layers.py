@@ -29,6 +29,7 @@ from torch import nn
 import handgrad
 import handgrad.functional as hf
 import handgrad.nn as hnn
+from handgrad.examples.checkpoint import saved_bytes
 
 SHAPES = {  # name: (N, K, M)
     "tiny": (10, 10, 40),  # figure 7.8 size: overhead-bound
@@ -155,20 +156,6 @@ def measure(steps, rounds, min_time_per_round):
     return {key: medians.get(key, float("nan")) for key in steps}
 
 
-def saved_bytes(model, x):
-    """Bytes of distinct storage that autograd keeps for backward of model(x)."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
-
-
 def mlp(activation, kind, width, layers):
     _, _, fused_module, torch_activation = ACTIVATIONS[activation]
     if kind == "handgrad":
@@ -180,8 +167,8 @@ def memory_table(activations, width=256, batch=1024, layers=8):
     rows = []
     x = torch.randn(batch, width, requires_grad=True)
     for activation in activations:
-        ours = saved_bytes(mlp(activation, "handgrad", width, layers), x)
-        eager = saved_bytes(mlp(activation, "eager", width, layers), x)
+        ours, _ = saved_bytes(mlp(activation, "handgrad", width, layers), x)
+        eager, _ = saved_bytes(mlp(activation, "eager", width, layers), x)
         rows.append({"activation": activation, "handgrad_bytes_per_layer": ours / layers,
                      "eager_bytes_per_layer": eager / layers, "ratio": ours / eager})
     return rows, (batch, width, layers)

@@ -116,22 +116,20 @@ class MLP(nn.Module):
         return f"checkpoint_every={self.checkpoint_every}" if self.checkpoint_every else ""
 
 
+_ACTIVATION_NAMES = {nn.ReLU: "relu", ReLU: "relu", nn.LeakyReLU: "leaky_relu",
+                     LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", Sigmoid: "sigmoid"}
+
+
 def _fused_layer(linear, activation):
     """The fused module for linear followed by activation, or None if they do not fuse."""
-    if type(linear) is not nn.Linear:  # subclasses (ours included) may change forward
+    name = _ACTIVATION_NAMES.get(type(activation))
+    if type(linear) is not nn.Linear or name is None:  # Linear subclasses may change forward
         return None
-    if type(activation) in (nn.ReLU, ReLU):
-        fused_type, extra = LinearReLU, {}
-    elif type(activation) in (nn.LeakyReLU, LeakyReLU):
-        fused_type, extra = LinearLeakyReLU, {"negative_slope": activation.negative_slope}
-    elif type(activation) in (nn.Sigmoid, Sigmoid):
-        fused_type, extra = LinearSigmoid, {}
-    else:
-        return None
+    extra = {"negative_slope": activation.negative_slope} if name == "leaky_relu" else {}
     # Built on the meta device, so nothing is allocated or initialised, then given the
     # linear layer's own parameters.
-    fused = fused_type(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                       device="meta", **extra)
+    fused = _FUSED_LAYERS[name](linear.in_features, linear.out_features,
+                                bias=linear.bias is not None, device="meta", **extra)
     fused.weight = linear.weight
     fused.bias = linear.bias
     fused.train(linear.training)

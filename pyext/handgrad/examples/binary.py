@@ -17,9 +17,7 @@ import handgrad.nn as hnn
 from handgrad.chapter7 import binary_cross_entropy_derivative
 
 from ._plotting import progress, pyplot, save
-
-D_I, D_K = 10, 40
-NUM_POINTS, BATCH_SIZE = 100, 10
+from .fig7_8 import BATCH_SIZE, D_I, D_K, NUM_POINTS, he_init, optimizer_and_schedule
 
 
 def make_model(layers, seed):
@@ -30,11 +28,7 @@ def make_model(layers, seed):
     else:
         model = nn.Sequential(hnn.LinearReLU(D_I, D_K), hnn.LinearReLU(D_K, D_K),
                               hnn.LinearSigmoid(D_K, 1))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            nn.init.kaiming_normal_(layer.weight)
-            nn.init.zeros_(layer.bias)
-    return model
+    return he_init(model)
 
 
 def make_data(seed):
@@ -47,8 +41,7 @@ def make_data(seed):
 
 
 def train(model, x, y, epochs, seed, label):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+    optimizer, scheduler = optimizer_and_schedule(model)
     order = torch.Generator().manual_seed(seed)
     losses, accuracies = [], []
     for _ in progress(range(epochs), epochs, label):

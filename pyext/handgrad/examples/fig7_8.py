@@ -30,11 +30,22 @@ def make_model(layers, seed):
         )
     else:
         model = nn.Sequential(hnn.LinearReLU(D_I, D_K), hnn.LinearReLU(D_K, D_K), nn.Linear(D_K, D_O))
+    return he_init(model)
+
+
+def he_init(model):
+    """He initialisation of every linear layer (fused ones included), zero biases."""
     for layer in model:
         if isinstance(layer, nn.Linear):
-            nn.init.kaiming_normal_(layer.weight)  # He initialisation
+            nn.init.kaiming_normal_(layer.weight)
             nn.init.zeros_(layer.bias)
     return model
+
+
+def optimizer_and_schedule(model):
+    """SGD with learning rate 0.1 and momentum 0.9, halved every 10 epochs."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
 
 
 def make_data(seed):
@@ -46,8 +57,7 @@ def make_data(seed):
 
 def train(model, x, y, epochs, seed, label="training"):
     """Train with the recipe of the problem; return the mean training loss of each epoch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+    optimizer, scheduler = optimizer_and_schedule(model)
     loss_function = nn.MSELoss()
     order = torch.Generator().manual_seed(seed)
     losses = []
