@@ -18,7 +18,7 @@ else
 endif
 PIP     := $(PYTHON) -m pip
 STAMP   := $(dir $(PYTHON)).handgrad-installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/autograd/* csrc/cpu/* csrc/cuda/*)
 
 .PHONY: install demo test bench sanitize cuda-build clean
 

@@ -126,7 +126,7 @@ def get_extensions():
     if SANITIZE:
         cxx_flags += SANITIZER_FLAGS
         link_flags += SANITIZER_FLAGS
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra_compile_args = {"cxx": cxx_flags}
     extension, include_dirs = cpp_extension.CppExtension, []
     if cuda:

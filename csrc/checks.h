@@ -7,19 +7,20 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <ATen/core/DimVector.h>
 #include <c10/util/accumulate.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <optional>
+#include <ostream>
 #include <string>
-#include <string_view>
-#include <vector>
 
 #include "activation.h"
 
 namespace handgrad {
 
-inline Activation parse_activation(std::string_view name) {
+inline Activation parse_activation(c10::string_view name) {
   if (name == "relu") return Activation::ReLU;
   if (name == "leaky_relu") return Activation::LeakyReLU;
   if (name == "sigmoid") return Activation::Sigmoid;
@@ -28,35 +29,40 @@ inline Activation parse_activation(std::string_view name) {
       "'; expected 'relu', 'leaky_relu' or 'sigmoid'");
 }
 
-// The name users call the op by, used to start every message: "linear_relu", "sigmoid", ...
-inline std::string op_name(std::string_view activation, bool fused_with_linear) {
-  return (fused_with_linear ? "linear_" : "") + std::string(activation);
+// The name users know an op by, to start every message: the schema's name with
+// "activation" replaced by the activation ("linear_relu", "sigmoid_backward", ...). It is
+// written out only when a check fails, so checks cost nothing on the happy path.
+struct OpName {
+  const char* prefix;  // "linear_", "bias_" or ""
+  c10::string_view activation;
+  const char* suffix;  // "_backward", "_" or ""
+};
+
+inline std::ostream& operator<<(std::ostream& out, const OpName& name) {
+  return out << name.prefix << name.activation << name.suffix;
 }
 
 inline std::string dtype_name(const at::Tensor& t) {
   return "torch." + std::string(c10::getDtypeNames(t.scalar_type()).first);
 }
 
-inline void check_negative_slope(const std::string& op, double negative_slope) {
+inline void check_negative_slope(const OpName& op, double negative_slope) {
   TORCH_CHECK_VALUE(
       std::isfinite(negative_slope), op, ": negative_slope must be a finite number, got ",
       negative_slope);
 }
 
-inline void check_floating_dtype(
-    const std::string& op, const char* arg, const at::Tensor& t, bool half_supported) {
+inline void check_floating_dtype(const OpName& op, const char* arg, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
-  const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-      (half_supported && dtype == at::kHalf);
   TORCH_CHECK(
-      supported, op, ": ", arg, " has dtype ", dtype_name(t), "; expected torch.float32, ",
-      "torch.float64", half_supported ? ", torch.float16" : "", " or torch.bfloat16 on ",
-      t.device().type());
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, ": ", arg, " has dtype ", dtype_name(t),
+      "; expected torch.float32, torch.float64, torch.float16 or torch.bfloat16");
 }
 
 // `other` must share dtype and device with `reference`.
 inline void check_same_dtype_and_device(
-    const std::string& op, const char* arg, const at::Tensor& other, const char* reference_arg,
+    const OpName& op, const char* arg, const at::Tensor& other, const char* reference_arg,
     const at::Tensor& reference) {
   TORCH_CHECK(
       other.device() == reference.device(), op, ": ", arg, " is on ", other.device(), " but ",
@@ -67,10 +73,10 @@ inline void check_same_dtype_and_device(
 }
 
 inline void check_linear_arguments(
-    const std::string& op, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, double negative_slope, bool half_supported) {
+    const OpName& op, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, double negative_slope) {
   check_negative_slope(op, negative_slope);
-  check_floating_dtype(op, "input", input, half_supported);
+  check_floating_dtype(op, "input", input);
   check_same_dtype_and_device(op, "weight", weight, "input", input);
   if (bias.has_value()) check_same_dtype_and_device(op, "bias", *bias, "input", input);
 
@@ -91,18 +97,18 @@ inline void check_linear_arguments(
   }
 }
 
-inline void check_activation_arguments(
-    const std::string& op, const at::Tensor& input, double negative_slope, bool half_supported) {
+inline void check_activation_arguments(const OpName& op, const at::Tensor& input,
+                                       double negative_slope) {
   check_negative_slope(op, negative_slope);
-  check_floating_dtype(op, "input", input, half_supported);
+  check_floating_dtype(op, "input", input);
 }
 
 // For the backward ops: the incoming gradient and the saved tensor match element for element.
 inline void check_backward_arguments(
-    const std::string& op, const at::Tensor& grad_output, const at::Tensor& saved,
-    double negative_slope, bool half_supported) {
+    const OpName& op, const at::Tensor& grad_output, const at::Tensor& saved,
+    double negative_slope) {
   check_negative_slope(op, negative_slope);
-  check_floating_dtype(op, "grad_output", grad_output, half_supported);
+  check_floating_dtype(op, "grad_output", grad_output);
   check_same_dtype_and_device(op, "saved", saved, "grad_output", grad_output);
   TORCH_CHECK(
       grad_output.sizes() == saved.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
@@ -111,33 +117,38 @@ inline void check_backward_arguments(
 
 // The shape of a linear layer's output (or of its gradient): input's leading dimensions,
 // then out_features.
-inline std::vector<int64_t> linear_output_sizes(const at::Tensor& input, const at::Tensor& weight) {
-  std::vector<int64_t> sizes = input.sizes().vec();
+inline at::DimVector linear_output_sizes(const at::Tensor& input, const at::Tensor& weight) {
+  at::DimVector sizes(input.sizes());
   sizes.back() = weight.size(0);
   return sizes;
 }
 
 inline void check_bias_backward_arguments(
-    const std::string& op, const at::Tensor& grad_output, const at::Tensor& saved,
-    double negative_slope, bool half_supported) {
-  check_backward_arguments(op, grad_output, saved, negative_slope, half_supported);
+    const OpName& op, const at::Tensor& grad_output, const at::Tensor& saved,
+    double negative_slope) {
+  check_backward_arguments(op, grad_output, saved, negative_slope);
   TORCH_CHECK(saved.dim() >= 1, op, ": saved must have shape (*, out_features), got a 0-D tensor");
 }
 
 inline void check_linear_backward_arguments(
-    const std::string& op, const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& saved, double negative_slope,
-    bool half_supported) {
-  check_backward_arguments(op, grad_output, saved, negative_slope, half_supported);
-  check_linear_arguments(op, input, weight, std::nullopt, negative_slope, half_supported);
-  const std::vector<int64_t> saved_sizes = linear_output_sizes(input, weight);
-  TORCH_CHECK(saved.sizes() == saved_sizes, op, ": saved must have shape ", saved_sizes,
+    const OpName& op, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& saved, double negative_slope) {
+  check_backward_arguments(op, grad_output, saved, negative_slope);
+  check_linear_arguments(op, input, weight, std::nullopt, negative_slope);
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef(linear_output_sizes(input, weight)), op,
+              ": saved must have shape ", at::IntArrayRef(linear_output_sizes(input, weight)),
               " (input's leading dimensions, then out_features), got ", saved.sizes());
 }
 
 // Rows of a (*, features) tensor seen as a matrix; works for zero sizes too.
 inline int64_t leading_rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
+// Whether a' cannot be read off the output: leaky_relu with a negative slope gives
+// out >= 0 on both sides of f = 0, so its backward needs f itself (csrc/activation.h).
+inline bool output_hides_sign(Activation activation, double negative_slope) {
+  return activation == Activation::LeakyReLU && negative_slope < 0;
 }
 
 }  // namespace handgrad

@@ -1,28 +1,26 @@
-// The handgrad operator library: every op schema, in one place, and the Python module init.
+// The handgrad operator library: every op schema, in one place.
 //
-// Backends register their kernels in their own TORCH_LIBRARY_IMPL blocks (csrc/cpu,
-// csrc/cuda); fake kernels and autograd live in pyext/handgrad. The `activation` argument
-// is one of "relu", "leaky_relu", "sigmoid"; `negative_slope` is used by leaky_relu only.
-#include <Python.h>
+// Kernels are registered per dispatch key in their own files: csrc/cpu and csrc/cuda (the
+// backends), csrc/autograd (the C++ autograd kernels) and csrc/autocast.cpp; fake kernels
+// live in pyext/handgrad/_fake.py, and csrc/python.cpp is the Python module. The
+// `activation` argument is one of "relu", "leaky_relu", "sigmoid"; `negative_slope` is used
+// by leaky_relu only.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
-extern "C" {
-// `import handgrad._C` loads this shared library, whose static initializers register the
-// ops with PyTorch's dispatcher. Nothing is bound to Python here: every call goes through
-// torch.ops.handgrad, so that torch.compile and torch.export see real operators.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+#include <string>
 
 TORCH_LIBRARY(handgrad, m) {
   // out = a[beta + Omega h] for input h of shape (*, in_features).
   m.def(
       "linear_activation(Tensor input, Tensor weight, Tensor? bias, str activation, "
       "float negative_slope=0.01) -> Tensor");
-  // out = a[input], elementwise.
+  // out = a[input], elementwise, in input's memory format.
   m.def("activation(Tensor input, str activation, float negative_slope=0.01) -> Tensor");
+  // input = a[input], in place (nn.ReLU(inplace=True)). It returns nothing, so that
+  // torch.compile can functionalize it; handgrad.functional returns `input`.
+  m.def("activation_(Tensor(a!) input, str activation, float negative_slope=0.01) -> ()");
   // dl/df = grad_output * a'[f], with a' read off `saved`: the activation's output, or its
   // input for leaky_relu with negative_slope < 0 (see csrc/activation.h).
   m.def(
@@ -39,3 +37,63 @@ TORCH_LIBRARY(handgrad, m) {
       "Tensor saved, str activation, float negative_slope, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
+
+namespace handgrad {
+namespace {
+
+std::string layout_name(const at::Tensor& t) {
+  if (t.is_nested()) return "a nested tensor";
+  switch (t.layout()) {
+    case at::kSparse: return "layout torch.sparse_coo";
+    case at::kSparseCsr: return "layout torch.sparse_csr";
+    case at::kSparseCsc: return "layout torch.sparse_csc";
+    case at::kSparseBsr: return "layout torch.sparse_bsr";
+    case at::kSparseBsc: return "layout torch.sparse_bsc";
+    case at::kMkldnn: return "layout torch._mkldnn";
+    default: return "a non-strided layout";
+  }
+}
+
+// The kernel of every op for sparse, nested and mkldnn tensors: one line that names the
+// argument and its layout, instead of the dispatcher's list of every backend.
+void reject_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const auto values = torch::jit::last(*stack, arguments.size());
+  // The op's name as users know it: "activation" in the schema's name replaced by the
+  // activation, as in "linear_relu" or "sigmoid_backward".
+  std::string name = op.schema().name();
+  name = name.substr(name.find("::") + 2);
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (arguments[i].name() == "activation" && values[i].isString()) {
+      name.replace(name.find("activation"), 10, values[i].toStringRef());
+    }
+  }
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (!values[i].isTensor()) continue;
+    const at::Tensor& t = values[i].toTensor();
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !t.defined() || (t.layout() == at::kStrided && !t.is_nested()), name, ": ",
+        arguments[i].name(), " is ", layout_name(t),
+        "; only dense (strided) tensors are supported");
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(false, name, ": only dense (strided) tensors are supported");
+}
+
+void register_rejection(torch::Library& m) {
+  for (const char* op : {"linear_activation", "activation", "activation_", "activation_backward",
+                         "bias_activation_backward", "linear_activation_backward"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&reject_non_strided>());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(handgrad, SparseCPU, m) { register_rejection(m); }
+TORCH_LIBRARY_IMPL(handgrad, SparseCUDA, m) { register_rejection(m); }
+TORCH_LIBRARY_IMPL(handgrad, SparseCsrCPU, m) { register_rejection(m); }
+TORCH_LIBRARY_IMPL(handgrad, SparseCsrCUDA, m) { register_rejection(m); }
+TORCH_LIBRARY_IMPL(handgrad, NestedTensorCPU, m) { register_rejection(m); }
+TORCH_LIBRARY_IMPL(handgrad, NestedTensorCUDA, m) { register_rejection(m); }
+TORCH_LIBRARY_IMPL(handgrad, MkldnnCPU, m) { register_rejection(m); }
+
+}  // namespace handgrad

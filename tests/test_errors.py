@@ -62,7 +62,7 @@ def test_dtype_mismatch(fn, which):
         fn(x, w, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.float8_e4m3fn])
 def test_unsupported_dtypes(dtype):
     x = torch.ones(4, 5, dtype=dtype)
     with pytest.raises(RuntimeError, match=r"input has dtype torch\.\w+; expected torch.float32"):
@@ -138,9 +138,14 @@ def test_fake_kernels_make_the_same_checks():
 
 
 def test_non_tensor_arguments_are_named():
-    with pytest.raises(TypeError, match="input must be a Tensor, got list"):
+    # As F.linear: "linear(): argument 'input' (position 1) must be Tensor, not list".
+    with pytest.raises(TypeError, match=r"^linear_relu\(\): argument 'input' \(position 1\) must be Tensor, not list$"):
         hf.linear_relu([1.0, 2.0], torch.ones(3, 2))
-    with pytest.raises(RuntimeError, match="argument 'weight'"):
+    with pytest.raises(TypeError, match=r"argument 'weight' \(position 2\) must be Tensor, not list"):
         hf.linear_sigmoid(torch.ones(2, 3), [1.0])
-    with pytest.raises(RuntimeError, match="argument 'input'"):
+    with pytest.raises(TypeError, match=r"argument 'bias' \(position 3\) must be Tensor, not str"):
+        hf.linear_leaky_relu(torch.ones(2, 3), torch.ones(4, 3), "b")
+    with pytest.raises(TypeError, match=r"^relu\(\): argument 'input' \(position 1\) must be Tensor, not list"):
         hf.relu([1.0])
+    with pytest.raises(TypeError, match=r"^sigmoid\(\): argument 'input'"):
+        hf.sigmoid(3.0)

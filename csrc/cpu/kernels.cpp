@@ -1,15 +1,19 @@
 // CPU implementations of the handgrad ops.
 //
-// The matrix products go through ATen's BLAS (at::mm). Everything else is written here:
-// the bias + activation epilogue of the forward, the pass that makes dl/df and the bias
+// The matrix products go through ATen's BLAS: the forward's as at::addmm, which adds the
+// bias inside the product and rounds once, exactly as F.linear does. Everything else is
+// written here: the activation pass of the forward, the pass that makes dl/df and the bias
 // gradient together in the backward, and the standalone activations. Each loop runs the
 // formulas of csrc/activation.h on at::vec::Vectorized registers, in the accumulation
-// type (bfloat16 is widened to float), split across threads with at::parallel_for.
+// type (bfloat16 and float16 are widened to float), split across threads with
+// at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/narrow.h>
 #include <ATen/ops/sum.h>
@@ -32,7 +36,7 @@ namespace {
 constexpr int64_t kGrainElements = 32768;
 
 #define HANDGRAD_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 // Rows per cache block, so that a block of the input and of the output fit in L2 together.
 //
@@ -48,26 +52,6 @@ int64_t cache_block_rows(int64_t rows, int64_t in_features, int64_t out_features
   if (in_features * out_features > kLargestBlockedWeight) return std::max<int64_t>(rows, 1);
   const int64_t row_bytes = element_size * std::max<int64_t>(1, in_features + out_features);
   return std::max<int64_t>(16, kBlockBytes / row_bytes);
-}
-
-// out[i, :] = a[out[i, :] + bias], in place on a contiguous (rows, cols) matrix.
-template <typename scalar_t, Activation A>
-void bias_activation_rows(scalar_t* out, const scalar_t* bias, int64_t rows, int64_t cols,
-                          double negative_slope) {
-  using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
-  const Vec slope(negative_slope);
-  const int64_t grain_rows = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain_rows, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* row = out + i * cols;
-      if (bias != nullptr) {
-        at::vec::map2([&](Vec f, Vec b) { return activate<A>(f + b, slope); }, row, row, bias,
-                      cols);
-      } else {
-        at::vec::map([&](Vec f) { return activate<A>(f, slope); }, row, row, cols);
-      }
-    }
-  });
 }
 
 // out = a[input], elementwise over contiguous memory.
@@ -146,80 +130,129 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
   add_blocks_in_order(block_sums.data(), num_blocks, cols, grad_bias);
 }
 
+// A dense input as it is (whatever its memory format), anything else made contiguous in
+// its suggested memory format: the elementwise kernels then walk memory in order, and
+// empty_like gives the output the input's memory format (channels_last, transposed), as
+// eager's elementwise ops do.
+at::Tensor dense_or_contiguous(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous(t.suggest_memory_format());
+}
+
+// t as a (rows, cols) matrix: itself if it is one already (reshape costs a dispatch, which a
+// tiny layer notices), else a view where one exists, else a copy.
+at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.dim() == 2 ? t : t.reshape({rows, cols});
+}
+
 at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias,
                                  c10::string_view activation, double negative_slope) {
   const Activation act = parse_activation(activation);
-  const std::string op = op_name(activation, /*fused_with_linear=*/true);
-  check_linear_arguments(op, input, weight, bias, negative_slope, /*half_supported=*/false);
+  check_linear_arguments({"linear_", activation, ""}, input, weight, bias, negative_slope);
 
   const int64_t rows = leading_rows(input);
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
-
-  const at::Tensor x = input.reshape({rows, in_features});
+  // The output in its final shape, never a view of a buffer: in-place ops on it then work
+  // as on F.linear's. The kernels fill it through a (rows, out_features) view.
+  at::Tensor out = at::empty(linear_output_sizes(input, weight), input.options());
+  const at::Tensor out_rows = as_rows(out, rows, out_features);
+  const at::Tensor x = as_rows(input, rows, in_features);
   const at::Tensor weight_t = weight.t();
   const at::Tensor bias_contiguous = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({rows, out_features}, input.options());
   const int64_t block_rows =
       cache_block_rows(rows, in_features, out_features, input.element_size());
   HANDGRAD_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_activation_cpu", [&] {
+    const scalar_t* bias_data = bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto tag) {
-      const scalar_t* bias_data =
-          bias_contiguous.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
-      // f = h Omega^T by BLAS, then beta and a[.] in one pass over it: a block of rows at a
-      // time, while the block is still in cache. Inside the parallel region ATen, BLAS and
-      // the epilogue run each block on the calling thread.
-      const auto gemm_and_epilogue = [&](int64_t row, int64_t count) {
+      // f = beta + h Omega^T by BLAS, the bias added inside the product (one rounding, as
+      // F.linear), then a[.] in place: a block of rows at a time, while the block is still
+      // in cache. Inside the parallel region ATen, BLAS and the activation run each block
+      // on the calling thread.
+      const auto gemm_and_activation = [&](int64_t row, int64_t count) {
         at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set per thread
-        at::Tensor out_block = out.narrow(0, row, count);
-        at::mm_out(out_block, x.narrow(0, row, count), weight_t);
-        bias_activation_rows<scalar_t, decltype(tag)::value>(
-            out_block.data_ptr<scalar_t>(), bias_data, count, out_features, negative_slope);
+        const bool whole = count == rows;  // narrow() costs a dispatch; tiny layers notice
+        at::Tensor out_block = whole ? out_rows : out_rows.narrow(0, row, count);
+        const at::Tensor x_block = whole ? x : x.narrow(0, row, count);
+        if (bias.has_value()) {
+          // out = beta in every row, then out += h Omega^T inside the product: what
+          // addmm(bias, ...) does, without its dispatch of a broadcasting copy.
+          scalar_t* rows_data = out_block.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < count; ++i) {
+            std::copy_n(bias_data, out_features, rows_data + i * out_features);
+          }
+          at::addmm_out(out_block, out_block, x_block, weight_t);
+        } else {
+          at::mm_out(out_block, x_block, weight_t);
+        }
+        scalar_t* data = out_block.data_ptr<scalar_t>();
+        activation_forward_flat<scalar_t, decltype(tag)::value>(data, data, count * out_features,
+                                                                negative_slope);
       };
       if (block_rows >= rows) {
-        gemm_and_epilogue(0, rows);  // one block: BLAS and the epilogue use every thread
+        gemm_and_activation(0, rows);  // one block: BLAS and the activation use every thread
         return;
       }
       at::parallel_for(0, at::divup(rows, block_rows), 1, [&](int64_t first, int64_t last) {
         for (int64_t block = first; block < last; ++block) {
           const int64_t row = block * block_rows;
-          gemm_and_epilogue(row, std::min(block_rows, rows - row));
+          gemm_and_activation(row, std::min(block_rows, rows - row));
         }
       });
-    });
-  });
-  return out.view(linear_output_sizes(input, weight));
-}
-
-at::Tensor activation_cpu(const at::Tensor& input, c10::string_view activation,
-                          double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_activation_arguments(op_name(activation, false), input, negative_slope, false);
-
-  const at::Tensor input_contiguous = input.contiguous();
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "activation_cpu", [&] {
-    dispatch_activation(act, [&](auto tag) {
-      activation_forward_flat<scalar_t, decltype(tag)::value>(input_contiguous.const_data_ptr<scalar_t>(),
-                                           out.data_ptr<scalar_t>(), out.numel(),
-                                           negative_slope);
     });
   });
   return out;
 }
 
+at::Tensor activation_cpu(const at::Tensor& input, c10::string_view activation,
+                          double negative_slope) {
+  const Activation act = parse_activation(activation);
+  check_activation_arguments({"", activation, ""}, input, negative_slope);
+
+  const at::Tensor x = dense_or_contiguous(input);
+  at::Tensor out = at::empty_like(x);  // x's strides: the same memory order
+  HANDGRAD_DISPATCH_FLOATING_TYPES(x.scalar_type(), "activation_cpu", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      activation_forward_flat<scalar_t, decltype(tag)::value>(
+          x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.numel(), negative_slope);
+    });
+  });
+  return out;
+}
+
+void activation_inplace_cpu(const at::Tensor& input, c10::string_view activation,
+                            double negative_slope) {
+  const Activation act = parse_activation(activation);
+  check_activation_arguments({"", activation, "_"}, input, negative_slope);
+  if (!input.is_non_overlapping_and_dense()) {
+    // A strided view: compute aside and copy back; copy_ refuses overlapping memory.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    input.copy_(activation_cpu(input, activation, negative_slope));
+    return;
+  }
+  HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "activation_inplace_cpu", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      scalar_t* data = input.data_ptr<scalar_t>();
+      activation_forward_flat<scalar_t, decltype(tag)::value>(data, data, input.numel(),
+                                                              negative_slope);
+    });
+  });
+}
+
 at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tensor& saved,
                                    c10::string_view activation, double negative_slope) {
   const Activation act = parse_activation(activation);
-  check_backward_arguments(op_name(activation, false) + "_backward", grad_output, saved,
-                           negative_slope, false);
+  check_backward_arguments({"", activation, "_backward"}, grad_output, saved, negative_slope);
 
-  const at::Tensor grad = grad_output.contiguous(), saved_contiguous = saved.contiguous();
-  at::Tensor grad_pre = at::empty(saved.sizes(), saved.options());
-  HANDGRAD_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "activation_backward_cpu", [&] {
+  // dl/df in saved's memory format; grad_output is copied only if its strides differ.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor s = dense_or_contiguous(saved);
+  const at::Tensor grad =
+      grad_output.strides() == s.strides() ? grad_output : at::empty_like(s).copy_(grad_output);
+  at::Tensor grad_pre = at::empty_like(s);
+  HANDGRAD_DISPATCH_FLOATING_TYPES(s.scalar_type(), "activation_backward_cpu", [&] {
     dispatch_activation(act, [&](auto tag) {
       activation_backward_flat<scalar_t, decltype(tag)::value>(
-          grad.const_data_ptr<scalar_t>(), saved_contiguous.const_data_ptr<scalar_t>(),
+          grad.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
           grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), negative_slope);
     });
   });
@@ -230,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
     double negative_slope) {
   const Activation act = parse_activation(activation);
-  const std::string op = op_name(activation, true) + "_backward";
-  check_bias_backward_arguments(op, grad_output, saved, negative_slope, false);
+  check_bias_backward_arguments({"bias_", activation, "_backward"}, grad_output, saved,
+                                negative_slope);
 
   const int64_t rows = leading_rows(saved), cols = saved.size(-1);
   const at::Tensor grad = grad_output.contiguous(), saved_contiguous = saved.contiguous();
@@ -253,22 +286,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
     const at::Tensor& saved, c10::string_view activation, double negative_slope,
     std::array<bool, 3> output_mask) {
   const Activation act = parse_activation(activation);
-  const std::string op = op_name(activation, true) + "_backward";
-  check_linear_backward_arguments(op, grad_output, input, weight, saved, negative_slope, false);
+  check_linear_backward_arguments({"linear_", activation, "_backward"}, grad_output, input,
+                                  weight, saved, negative_slope);
   // The ATen ops below compute values only: no autograd graph for them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const int64_t rows = leading_rows(input);
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
-  const at::Tensor grad = grad_output.reshape({rows, out_features}).contiguous();
-  const at::Tensor saved_rows = saved.reshape({rows, out_features}).contiguous();
-  const at::Tensor x = input.reshape({rows, in_features});
+  const at::Tensor grad = as_rows(grad_output, rows, out_features).contiguous();
+  const at::Tensor saved_rows = as_rows(saved, rows, out_features).contiguous();
+  const at::Tensor x = as_rows(input, rows, in_features);
   const auto [need_input, need_weight, need_bias] = output_mask;
   at::Tensor grad_input, grad_weight;
   at::Tensor grad_bias = need_bias ? at::empty({out_features}, input.options()) : at::Tensor();
 
   int64_t block_rows = cache_block_rows(rows, in_features, out_features, input.element_size());
-  if (input.scalar_type() == at::kBFloat16) block_rows = std::max<int64_t>(rows, 1);  // no float32 BLAS accumulator for blocks
+  if (at::isReducedFloatingType(input.scalar_type())) {
+    // Blocks would round dl/dOmega to bfloat16/float16 once per block; the whole product
+    // rounds once, as eager's does.
+    block_rows = std::max<int64_t>(rows, 1);
+  }
   HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_activation_backward_cpu", [&] {
     dispatch_activation(act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
@@ -333,6 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
 TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
   m.impl("linear_activation", &linear_activation_cpu);
   m.impl("activation", &activation_cpu);
+  m.impl("activation_", &activation_inplace_cpu);
   m.impl("activation_backward", &activation_backward_cpu);
   m.impl("bias_activation_backward", &bias_activation_backward_cpu);
   m.impl("linear_activation_backward", &linear_activation_backward_cpu);

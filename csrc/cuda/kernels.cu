@@ -1,17 +1,20 @@
 // CUDA implementations of the handgrad ops.
 //
-// The matrix products go through cuBLAS via ATen (at::mm). The rest is hand-written here
-// and runs the formulas of csrc/activation.h, the same ones the CPU kernels use: the bias +
-// activation epilogue, the pass that makes dl/df and the bias gradient together, and the
-// standalone activations. Half types are computed in float (at::opmath_type).
+// The matrix products go through cuBLAS via ATen: the forward's as at::addmm, whose bias
+// is added inside the product (cuBLASLt's bias epilogue where it applies) and rounded once,
+// exactly as F.linear does. The rest is hand-written here and runs the formulas of
+// csrc/activation.h, the same ones the CPU kernels use: the activation pass of the forward,
+// the pass that makes dl/df and the bias gradient together, and the standalone
+// activations. Half types are computed in float (at::opmath_type).
 //
 // Every kernel is launched on the current stream with no host synchronisation, so a
 // forward+backward can be captured in a CUDA graph; every launch is checked. The bias
-// gradient is reduced in two passes over a fixed partition of the rows, without atomics, so
-// it is the same bit for bit on every run.
+// gradient is reduced in two passes over a partition of the rows that depends on the shape
+// alone, without atomics, so it is the same bit for bit on every run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -20,11 +23,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <tuple>
-#include <type_traits>
-#include <vector>
 
 #include "../activation.h"
 #include "../checks.h"
@@ -48,37 +50,19 @@ bool aligned(const void* pointer) {
   return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0;
 }
 
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
 int64_t blocks_for(int64_t work_items) {
-  return std::max<int64_t>(1, std::min<int64_t>((work_items + kThreads - 1) / kThreads, 1 << 20));
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work_items, kThreads), 1 << 20));
 }
 
 #define HANDGRAD_DISPATCH_CUDA_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// out[i, j] = a[out[i, j] + bias[j]] over a contiguous (rows, cols) matrix, PACK elements
-// per thread step; PACK > 1 only when cols is a multiple of it and the data is aligned,
-// so a pack never straddles two rows.
-template <typename scalar_t, Activation A, int PACK>
-__global__ void bias_activation_kernel(scalar_t* out, const scalar_t* bias, int64_t packs,
-                                       int64_t packs_per_row, at::opmath_type<scalar_t> slope) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using PackT = Pack<scalar_t, PACK>;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    PackT f = reinterpret_cast<PackT*>(out)[p];
-    PackT b;
-    if (bias != nullptr) b = reinterpret_cast<const PackT*>(bias)[p % packs_per_row];
-#pragma unroll
-    for (int k = 0; k < PACK; ++k) {
-      const opmath_t beta = bias != nullptr ? static_cast<opmath_t>(b.value[k]) : opmath_t(0);
-      f.value[k] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(f.value[k]) + beta, slope));
-    }
-    reinterpret_cast<PackT*>(out)[p] = f;
-  }
-}
-
 // out = a[input] (BACKWARD false) or out = grad * a'(saved) (BACKWARD true), elementwise over
-// contiguous memory: packs of PACK elements, then a scalar tail.
+// memory in order: packs of PACK elements, then a scalar tail. out may be input (in place).
 template <typename scalar_t, Activation A, bool BACKWARD, int PACK>
 __global__ void elementwise_kernel(scalar_t* out, const scalar_t* first, const scalar_t* second,
                                    int64_t numel, at::opmath_type<scalar_t> slope) {
@@ -109,85 +93,93 @@ __global__ void elementwise_kernel(scalar_t* out, const scalar_t* first, const s
   }
 }
 
-// Pass 1 of the backward: grad_pre = grad * a'(saved) over a (rows, cols) matrix, and the
-// column sums of each chunk of rows_per_chunk rows into partial[chunk, :] (opmath).
-// Block (32, 8): x walks the columns, PACK at a time; y walks the chunk's rows.
-constexpr int kColumnThreads = 32, kRowThreads = 8;
-
-template <typename scalar_t, Activation A, int PACK>
-__global__ void bias_activation_backward_kernel(
-    const scalar_t* grad, const scalar_t* saved, scalar_t* grad_pre,
-    at::opmath_type<scalar_t>* partial, int64_t rows, int64_t cols, int64_t rows_per_chunk,
-    at::opmath_type<scalar_t> slope) {
+// dl/df over a (rows, cols) matrix: grad_pre = grad * a'(saved), where grad may have any
+// strides (an expanded gradient is read in place, never copied) and saved and grad_pre are
+// contiguous. With BIAS, also the column sums of each chunk of rows_per_chunk rows into
+// partial[chunk, :], in opmath: the sums of the rounded grad_pre, as eager's grad.sum(0).
+//
+// Block (tx, ty) = (blockDim.x, blockDim.y): x walks tx packs of PACK columns, y the chunk's
+// rows. PACK > 1 only where grad's columns are contiguous and every row of all three
+// matrices starts 16-byte aligned.
+template <typename scalar_t, Activation A, int PACK, bool BIAS>
+__global__ void activation_backward_2d_kernel(
+    const scalar_t* grad, int64_t grad_row_stride, int64_t grad_col_stride,
+    const scalar_t* saved, scalar_t* grad_pre, at::opmath_type<scalar_t>* partial, int64_t rows,
+    int64_t cols, int64_t rows_per_chunk, at::opmath_type<scalar_t> slope) {
   using opmath_t = at::opmath_type<scalar_t>;
   using PackT = Pack<scalar_t, PACK>;
-  __shared__ opmath_t sums[kRowThreads][kColumnThreads * PACK + 1];
-  const int64_t col = (blockIdx.x * static_cast<int64_t>(kColumnThreads) + threadIdx.x) * PACK;
+  const int64_t col = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * PACK;
   const int64_t chunk = blockIdx.y;
   const int64_t row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
   opmath_t acc[PACK];
 #pragma unroll
   for (int k = 0; k < PACK; ++k) acc[k] = opmath_t(0);
   if (col < cols) {
-    for (int64_t row = chunk * rows_per_chunk + threadIdx.y; row < row_end; row += kRowThreads) {
+    for (int64_t row = chunk * rows_per_chunk + threadIdx.y; row < row_end; row += blockDim.y) {
       const int64_t i = row * cols + col;
-      const PackT g = *reinterpret_cast<const PackT*>(grad + i);
+      PackT g;
+      if constexpr (PACK > 1) {
+        g = *reinterpret_cast<const PackT*>(grad + row * grad_row_stride + col);
+      } else {
+        g.value[0] = grad[row * grad_row_stride + col * grad_col_stride];
+      }
       const PackT s = *reinterpret_cast<const PackT*>(saved + i);
       PackT d;
 #pragma unroll
       for (int k = 0; k < PACK; ++k) {
-        const opmath_t value = activation_backward<A>(static_cast<opmath_t>(g.value[k]),
-                                                      static_cast<opmath_t>(s.value[k]), slope);
-        d.value[k] = static_cast<scalar_t>(value);
-        acc[k] += value;
+        d.value[k] = static_cast<scalar_t>(activation_backward<A>(
+            static_cast<opmath_t>(g.value[k]), static_cast<opmath_t>(s.value[k]), slope));
+        if constexpr (BIAS) acc[k] += static_cast<opmath_t>(d.value[k]);
       }
       *reinterpret_cast<PackT*>(grad_pre + i) = d;
     }
   }
+  if constexpr (BIAS) {
+    // The chunk's column sums: the blockDim.y partial sums of each column, added in y order.
+    extern __shared__ unsigned char shared_bytes[];
+    opmath_t* sums = reinterpret_cast<opmath_t*>(shared_bytes);  // [blockDim.y][blockDim.x * PACK]
+    const int width = blockDim.x * PACK;
 #pragma unroll
-  for (int k = 0; k < PACK; ++k) sums[threadIdx.y][threadIdx.x * PACK + k] = acc[k];
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-#pragma unroll
-    for (int k = 0; k < PACK; ++k) {
+    for (int k = 0; k < PACK; ++k) sums[threadIdx.y * width + threadIdx.x * PACK + k] = acc[k];
+    __syncthreads();
+    const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+    for (int c = thread; c < width; c += blockDim.x * blockDim.y) {  // a column per thread
+      const int64_t column = blockIdx.x * static_cast<int64_t>(width) + c;
+      if (column >= cols) continue;
       opmath_t total = opmath_t(0);
-      for (int y = 0; y < kRowThreads; ++y) total += sums[y][threadIdx.x * PACK + k];  // fixed order
-      partial[chunk * cols + col + k] = total;
+      for (int y = 0; y < static_cast<int>(blockDim.y); ++y) total += sums[y * width + c];
+      partial[chunk * cols + column] = total;
     }
   }
 }
 
-// Pass 2: grad_bias[j] = sum over chunks of partial[chunk, j], in chunk order.
+// Pass 2 of the bias gradient: grad_bias[j] = the sum over chunks of partial[chunk, j]. Block
+// (32, kSumRows): x a column, y every kSumRows-th chunk in order; then the kSumRows sums of
+// each column are added in y order.
+constexpr int kSumRows = 32;
+
 template <typename scalar_t>
 __global__ void sum_chunks_kernel(const at::opmath_type<scalar_t>* partial, scalar_t* grad_bias,
                                   int64_t chunks, int64_t cols) {
-  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (col >= cols) return;
-  at::opmath_type<scalar_t> total = 0;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partial[chunk * cols + col];
-  grad_bias[col] = static_cast<scalar_t>(total);
+  using opmath_t = at::opmath_type<scalar_t>;
+  __shared__ opmath_t sums[kSumRows][33];
+  const int64_t col = blockIdx.x * static_cast<int64_t>(32) + threadIdx.x;
+  opmath_t total = opmath_t(0);
+  if (col < cols) {
+    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += kSumRows) {
+      total += partial[chunk * cols + col];
+    }
+  }
+  sums[threadIdx.y][threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    opmath_t sum = opmath_t(0);
+    for (int y = 0; y < kSumRows; ++y) sum += sums[y][threadIdx.x];
+    grad_bias[col] = static_cast<scalar_t>(sum);
+  }
 }
 
 // --- Launchers ---
-
-template <typename scalar_t, Activation A>
-void launch_bias_activation(at::Tensor& out, const at::Tensor& bias, double negative_slope) {
-  const int64_t cols = out.size(1), numel = out.numel();
-  if (numel == 0) return;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  scalar_t* data = out.mutable_data_ptr<scalar_t>();
-  const scalar_t* bias_data = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-  const auto slope = static_cast<at::opmath_type<scalar_t>>(negative_slope);
-  constexpr int P = kPack<scalar_t>;
-  if (cols % P == 0 && aligned(data) && (bias_data == nullptr || aligned(bias_data))) {
-    bias_activation_kernel<scalar_t, A, P><<<blocks_for(numel / P), kThreads, 0, stream>>>(
-        data, bias_data, numel / P, cols / P, slope);
-  } else {
-    bias_activation_kernel<scalar_t, A, 1><<<blocks_for(numel), kThreads, 0, stream>>>(
-        data, bias_data, numel, cols, slope);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 template <typename scalar_t, Activation A, bool BACKWARD>
 void launch_elementwise(at::Tensor& out, const at::Tensor& first, const at::Tensor& second,
@@ -210,43 +202,100 @@ void launch_elementwise(at::Tensor& out, const at::Tensor& first, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The partition of the dl/df pass: blocks of kThreads threads, tx packs across by ty rows,
+// and enough chunks of rows for about kTargetBlocks blocks. It depends on the shape alone,
+// so the bias gradient adds the same numbers in the same order on every run and device.
+struct BackwardGrid {
+  int tx, ty;
+  int64_t column_tiles, chunks, rows_per_chunk;
+};
+
+BackwardGrid backward_grid(int64_t rows, int64_t packs_per_row) {
+  constexpr int64_t kTargetBlocks = 1024;
+  BackwardGrid grid;
+  grid.tx = 1;
+  while (grid.tx < 32 && grid.tx < packs_per_row) grid.tx *= 2;  // no idle lanes on narrow rows
+  grid.ty = kThreads / grid.tx;
+  grid.column_tiles = ceil_div(packs_per_row, grid.tx);
+  const int64_t most_chunks = std::max<int64_t>(1, ceil_div(rows, grid.ty));
+  const int64_t chunks = std::clamp<int64_t>(ceil_div(kTargetBlocks, grid.column_tiles), 1, most_chunks);
+  grid.rows_per_chunk = std::max<int64_t>(1, ceil_div(rows, chunks));
+  grid.chunks = std::max<int64_t>(1, ceil_div(rows, grid.rows_per_chunk));
+  return grid;
+}
+
+// grad_pre = grad * a'(saved) over (rows, cols) matrices, and grad_bias = its column sums
+// when grad_bias is defined. grad may have any strides; saved and grad_pre are contiguous.
 template <typename scalar_t, Activation A>
-void launch_bias_activation_backward(const at::Tensor& grad, const at::Tensor& saved,
-                                     at::Tensor& grad_pre, at::Tensor& grad_bias,
-                                     double negative_slope) {
+void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& saved,
+                                   at::Tensor& grad_pre, at::Tensor& grad_bias,
+                                   double negative_slope) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t rows = grad.size(0), cols = grad.size(1);
+  const int64_t rows = saved.size(0), cols = saved.size(1);
+  const bool bias = grad_bias.defined();
   if (cols == 0) return;
   if (rows == 0) {
-    grad_bias.zero_();
+    if (bias) grad_bias.zero_();
     return;
   }
-  // The partition depends on the shape alone: the same sums in the same order every run.
-  constexpr int64_t kMaxChunks = 1024;
-  const int64_t rows_per_chunk =
-      std::max<int64_t>(kRowThreads, (rows + kMaxChunks - 1) / kMaxChunks);
-  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  at::Tensor partial = at::empty({chunks, cols}, grad.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto slope = static_cast<opmath_t>(negative_slope);
-  const dim3 block(kColumnThreads, kRowThreads);
   constexpr int P = kPack<scalar_t>;
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   const scalar_t* s = saved.const_data_ptr<scalar_t>();
   scalar_t* d = grad_pre.mutable_data_ptr<scalar_t>();
-  if (cols % P == 0 && aligned(g) && aligned(s) && aligned(d)) {
-    const dim3 grid((cols / P + kColumnThreads - 1) / kColumnThreads, chunks);
-    bias_activation_backward_kernel<scalar_t, A, P><<<grid, block, 0, stream>>>(
-        g, s, d, partial.mutable_data_ptr<opmath_t>(), rows, cols, rows_per_chunk, slope);
-  } else {
-    const dim3 grid((cols + kColumnThreads - 1) / kColumnThreads, chunks);
-    bias_activation_backward_kernel<scalar_t, A, 1><<<grid, block, 0, stream>>>(
-        g, s, d, partial.mutable_data_ptr<opmath_t>(), rows, cols, rows_per_chunk, slope);
+  const int64_t row_stride = grad.stride(0), col_stride = grad.stride(1);
+  const bool packed = cols % P == 0 && col_stride == 1 && row_stride % P == 0 && aligned(g) &&
+                      aligned(s) && aligned(d);
+  const BackwardGrid grid = backward_grid(rows, packed ? cols / P : cols);
+  at::Tensor partial;
+  opmath_t* partial_data = nullptr;
+  if (bias) {
+    partial = at::empty({grid.chunks, cols}, saved.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+    partial_data = partial.mutable_data_ptr<opmath_t>();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sum_chunks_kernel<scalar_t><<<blocks_for(cols), kThreads, 0, stream>>>(
-      partial.const_data_ptr<opmath_t>(), grad_bias.mutable_data_ptr<scalar_t>(), chunks, cols);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto slope = static_cast<opmath_t>(negative_slope);
+  const dim3 blocks(grid.column_tiles, grid.chunks), threads(grid.tx, grid.ty);
+  const size_t shared = bias ? sizeof(opmath_t) * kThreads * (packed ? P : 1) : 0;
+  const auto launch = [&](auto kernel) {
+    kernel<<<blocks, threads, shared, stream>>>(g, row_stride, col_stride, s, d, partial_data, rows,
+                                                cols, grid.rows_per_chunk, slope);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (packed && bias) launch(activation_backward_2d_kernel<scalar_t, A, P, true>);
+  if (packed && !bias) launch(activation_backward_2d_kernel<scalar_t, A, P, false>);
+  if (!packed && bias) launch(activation_backward_2d_kernel<scalar_t, A, 1, true>);
+  if (!packed && !bias) launch(activation_backward_2d_kernel<scalar_t, A, 1, false>);
+  if (bias) {
+    sum_chunks_kernel<scalar_t><<<ceil_div(cols, 32), dim3(32, kSumRows), 0, stream>>>(
+        partial_data, grad_bias.mutable_data_ptr<scalar_t>(), grid.chunks, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// A dense input as it is (whatever its memory format), anything else made contiguous in
+// its suggested memory format: the elementwise kernels then walk memory in order, and
+// empty_like gives the output the input's memory format (channels_last, transposed), as
+// eager's elementwise ops do.
+at::Tensor dense_or_contiguous(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous(t.suggest_memory_format());
+}
+
+// dl/df of (rows, cols) views of grad_output and saved, and dl/dbeta if need_bias.
+std::tuple<at::Tensor, at::Tensor> activation_backward_matrix(
+    const at::Tensor& grad_output, const at::Tensor& saved, Activation act,
+    double negative_slope, bool need_bias) {
+  const int64_t rows = leading_rows(saved), cols = saved.size(-1);
+  const at::Tensor grad = grad_output.reshape({rows, cols});  // a view where it can be
+  const at::Tensor saved_rows = saved.reshape({rows, cols}).contiguous();
+  at::Tensor grad_pre = at::empty({rows, cols}, saved.options());
+  at::Tensor grad_bias = need_bias ? at::empty({cols}, saved.options()) : at::Tensor();
+  HANDGRAD_DISPATCH_CUDA_TYPES(saved.scalar_type(), "activation_backward_cuda", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      launch_activation_backward_2d<scalar_t, decltype(tag)::value>(grad, saved_rows, grad_pre,
+                                                                    grad_bias, negative_slope);
+    });
+  });
+  return {grad_pre, grad_bias};
 }
 
 // --- The ops ---
@@ -255,82 +304,99 @@ at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& wei
                                   const std::optional<at::Tensor>& bias,
                                   c10::string_view activation, double negative_slope) {
   const Activation act = parse_activation(activation);
-  check_linear_arguments(op_name(activation, true), input, weight, bias, negative_slope,
-                         /*half_supported=*/true);
+  check_linear_arguments({"linear_", activation, ""}, input, weight, bias, negative_slope);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const int64_t rows = leading_rows(input);
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
-  // f = h Omega^T by cuBLAS; beta and a[.] by one pass over it.
-  at::Tensor out = at::mm(input.reshape({rows, in_features}), weight.t()).contiguous();
-  const at::Tensor bias_contiguous = bias.has_value() ? bias->contiguous() : at::Tensor();
+  // The output in its final shape, never a view of a buffer; cuBLAS fills a 2-D view.
+  at::Tensor out = at::empty(linear_output_sizes(input, weight), input.options());
+  at::Tensor out_rows = out.view({rows, out_features});
+  const at::Tensor x = input.reshape({rows, in_features});
+  // f = beta + h Omega^T by cuBLAS, the bias added inside the product (one rounding, as
+  // F.linear), then a[.] in place by one pass over f. cuBLASLt's RELU_BIAS epilogue would
+  // save that pass for ReLU, but max(NaN, 0) = 0 there, where eager's ReLU keeps the NaN.
+  if (bias.has_value()) {
+    at::addmm_out(out_rows, *bias, x, weight.t());
+  } else {
+    at::mm_out(out_rows, x, weight.t());
+  }
   HANDGRAD_DISPATCH_CUDA_TYPES(out.scalar_type(), "linear_activation_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
-      launch_bias_activation<scalar_t, decltype(tag)::value>(out, bias_contiguous, negative_slope);
-    });
-  });
-  return out.view(linear_output_sizes(input, weight));
-}
-
-at::Tensor activation_cuda(const at::Tensor& input, c10::string_view activation,
-                           double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_activation_arguments(op_name(activation, false), input, negative_slope, true);
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::Tensor input_contiguous = input.contiguous();
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  HANDGRAD_DISPATCH_CUDA_TYPES(input.scalar_type(), "activation_cuda", [&] {
-    dispatch_activation(act, [&](auto tag) {
-      launch_elementwise<scalar_t, decltype(tag)::value, false>(out, input_contiguous,
-                                                                input_contiguous, negative_slope);
+      launch_elementwise<scalar_t, decltype(tag)::value, false>(out, out, out, negative_slope);
     });
   });
   return out;
 }
 
+at::Tensor activation_cuda(const at::Tensor& input, c10::string_view activation,
+                           double negative_slope) {
+  const Activation act = parse_activation(activation);
+  check_activation_arguments({"", activation, ""}, input, negative_slope);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const at::Tensor x = dense_or_contiguous(input);
+  at::Tensor out = at::empty_like(x);  // x's strides: the same memory order
+  HANDGRAD_DISPATCH_CUDA_TYPES(x.scalar_type(), "activation_cuda", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      launch_elementwise<scalar_t, decltype(tag)::value, false>(out, x, x, negative_slope);
+    });
+  });
+  return out;
+}
+
+void activation_inplace_cuda(const at::Tensor& input, c10::string_view activation,
+                             double negative_slope) {
+  const Activation act = parse_activation(activation);
+  check_activation_arguments({"", activation, "_"}, input, negative_slope);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  if (!input.is_non_overlapping_and_dense()) {
+    // A strided view: compute aside and copy back; copy_ refuses overlapping memory.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    input.copy_(activation_cuda(input, activation, negative_slope));
+    return;
+  }
+  at::Tensor data = input;
+  HANDGRAD_DISPATCH_CUDA_TYPES(input.scalar_type(), "activation_inplace_cuda", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      launch_elementwise<scalar_t, decltype(tag)::value, false>(data, data, data, negative_slope);
+    });
+  });
+}
+
 at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Tensor& saved,
                                     c10::string_view activation, double negative_slope) {
   const Activation act = parse_activation(activation);
-  check_backward_arguments(op_name(activation, false) + "_backward", grad_output, saved,
-                           negative_slope, true);
+  check_backward_arguments({"", activation, "_backward"}, grad_output, saved, negative_slope);
   const c10::cuda::CUDAGuard device_guard(saved.device());
-  const at::Tensor grad = grad_output.contiguous(), saved_contiguous = saved.contiguous();
-  at::Tensor grad_pre = at::empty(saved.sizes(), saved.options());
-  HANDGRAD_DISPATCH_CUDA_TYPES(saved.scalar_type(), "activation_backward_cuda", [&] {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor s = dense_or_contiguous(saved);
+  if (s.is_contiguous() && s.dim() >= 1 && grad_output.strides() != s.strides()) {
+    // A gradient with other strides (expanded, say) is read where it lies.
+    auto [grad_pre, unused] = activation_backward_matrix(grad_output, s, act, negative_slope, false);
+    return grad_pre.view(s.sizes());
+  }
+  // dl/df in saved's memory format; grad_output is copied only if its strides differ.
+  const at::Tensor grad =
+      grad_output.strides() == s.strides() ? grad_output : at::empty_like(s).copy_(grad_output);
+  at::Tensor grad_pre = at::empty_like(s);
+  HANDGRAD_DISPATCH_CUDA_TYPES(s.scalar_type(), "activation_backward_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
-      launch_elementwise<scalar_t, decltype(tag)::value, true>(grad_pre, grad, saved_contiguous,
-                                                               negative_slope);
+      launch_elementwise<scalar_t, decltype(tag)::value, true>(grad_pre, grad, s, negative_slope);
     });
   });
   return grad_pre;
-}
-
-// grad_pre and grad_bias of a (rows, cols) view of grad_output and saved.
-std::tuple<at::Tensor, at::Tensor> bias_activation_backward_matrix(
-    const at::Tensor& grad_output, const at::Tensor& saved, Activation act, double negative_slope) {
-  const int64_t rows = leading_rows(saved), cols = saved.size(-1);
-  const at::Tensor grad = grad_output.reshape({rows, cols}).contiguous();
-  const at::Tensor saved_rows = saved.reshape({rows, cols}).contiguous();
-  at::Tensor grad_pre = at::empty({rows, cols}, saved.options());
-  at::Tensor grad_bias = at::empty({cols}, saved.options());
-  HANDGRAD_DISPATCH_CUDA_TYPES(saved.scalar_type(), "bias_activation_backward_cuda", [&] {
-    dispatch_activation(act, [&](auto tag) {
-      launch_bias_activation_backward<scalar_t, decltype(tag)::value>(
-          grad, saved_rows, grad_pre, grad_bias, negative_slope);
-    });
-  });
-  return {grad_pre, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
     double negative_slope) {
   const Activation act = parse_activation(activation);
-  const std::string op = op_name(activation, true) + "_backward";
-  check_bias_backward_arguments(op, grad_output, saved, negative_slope, true);
+  check_bias_backward_arguments({"bias_", activation, "_backward"}, grad_output, saved,
+                                negative_slope);
   const c10::cuda::CUDAGuard device_guard(saved.device());
-  auto [grad_pre, grad_bias] = bias_activation_backward_matrix(grad_output, saved, act, negative_slope);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto [grad_pre, grad_bias] = activation_backward_matrix(grad_output, saved, act, negative_slope, true);
   return {grad_pre.view(saved.sizes()), grad_bias};
 }
 
@@ -339,18 +405,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cuda(
     const at::Tensor& saved, c10::string_view activation, double negative_slope,
     std::array<bool, 3> output_mask) {
   const Activation act = parse_activation(activation);
-  const std::string op = op_name(activation, true) + "_backward";
-  check_linear_backward_arguments(op, grad_output, input, weight, saved, negative_slope, true);
+  check_linear_backward_arguments({"linear_", activation, "_backward"}, grad_output, input,
+                                  weight, saved, negative_slope);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const auto [need_input, need_weight, need_bias] = output_mask;
-  auto [grad_pre, grad_bias] = bias_activation_backward_matrix(grad_output, saved, act, negative_slope);
+  auto [grad_pre, grad_bias] =
+      activation_backward_matrix(grad_output, saved, act, negative_slope, need_bias);
   const int64_t rows = leading_rows(input);
   at::Tensor grad_input, grad_weight;
   if (need_input) grad_input = at::mm(grad_pre, weight).view(input.sizes());  // (7.6)
   if (need_weight) grad_weight = at::mm(grad_pre.t(), input.reshape({rows, weight.size(1)}));  // (7.9)
-  return {grad_input, grad_weight, need_bias ? grad_bias : at::Tensor()};
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -358,6 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cuda(
 TORCH_LIBRARY_IMPL(handgrad, CUDA, m) {
   m.impl("linear_activation", &linear_activation_cuda);
   m.impl("activation", &activation_cuda);
+  m.impl("activation_", &activation_inplace_cuda);
   m.impl("activation_backward", &activation_backward_cuda);
   m.impl("bias_activation_backward", &bias_activation_backward_cuda);
   m.impl("linear_activation_backward", &linear_activation_backward_cuda);

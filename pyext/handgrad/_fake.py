@@ -11,8 +11,10 @@ import torch
 _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _op_name(activation, fused):
-    return ("linear_" if fused else "") + activation
+def _op_name(schema_name, activation):
+    """The name users know an op by, as in csrc/checks.h: the schema's name with
+    "activation" replaced by the activation ("linear_relu", "sigmoid_backward", ...)."""
+    return schema_name.replace("activation", activation, 1)
 
 
 def _check(condition, op, message):
@@ -42,7 +44,7 @@ def _check_same(op, name, other, reference_name, reference):
 
 @torch.library.register_fake("handgrad::linear_activation")
 def _linear_activation_fake(input, weight, bias, activation, negative_slope=0.01):
-    op = _op_name(activation, fused=True)
+    op = _op_name("linear_activation", activation)
     _check_common(op, activation, negative_slope, "input", input)
     _check_same(op, "weight", weight, "input", input)
     if bias is not None:
@@ -61,8 +63,13 @@ def _linear_activation_fake(input, weight, bias, activation, negative_slope=0.01
 
 @torch.library.register_fake("handgrad::activation")
 def _activation_fake(input, activation, negative_slope=0.01):
-    _check_common(_op_name(activation, False), activation, negative_slope, "input", input)
-    return input.new_empty(input.shape)
+    _check_common(_op_name("activation", activation), activation, negative_slope, "input", input)
+    return torch.empty_like(input)  # its memory format, as the kernels keep it
+
+
+@torch.library.register_fake("handgrad::activation_")
+def _activation_inplace_fake(input, activation, negative_slope=0.01):
+    _check_common(_op_name("activation_", activation), activation, negative_slope, "input", input)
 
 
 def _check_backward(op, grad_output, saved, activation, negative_slope):
@@ -74,14 +81,14 @@ def _check_backward(op, grad_output, saved, activation, negative_slope):
 
 @torch.library.register_fake("handgrad::activation_backward")
 def _activation_backward_fake(grad_output, saved, activation, negative_slope=0.01):
-    _check_backward(_op_name(activation, False) + "_backward", grad_output, saved, activation,
+    _check_backward(_op_name("activation_backward", activation), grad_output, saved, activation,
                     negative_slope)
-    return saved.new_empty(saved.shape)
+    return torch.empty_like(saved)
 
 
 @torch.library.register_fake("handgrad::bias_activation_backward")
 def _bias_activation_backward_fake(grad_output, saved, activation, negative_slope=0.01):
-    op = _op_name(activation, True) + "_backward"
+    op = _op_name("bias_activation_backward", activation)
     _check_backward(op, grad_output, saved, activation, negative_slope)
     _check(saved.dim() >= 1, op, "saved must have shape (*, out_features), got a 0-D tensor")
     return saved.new_empty(saved.shape), saved.new_empty(saved.shape[-1:])
@@ -90,7 +97,7 @@ def _bias_activation_backward_fake(grad_output, saved, activation, negative_slop
 @torch.library.register_fake("handgrad::linear_activation_backward")
 def _linear_activation_backward_fake(grad_output, input, weight, saved, activation,
                                      negative_slope, output_mask):
-    op = _op_name(activation, True) + "_backward"
+    op = _op_name("linear_activation_backward", activation)
     _check_backward(op, grad_output, saved, activation, negative_slope)
     _check_same(op, "input", input, "grad_output", grad_output)
     _check_same(op, "weight", weight, "grad_output", grad_output)

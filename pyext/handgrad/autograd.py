@@ -1,4 +1,5 @@
-"""The torch.autograd.Functions of handgrad, over the torch.ops.handgrad operators.
+"""The torch.autograd.Functions of handgrad, over the torch.ops.handgrad operators: the
+readable reference of the chapter's backward.
 
 A fused layer computes f = beta + Omega h and out = a[f]. It saves h, Omega and out (never
 f), and its backward is the chapter's:
@@ -8,22 +9,23 @@ f), and its backward is the chapter's:
     dl/dOmega = dl/df h^T               (7.9), summed over the batch
     dl/dbeta  = sum of dl/df            made in the same pass as dl/df
 
+The formulas themselves are written once, in csrc/activation.h, and run inside the ops;
+these Functions only orchestrate. The same orchestration is compiled into the ops' own C++
+autograd kernels (csrc/autograd/autograd.cpp), which handgrad.functional uses for speed.
+These Python Functions serve what the C++ autograd API cannot: forward-mode AD (each has a
+jvp) and torch.func transforms (vmap rules in _vmap.py, generate_vmap_rule below).
+
 A plain backward runs as one fused op (linear_activation_backward). When the backward is
 itself recorded (create_graph=True, torch.func), it is built from differentiable pieces
 instead: the Functions _ActivationBackward and _BiasActivationBackward, which have their
-own backward and jvp, and ATen matrix products. So double backward works. Each Function
-also has a jvp for forward-mode AD. The same formulas are registered as the autograd of the
-torch.ops.handgrad ops, for callers of the ops themselves (and torch.compile).
+own backward and jvp, and ATen matrix products. So double backward works.
 
 LeakyReLU with a negative slope is the one case where out does not tell the sign of f
 (both sides of zero give out >= 0). There the layer keeps the same tensors and recomputes f
 in the backward: one more matrix product, no extra memory.
 """
 
-import inspect
-
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
 
 # The ops' default overloads: calling an overload directly skips the overload resolution
 # of torch.ops.handgrad.<name>(...), several microseconds a call.
@@ -34,33 +36,10 @@ _activation_backward = torch.ops.handgrad.activation_backward.default
 _bias_activation_backward = torch.ops.handgrad.bias_activation_backward.default
 
 
-class _LeanFunction(torch.autograd.Function):
-    """torch.autograd.Function with a leaner apply for calls that give every argument.
-
-    Function.apply binds default arguments through inspect.signature on every call, which
-    costs more than the whole forward of a small layer. When all arguments are given and no
-    torch.func transform is active, that binding changes nothing, so we go straight to the
-    C++ apply, as Function.apply itself then does.
-    """
-
+class _Function(torch.autograd.Function):
     # torch.func transforms (vmap, jacrev, ...) run forward, backward and jvp through the
     # ops' own vmap rules (_vmap.py).
     generate_vmap_rule = True
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "forward" in vars(cls):
-            cls._num_args = len(inspect.signature(cls.forward).parameters)
-
-    @classmethod
-    def apply(cls, *args, **kwargs):
-        if (
-            not kwargs
-            and len(args) == getattr(cls, "_num_args", -1)
-            and not torch._C._are_functorch_transforms_active()
-        ):
-            return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
-        return super().apply(*args, **kwargs)
 
 
 def _as_matrix(t):
@@ -97,7 +76,7 @@ def _activation_grad(grad_output, saved, activation, negative_slope):
     return _activation_backward(grad_output, saved, activation, negative_slope)
 
 
-class _ActivationBackward(_LeanFunction):
+class _ActivationBackward(_Function):
     """grad_pre = grad_output * a'(saved)."""
 
     @staticmethod
@@ -164,11 +143,12 @@ def _sign_source(ctx, input, weight, bias, output):
     """The tensor a'[f] is read off: out, or a recomputed f where out hides the sign."""
     if not _output_hides_sign(ctx.activation, ctx.negative_slope):
         return output
-    with torch.no_grad():
-        return _linear_activation(input, weight, bias, "leaky_relu", 1.0)  # slope 1: f itself
+    # slope 1 gives f itself; detached, as f only selects a' (a'' = 0), so no tangent either.
+    bias = None if bias is None else bias.detach()
+    return _linear_activation(input.detach(), weight.detach(), bias, "leaky_relu", 1.0)
 
 
-class _LinearActivationFunction(_LeanFunction):
+class _LinearActivationFunction(_Function):
     """Backward and jvp shared by the fused layers; subclasses give forward and setup_context."""
 
     @staticmethod
@@ -260,7 +240,7 @@ def _setup_activation(ctx, inputs, output, activation, negative_slope):
     ctx.save_for_forward(saved)
 
 
-class _ActivationFunction(_LeanFunction):
+class _ActivationFunction(_Function):
     """Backward and jvp shared by the standalone activations."""
 
     @staticmethod
@@ -310,33 +290,6 @@ class SigmoidFunction(_ActivationFunction):
     def setup_context(ctx, inputs, output):
         _setup_activation(ctx, inputs, output, "sigmoid", 0.0)
 
-
-# The same formulas as the autograd of the ops, for callers of torch.ops.handgrad (and for
-# torch.compile, which calls the ops).
-torch.library.register_autograd(
-    "handgrad::activation_backward",
-    _ActivationBackward.backward,
-    setup_context=_ActivationBackward.setup_context,
-)
-torch.library.register_autograd(
-    "handgrad::bias_activation_backward",
-    _BiasActivationBackward.backward,
-    setup_context=_BiasActivationBackward.setup_context,
-)
-torch.library.register_autograd(
-    "handgrad::linear_activation",
-    _LinearActivationFunction.backward,
-    setup_context=lambda ctx, inputs, output: _setup_linear(
-        ctx, inputs, output, activation=inputs[3], negative_slope=inputs[4]
-    ),
-)
-torch.library.register_autograd(
-    "handgrad::activation",
-    _ActivationFunction.backward,
-    setup_context=lambda ctx, inputs, output: _setup_activation(
-        ctx, inputs, output, activation=inputs[1], negative_slope=inputs[2]
-    ),
-)
 
 __all__ = [
     "LinearReLUFunction",

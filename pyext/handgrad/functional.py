@@ -3,13 +3,23 @@
 input has shape (*, in_features), weight (out_features, in_features), bias (out_features,)
 or None. Tensor arguments are checked by the ops themselves (csrc/checks.h), before any
 kernel runs; negative_slope is checked here.
+
+Each function calls its torch.ops.handgrad op, whose C++ autograd kernel records the
+backward and whose autocast kernel casts as autocast casts nn.Linear. In eager mode the op
+is called through handgrad._C, which reaches the same op through the dispatcher faster
+than torch.ops's argument parsing; while torch.compile traces, through torch.ops, which
+Dynamo records. Forward-mode AD and torch.func transforms, which the C++ autograd API does
+not support, go to the Python Functions of handgrad.autograd: the same ops, the same
+formulas.
 """
 
 import math
 import numbers
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
+from . import _C
 from .autograd import (
     LeakyReLUFunction,
     LinearLeakyReLUFunction,
@@ -18,6 +28,8 @@ from .autograd import (
     ReLUFunction,
     SigmoidFunction,
 )
+
+_ops = torch.ops.handgrad
 
 
 def check_negative_slope(negative_slope):
@@ -31,60 +43,100 @@ def check_negative_slope(negative_slope):
     return float(negative_slope)
 
 
-def _apply(function, *args):
-    # Dynamo cannot trace a Function that defines jvp (forward-mode AD). While compiling we
-    # call its forward, i.e. the op itself, whose registered autograd is the same backward.
-    if torch.compiler.is_compiling():
-        return function.forward(*args)
-    return function.apply(*args)
+def _python_autograd():
+    """Whether this call goes to the Python Functions: forward-mode AD or torch.func."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def _name_non_tensor(function, **arguments):
+    """Raise a TypeError naming the first argument that is not a tensor, as torch's own
+    functions do (pybind11's message lists the types instead)."""
+    for position, (name, value) in enumerate(arguments.items(), 1):
+        if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
+            raise TypeError(f"{function}(): argument '{name}' (position {position}) must be "
+                            f"Tensor, not {type(value).__name__}")
 
 
 def _autocast(input, weight, bias):
-    """Under torch.autocast, cast as autocast casts nn.Linear's arguments: to its dtype.
-
-    The casts are ordinary differentiable ops, so gradients reach the original tensors in
-    their own dtype, exactly as with nn.Linear.
-    """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    """For the Python Functions, the casts the ops' autocast kernels make (csrc/autocast.cpp):
+    under torch.autocast, floating arguments other than float64 go to the autocast dtype,
+    outside the Function, so that their gradients flow back through the casts."""
     device_type = input.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if not torch.is_autocast_enabled(device_type):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() else t for t in (input, weight, bias)
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in (input, weight, bias)
     )
+
+
+def _linear(function, input, weight, bias, activation, negative_slope):
+    if torch.compiler.is_compiling():
+        return _ops.linear_activation(input, weight, bias, activation, negative_slope)
+    if _python_autograd():
+        arguments = _autocast(input, weight, bias)
+        if function is LinearLeakyReLUFunction:
+            arguments += (negative_slope,)
+        return function.apply(*arguments)
+    try:
+        return _C.linear_activation(input, weight, bias, activation, negative_slope)
+    except TypeError:
+        _name_non_tensor(f"linear_{activation}", input=input, weight=weight, bias=bias)
+        raise
 
 
 def linear_relu(input, weight, bias=None):
     """relu(input @ weight.T + bias)."""
-    return _apply(LinearReLUFunction, *_autocast(input, weight, bias))
+    return _linear(LinearReLUFunction, input, weight, bias, "relu", 0.0)
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
     """leaky_relu(input @ weight.T + bias, negative_slope), for any finite slope."""
     negative_slope = check_negative_slope(negative_slope)
-    return _apply(LinearLeakyReLUFunction, *_autocast(input, weight, bias), negative_slope)
+    return _linear(LinearLeakyReLUFunction, input, weight, bias, "leaky_relu", negative_slope)
 
 
 def linear_sigmoid(input, weight, bias=None):
     """sigmoid(input @ weight.T + bias)."""
-    return _apply(LinearSigmoidFunction, *_autocast(input, weight, bias))
+    return _linear(LinearSigmoidFunction, input, weight, bias, "sigmoid", 0.0)
 
 
-def relu(input):
-    """relu(input), elementwise."""
-    return _apply(ReLUFunction, input)
+def _elementwise(function, input, activation, negative_slope, inplace):
+    if torch.compiler.is_compiling():
+        if inplace:
+            _ops.activation_(input, activation, negative_slope)
+            return input
+        return _ops.activation(input, activation, negative_slope)
+    if _python_autograd():
+        extra = (negative_slope,) if function is LeakyReLUFunction else ()
+        out = function.apply(input, *extra)
+        return input.copy_(out) if inplace else out
+    try:
+        if inplace:
+            _C.activation_(input, activation, negative_slope)
+            return input
+        return _C.activation(input, activation, negative_slope)
+    except TypeError:
+        _name_non_tensor(activation, input=input)
+        raise
 
 
-def leaky_relu(input, negative_slope=0.01):
-    """leaky_relu(input, negative_slope), elementwise, for any finite slope."""
-    return _apply(LeakyReLUFunction, input, check_negative_slope(negative_slope))
+def relu(input, inplace=False):
+    """relu(input), elementwise; with inplace=True it overwrites input and returns it."""
+    return _elementwise(ReLUFunction, input, "relu", 0.0, inplace)
+
+
+def leaky_relu(input, negative_slope=0.01, inplace=False):
+    """leaky_relu(input, negative_slope), elementwise, for any finite slope; with
+    inplace=True it overwrites input and returns it."""
+    negative_slope = check_negative_slope(negative_slope)
+    return _elementwise(LeakyReLUFunction, input, "leaky_relu", negative_slope, inplace)
 
 
 def sigmoid(input):
     """sigmoid(input), elementwise."""
-    return _apply(SigmoidFunction, input)
+    return _elementwise(SigmoidFunction, input, "sigmoid", 0.0, False)
 
 
 __all__ = [

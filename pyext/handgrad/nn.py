@@ -43,24 +43,36 @@ class LinearSigmoid(nn.Linear):
 
 
 class ReLU(nn.Module):
-    """relu(input), elementwise."""
+    """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
+
+    __constants__ = ["inplace"]
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
 
     def forward(self, input):
-        return F.relu(input)
+        return F.relu(input, inplace=self.inplace)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
 
 
 class LeakyReLU(nn.Module):
-    """leaky_relu(input, negative_slope), elementwise."""
+    """leaky_relu(input, negative_slope), elementwise; the signature of nn.LeakyReLU."""
 
-    def __init__(self, negative_slope=0.01):
+    __constants__ = ["inplace", "negative_slope"]
+
+    def __init__(self, negative_slope=0.01, inplace=False):
         super().__init__()
         self.negative_slope = F.check_negative_slope(negative_slope)
+        self.inplace = inplace
 
     def forward(self, input):
-        return F.leaky_relu(input, self.negative_slope)
+        return F.leaky_relu(input, self.negative_slope, inplace=self.inplace)
 
     def extra_repr(self):
-        return f"negative_slope={self.negative_slope}"
+        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
 
 
 class Sigmoid(nn.Module):

@@ -1,0 +1,328 @@
+// The autograd of the handgrad ops, in C++: each op's Autograd kernel is a
+// torch::autograd::Function (the pattern of torchvision's csrc/ops/autograd).
+//
+// A forward runs the op below autograd and saves what the chapter's backward needs: h, Omega
+// and out for a fused layer, never f (except where out hides its sign). A backward calls the
+// backward ops, which have Autograd kernels of their own here, so double backward works:
+// a plain backward (grad mode off) runs the whole of it as one fused op; a recorded one
+// (create_graph=True) is built from differentiable pieces.
+//
+// The C++ Function API has no forward-mode AD and no torch.func support: handgrad.functional
+// sends those calls to the Python Functions of handgrad.autograd instead.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "../checks.h"
+#include "../ops.h"
+
+namespace handgrad {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Variable;
+using torch::autograd::variable_list;
+
+c10::string_view activation_name(Activation activation) {
+  switch (activation) {
+    case Activation::ReLU: return "relu";
+    case Activation::LeakyReLU: return "leaky_relu";
+    case Activation::Sigmoid: return "sigmoid";
+  }
+  return "";
+}
+
+// The activation and its slope, kept in the context for the backward (few entries: each
+// costs a tiny layer time).
+void save_activation(AutogradContext* ctx, Activation activation, double negative_slope) {
+  ctx->saved_data["a"] = static_cast<int64_t>(activation);
+  ctx->saved_data["s"] = negative_slope;
+}
+
+std::tuple<Activation, c10::string_view, double> saved_activation(AutogradContext* ctx) {
+  const auto activation = static_cast<Activation>(ctx->saved_data["a"].toInt());
+  return {activation, activation_name(activation), ctx->saved_data["s"].toDouble()};
+}
+
+bool defined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// Whether a call must go through its Function: autograd will record it, or an input carries
+// a forward-mode tangent (which the Function then refuses with PyTorch's own message rather
+// than dropping it). Any other call runs the op below autograd directly, which is cheaper.
+bool needs_function(std::initializer_list<const at::Tensor*> tensors) {
+  const bool grad_mode = c10::GradMode::is_enabled();
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined())) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// (*, n) as a (rows, n) matrix, zero sizes included.
+at::Tensor as_matrix(const at::Tensor& t) {
+  return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2);
+}
+
+// --- The fused layer: out = a[beta + Omega h] ---
+
+class LinearActivationFunction : public torch::autograd::Function<LinearActivationFunction> {
+ public:
+  static Variable forward(AutogradContext* ctx, const Variable& input, const Variable& weight,
+                          const std::optional<Variable>& bias, c10::string_view activation,
+                          double negative_slope) {
+    const Activation act = parse_activation(activation);
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = ops::linear_activation(input, weight, bias, activation, negative_slope);
+    }
+    save_activation(ctx, act, negative_slope);
+    ctx->saved_data["b"] = defined(bias);  // whether the bias has an edge (the third)
+    // The bias is needed only to recompute f where out hides its sign.
+    const bool keep_bias = defined(bias) && output_hides_sign(act, negative_slope);
+    ctx->save_for_backward({input, weight, keep_bias ? *bias : Variable(), out});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Variable &input = saved[0], &weight = saved[1], &bias = saved[2], &out = saved[3];
+    const auto [act, activation, negative_slope] = saved_activation(ctx);
+    const bool has_bias = ctx->saved_data["b"].toBool();
+    const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    const bool need_bias = has_bias && ctx->needs_input_grad(2);
+    const Variable& grad_output = grad_outputs[0];
+
+    // a' is read off out, or off f recomputed (slope 1 gives f itself) where out hides its sign.
+    Variable sign_source = out;
+    if (output_hides_sign(act, negative_slope)) {
+      c10::NoGradGuard no_grad;
+      const auto saved_bias = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+      sign_source = ops::linear_activation(input, weight, saved_bias, "leaky_relu", 1.0);
+    }
+    Variable grad_input, grad_weight, grad_bias;
+    if (!c10::GradMode::is_enabled()) {
+      // A plain backward: the whole of it in one fused op.
+      std::tie(grad_input, grad_weight, grad_bias) = ops::linear_activation_backward(
+          grad_output, input, weight, sign_source, activation, negative_slope,
+          {need_input, need_weight, need_bias});
+    } else {
+      // create_graph: differentiable pieces, each with its own autograd.
+      Variable grad_pre;
+      if (need_bias) {
+        std::tie(grad_pre, grad_bias) =
+            ops::bias_activation_backward(grad_output, sign_source, activation, negative_slope);
+      } else {
+        grad_pre = ops::activation_backward(grad_output, sign_source, activation, negative_slope);
+      }
+      if (need_input) grad_input = grad_pre.matmul(weight);  // dl/dh = Omega^T dl/df (7.6)
+      if (need_weight) grad_weight = as_matrix(grad_pre).t().mm(as_matrix(input));  // (7.9)
+    }
+    return {grad_input, grad_weight, grad_bias, Variable(), Variable()};
+  }
+};
+
+at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias,
+                                      c10::string_view activation, double negative_slope) {
+  const at::Tensor& bias_or_undefined = defined(bias) ? *bias : at::Tensor();
+  if (!needs_function({&input, &weight, &bias_or_undefined})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::linear_activation(input, weight, bias, activation, negative_slope);
+  }
+  return LinearActivationFunction::apply(input, weight, bias, activation, negative_slope);
+}
+
+// --- The standalone activations: out = a[input], and in place ---
+
+class ActivationFunction : public torch::autograd::Function<ActivationFunction> {
+ public:
+  static Variable forward(AutogradContext* ctx, const Variable& input,
+                          c10::string_view activation, double negative_slope) {
+    const Activation act = parse_activation(activation);
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = ops::activation(input, activation, negative_slope);
+    }
+    save_activation(ctx, act, negative_slope);
+    ctx->save_for_backward({output_hides_sign(act, negative_slope) ? input : out});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto [act, activation, negative_slope] = saved_activation(ctx);
+    const Variable grad_input = ops::activation_backward(
+        grad_outputs[0], ctx->get_saved_variables()[0], activation, negative_slope);
+    return {grad_input, Variable(), Variable()};
+  }
+};
+
+at::Tensor activation_autograd(const at::Tensor& input, c10::string_view activation,
+                               double negative_slope) {
+  if (!needs_function({&input})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::activation(input, activation, negative_slope);
+  }
+  return ActivationFunction::apply(input, activation, negative_slope);
+}
+
+class InplaceActivationFunction : public torch::autograd::Function<InplaceActivationFunction> {
+ public:
+  static Variable forward(AutogradContext* ctx, const Variable& input,
+                          c10::string_view activation, double negative_slope) {
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      ops::activation_(input, activation, negative_slope);
+    }
+    save_activation(ctx, parse_activation(activation), negative_slope);
+    ctx->mark_dirty({input});         // apply() bumps its version and rebases its history
+    ctx->save_for_backward({input});  // the output: a' is read off it
+    return input;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto [act, activation, negative_slope] = saved_activation(ctx);
+    // As eager's leaky_relu_: the input is gone, and the output cannot tell the sign of f.
+    TORCH_CHECK(
+        !output_hides_sign(act, negative_slope),
+        "leaky_relu_: the backward of the in-place leaky_relu with a negative slope (",
+        negative_slope, ") is not supported, because the output no longer tells the sign of "
+        "the input; use the out-of-place leaky_relu (inplace=False)");
+    const Variable grad_input = ops::activation_backward(
+        grad_outputs[0], ctx->get_saved_variables()[0], activation, negative_slope);
+    return {grad_input, Variable(), Variable()};
+  }
+};
+
+void activation_inplace_autograd(const at::Tensor& input, c10::string_view activation,
+                                 double negative_slope) {
+  if (!needs_function({&input})) {
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      ops::activation_(input, activation, negative_slope);
+    }
+    input.unsafeGetTensorImpl()->bump_version();  // what ADInplaceOrView would have done
+    return;
+  }
+  InplaceActivationFunction::apply(input, activation, negative_slope);
+}
+
+// --- The backward pieces, differentiable for double backward ---
+
+// Gradients of grad_pre = grad_output * a'(saved) with respect to grad_output and saved.
+variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable& grad_grad_pre) {
+  const auto saved = ctx->get_saved_variables();
+  const Variable &grad_output = saved[0], &saved_output = saved[1];
+  const auto [act, activation, negative_slope] = saved_activation(ctx);
+  Variable grad_grad_output, grad_saved;
+  if (ctx->needs_input_grad(0)) {
+    grad_grad_output = ops::activation_backward(grad_grad_pre, saved_output, activation, negative_slope);
+  }
+  if (ctx->needs_input_grad(1) && act == Activation::Sigmoid) {
+    // d/d(out) [out (1 - out)] = 1 - 2 out. ReLU and LeakyReLU have a'' = 0 almost
+    // everywhere, so nothing flows back through their saved tensor.
+    grad_saved = grad_grad_pre.mul(grad_output).mul(saved_output.mul(-2).add(1));
+  }
+  return {grad_grad_output, grad_saved, Variable(), Variable()};
+}
+
+class ActivationBackwardFunction : public torch::autograd::Function<ActivationBackwardFunction> {
+ public:
+  static Variable forward(AutogradContext* ctx, const Variable& grad_output, const Variable& saved,
+                          c10::string_view activation, double negative_slope) {
+    at::Tensor grad_pre;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      grad_pre = ops::activation_backward(grad_output, saved, activation, negative_slope);
+    }
+    save_activation(ctx, parse_activation(activation), negative_slope);
+    ctx->save_for_backward({grad_output, saved});
+    return grad_pre;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return grads_of_activation_backward(ctx, grad_outputs[0]);
+  }
+};
+
+at::Tensor activation_backward_autograd(const at::Tensor& grad_output, const at::Tensor& saved,
+                                        c10::string_view activation, double negative_slope) {
+  if (!needs_function({&grad_output, &saved})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::activation_backward(grad_output, saved, activation, negative_slope);
+  }
+  return ActivationBackwardFunction::apply(grad_output, saved, activation, negative_slope);
+}
+
+class BiasActivationBackwardFunction
+    : public torch::autograd::Function<BiasActivationBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Variable& grad_output,
+                               const Variable& saved, c10::string_view activation,
+                               double negative_slope) {
+    at::Tensor grad_pre, grad_bias;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(grad_pre, grad_bias) =
+          ops::bias_activation_backward(grad_output, saved, activation, negative_slope);
+    }
+    save_activation(ctx, parse_activation(activation), negative_slope);
+    ctx->save_for_backward({grad_output, saved});
+    return {grad_pre, grad_bias};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // grad_bias sums grad_pre over the rows, so its gradient reaches every row.
+    return grads_of_activation_backward(ctx, grad_outputs[0].add(grad_outputs[1]));
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> bias_activation_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
+    double negative_slope) {
+  if (!needs_function({&grad_output, &saved})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::bias_activation_backward(grad_output, saved, activation, negative_slope);
+  }
+  const variable_list grads =
+      BiasActivationBackwardFunction::apply(grad_output, saved, activation, negative_slope);
+  return {grads[0], grads[1]};
+}
+
+// The fused backward op is used only where the backward is not itself recorded, so it has
+// no derivative: a call that autograd would record is refused at once.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, c10::string_view activation, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(
+      !needs_function({&grad_output, &input, &weight, &saved}),
+      "linear_", activation, "_backward: this fused backward is not differentiable and not for "
+      "forward-mode AD; call it under torch.no_grad(), or differentiate linear_activation's "
+      "backward with create_graph=True, which uses the differentiable backward ops");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return ops::linear_activation_backward(grad_output, input, weight, saved, activation,
+                                         negative_slope, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(handgrad, Autograd, m) {
+  m.impl("linear_activation", &linear_activation_autograd);
+  m.impl("activation", &activation_autograd);
+  m.impl("activation_", &activation_inplace_autograd);
+  m.impl("activation_backward", &activation_backward_autograd);
+  m.impl("bias_activation_backward", &bias_activation_backward_autograd);
+  m.impl("linear_activation_backward", &linear_activation_backward_autograd);
+}
+
+}  // namespace handgrad

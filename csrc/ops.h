@@ -1,0 +1,74 @@
+// C++ callers of the handgrad ops, through PyTorch's dispatcher.
+//
+// The autograd and autocast kernels call the ops this way, never a backend's function
+// directly, so that the dispatcher picks the CPU or CUDA kernel (or a fake kernel while
+// torch.compile traces). Each caller looks its op up once.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace handgrad::ops {
+
+// The op handgrad::<name> with the C++ signature Signature.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+inline at::Tensor linear_activation(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    c10::string_view activation, double negative_slope) {
+  static const auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, c10::string_view,
+                                           double)>("handgrad::linear_activation");
+  return handle.call(input, weight, bias, activation, negative_slope);
+}
+
+inline at::Tensor activation(const at::Tensor& input, c10::string_view activation,
+                             double negative_slope) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, c10::string_view, double)>("handgrad::activation");
+  return handle.call(input, activation, negative_slope);
+}
+
+inline void activation_(const at::Tensor& input, c10::string_view activation,
+                        double negative_slope) {
+  static const auto handle =
+      op<void(const at::Tensor&, c10::string_view, double)>("handgrad::activation_");
+  handle.call(input, activation, negative_slope);
+}
+
+inline at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& saved,
+                                      c10::string_view activation, double negative_slope) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>(
+          "handgrad::activation_backward");
+  return handle.call(grad_output, saved, activation, negative_slope);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> bias_activation_backward(
+    const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
+    double negative_slope) {
+  static const auto handle = op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, c10::string_view, double)>(
+      "handgrad::bias_activation_backward");
+  return handle.call(grad_output, saved, activation, negative_slope);
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, c10::string_view activation, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  static const auto handle = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      c10::string_view, double, std::array<bool, 3>)>("handgrad::linear_activation_backward");
+  return handle.call(grad_output, input, weight, saved, activation, negative_slope, output_mask);
+}
+
+}  // namespace handgrad::ops
