@@ -9,7 +9,7 @@
 #   make cuda-build  compile and link the CUDA build on a machine with nvcc (no GPU needed)
 
 TORCH_SPEC ?= torch==2.13.0
-PACKAGES    = numpy pytest hypothesis pybind11 ninja matplotlib "setuptools>=64" wheel
+PACKAGES    = numpy pytest hypothesis expecttest pybind11 ninja matplotlib "setuptools>=64" wheel
 
 ifdef VIRTUAL_ENV
   PYTHON := $(VIRTUAL_ENV)/bin/python

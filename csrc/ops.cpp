@@ -41,16 +41,17 @@ TORCH_LIBRARY(handgrad, m) {
 namespace handgrad {
 namespace {
 
-std::string layout_name(const at::Tensor& t) {
-  if (t.is_nested()) return "a nested tensor";
+// How a non-strided tensor is described: "has layout torch.sparse_coo", "is a nested tensor".
+std::string describe_layout(const at::Tensor& t) {
+  if (t.is_nested()) return "is a nested tensor";
   switch (t.layout()) {
-    case at::kSparse: return "layout torch.sparse_coo";
-    case at::kSparseCsr: return "layout torch.sparse_csr";
-    case at::kSparseCsc: return "layout torch.sparse_csc";
-    case at::kSparseBsr: return "layout torch.sparse_bsr";
-    case at::kSparseBsc: return "layout torch.sparse_bsc";
-    case at::kMkldnn: return "layout torch._mkldnn";
-    default: return "a non-strided layout";
+    case at::kSparse: return "has layout torch.sparse_coo";
+    case at::kSparseCsr: return "has layout torch.sparse_csr";
+    case at::kSparseCsc: return "has layout torch.sparse_csc";
+    case at::kSparseBsr: return "has layout torch.sparse_bsr";
+    case at::kSparseBsc: return "has layout torch.sparse_bsc";
+    case at::kMkldnn: return "has layout torch._mkldnn";
+    default: return "has a non-strided layout";
   }
 }
 
@@ -73,7 +74,7 @@ void reject_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack)
     const at::Tensor& t = values[i].toTensor();
     TORCH_CHECK_NOT_IMPLEMENTED(
         !t.defined() || (t.layout() == at::kStrided && !t.is_nested()), name, ": ",
-        arguments[i].name(), " is ", layout_name(t),
+        arguments[i].name(), " ", describe_layout(t),
         "; only dense (strided) tensors are supported");
   }
   TORCH_CHECK_NOT_IMPLEMENTED(false, name, ": only dense (strided) tensors are supported");

@@ -47,17 +47,22 @@ def _activation_cases():
 FUSED = _fused_cases()
 ACTIVATIONS = _activation_cases()
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+# Every dtype eager's F.linear and activations support on the CPU.
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def tolerances(dtype):
     """assert_close tolerances against eager PyTorch.
 
-    bfloat16 keeps 8 bits: the GEMM result is rounded before our epilogue adds the bias,
-    where eager rounds once after, so the two may differ by one rounding step.
+    The forward is computed as eager's is (the bias added inside the GEMM, rounded once),
+    so it agrees to the last rounding. In bfloat16 and float16 the gradients' GEMMs may add
+    in another order than eager's, which can move a result by one rounding step of its own
+    size; tests against a float64 truth (test_numerics.py) bound the error itself.
     """
     if dtype == torch.bfloat16:
         return {"rtol": 2e-2, "atol": 2e-2}
+    if dtype == torch.float16:
+        return {"rtol": 4e-3, "atol": 4e-3}
     return {}
 
 

@@ -21,6 +21,8 @@ def opcheck_cases():
             pytest.param(ops.linear_activation.default, (t(2, 3, 5), t(3, 5), None, activation, slope), id=f"linear_{name}_3d_nobias"),
             pytest.param(ops.linear_activation.default, (t(4, 5, dtype=torch.bfloat16, grad=False), t(3, 5, dtype=torch.bfloat16, grad=False), None, activation, slope), id=f"linear_{name}_bf16"),
             pytest.param(ops.activation.default, (t(3, 4), activation, slope), id=name),
+            pytest.param(ops.activation.default, (t(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), activation, slope), id=f"{name}_channels_last"),
+            pytest.param(ops.activation_.default, (t(3, 4, grad=False), activation, slope), id=f"{name}_"),
             pytest.param(ops.activation_backward.default, (t(3, 4), torch.rand(3, 4, dtype=torch.float64, requires_grad=True), activation, slope), id=f"{name}_backward"),
             pytest.param(ops.bias_activation_backward.default, (t(2, 3, 4), torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True), activation, slope), id=f"bias_{name}_backward"),
         ]
@@ -49,6 +51,9 @@ def make_model():
         hnn.LinearSigmoid(16, 12),
         hnn.LeakyReLU(0.2),
         nn.Linear(12, 6),
+        hnn.ReLU(inplace=True),
+        nn.Linear(6, 6),
+        hnn.LeakyReLU(0.1, inplace=True),
         hnn.ReLU(),
         hnn.Sigmoid(),
     )
@@ -80,3 +85,5 @@ def test_compiled_graph_contains_our_ops():
     torch.compile(model, fullgraph=True, backend=backend)(torch.randn(3, 8))
     assert any(target.startswith("handgrad.linear_activation") for target in seen)
     assert any(target.startswith("handgrad.activation") for target in seen)
+    # The in-place activations, functionalized (auto_functionalized) or as they are.
+    assert sum("handgrad.activation_" in target for target in seen) == 2

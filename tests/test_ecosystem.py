@@ -45,7 +45,8 @@ def make_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
         hnn.LinearReLU(8, 16), hnn.LinearLeakyReLU(16, 16, negative_slope=-0.2),
-        hnn.LinearSigmoid(16, 12), hnn.LeakyReLU(0.1), nn.Linear(12, 4), hnn.ReLU(), hnn.Sigmoid(),
+        hnn.LinearSigmoid(16, 12), hnn.LeakyReLU(0.1), nn.Linear(12, 4), hnn.ReLU(inplace=True),
+        hnn.Sigmoid(),
     )
 
 

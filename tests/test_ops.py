@@ -7,15 +7,15 @@ from conftest import ACTIVATIONS, DTYPES, FUSED, grads, tolerances
 import handgrad.functional as hf
 
 
-def make_linear_inputs(layout, dtype, in_features=12, out_features=9, bias=True, seed=0):
+def make_linear_inputs(layout, dtype, in_features=12, out_features=9, bias=True, seed=0,
+                       integers=False):
     """(input, weight, bias, leaves): the arguments in the given memory layout, and the leaf
     tensors whose gradients are compared."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
-        if dtype == torch.bfloat16:
-            # Small integers: every product and sum is exact in bfloat16, so no pre-activation
-            # can change sign between our rounding and eager's, and the kinks (f = 0) occur.
+        if integers:
+            # Small integers: exact in every dtype, so the kinks (f = 0) occur.
             return torch.randint(-3, 4, shape, generator=g).to(dtype)
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
@@ -84,10 +84,23 @@ def test_fused_matches_eager(fn, reference, dtype, layout, bias):
     torch.testing.assert_close(out, expected, **tolerances(dtype))
 
     grad_output = torch.randn(out.shape, dtype=torch.float64).to(dtype)
-    if dtype == torch.bfloat16:
-        grad_output = grad_output.round()
     leaf_list = list(leaves.values())
     for got, want in zip(grads(out, leaf_list, grad_output), grads(expected, leaf_list, grad_output)):
+        torch.testing.assert_close(got, want, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_kinks_match_eager(fn, reference, dtype):
+    # Integer data hits f = 0 exactly: a'(0) must be eager's (0 for ReLU, the slope for
+    # LeakyReLU), and every value is exact, so forward and gradients agree bit for bit.
+    x, w, b, leaves = make_linear_inputs("3d", dtype, integers=True)
+    out, expected = fn(x, w, b), reference(x, w, b)
+    assert (expected == 0).any() or fn is FUSED[1].values[0]  # sigmoid has no kink
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    g = torch.randint(-2, 3, out.shape).to(dtype)
+    leaf_list = list(leaves.values())
+    for got, want in zip(grads(out, leaf_list, g), grads(expected, leaf_list, g)):
         torch.testing.assert_close(got, want, **tolerances(dtype))
 
 

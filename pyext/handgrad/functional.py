@@ -48,13 +48,20 @@ def _python_autograd():
     return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
-def _name_non_tensor(function, **arguments):
-    """Raise a TypeError naming the first argument that is not a tensor, as torch's own
-    functions do (pybind11's message lists the types instead)."""
+def _explain_bad_argument(function, **arguments):
+    """After a failed call: raise the error that names the argument at fault, where the
+    generic one would not (pybind11 lists the accepted types; a nested tensor subclass
+    names only the op)."""
     for position, (name, value) in enumerate(arguments.items(), 1):
-        if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
+        if value is None and name == "bias":
+            continue
+        if not isinstance(value, torch.Tensor):
             raise TypeError(f"{function}(): argument '{name}' (position {position}) must be "
                             f"Tensor, not {type(value).__name__}")
+        if value.layout != torch.strided or value.is_nested:
+            described = "is a nested tensor" if value.is_nested else f"has layout {value.layout}"
+            raise NotImplementedError(f"{function}: {name} {described}; only dense (strided) "
+                                      "tensors are supported")
 
 
 def _autocast(input, weight, bias):
@@ -81,8 +88,8 @@ def _linear(function, input, weight, bias, activation, negative_slope):
         return function.apply(*arguments)
     try:
         return _C.linear_activation(input, weight, bias, activation, negative_slope)
-    except TypeError:
-        _name_non_tensor(f"linear_{activation}", input=input, weight=weight, bias=bias)
+    except (TypeError, NotImplementedError):
+        _explain_bad_argument(f"linear_{activation}", input=input, weight=weight, bias=bias)
         raise
 
 
@@ -117,8 +124,8 @@ def _elementwise(function, input, activation, negative_slope, inplace):
             _C.activation_(input, activation, negative_slope)
             return input
         return _C.activation(input, activation, negative_slope)
-    except TypeError:
-        _name_non_tensor(activation, input=input)
+    except (TypeError, NotImplementedError):
+        _explain_bad_argument(activation, input=input)
         raise
 
 

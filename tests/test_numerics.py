@@ -1,0 +1,133 @@
+"""Numerics like eager's: bfloat16 and float16 results against a float64 truth, and PyTorch's
+own OpInfo samples for nn.functional.linear in every dtype.
+
+The truth is the same layer in float64 on the same (low-precision) inputs. handgrad must be
+no further from it than eager nn.Linear + activation is: the bias added inside the GEMM and
+rounded once, as F.linear does, so no ReLU mask flips that eager's does not.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tolerances
+
+import handgrad.functional as hf
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+SLOPE = 0.1
+
+LAYERS = {  # name: (handgrad, eager activation)
+    "relu": (hf.linear_relu, F.relu),
+    "leaky_relu": (lambda x, w, b: hf.linear_leaky_relu(x, w, b, SLOPE), lambda f: F.leaky_relu(f, SLOPE)),
+    "sigmoid": (hf.linear_sigmoid, torch.sigmoid),
+}
+
+
+def eager(activation, x, w, b):
+    return LAYERS[activation][1](F.linear(x, w, b))
+
+
+def relative_error(got, truth):
+    return ((got.double() - truth).norm() / truth.norm().clamp_min(1e-300)).item()
+
+
+def outputs_and_grads(layer, x, w, b, grad_output):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    out = layer(*leaves)
+    return (out, *torch.autograd.grad(out, leaves, grad_output.to(out.dtype)))
+
+
+@pytest.mark.parametrize("activation", LAYERS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_low_precision_error_against_float64_truth_is_no_worse_than_eagers(activation, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 128, generator=g).to(dtype)
+    w = (torch.randn(64, 128, generator=g) / 128**0.5).to(dtype)
+    b = torch.randn(64, generator=g).to(dtype)
+    grad_output = torch.randn(256, 64, generator=g).to(dtype)
+
+    truth = outputs_and_grads(lambda *a: eager(activation, *a), x.double(), w.double(),
+                              b.double(), grad_output.double())
+    ours = outputs_and_grads(LAYERS[activation][0], x, w, b, grad_output)
+    theirs = outputs_and_grads(lambda *a: eager(activation, *a), x, w, b, grad_output)
+    for name, mine, eagers, exact in zip(["out", "grad_input", "grad_weight", "grad_bias"],
+                                         ours, theirs, truth):
+        assert mine.dtype == dtype
+        assert relative_error(mine, exact) <= 1.05 * relative_error(eagers, exact) + 1e-6, name
+    if activation == "relu":
+        flips = lambda out: ((out > 0) != (truth[0] > 0)).sum().item()  # noqa: E731
+        assert flips(ours[0]) <= flips(theirs[0])
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_bias_is_added_inside_the_product_and_rounded_once(dtype):
+    # 100 + 0.25 - 100: rounding 100.25 to bfloat16 first (100) would give relu(0) = 0.
+    x = torch.tensor([[1.0, 1.0]], dtype=dtype)
+    w = torch.tensor([[100.0, 0.25]], dtype=dtype)
+    b = torch.tensor([-100.0], dtype=dtype)
+    assert hf.linear_relu(x, w, b).item() == F.relu(F.linear(x, w, b)).item() == 0.25
+    assert hf.linear_leaky_relu(x, w, b, 0.5).item() == 0.25
+
+
+def linear_samples(dtype):
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (linear,) = [op for op in op_db if op.name == "nn.functional.linear"]
+    return list(linear.sample_inputs("cpu", dtype, requires_grad=True))
+
+
+@pytest.mark.parametrize("activation", LAYERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_opinfo_samples_of_linear(activation, dtype):
+    """Every sample PyTorch tests F.linear with (1-D, zero-size, batched, no bias, ...)."""
+    samples = linear_samples(dtype)
+    assert len(samples) >= 10
+    for sample in samples:
+        x, (w, *rest) = sample.input, sample.args
+        b = rest[0] if rest else sample.kwargs.get("bias")
+        out = LAYERS[activation][0](x, w, b)
+        expected = eager(activation, x, w, b)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        assert out.is_contiguous() and not out._is_view()
+        torch.testing.assert_close(out, expected, **tolerances(dtype))
+        if out.numel() == 0:
+            continue
+        leaves = [t for t in (x, w, b) if t is not None]
+        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        got = torch.autograd.grad(out, leaves, grad_output)
+        want = torch.autograd.grad(expected, leaves, grad_output)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, **tolerances(dtype))
+        if dtype in LOW_PRECISION:
+            # Against the float64 truth, no worse than eager, give or take one rounding.
+            exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+            exact_args = exact_leaves + [None] * (3 - len(exact_leaves))
+            exact_out = eager(activation, *exact_args)
+            truth = (exact_out, *torch.autograd.grad(exact_out, exact_leaves, grad_output.double()))
+            unit_roundoff = torch.finfo(dtype).eps / 2
+            for mine, eagers, exact in zip((out, *got), (expected, *want), truth):
+                assert relative_error(mine, exact) <= 1.05 * relative_error(eagers, exact) + unit_roundoff
+
+
+def test_float16_autocast_on_cpu_matches_nn_linear():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    for activation, (layer, _) in LAYERS.items():
+        with torch.autocast("cpu", dtype=torch.float16):
+            out, expected = layer(x, w, b), eager(activation, x, w, b)
+        assert out.dtype == expected.dtype == torch.float16
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        got = torch.autograd.grad(out.float().sum(), (x, w, b))
+        want = torch.autograd.grad(expected.float().sum(), (x, w, b))
+        for g, e in zip(got, want):
+            assert g.dtype == e.dtype == torch.float32
+            torch.testing.assert_close(g, e, **tolerances(torch.float16))
+
+
+def test_autocast_leaves_float64_alone_as_it_does_for_nn_linear():
+    x, w, b = (torch.randn(*s, dtype=torch.float64) for s in ((3, 4), (2, 4), (2,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert hf.linear_relu(x, w, b).dtype == F.linear(x, w, b).dtype == torch.float64
