@@ -54,7 +54,7 @@ int64_t cache_block_rows(int64_t rows, int64_t in_features, int64_t out_features
   return std::max<int64_t>(16, kBlockBytes / row_bytes);
 }
 
-// out = a[input], elementwise over contiguous memory.
+// out = a[input], elementwise over contiguous memory (out may be input).
 template <typename scalar_t, Activation A>
 void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel,
                              double negative_slope) {
@@ -63,6 +63,21 @@ void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel
   at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
     at::vec::map([&](Vec f) { return activate<A>(f, slope); }, out + begin, input + begin,
                  end - begin);
+  });
+}
+
+// out[i, :] = a[out[i, :] + bias], in place on a contiguous (rows, cols) matrix.
+template <typename scalar_t, Activation A>
+void bias_activation_rows(scalar_t* out, const scalar_t* bias, int64_t rows, int64_t cols,
+                          double negative_slope) {
+  using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
+  const Vec slope(negative_slope);
+  const int64_t grain_rows = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain_rows, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* row = out + i * cols;
+      at::vec::map2([&](Vec f, Vec b) { return activate<A>(f + b, slope); }, row, row, bias, cols);
+    }
   });
 }
 
@@ -164,29 +179,36 @@ at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weig
   HANDGRAD_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_activation_cpu", [&] {
     const scalar_t* bias_data = bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto tag) {
-      // f = beta + h Omega^T by BLAS, the bias added inside the product (one rounding, as
-      // F.linear), then a[.] in place: a block of rows at a time, while the block is still
-      // in cache. Inside the parallel region ATen, BLAS and the activation run each block
-      // on the calling thread.
+      // f = beta + h Omega^T, then a[f] in place: a block of rows at a time, while the block
+      // is still in cache. Inside the parallel region ATen, BLAS and the passes over the
+      // block run on the calling thread.
+      //   float32, float64: the product by BLAS, then beta and a[.] in one pass. The product
+      //     is already in float32 (or float64), so adding beta after it rounds as eager's
+      //     addmm does, and saves addmm's pass that copies beta into the output first.
+      //   bfloat16, float16: beta is added inside the product (addmm), whose float32
+      //     accumulator is rounded once, as in F.linear; rounding the product to 8 bits first
+      //     would lose beta + h Omega^T wherever the two nearly cancel. Then a[.].
+      constexpr bool kReducedPrecision = at::is_reduced_floating_point_v<scalar_t>;
+      constexpr Activation A = decltype(tag)::value;
       const auto gemm_and_activation = [&](int64_t row, int64_t count) {
         at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set per thread
         const bool whole = count == rows;  // narrow() costs a dispatch; tiny layers notice
         at::Tensor out_block = whole ? out_rows : out_rows.narrow(0, row, count);
         const at::Tensor x_block = whole ? x : x.narrow(0, row, count);
-        if (bias.has_value()) {
-          // out = beta in every row, then out += h Omega^T inside the product: what
-          // addmm(bias, ...) does, without its dispatch of a broadcasting copy.
-          scalar_t* rows_data = out_block.data_ptr<scalar_t>();
-          for (int64_t i = 0; i < count; ++i) {
-            std::copy_n(bias_data, out_features, rows_data + i * out_features);
+        scalar_t* data = out_block.data_ptr<scalar_t>();
+        if (kReducedPrecision && bias_data != nullptr) {
+          for (int64_t i = 0; i < count; ++i) {  // out = beta in every row, then out += h Omega^T
+            std::copy_n(bias_data, out_features, data + i * out_features);
           }
           at::addmm_out(out_block, out_block, x_block, weight_t);
         } else {
           at::mm_out(out_block, x_block, weight_t);
         }
-        scalar_t* data = out_block.data_ptr<scalar_t>();
-        activation_forward_flat<scalar_t, decltype(tag)::value>(data, data, count * out_features,
-                                                                negative_slope);
+        if (!kReducedPrecision && bias_data != nullptr) {
+          bias_activation_rows<scalar_t, A>(data, bias_data, count, out_features, negative_slope);
+        } else {
+          activation_forward_flat<scalar_t, A>(data, data, count * out_features, negative_slope);
+        }
       };
       if (block_rows >= rows) {
         gemm_and_activation(0, rows);  // one block: BLAS and the activation use every thread
