@@ -37,16 +37,26 @@ c10::string_view activation_name(Activation activation) {
   return "";
 }
 
-// The activation and its slope, kept in the context for the backward (few entries: each
-// costs a tiny layer time).
-void save_activation(AutogradContext* ctx, Activation activation, double negative_slope) {
-  ctx->saved_data["a"] = static_cast<int64_t>(activation);
-  ctx->saved_data["s"] = negative_slope;
+// The activation (and a flag of the caller's) in one entry of the context, the slope in a
+// second only for leaky_relu: each entry costs a tiny layer measurable time.
+void save_activation(AutogradContext* ctx, Activation activation, double negative_slope,
+                     bool flag = false) {
+  ctx->saved_data["a"] = static_cast<int64_t>(activation) | (int64_t{flag} << 8);
+  if (activation == Activation::LeakyReLU) ctx->saved_data["s"] = negative_slope;
 }
 
-std::tuple<Activation, c10::string_view, double> saved_activation(AutogradContext* ctx) {
-  const auto activation = static_cast<Activation>(ctx->saved_data["a"].toInt());
-  return {activation, activation_name(activation), ctx->saved_data["s"].toDouble()};
+struct SavedActivation {
+  Activation activation;
+  c10::string_view name;
+  double negative_slope;
+  bool flag;
+};
+
+SavedActivation saved_activation(AutogradContext* ctx) {
+  const int64_t packed = ctx->saved_data["a"].toInt();
+  const auto activation = static_cast<Activation>(packed & 0xff);
+  const double slope = activation == Activation::LeakyReLU ? ctx->saved_data["s"].toDouble() : 0.0;
+  return {activation, activation_name(activation), slope, (packed >> 8) != 0};
 }
 
 bool defined(const std::optional<at::Tensor>& t) {
@@ -84,8 +94,7 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       out = ops::linear_activation(input, weight, bias, activation, negative_slope);
     }
-    save_activation(ctx, act, negative_slope);
-    ctx->saved_data["b"] = defined(bias);  // whether the bias has an edge (the third)
+    save_activation(ctx, act, negative_slope, /*flag=*/defined(bias));  // the bias has an edge
     // The bias is needed only to recompute f where out hides its sign.
     const bool keep_bias = defined(bias) && output_hides_sign(act, negative_slope);
     ctx->save_for_backward({input, weight, keep_bias ? *bias : Variable(), out});
@@ -95,8 +104,7 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const Variable &input = saved[0], &weight = saved[1], &bias = saved[2], &out = saved[3];
-    const auto [act, activation, negative_slope] = saved_activation(ctx);
-    const bool has_bias = ctx->saved_data["b"].toBool();
+    const auto [act, activation, negative_slope, has_bias] = saved_activation(ctx);
     const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
     const bool need_bias = has_bias && ctx->needs_input_grad(2);
     const Variable& grad_output = grad_outputs[0];
@@ -159,9 +167,9 @@ class ActivationFunction : public torch::autograd::Function<ActivationFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto [act, activation, negative_slope] = saved_activation(ctx);
+    const SavedActivation a = saved_activation(ctx);
     const Variable grad_input = ops::activation_backward(
-        grad_outputs[0], ctx->get_saved_variables()[0], activation, negative_slope);
+        grad_outputs[0], ctx->get_saved_variables()[0], a.name, a.negative_slope);
     return {grad_input, Variable(), Variable()};
   }
 };
@@ -190,15 +198,15 @@ class InplaceActivationFunction : public torch::autograd::Function<InplaceActiva
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto [act, activation, negative_slope] = saved_activation(ctx);
+    const SavedActivation a = saved_activation(ctx);
     // As eager's leaky_relu_: the input is gone, and the output cannot tell the sign of f.
     TORCH_CHECK(
-        !output_hides_sign(act, negative_slope),
+        !output_hides_sign(a.activation, a.negative_slope),
         "leaky_relu_: the backward of the in-place leaky_relu with a negative slope (",
-        negative_slope, ") is not supported, because the output no longer tells the sign of "
-        "the input; use the out-of-place leaky_relu (inplace=False)");
+        a.negative_slope, ") is not supported, because the output no longer tells the sign "
+        "of the input; use the out-of-place leaky_relu (inplace=False)");
     const Variable grad_input = ops::activation_backward(
-        grad_outputs[0], ctx->get_saved_variables()[0], activation, negative_slope);
+        grad_outputs[0], ctx->get_saved_variables()[0], a.name, a.negative_slope);
     return {grad_input, Variable(), Variable()};
   }
 };
@@ -222,12 +230,12 @@ void activation_inplace_autograd(const at::Tensor& input, c10::string_view activ
 variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable& grad_grad_pre) {
   const auto saved = ctx->get_saved_variables();
   const Variable &grad_output = saved[0], &saved_output = saved[1];
-  const auto [act, activation, negative_slope] = saved_activation(ctx);
+  const SavedActivation a = saved_activation(ctx);
   Variable grad_grad_output, grad_saved;
   if (ctx->needs_input_grad(0)) {
-    grad_grad_output = ops::activation_backward(grad_grad_pre, saved_output, activation, negative_slope);
+    grad_grad_output = ops::activation_backward(grad_grad_pre, saved_output, a.name, a.negative_slope);
   }
-  if (ctx->needs_input_grad(1) && act == Activation::Sigmoid) {
+  if (ctx->needs_input_grad(1) && a.activation == Activation::Sigmoid) {
     // d/d(out) [out (1 - out)] = 1 - 2 out. ReLU and LeakyReLU have a'' = 0 almost
     // everywhere, so nothing flows back through their saved tensor.
     grad_saved = grad_grad_pre.mul(grad_output).mul(saved_output.mul(-2).add(1));
