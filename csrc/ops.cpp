@@ -36,6 +36,26 @@ TORCH_LIBRARY(handgrad, m) {
       "linear_activation_backward(Tensor grad_output, Tensor input, Tensor weight, "
       "Tensor saved, str activation, float negative_slope, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // A whole network, the chapter's backpropagation algorithm (section 7.4) as one op: hidden
+  // layers h_{l+1} = a[beta_l + Omega_l h_l], then a linear output layer. weights and biases
+  // list the layers in order, the output layer last. With checkpoint_every = k > 0 the
+  // backward keeps every k-th hidden output only and recomputes the rest (problem 7.11).
+  m.def(
+      "mlp(Tensor input, Tensor[] weights, Tensor[] biases, str activation, "
+      "float negative_slope=0.01, int checkpoint_every=0) -> Tensor");
+  // The forward pass that stores what the backward needs: the hidden layers' outputs (every
+  // k-th one with checkpointing), as (rows, features) matrices; never f.
+  m.def(
+      "mlp_forward(Tensor input, Tensor[] weights, Tensor[] biases, str activation, "
+      "float negative_slope, int checkpoint_every) -> (Tensor output, Tensor[] saved)");
+  // The backward pass, from the output layer down: dl/dOmega (7.9), dl/dbeta and dl/dh (7.6)
+  // through a' (7.7, 7.10); dl/d(input) only if input_requires_grad.
+  m.def(
+      "mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
+      "Tensor[] saved, str activation, float negative_slope, int checkpoint_every, "
+      "bool input_requires_grad) -> (Tensor grad_input, Tensor[] grad_weights, "
+      "Tensor[] grad_biases)");
 }
 
 namespace handgrad {
@@ -69,20 +89,26 @@ void reject_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack)
       name.replace(name.find("activation"), 10, values[i].toStringRef());
     }
   }
-  for (size_t i = 0; i < arguments.size(); ++i) {
-    if (!values[i].isTensor()) continue;
-    const at::Tensor& t = values[i].toTensor();
+  const auto check = [&](const at::Tensor& t, const std::string& argument) {
     TORCH_CHECK_NOT_IMPLEMENTED(
-        !t.defined() || (t.layout() == at::kStrided && !t.is_nested()), name, ": ",
-        arguments[i].name(), " ", describe_layout(t),
-        "; only dense (strided) tensors are supported");
+        !t.defined() || (t.layout() == at::kStrided && !t.is_nested()), name, ": ", argument,
+        " ", describe_layout(t), "; only dense (strided) tensors are supported");
+  };
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (values[i].isTensor()) check(values[i].toTensor(), arguments[i].name());
+    if (!values[i].isTensorList()) continue;
+    const auto list = values[i].toTensorList();
+    for (size_t j = 0; j < list.size(); ++j) {
+      check(list[j], arguments[i].name() + "[" + std::to_string(j) + "]");
+    }
   }
   TORCH_CHECK_NOT_IMPLEMENTED(false, name, ": only dense (strided) tensors are supported");
 }
 
 void register_rejection(torch::Library& m) {
   for (const char* op : {"linear_activation", "activation", "activation_", "activation_backward",
-                         "bias_activation_backward", "linear_activation_backward"}) {
+                         "bias_activation_backward", "linear_activation_backward", "mlp",
+                         "mlp_forward", "mlp_backward"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&reject_non_strided>());
   }
 }

@@ -12,6 +12,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace handgrad::ops {
 
@@ -69,6 +70,35 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       c10::string_view, double, std::array<bool, 3>)>("handgrad::linear_activation_backward");
   return handle.call(grad_output, input, weight, saved, activation, negative_slope, output_mask);
+}
+
+inline at::Tensor mlp(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                      c10::string_view activation, double negative_slope,
+                      int64_t checkpoint_every) {
+  static const auto handle = op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList,
+                                           c10::string_view, double, int64_t)>("handgrad::mlp");
+  return handle.call(input, weights, biases, activation, negative_slope, checkpoint_every);
+}
+
+inline std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(
+    const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+    c10::string_view activation, double negative_slope, int64_t checkpoint_every) {
+  static const auto handle = op<std::tuple<at::Tensor, std::vector<at::Tensor>>(
+      const at::Tensor&, at::TensorList, at::TensorList, c10::string_view, double, int64_t)>(
+      "handgrad::mlp_forward");
+  return handle.call(input, weights, biases, activation, negative_slope, checkpoint_every);
+}
+
+inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList saved, c10::string_view activation,
+    double negative_slope, int64_t checkpoint_every, bool input_requires_grad) {
+  static const auto handle =
+      op<std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+          const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+          c10::string_view, double, int64_t, bool)>("handgrad::mlp_backward");
+  return handle.call(grad_output, input, weights, biases, saved, activation, negative_slope,
+                     checkpoint_every, input_requires_grad);
 }
 
 }  // namespace handgrad::ops

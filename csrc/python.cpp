@@ -1,5 +1,5 @@
 // The Python module handgrad._C: loading it registers the ops (the static initializers of
-// every file in this library), and it offers the fast way in from Python to three of them.
+// every file in this library), and it offers the fast way in from Python to four of them.
 //
 // handgrad.functional calls these in eager mode. Each is the op itself, called through
 // PyTorch's dispatcher, so autograd, autocast, fake tensors and tracing modes all see
@@ -31,6 +31,13 @@ void activation_(const at::Tensor& input, c10::string_view activation, double ne
   handgrad::ops::activation_(input, activation, negative_slope);
 }
 
+at::Tensor mlp(const at::Tensor& input, const std::vector<at::Tensor>& weights,
+               const std::vector<at::Tensor>& biases, c10::string_view activation,
+               double negative_slope, int64_t checkpoint_every) {
+  pybind11::gil_scoped_release no_gil;
+  return handgrad::ops::mlp(input, weights, biases, activation, negative_slope, checkpoint_every);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -42,4 +49,7 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("activation"), pybind11::arg("negative_slope"));
   m.def("activation_", &activation_, "torch.ops.handgrad.activation_", pybind11::arg("input"),
         pybind11::arg("activation"), pybind11::arg("negative_slope"));
+  m.def("mlp", &mlp, "torch.ops.handgrad.mlp", pybind11::arg("input"), pybind11::arg("weights"),
+        pybind11::arg("biases"), pybind11::arg("activation"), pybind11::arg("negative_slope"),
+        pybind11::arg("checkpoint_every"));
 }

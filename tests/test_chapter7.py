@@ -194,26 +194,60 @@ def test_7_4_and_7_5_loss_derivatives():
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid"])
-def test_7_11_checkpointed_mlp_equals_plain(activation):
+@pytest.mark.parametrize("every", [1, 2, 3, 4])
+def test_7_11_checkpointed_mlp_equals_plain_and_stores_less(activation, every):
     torch.manual_seed(0)
-    plain = MLP([6, 12, 12, 12, 12, 3], activation=activation)
-    checkpointed = MLP([6, 12, 12, 12, 12, 3], activation=activation, checkpoint_every=2)
+    sizes = [6, 12, 12, 12, 12, 3]
+    plain = MLP(sizes, activation=activation)
+    checkpointed = MLP(sizes, activation=activation, checkpoint_every=every)
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(5, 6, dtype=torch.float32)
     for a, b in zip(torch.autograd.grad(plain(x).sum(), list(plain.parameters())),
                     torch.autograd.grad(checkpointed(x).sum(), list(checkpointed.parameters()))):
         torch.testing.assert_close(a, b)
+    # It must store less, or it does not checkpoint: besides the input, the 4 hidden outputs,
+    # or the inputs of the stretches after the first.
+    layer, given = 5 * 12 * 4, x.numel() * 4
+    assert checkpoint.saved_bytes(plain, x)[0] == given + 4 * layer
+    stretches = (4 + every - 1) // every
+    assert checkpoint.saved_bytes(checkpointed, x)[0] == given + (stretches - 1) * layer
 
 
-def test_7_11_checkpointing_keeps_under_30_percent_for_50_layers():
-    plain, kept, difference = checkpoint.compare(depth=50, width=64, batch=64, every=10)
-    assert kept <= 0.30 * plain
+def test_7_11_checkpointing_lowers_the_peak_memory_of_the_backward():
+    results, difference = checkpoint.compare(depth=20, width=64, batch=256, choices=(None, 5),
+                                             repeats=1)
+    (plain_stored, plain_peak, _), (stored, peak, _) = results[None], results[5]
+    one_layer = 256 * 64 * 4
+    assert plain_stored >= 20 * one_layer  # every hidden output
+    assert stored <= 4 * one_layer  # h_5, h_10, h_15 (and small change)
+    assert peak < plain_peak - 5 * one_layer  # the recomputed stretch needs room, but less
     assert difference == 0.0
 
 
+def test_7_11_checkpointed_backward_leaves_nothing_for_the_garbage_collector():
+    import gc
+
+    model = MLP([32] * 12 + [1], checkpoint_every=3)
+    x = torch.randn(16, 32)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            model(x).square().mean().backward()
+        gc.collect()
+        tensors = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert tensors == []  # nothing held only by reference cycles
+
+
 def test_mlp_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
-        MLP([2, 3, 1], checkpoint_every=0)
+    for every in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
+            MLP([2, 3, 1], checkpoint_every=every)
     with pytest.raises(ValueError, match="activation must be one of"):
         MLP([2, 3, 1], activation="tanh")
 
@@ -238,6 +272,7 @@ def test_example_init(tmp_path):
 
 
 def test_example_checkpoint(tmp_path):
-    plain, kept, difference = checkpoint.main(["--out", str(tmp_path)])
-    assert kept <= 0.30 * plain and difference == 0.0
+    results, difference = checkpoint.main(["--depth", "20", "--out", str(tmp_path)])
+    assert set(results) == {None, 5, 10} and difference == 0.0
+    assert results[10][0] < results[None][0] and results[10][1] < results[None][1]
     assert (tmp_path / "checkpoint.png").stat().st_size > 1000

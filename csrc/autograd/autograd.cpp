@@ -11,12 +11,15 @@
 // sends those calls to the Python Functions of handgrad.autograd instead.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/GradMode.h>
+#include <ATen/ops/linear.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
 #include "../ops.h"
@@ -306,6 +309,89 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_autograd(
   return {grads[0], grads[1]};
 }
 
+// --- The whole network (csrc/mlp.cpp) ---
+
+class MLPFunction : public torch::autograd::Function<MLPFunction> {
+ public:
+  static Variable forward(AutogradContext* ctx, const Variable& input, at::TensorList weights,
+                          at::TensorList biases, c10::string_view activation,
+                          double negative_slope, int64_t checkpoint_every) {
+    at::Tensor out;
+    std::vector<at::Tensor> saved;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out, saved) =
+          ops::mlp_forward(input, weights, biases, activation, negative_slope, checkpoint_every);
+    }
+    save_activation(ctx, parse_activation(activation), negative_slope);
+    ctx->saved_data["k"] = checkpoint_every;
+    ctx->saved_data["n"] = static_cast<int64_t>(weights.size());
+    // h, the parameters (a recomputation needs them) and the stored hidden outputs.
+    variable_list to_save{input};
+    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    to_save.insert(to_save.end(), biases.begin(), biases.end());
+    to_save.insert(to_save.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(std::move(to_save));
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const SavedActivation a = saved_activation(ctx);
+    const int64_t checkpoint_every = ctx->saved_data["k"].toInt();
+    const auto layers = static_cast<size_t>(ctx->saved_data["n"].toInt());
+    const variable_list saved = ctx->get_saved_variables();
+    const Variable& input = saved[0];
+    const at::TensorList weights(saved.data() + 1, layers), biases(saved.data() + 1 + layers, layers);
+    const at::TensorList hidden(saved.data() + 1 + 2 * layers, saved.size() - 1 - 2 * layers);
+    const bool need_input = ctx->needs_input_grad(0);
+
+    variable_list grads;  // one per forward argument, the lists flattened
+    if (!c10::GradMode::is_enabled()) {
+      auto [grad_input, grad_weights, grad_biases] =
+          ops::mlp_backward(grad_outputs[0], input, weights, biases, hidden, a.name,
+                            a.negative_slope, checkpoint_every, need_input);
+      grads.push_back(grad_input);
+      grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());
+      grads.insert(grads.end(), grad_biases.begin(), grad_biases.end());
+    } else {
+      // create_graph: the network recomputed from the per-layer ops, which record their
+      // own differentiable backward, and differentiated with the graph kept.
+      at::Tensor h = input;
+      for (size_t l = 0; l + 1 < layers; ++l) {
+        h = ops::linear_activation(h, weights[l], biases[l], a.name, a.negative_slope);
+      }
+      const at::Tensor out = at::linear(h, weights[layers - 1], biases[layers - 1]);
+      variable_list wanted, all{input};
+      all.insert(all.end(), weights.begin(), weights.end());
+      all.insert(all.end(), biases.begin(), biases.end());
+      for (const auto& t : all) {
+        if (t.requires_grad()) wanted.push_back(t);
+      }
+      const variable_list found = torch::autograd::grad({out}, wanted, {grad_outputs[0]},
+                                                        /*retain_graph=*/true,
+                                                        /*create_graph=*/true, /*allow_unused=*/true);
+      size_t next = 0;
+      for (const auto& t : all) grads.push_back(t.requires_grad() ? found[next++] : Variable());
+      if (!need_input) grads[0] = Variable();
+    }
+    grads.resize(grads.size() + 3);  // activation, negative_slope, checkpoint_every
+    return grads;
+  }
+};
+
+at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                        c10::string_view activation, double negative_slope,
+                        int64_t checkpoint_every) {
+  bool record = needs_function({&input});
+  for (const auto& t : weights) record = record || needs_function({&t});
+  for (const auto& t : biases) record = record || needs_function({&t});
+  if (!record) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::mlp(input, weights, biases, activation, negative_slope, checkpoint_every);
+  }
+  return MLPFunction::apply(input, weights, biases, activation, negative_slope, checkpoint_every);
+}
+
 // The fused backward op is used only where the backward is not itself recorded, so it has
 // no derivative: a call that autograd would record is refused at once.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_autograd(
@@ -331,6 +417,7 @@ TORCH_LIBRARY_IMPL(handgrad, Autograd, m) {
   m.impl("activation_backward", &activation_backward_autograd);
   m.impl("bias_activation_backward", &bias_activation_backward_autograd);
   m.impl("linear_activation_backward", &linear_activation_backward_autograd);
+  m.impl("mlp", &mlp_autograd);
 }
 
 }  // namespace handgrad

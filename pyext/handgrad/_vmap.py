@@ -78,3 +78,20 @@ def _linear_activation_backward_vmap(info, in_dims, grad_output, input, weight, 
     # Per-sample weight and bias gradients cannot come from one sum over all rows.
     return _per_sample(_ops.linear_activation_backward, info, in_dims,
                        (grad_output, input, weight, saved, activation, negative_slope, output_mask))
+
+
+@torch.library.register_vmap("handgrad::mlp")
+def _mlp_vmap(info, in_dims, input, weights, biases, activation, negative_slope=0.01,
+              checkpoint_every=0):
+    input_dim, weight_dims, bias_dims = in_dims[:3]
+    if all(d is None for d in (*weight_dims, *bias_dims)):
+        return _ops.mlp(input.movedim(input_dim, 0), weights, biases, activation, negative_slope,
+                        checkpoint_every), 0
+    results = []
+    for i in range(info.batch_size):
+        def pick(t, d):
+            return t if d is None else t.select(d, i)
+        results.append(_ops.mlp(pick(input, input_dim), [pick(w, d) for w, d in zip(weights, weight_dims)],
+                                [pick(b, d) for b, d in zip(biases, bias_dims)], activation,
+                                negative_slope, checkpoint_every))
+    return torch.stack(results), 0

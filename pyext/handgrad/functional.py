@@ -146,7 +146,56 @@ def sigmoid(input):
     return _elementwise(SigmoidFunction, input, "sigmoid", 0.0, False)
 
 
+_LINEAR_FUNCTIONS = {"relu": LinearReLUFunction, "leaky_relu": LinearLeakyReLUFunction,
+                     "sigmoid": LinearSigmoidFunction}
+
+
+def check_checkpoint_every(checkpoint_every):
+    """Return checkpoint_every as the op takes it (0: none), or raise if it is not None or a
+    positive integer."""
+    if checkpoint_every is None:
+        return 0
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+    return checkpoint_every
+
+
+def mlp(input, weights, biases, activation="relu", negative_slope=0.01, checkpoint_every=None):
+    """A whole network in one op: hidden layers h = activation(h @ W.T + b), then a linear
+    output layer. weights and biases list the layers in order, the output layer last.
+
+    The forward stores each hidden layer's output, and the backward runs layer by layer from
+    the output (section 7.4 of the book). With checkpoint_every=k it stores every k-th output
+    only and recomputes the layers in between during the backward (problem 7.11).
+    Forward-mode AD and torch.func run the layers one by one through the Python Functions.
+    """
+    return _mlp(input, weights, biases, activation, check_negative_slope(negative_slope),
+                check_checkpoint_every(checkpoint_every))
+
+
+def _mlp(input, weights, biases, activation, negative_slope, checkpoint_every):
+    """mlp() with its arguments checked already (handgrad.nn.MLP checks them once)."""
+    if torch.compiler.is_compiling():
+        return _ops.mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
+    if _python_autograd():
+        if activation not in _LINEAR_FUNCTIONS:
+            raise ValueError(f"handgrad: unknown activation '{activation}'; "
+                             "expected 'relu', 'leaky_relu' or 'sigmoid'")
+        h = input
+        for weight, bias in zip(weights[:-1], biases[:-1]):
+            h = _linear(_LINEAR_FUNCTIONS[activation], h, weight, bias, activation, negative_slope)
+        return torch.nn.functional.linear(h, weights[-1], biases[-1])
+    try:
+        return _C.mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
+    except (TypeError, NotImplementedError):
+        _explain_bad_argument("mlp", input=input)
+        for name, tensors in (("weights", weights), ("biases", biases)):
+            _explain_bad_argument("mlp", **{f"{name}[{i}]": t for i, t in enumerate(tensors)})
+        raise
+
+
 __all__ = [
+    "mlp",
     "linear_relu",
     "linear_leaky_relu",
     "linear_sigmoid",

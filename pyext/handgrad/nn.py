@@ -7,7 +7,7 @@ kernel as the bias.
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.nn.modules import module as _module
 
 from . import functional as F
 
@@ -85,13 +85,32 @@ class Sigmoid(nn.Module):
 _FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": LinearSigmoid}
 
 
-class MLP(nn.Module):
-    """A stack of fused layers and a plain nn.Linear output layer.
+def _has_hooks(module):
+    """Whether module has hooks of its own around its forward or backward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
-    sizes = [D_i, D_1, ..., D_K, D_o] gives K fused hidden layers. With checkpoint_every=k
-    (problem 7.11), training keeps the activations only at every k-th layer and recomputes
-    the layers in between during the backward (torch.utils.checkpoint, non-reentrant):
-    memory falls by about a factor k for one more forward pass.
+
+def _global_hooks():
+    """Whether hooks registered for every module are set (nn.modules.module.register_module_*)."""
+    return (_module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+class MLP(nn.Module):
+    """A network of fused hidden layers and a plain nn.Linear output layer, run as one op.
+
+    sizes = [D_i, D_1, ..., D_K, D_o] gives K hidden layers, `hidden[k]` (LinearReLU,
+    LinearLeakyReLU or LinearSigmoid), and the output layer `output`. The forward and the
+    backward of the whole network are one hand-written op, torch.ops.handgrad.mlp: the
+    backpropagation algorithm of section 7.4, one call and one autograd node for the network.
+
+    With checkpoint_every=k (problem 7.11) the op stores the output of every k-th hidden layer
+    only and recomputes the others, a stretch of k layers at a time, during the backward:
+    memory for about L/k + k layers' outputs instead of L, for one more forward pass.
+
+    Hooks registered on a layer keep firing: while any layer has hooks the network runs
+    layer by layer (and without checkpointing).
     """
 
     def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None,
@@ -101,9 +120,10 @@ class MLP(nn.Module):
             raise ValueError(f"sizes must list at least the input and output sizes, got {sizes}")
         if activation not in _FUSED_LAYERS:
             raise ValueError(f"activation must be one of {sorted(_FUSED_LAYERS)}, got {activation!r}")
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
-        extra = {"negative_slope": negative_slope} if activation == "leaky_relu" else {}
+        F.check_checkpoint_every(checkpoint_every)
+        self.activation = activation
+        self.negative_slope = F.check_negative_slope(negative_slope)
+        extra = {"negative_slope": self.negative_slope} if activation == "leaky_relu" else {}
         self.hidden = nn.ModuleList(
             _FUSED_LAYERS[activation](d_in, d_out, device=device, dtype=dtype, **extra)
             for d_in, d_out in zip(sizes[:-2], sizes[1:-1])
@@ -111,18 +131,17 @@ class MLP(nn.Module):
         self.output = nn.Linear(sizes[-2], sizes[-1], device=device, dtype=dtype)
         self.checkpoint_every = checkpoint_every
 
-    def _run(self, first, last, x):
-        for layer in self.hidden[first:last]:
-            x = layer(x)
-        return x
-
-    def forward(self, x):
-        k = self.checkpoint_every
-        if k is None or not (self.training and torch.is_grad_enabled()):
-            return self.output(self._run(0, len(self.hidden), x))
-        for first in range(0, len(self.hidden), k):
-            x = checkpoint(self._run, first, first + k, x, use_reentrant=False)
-        return self.output(x)
+    def forward(self, input):
+        # _modules and _parameters directly: Module.__getattr__ would cost a tiny network
+        # measurable time.
+        layers = (*self._modules["hidden"]._modules.values(), self._modules["output"])
+        if _global_hooks() or any(map(_has_hooks, layers)):
+            for layer in layers:
+                input = layer(input)
+            return input
+        return F._mlp(input, [layer._parameters["weight"] for layer in layers],
+                      [layer._parameters["bias"] for layer in layers], self.activation,
+                      self.negative_slope, self.checkpoint_every or 0)
 
     def extra_repr(self):
         return f"checkpoint_every={self.checkpoint_every}" if self.checkpoint_every else ""
