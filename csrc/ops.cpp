@@ -85,8 +85,9 @@ void reject_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack)
   std::string name = op.schema().name();
   name = name.substr(name.find("::") + 2);
   for (size_t i = 0; i < arguments.size(); ++i) {
-    if (arguments[i].name() == "activation" && values[i].isString()) {
-      name.replace(name.find("activation"), 10, values[i].toStringRef());
+    const size_t at = name.find("activation");
+    if (arguments[i].name() == "activation" && values[i].isString() && at != std::string::npos) {
+      name.replace(at, 10, values[i].toStringRef());
     }
   }
   const auto check = [&](const at::Tensor& t, const std::string& argument) {
