@@ -74,9 +74,10 @@ def replay_from_cuda_graph(step):
     return graph.replay
 
 
-def make_steps(activation, shape, device="cpu", dtype=torch.float32, seed=0):
-    """The callables to time: {(mode, candidate): fn} for mode in fwd+bwd, fwd, and on a
-    GPU also "fwd+bwd graph" (replayed from a CUDA graph)."""
+def make_steps(activation, shape, device="cpu", dtype=torch.float32, seed=0, candidates=CANDIDATES):
+    """The callables to time: {(mode, candidate): fn} for mode in fwd+bwd and fwd, and on a
+    GPU also "fwd+bwd graph" and "fwd graph" (replayed from a CUDA graph: the GPU's time,
+    without launch overhead)."""
     fused, eager_activation, _, _ = ACTIVATIONS[activation]
     N, K, M = shape
     g = torch.Generator().manual_seed(seed)
@@ -93,8 +94,10 @@ def make_steps(activation, shape, device="cpu", dtype=torch.float32, seed=0):
     def eager(x, w, b):
         return eager_activation(F.linear(x, w, b))
 
-    torch._dynamo.reset()  # a fresh compile for each shape and activation
-    compiled = torch.compile(eager, dynamic=False)
+    functions = {"handgrad": fused, "eager": eager}
+    if "compile" in candidates:
+        torch._dynamo.reset()  # a fresh compile for each shape and activation
+        functions["compile"] = torch.compile(eager, dynamic=False)
 
     def train_step(fn):
         return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), grad_output)
@@ -111,26 +114,21 @@ def make_steps(activation, shape, device="cpu", dtype=torch.float32, seed=0):
         torch.mm(grad_output, wd)  # dl/dh (7.6)
         torch.mm(grad_output.t(), xd)  # dl/dOmega (7.9)
 
-    steps = {
-        ("fwd+bwd", "handgrad"): train_step(fused),
-        ("fwd+bwd", "eager"): train_step(eager),
-        ("fwd+bwd", "compile"): train_step(compiled),
-        ("fwd+bwd", "floor"): floor_train,
-        ("fwd", "handgrad"): inference_step(fused),
-        ("fwd", "eager"): inference_step(eager),
-        ("fwd", "compile"): inference_step(compiled),
-        ("fwd", "floor"): lambda: torch.mm(xd, wd.t()),
-    }
+    steps = {("fwd+bwd", "floor"): floor_train, ("fwd", "floor"): lambda: torch.mm(xd, wd.t())}
+    for name, fn in functions.items():
+        steps[("fwd+bwd", name)] = train_step(fn)
+        steps[("fwd", name)] = inference_step(fn)
     for step in steps.values():  # warm up, and compile
         step()
         step()
     if device == "cuda":
-        for candidate in CANDIDATES:
-            try:
-                steps[("fwd+bwd graph", candidate)] = replay_from_cuda_graph(steps[("fwd+bwd", candidate)])
-            except Exception as error:  # e.g. a compiled function that cannot be captured
-                print(f"  {candidate}: no CUDA graph ({type(error).__name__}: {error})", file=sys.stderr)
-                steps[("fwd+bwd graph", candidate)] = None
+        for mode in ("fwd+bwd", "fwd"):
+            for candidate in candidates:
+                try:
+                    steps[(f"{mode} graph", candidate)] = replay_from_cuda_graph(steps[(mode, candidate)])
+                except Exception as error:  # e.g. a compiled function that cannot be captured
+                    print(f"  {candidate}: no CUDA graph ({type(error).__name__}: {error})", file=sys.stderr)
+                    steps[(f"{mode} graph", candidate)] = None
     return steps
 
 
@@ -174,22 +172,27 @@ def memory_table(activations, width=256, batch=1024, layers=8):
     return rows, (batch, width, layers)
 
 
+TABLE_HEADER = (
+    "| shape | N,K,M | dtype | activation | mode | floor ms | handgrad ms | eager ms "
+    "| compile ms | handgrad/eager | handgrad/floor | eager/floor | compile/eager |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(r):
+    compile_ms = r.get("compile", float("nan"))
+    return (
+        f"| {r['shape']} | {','.join(map(str, r['NKM']))} | {r['dtype']} | {r['activation']} "
+        f"| {r['mode']} "
+        f"| {r['floor'] * 1e3:.3f} | {r['handgrad'] * 1e3:.3f} | {r['eager'] * 1e3:.3f} "
+        f"| {compile_ms * 1e3:.3f} | **{r['handgrad'] / r['eager']:.2f}** "
+        f"| {r['handgrad'] / r['floor']:.2f} | {r['eager'] / r['floor']:.2f} "
+        f"| {compile_ms / r['eager']:.2f} |"
+    )
+
+
 def results_table(results):
-    lines = [
-        "| shape | N,K,M | dtype | activation | mode | floor ms | handgrad ms | eager ms "
-        "| compile ms | handgrad/eager | handgrad/floor | eager/floor | compile/eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['shape']} | {','.join(map(str, r['NKM']))} | {r['dtype']} | {r['activation']} "
-            f"| {r['mode']} "
-            f"| {r['floor'] * 1e3:.3f} | {r['handgrad'] * 1e3:.3f} | {r['eager'] * 1e3:.3f} "
-            f"| {r['compile'] * 1e3:.3f} | **{r['handgrad'] / r['eager']:.2f}** "
-            f"| {r['handgrad'] / r['floor']:.2f} | {r['eager'] / r['floor']:.2f} "
-            f"| {r['compile'] / r['eager']:.2f} |"
-        )
-    return "\n".join(lines)
+    return "\n".join([TABLE_HEADER] + [table_row(r) for r in results])
 
 
 def plot(results, path):
@@ -206,7 +209,7 @@ def plot(results, path):
         labels = [f"{r['shape']} {r['activation']}" + (f" {r['dtype']}" if several_dtypes else "")
                   for r in rows]
         ratios = [r["handgrad"] / r["eager"] for r in rows]
-        compile_ratios = [r["compile"] / r["eager"] for r in rows]
+        compile_ratios = [r.get("compile", float("nan")) / r["eager"] for r in rows]
         positions = range(len(rows))
         ax.bar([p - 0.2 for p in positions], ratios, width=0.4, label="handgrad / eager")
         ax.bar([p + 0.2 for p in positions], compile_ratios, width=0.4, label="torch.compile / eager",
@@ -249,6 +252,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7, help="interleaved samples per candidate")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per sample")
     parser.add_argument("--out", default="benchmarks/out", help="folder for the JSON and PNG")
+    parser.add_argument("--compile", choices=["yes", "no"],
+                        help="time torch.compile too (default: yes on cpu, no on cuda, where "
+                        "compiling every configuration would not fit a device call)")
     args = parser.parse_args(argv)
     known_shapes = SHAPES if args.device == "cpu" else GPU_SHAPES
     shapes = (args.shapes or ",".join(known_shapes)).split(",")
@@ -261,31 +267,33 @@ def main(argv=None):
                 parser.error(f"unknown {what} {name!r}; choose from {', '.join(known)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a GPU")
+    with_compile = (args.compile or ("yes" if args.device == "cpu" else "no")) == "yes"
+    candidates = [c for c in CANDIDATES if with_compile or c != "compile"]
 
     machine = machine_description(args.device)
     print(f"# handgrad {args.device.upper()} benchmark\n\n{machine}\n", flush=True)
+    print("Median time per call; ratios are of medians measured in the same run. Rows are "
+          "printed as they are measured.\n", flush=True)
+    print(TABLE_HEADER, flush=True)
     results = []
     for dtype in dtypes:
         for shape in shapes:
             for activation in activations:
-                steps = make_steps(activation, known_shapes[shape], args.device, DTYPES[dtype])
+                steps = make_steps(activation, known_shapes[shape], args.device, DTYPES[dtype],
+                                   candidates=candidates)
                 medians = measure(steps, args.rounds, args.min_time)
                 for mode in dict.fromkeys(key[0] for key in steps):
                     row = {"device": args.device, "shape": shape, "NKM": known_shapes[shape],
                            "dtype": dtype, "activation": activation, "mode": mode}
-                    row.update({c: medians[(mode, c)] for c in CANDIDATES})
+                    row.update({c: medians[(mode, c)] for c in candidates})
                     results.append(row)
-                    print(f"  {shape:8s} {dtype:8s} {activation:10s} {mode:14s} handgrad/eager "
-                          f"{row['handgrad'] / row['eager']:.2f}", file=sys.stderr, flush=True)
+                    print(table_row(row), flush=True)
 
-    table = results_table(results)
-    print("Median time per call; ratios are of medians measured in the same run.\n")
-    print(table)
     memory = []
     if args.device == "cpu":
         memory, (batch, width, layers) = memory_table(activations)
-        print(f"\nSaved for backward by an {layers}-layer MLP, width {width}, batch {batch} "
-              "(bytes per layer):\n")
+        print(f"\nSaved for backward by an {layers}-layer MLP, width {width}, batch {batch}, "
+              "parameters excluded (bytes per layer):\n")
         print("| activation | handgrad | eager | handgrad/eager |\n|---|---|---|---|")
         for m in memory:
             print(f"| {m['activation']} | {m['handgrad_bytes_per_layer']:,.0f} | "

@@ -93,23 +93,32 @@ void activation_backward_flat(const scalar_t* grad, const scalar_t* saved, scala
   });
 }
 
-// total[j] = sum over blocks of sums[block, j], added in block order so that the result
-// does not depend on how the blocks were shared among threads. Overwrites sums[0, :].
+// The bias gradient is summed in a cascade, so that its error grows with log(rows), as in
+// eager's summation, not with rows: runs of kRunRows rows are summed one after another, a
+// block adds up its kSumRows / kRunRows runs, and the blocks' sums are added pairwise.
+constexpr int64_t kRunRows = 8, kSumRows = 64;
+
+// total[j] = sum over blocks of sums[block, j], added pairwise in a fixed tree, so that the
+// result is accurate and does not depend on how the blocks were shared among threads.
+// Overwrites sums.
 template <typename scalar_t, typename opmath_t>
-void add_blocks_in_order(opmath_t* sums, int64_t num_blocks, int64_t cols, scalar_t* total) {
+void add_blocks_pairwise(opmath_t* sums, int64_t num_blocks, int64_t cols, scalar_t* total) {
   using Vec = at::vec::Vectorized<opmath_t>;
-  for (int64_t block = 1; block < num_blocks; ++block) {
-    at::vec::map2([](Vec sum, Vec x) { return sum + x; }, sums, sums, sums + block * cols, cols);
+  for (int64_t stride = 1; stride < num_blocks; stride *= 2) {
+    for (int64_t block = 0; block + stride < num_blocks; block += 2 * stride) {
+      at::vec::map2([](Vec a, Vec b) { return a + b; }, sums + block * cols, sums + block * cols,
+                    sums + (block + stride) * cols, cols);
+    }
   }
   at::vec::convert(sums, total, cols);
 }
 
 // One pass over a contiguous (rows, cols) gradient: grad_pre = grad * a'[f], and
-// grad_bias[j] = sum_i grad_pre[i, j] accumulated in the accumulation type.
+// grad_bias[j] = sum_i grad_pre[i, j] accumulated in the accumulation type (the sums of the
+// rounded grad_pre, as eager's grad.sum(0)).
 //
-// The rows are cut into blocks whose size depends on `cols` alone, never on the thread
-// count, and the blocks' partial sums are added in block order, so the bias gradient is
-// the same bit for bit on every run.
+// The blocks of kSumRows rows and the tree that adds their sums depend on the shape alone,
+// never on the thread count, so the bias gradient is the same bit for bit on every run.
 template <typename scalar_t, Activation A>
 void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
                                    scalar_t* grad_pre, scalar_t* grad_bias, int64_t rows,
@@ -117,16 +126,18 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
   const Vec slope(negative_slope);
-  const int64_t block_rows = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1));
-  const int64_t num_blocks = std::max<int64_t>(1, at::divup(rows, block_rows));
+  const int64_t num_blocks = std::max<int64_t>(1, at::divup(rows, kSumRows));
   std::vector<opmath_t> block_sums(num_blocks * cols, opmath_t(0));
+  const int64_t grain_blocks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kSumRows * cols, 1));
 
-  at::parallel_for(0, num_blocks, 1, [&](int64_t first_block, int64_t last_block) {
+  at::parallel_for(0, num_blocks, grain_blocks, [&](int64_t first_block, int64_t last_block) {
     std::vector<opmath_t> widened_row(std::is_same_v<scalar_t, opmath_t> ? 0 : cols);
+    std::vector<opmath_t> run(cols);
+    const auto add = [](Vec sum, Vec x) { return sum + x; };
     for (int64_t block = first_block; block < last_block; ++block) {
       opmath_t* sums = block_sums.data() + block * cols;
-      const int64_t row_end = std::min(rows, (block + 1) * block_rows);
-      for (int64_t i = block * block_rows; i < row_end; ++i) {
+      const int64_t row_end = std::min(rows, (block + 1) * kSumRows);
+      for (int64_t i = block * kSumRows; i < row_end; ++i) {
         scalar_t* grad_pre_row = grad_pre + i * cols;
         at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, slope); },
                       grad_pre_row, grad + i * cols, saved + i * cols, cols);
@@ -137,12 +148,19 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
           at::vec::convert(grad_pre_row, widened_row.data(), cols);
           row = widened_row.data();
         }
-        at::vec::map2([](Vec sum, Vec x) { return sum + x; }, sums, sums, row, cols);
+        if (i % kRunRows == 0) {
+          std::copy_n(row, cols, run.data());
+        } else {
+          at::vec::map2(add, run.data(), run.data(), row, cols);
+        }
+        if (i % kRunRows == kRunRows - 1 || i == row_end - 1) {
+          at::vec::map2(add, sums, sums, run.data(), cols);
+        }
       }
     }
   });
 
-  add_blocks_in_order(block_sums.data(), num_blocks, cols, grad_bias);
+  add_blocks_pairwise(block_sums.data(), num_blocks, cols, grad_bias);
 }
 
 // A dense input as it is (whatever its memory format), anything else made contiguous in
@@ -188,7 +206,7 @@ at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weig
       //   bfloat16, float16: beta is added inside the product (addmm), whose float32
       //     accumulator is rounded once, as in F.linear; rounding the product to 8 bits first
       //     would lose beta + h Omega^T wherever the two nearly cancel. Then a[.].
-      constexpr bool kReducedPrecision = at::is_reduced_floating_point_v<scalar_t>;
+      constexpr bool kReducedPrecision = c10::is_reduced_floating_point_v<scalar_t>;
       constexpr Activation A = decltype(tag)::value;
       const auto gemm_and_activation = [&](int64_t row, int64_t count) {
         at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set per thread
@@ -350,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
       }
       // Cache-blocked: each block's dl/df is made, used for its rows of dl/dh and added into
       // this thread's share of dl/dOmega while it is still in cache, and never written out
-      // whole. The bias sums of the blocks are added in block order (deterministic).
+      // whole. The bias sums of the blocks are added pairwise (deterministic).
       const int64_t num_blocks = at::divup(rows, block_rows);
       if (need_input) grad_input = at::empty({rows, in_features}, input.options());
       at::Tensor block_bias_sums = at::empty({num_blocks, out_features}, input.options());
@@ -378,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
       });
       if (need_weight) grad_weight = weight_shares.sum(0);
       if (need_bias) {
-        add_blocks_in_order(block_bias_sums.data_ptr<scalar_t>(), num_blocks, out_features,
+        add_blocks_pairwise(block_bias_sums.data_ptr<scalar_t>(), num_blocks, out_features,
                             grad_bias.data_ptr<scalar_t>());
       }
     });

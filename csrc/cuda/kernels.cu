@@ -10,7 +10,8 @@
 // Every kernel is launched on the current stream with no host synchronisation, so a
 // forward+backward can be captured in a CUDA graph; every launch is checked. The bias
 // gradient is reduced in two passes over a partition of the rows that depends on the shape
-// alone, without atomics, so it is the same bit for bit on every run.
+// alone, with pairwise sums and without atomics: accurate, and the same bit for bit on every
+// run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -135,27 +136,36 @@ __global__ void activation_backward_2d_kernel(
     }
   }
   if constexpr (BIAS) {
-    // The chunk's column sums: the blockDim.y partial sums of each column, added in y order.
+    // The chunk's column sums: the blockDim.y partial sums of each column, added pairwise
+    // (blockDim.y is a power of two), in a tree that is the same on every run.
     extern __shared__ unsigned char shared_bytes[];
     opmath_t* sums = reinterpret_cast<opmath_t*>(shared_bytes);  // [blockDim.y][blockDim.x * PACK]
     const int width = blockDim.x * PACK;
 #pragma unroll
     for (int k = 0; k < PACK; ++k) sums[threadIdx.y * width + threadIdx.x * PACK + k] = acc[k];
     __syncthreads();
-    const int thread = threadIdx.y * blockDim.x + threadIdx.x;
-    for (int c = thread; c < width; c += blockDim.x * blockDim.y) {  // a column per thread
-      const int64_t column = blockIdx.x * static_cast<int64_t>(width) + c;
-      if (column >= cols) continue;
-      opmath_t total = opmath_t(0);
-      for (int y = 0; y < static_cast<int>(blockDim.y); ++y) total += sums[y * width + c];
-      partial[chunk * cols + column] = total;
+    for (int half = blockDim.y / 2; half > 0; half /= 2) {
+      if (threadIdx.y < half) {
+#pragma unroll
+        for (int k = 0; k < PACK; ++k) {
+          sums[threadIdx.y * width + threadIdx.x * PACK + k] +=
+              sums[(threadIdx.y + half) * width + threadIdx.x * PACK + k];
+        }
+      }
+      __syncthreads();
+    }
+    if (threadIdx.y == 0) {
+#pragma unroll
+      for (int k = 0; k < PACK; ++k) {
+        if (col + k < cols) partial[chunk * cols + col + k] = sums[threadIdx.x * PACK + k];
+      }
     }
   }
 }
 
 // Pass 2 of the bias gradient: grad_bias[j] = the sum over chunks of partial[chunk, j]. Block
 // (32, kSumRows): x a column, y every kSumRows-th chunk in order; then the kSumRows sums of
-// each column are added in y order.
+// each column are added pairwise.
 constexpr int kSumRows = 32;
 
 template <typename scalar_t>
@@ -172,11 +182,11 @@ __global__ void sum_chunks_kernel(const at::opmath_type<scalar_t>* partial, scal
   }
   sums[threadIdx.y][threadIdx.x] = total;
   __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    opmath_t sum = opmath_t(0);
-    for (int y = 0; y < kSumRows; ++y) sum += sums[y][threadIdx.x];
-    grad_bias[col] = static_cast<scalar_t>(sum);
+  for (int half = kSumRows / 2; half > 0; half /= 2) {
+    if (threadIdx.y < half) sums[threadIdx.y][threadIdx.x] += sums[threadIdx.y + half][threadIdx.x];
+    __syncthreads();
   }
+  if (threadIdx.y == 0 && col < cols) grad_bias[col] = static_cast<scalar_t>(sums[0][threadIdx.x]);
 }
 
 // --- Launchers ---
