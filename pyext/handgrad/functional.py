@@ -18,6 +18,7 @@ import numbers
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _C
 from .autograd import (
@@ -95,17 +96,24 @@ def _linear(function, input, weight, bias, activation, negative_slope):
 
 def linear_relu(input, weight, bias=None):
     """relu(input @ weight.T + bias)."""
+    if has_torch_function((input, weight, bias)):  # torch.fx proxies, tensor subclasses
+        return handle_torch_function(linear_relu, (input, weight, bias), input, weight, bias)
     return _linear(LinearReLUFunction, input, weight, bias, "relu", 0.0)
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
     """leaky_relu(input @ weight.T + bias, negative_slope), for any finite slope."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(linear_leaky_relu, (input, weight, bias), input, weight, bias,
+                                     negative_slope=negative_slope)
     negative_slope = check_negative_slope(negative_slope)
     return _linear(LinearLeakyReLUFunction, input, weight, bias, "leaky_relu", negative_slope)
 
 
 def linear_sigmoid(input, weight, bias=None):
     """sigmoid(input @ weight.T + bias)."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(linear_sigmoid, (input, weight, bias), input, weight, bias)
     return _linear(LinearSigmoidFunction, input, weight, bias, "sigmoid", 0.0)
 
 
@@ -131,18 +139,25 @@ def _elementwise(function, input, activation, negative_slope, inplace):
 
 def relu(input, inplace=False):
     """relu(input), elementwise; with inplace=True it overwrites input and returns it."""
+    if has_torch_function((input,)):
+        return handle_torch_function(relu, (input,), input, inplace=inplace)
     return _elementwise(ReLUFunction, input, "relu", 0.0, inplace)
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
     """leaky_relu(input, negative_slope), elementwise, for any finite slope; with
     inplace=True it overwrites input and returns it."""
+    if has_torch_function((input,)):
+        return handle_torch_function(leaky_relu, (input,), input, negative_slope=negative_slope,
+                                     inplace=inplace)
     negative_slope = check_negative_slope(negative_slope)
     return _elementwise(LeakyReLUFunction, input, "leaky_relu", negative_slope, inplace)
 
 
 def sigmoid(input):
     """sigmoid(input), elementwise."""
+    if has_torch_function((input,)):
+        return handle_torch_function(sigmoid, (input,), input)
     return _elementwise(SigmoidFunction, input, "sigmoid", 0.0, False)
 
 
@@ -169,6 +184,10 @@ def mlp(input, weights, biases, activation="relu", negative_slope=0.01, checkpoi
     only and recomputes the layers in between during the backward (problem 7.11).
     Forward-mode AD and torch.func run the layers one by one through the Python Functions.
     """
+    if has_torch_function((input, *weights, *biases)):
+        return handle_torch_function(mlp, (input, *weights, *biases), input, weights, biases,
+                                     activation=activation, negative_slope=negative_slope,
+                                     checkpoint_every=checkpoint_every)
     return _mlp(input, weights, biases, activation, check_negative_slope(negative_slope),
                 check_checkpoint_every(checkpoint_every))
 

@@ -1,0 +1,144 @@
+"""fuse() on models torch.fx can trace: activations called in forward, hooks respected,
+state_dicts and parameters kept, and a clear report of what was fused and why."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import handgrad.functional as hf
+import handgrad.nn as hnn
+
+
+class FunctionalNet(nn.Module):
+    """Activations as calls in forward, every way people write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 12)
+        self.fc4, self.fc5, self.fc6 = nn.Linear(12, 10), nn.Linear(10, 10), nn.Linear(10, 6)
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+        self.act = nn.LeakyReLU(0.1, inplace=True)
+        self.head = nn.Linear(6, 3)
+        self.slope = 0.3
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        h = torch.sigmoid(self.fc2(h))
+        h = F.leaky_relu(self.fc3(h), negative_slope=self.slope)
+        h = self.fc4(h).relu()
+        h = self.act(self.fc5(h))
+        h = hf.relu(self.fc6(h), inplace=True)
+        return self.head(self.block(h))
+
+
+EXPECTED = {"fc1": hnn.LinearReLU, "fc2": hnn.LinearSigmoid, "fc3": hnn.LinearLeakyReLU,
+            "fc4": hnn.LinearReLU, "fc5": hnn.LinearLeakyReLU, "fc6": hnn.LinearReLU,
+            "block.0": hnn.LinearReLU, "head": nn.Linear}
+
+
+def outputs_and_grads(model, x):
+    out = model(x)
+    return (out, *torch.autograd.grad(out.square().sum(), [x, *model.parameters()]))
+
+
+def test_fuses_activations_called_in_forward():
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    reference = copy.deepcopy(model)
+    parameters = list(model.parameters())
+    fused = hnn.fuse(model)
+    for name, kind in EXPECTED.items():
+        assert type(fused.get_submodule(name)) is kind, name
+    assert fused.fc3.negative_slope == 0.3 and fused.fc5.negative_slope == 0.1
+    assert all(a is b for a, b in zip(fused.parameters(), parameters))  # optimizers keep working
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    x = torch.randn(5, 8, requires_grad=True)
+    for a, b in zip(outputs_and_grads(fused, x), outputs_and_grads(reference, x)):
+        torch.testing.assert_close(a, b)
+    # Checkpoints load both ways.
+    reference.load_state_dict(fused.state_dict())
+    fresh = hnn.fuse(FunctionalNet())
+    fresh.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(fresh(x), reference(x))
+
+
+def test_fused_model_compiles():
+    torch._dynamo.reset()
+    fused = hnn.fuse(FunctionalNet())
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(torch.compile(fused, fullgraph=True)(x), fused(x))
+
+
+def test_hooked_modules_are_left_unfused_and_their_hooks_fire():
+    model = FunctionalNet()
+    reference = copy.deepcopy(model)
+    seen = []
+    model.fc1.register_forward_hook(lambda module, args, out: seen.append(out.min().item()))
+    model.act.register_forward_pre_hook(lambda module, args: None)
+    fused = hnn.fuse(model)
+    assert type(fused.fc1) is nn.Linear and type(fused.fc5) is nn.Linear
+    assert type(fused.fc2) is hnn.LinearSigmoid
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(fused(x), reference(x))
+    assert seen and seen[-1] < 0  # the hook saw the Linear's own output, before its ReLU
+
+
+def test_report_says_what_was_fused_and_why_not(caplog, capsys):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = torch.tanh(h) + h  # used twice
+            return self.c(torch.sigmoid(self.b(h)))
+
+    with caplog.at_level(logging.INFO, logger="handgrad.fuse"):
+        fused = hnn.fuse(Net(), verbose=True)
+    printed = capsys.readouterr().out
+    assert "handgrad.nn.fuse: a: not fused, its output is used 2 times" in printed
+    assert "handgrad.nn.fuse: b: fused, fused with the sigmoid after it" in printed
+    assert "handgrad.nn.fuse: c: not fused, nothing follows it" in printed
+    assert any("b: fused" in record.getMessage() for record in caplog.records)
+    assert type(fused.b) is hnn.LinearSigmoid
+
+
+def test_untraceable_model_gets_the_sequential_pass_and_one_warning():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Sigmoid())
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.body(x)
+            if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                h = h * 2
+            return F.relu(self.fc(h))
+
+    model = Branchy()
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="torch.fx cannot trace Branchy") as record:
+        fused = hnn.fuse(model)
+    assert len(record) == 1
+    assert fused is model
+    assert [type(m) for m in fused.body] == [hnn.LinearReLU, nn.Identity, hnn.LinearSigmoid, nn.Identity]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fused(x), reference(x))
+
+
+def test_model_with_nothing_left_to_fuse_keeps_its_type():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    fused = hnn.fuse(model)
+    assert fused is model and type(fused[0]) is hnn.LinearReLU
+
+
+def test_train_and_eval_mode_are_kept():
+    model = FunctionalNet().eval()
+    fused = hnn.fuse(model)
+    assert not fused.training and not fused.fc1.training
