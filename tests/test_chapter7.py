@@ -22,10 +22,29 @@ def random_points(seed):
     return x, p
 
 
+def book_network(x, p):
+    """Problem 7.1's equation as the book writes it, independently of handgrad.chapter7, with
+    a[.] = torch.relu (derivative 0 at 0)."""
+    a = torch.relu
+    first = a(p["theta01"] + p["theta11"] * x)
+    second = a(p["theta02"] + p["theta12"] * x)
+    return (p["phi0"]
+            + p["phi1"] * a(p["psi01"] + p["psi11"] * first + p["psi21"] * second)
+            + p["phi2"] * a(p["psi02"] + p["psi12"] * first + p["psi22"] * second))
+
+
 def relu_patterns(x, p):
     """Which of the four ReLUs of problem 7.1 are on, at each point."""
-    z1, z2, _, _, g1, g2 = c7._two_layer_parts(x, p)
+    z1, z2 = p["theta01"] + p["theta11"] * x, p["theta02"] + p["theta12"] * x
+    h1, h2 = torch.relu(z1), torch.relu(z2)
+    g1 = p["psi01"] + p["psi11"] * h1 + p["psi21"] * h2
+    g2 = p["psi02"] + p["psi12"] * h1 + p["psi22"] * h2
     return {tuple(int(v) for v in row) for row in torch.stack([z1 > 0, z2 > 0, g1 > 0, g2 > 0], 1)}
+
+
+def test_7_1_network_is_the_books():
+    x, p = random_points(9)
+    torch.testing.assert_close(c7.two_layer_net(x, p), book_network(x, p))
 
 
 def test_7_1_params_order():
@@ -41,7 +60,7 @@ def test_7_1_points_reach_every_relu_pattern():
 def test_7_1_derivatives_match_reverse_mode_autograd(seed):
     x, p = random_points(seed)
     p = {k: v.requires_grad_() for k, v in p.items()}
-    y = c7.two_layer_net(x, p)
+    y = book_network(x, p)
     grads = torch.autograd.grad(y.sum(), [p[name] for name in c7.PARAMS_7_1])
     closed = c7.two_layer_derivatives(x, p)
     assert set(closed) == set(c7.PARAMS_7_1)
@@ -54,8 +73,28 @@ def test_7_1_derivatives_match_forward_mode_autograd(name):
     x, p = random_points(2)
     with fwAD.dual_level():
         dual = dict(p, **{name: fwAD.make_dual(p[name], torch.ones(POINTS, dtype=torch.float64))})
-        tangent = fwAD.unpack_dual(c7.two_layer_net(x, dual)).tangent
+        tangent = fwAD.unpack_dual(book_network(x, dual)).tangent
     torch.testing.assert_close(c7.two_layer_derivatives(x, p)[name], tangent)
+
+
+def test_7_1_at_the_kinks_relus_derivative_is_zero():
+    # x = -1 with every parameter 0.5 puts both first-layer units exactly at 0: I[0 > 0] = 0,
+    # so nothing reaches the four theta. (clamp(min=0), whose derivative at 0 is 1, fails this.)
+    x = torch.tensor([-1.0], dtype=torch.float64)
+    p = {name: torch.tensor([0.5], dtype=torch.float64, requires_grad=True) for name in c7.PARAMS_7_1}
+    grads = torch.autograd.grad(book_network(x, p).sum(), [p[name] for name in c7.PARAMS_7_1])
+    closed = c7.two_layer_derivatives(x, p)
+    for name, grad in zip(c7.PARAMS_7_1, grads):
+        torch.testing.assert_close(closed[name].detach(), grad, msg=f"dy/d{name}")
+    for name in ("theta01", "theta11", "theta02", "theta12"):
+        assert closed[name].item() == 0.0
+    # handgrad.chapter7's own network too: with every parameter 0 but phi1, g1 = 0 exactly,
+    # and dy/dpsi01 = phi1 a'(0) = 0 under autograd as in the closed form.
+    p = {name: torch.tensor(0.0, dtype=torch.float64, requires_grad=True) for name in c7.PARAMS_7_1}
+    p["phi1"] = torch.tensor(1.0, dtype=torch.float64)
+    x = torch.tensor(0.5, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(c7.two_layer_net(x, p), p["psi01"])
+    assert grad.item() == c7.two_layer_derivatives(x, p)["psi01"].item() == 0.0
 
 
 def test_7_1_derivative_with_scalar_parameters_broadcasts():
@@ -119,8 +158,13 @@ def test_7_2_loss_derivative_needs_the_target():
     assert not torch.allclose(c7.toy_chain_derivatives(x, y, beta, omega)["f3"], 2 * f3)
 
 
+def graph_points(seed=11):
+    """POINTS random x in [-3, 1], where y = exp[...] + sin[...] stays finite."""
+    return -3 + 4 * torch.rand(POINTS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def test_7_12_reverse_mode_matches_autograd():
-    x = torch.linspace(-3, 1, 41, dtype=torch.float64, requires_grad=True)
+    x = graph_points().requires_grad_()
     nodes = c7.graph_7_12(x)
     keys = ["f5", "f4", "f3", "f2", "f1"]
     grads = torch.autograd.grad(nodes["y"].sum(), [nodes[k] for k in keys] + [x])
@@ -146,7 +190,7 @@ def y_from(node, value, x):
 
 @pytest.mark.parametrize("node", ["f5", "f4", "f3", "f2", "f1", "x"])
 def test_7_12_reverse_mode_matches_forward_ad(node):
-    x = torch.linspace(-3, 1, 41, dtype=torch.float64)
+    x = graph_points()
     value = x if node == "x" else c7.graph_7_12(x)[node]
     with fwAD.dual_level():
         tangent = fwAD.unpack_dual(y_from(node, fwAD.make_dual(value, torch.ones_like(value)), x)).tangent
@@ -154,7 +198,7 @@ def test_7_12_reverse_mode_matches_forward_ad(node):
 
 
 def test_7_13_forward_mode_matches_reverse_mode_autograd():
-    x = torch.linspace(-3, 1, 41, dtype=torch.float64, requires_grad=True)
+    x = graph_points().requires_grad_()
     nodes = c7.graph_7_12(x)
     closed = c7.forward_mode(x.detach())
     for key in ["f1", "f2", "f3", "f4", "f5", "y"]:
@@ -163,7 +207,7 @@ def test_7_13_forward_mode_matches_reverse_mode_autograd():
 
 
 def test_7_13_forward_mode_matches_forward_ad():
-    x = torch.linspace(-3, 1, 41, dtype=torch.float64)
+    x = graph_points()
     with fwAD.dual_level():
         nodes = c7.graph_7_12(fwAD.make_dual(x, torch.ones_like(x)))
         tangents = {k: fwAD.unpack_dual(v).tangent for k, v in nodes.items()}
@@ -174,9 +218,10 @@ def test_7_13_forward_mode_matches_forward_ad():
 
 
 def test_7_4_and_7_5_loss_derivatives():
-    f = torch.randn(100, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(100, dtype=torch.float64)
-    labels = (torch.rand(100, dtype=torch.float64) > 0.5).double()
+    g = torch.Generator().manual_seed(12)
+    f = (3 * torch.randn(POINTS, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.randn(POINTS, generator=g, dtype=torch.float64)
+    labels = (torch.rand(POINTS, generator=g, dtype=torch.float64) > 0.5).double()
 
     def least_squares(f):
         return (y - f) ** 2
@@ -191,6 +236,15 @@ def test_7_4_and_7_5_loss_derivatives():
         torch.testing.assert_close(closed, grad)
         _, tangent = torch.func.jvp(loss, (f.detach(),), (torch.ones_like(f),))  # forward mode
         torch.testing.assert_close(closed, tangent)
+
+
+@pytest.mark.parametrize("activation", [c7.heaviside, c7.rect], ids=["heaviside", "rect"])
+def test_7_8_step_activations_block_gradients_but_the_last_layer_learns(activation):
+    first, last, largest = c7.train_with_step_activation(activation)
+    for name in ("omega0", "beta0", "omega1", "beta1"):  # before a step unit: nothing, ever
+        assert largest[name] == 0.0, name
+    assert largest["omega2"] > 0 and largest["beta2"] > 0
+    assert last < 0.5 * first  # the output layer fits the fixed random features
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid"])
@@ -266,9 +320,24 @@ def test_example_init(tmp_path):
         assert abs(estimate - exact) < 0.02 * exact
     he, too_small = result["variances"]["He"], result["variances"]["too small (std 0.01)"]
     assert he[-1] > 1e-2 and too_small[-1] < 1e-30
-    assert result["zero_init"]["relu"] == ["output.bias"]  # 7.15
-    assert result["zero_init"]["sigmoid"] == ["output.weight", "output.bias"]
+    assert 0.4 < result["xavier_ratio"] < 0.6  # Xavier halves the variance at each layer
+    relu, sigmoid = result["zero_init"]["relu"], result["zero_init"]["sigmoid"]  # 7.15
+    assert [name for name, step in relu["first_step"].items() if step] == ["output.bias"]
+    assert relu["output_bias_gradient"] > 0
+    assert sigmoid["first_step"] == {"hidden.0.weight": 3, "hidden.0.bias": 3, "hidden.1.weight": 2,
+                                     "hidden.1.bias": 2, "output.weight": 1, "output.bias": 1}
+    assert all(sigmoid["identical_units"].values())  # after 200 steps: one unit per layer, in effect
     assert (tmp_path / "init.png").stat().st_size > 1000
+
+
+def test_examples_run_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    results, difference = checkpoint.main(["--depth", "4", "--out", str(tmp_path)])
+    assert difference == 0.0 and set(results) == {None, 5, 10}
+    assert "no figure checkpoint.png: matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoint.png").exists()
 
 
 def test_example_checkpoint(tmp_path):

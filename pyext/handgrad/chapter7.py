@@ -20,7 +20,9 @@ PARAMS_7_1 = [
 
 
 def _relu(z):
-    return z.clamp(min=0)
+    # torch.relu, not clamp(min=0): clamp's autograd derivative at 0 is 1, relu's is 0, the
+    # I[z > 0] of the closed forms below.
+    return torch.relu(z)
 
 
 def _step(z):
@@ -135,6 +137,56 @@ def forward_mode(x):
     return d
 
 
+# --- Problem 7.8: step activations pass no gradient back ---
+
+
+def heaviside(z):
+    """Heaviside[z] = I[z >= 0]. Its derivative is 0 wherever it exists, so autograd sees a
+    constant: no gradient flows back through it."""
+    return (z >= 0).to(z.dtype)
+
+
+def rect(z):
+    """rect[z] = I[0 <= z <= 1], likewise flat wherever it has a derivative."""
+    return ((z >= 0) & (z <= 1)).to(z.dtype)
+
+
+def train_with_step_activation(activation=heaviside, steps=200, seed=0):
+    """Train a 1-20-20-1 network whose hidden units are `activation` on a smooth target by
+    gradient descent: (first loss, last loss, {parameter: largest |gradient| seen}).
+
+    Only the output layer receives gradient, and it does learn: the hidden layers act as
+    fixed random features, like a random-features model."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [1, 20, 20, 1]
+    params = {}
+    for k, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        params[f"omega{k}"] = (torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5).requires_grad_()
+        params[f"beta{k}"] = (0.5 * torch.randn(d_out, generator=g, dtype=torch.float64)).requires_grad_()
+    x = torch.linspace(-2, 2, 100, dtype=torch.float64).unsqueeze(1)
+    y = torch.sin(2 * x) + 0.5 * x
+
+    def network(x):
+        h = x
+        for k in range(len(sizes) - 1):
+            f = h @ params[f"omega{k}"].T + params[f"beta{k}"]
+            h = activation(f) if k < len(sizes) - 2 else f
+        return h
+
+    largest = dict.fromkeys(params, 0.0)
+    losses = []
+    for _ in range(steps):
+        loss = ((network(x) - y) ** 2).mean()
+        losses.append(loss.item())
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        with torch.no_grad():
+            for (name, p), grad in zip(params.items(), grads):
+                if grad is not None:
+                    largest[name] = max(largest[name], grad.abs().max().item())
+                    p -= 0.02 * grad
+    return losses[0], losses[-1], largest
+
+
 # --- Problems 7.4 and 7.5: loss derivatives ---
 
 
@@ -159,4 +211,7 @@ __all__ = [
     "forward_mode",
     "least_squares_derivative",
     "binary_cross_entropy_derivative",
+    "heaviside",
+    "rect",
+    "train_with_step_activation",
 ]

@@ -1,23 +1,30 @@
-"""Shared plotting set-up for the examples: a file backend, and the output folder."""
+"""Shared set-up of the examples: figures (when matplotlib is there) and a progress bar."""
 
 import os
 
 
-def pyplot():
-    import matplotlib
+def figure(out, name, draw, ncols=1, figsize=(6, 4)):
+    """Draw a figure with draw(*axes) and save it as out/name; return its path.
 
+    matplotlib is an optional extra (pip install matplotlib, or handgrad[examples]): without
+    it the examples print their numbers as usual, say in one line that the figure is
+    skipped, and return None here.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no figure {name}: matplotlib is not installed (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
-
-
-def save(fig, out, name):
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    draw(*axes[0])
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    pyplot().close(fig)
+    plt.close(fig)
     print(f"wrote {path}")
     return path
 

@@ -16,7 +16,7 @@ from torch import nn
 import handgrad.nn as hnn
 from handgrad.chapter7 import binary_cross_entropy_derivative
 
-from ._plotting import progress, pyplot, save
+from ._plotting import figure, progress
 from .fig7_8 import BATCH_SIZE, D_I, D_K, NUM_POINTS, he_init, optimizer_and_schedule
 
 
@@ -99,17 +99,17 @@ def main(argv=None):
     error = check_output_gradient(runs["handgrad_model"], x, y)
     print(f"dl/df = sig[f] - y (7.5) at the output layer: max error {error:.3e}")
 
-    plt = pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = range(1, args.epochs + 1)
-    for layers, style in (("torch", "-"), ("handgrad", "--")):
-        ax_loss.plot(epochs, runs[layers][0], style, label=layers)
-        ax_acc.plot(epochs, runs[layers][1], style, label=layers)
-    ax_loss.set(xlabel="epoch", ylabel="binary cross-entropy", title="Loss (problem 7.17)")
-    ax_acc.set(xlabel="epoch", ylabel="training accuracy", title="Accuracy", ylim=(0, 1.02))
-    ax_loss.legend()
-    ax_acc.legend()
-    save(fig, args.out, "binary.png")
+    def draw(ax_loss, ax_acc):
+        epochs = range(1, args.epochs + 1)
+        for layers, style in (("torch", "-"), ("handgrad", "--")):
+            ax_loss.plot(epochs, runs[layers][0], style, label=layers)
+            ax_acc.plot(epochs, runs[layers][1], style, label=layers)
+        ax_loss.set(xlabel="epoch", ylabel="binary cross-entropy", title="Loss (problem 7.17)")
+        ax_acc.set(xlabel="epoch", ylabel="training accuracy", title="Accuracy", ylim=(0, 1.02))
+        ax_loss.legend()
+        ax_acc.legend()
+
+    figure(args.out, "binary.png", draw, ncols=2, figsize=(10, 4))
     return {"losses": (runs["torch"][0], runs["handgrad"][0]),
             "accuracies": (runs["torch"][1], runs["handgrad"][1]), "output_gradient_error": error}
 

@@ -24,7 +24,7 @@ import torch
 
 from handgrad.nn import MLP
 
-from ._plotting import pyplot, save
+from ._plotting import figure
 
 DEPTH, WIDTH, BATCH = 50, 256, 512
 CHOICES = (None, 5, 10)
@@ -121,19 +121,19 @@ def main(argv=None):
               f"{peak / base_peak:.0%} | {seconds * 1e3:.1f} | {seconds / base_time:.2f} |")
     print(f"\nlargest gradient difference from no checkpointing: {difference:.3e}")
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = [f"every {every}" if every else "none" for every in results]
-    positions = range(len(labels))
-    ax.bar([p - 0.2 for p in positions], [r[0] / 2**20 for r in results.values()], width=0.4,
-           label="stored by the forward")
-    ax.bar([p + 0.2 for p in positions], [r[1] / 2**20 for r in results.values()], width=0.4,
-           label="peak during the backward")
-    ax.set_xticks(list(positions))
-    ax.set_xticklabels(labels)
-    ax.set(ylabel="MiB", title="Gradient checkpointing (problem 7.11)")
-    ax.legend()
-    save(fig, args.out, "checkpoint.png")
+    def draw(ax):
+        labels = [f"every {every}" if every else "none" for every in results]
+        positions = range(len(labels))
+        ax.bar([p - 0.2 for p in positions], [r[0] / 2**20 for r in results.values()], width=0.4,
+               label="stored by the forward")
+        ax.bar([p + 0.2 for p in positions], [r[1] / 2**20 for r in results.values()], width=0.4,
+               label="peak during the backward")
+        ax.set_xticks(list(positions))
+        ax.set_xticklabels(labels)
+        ax.set(ylabel="MiB", title="Gradient checkpointing (problem 7.11)")
+        ax.legend()
+
+    figure(args.out, "checkpoint.png", draw)
     return results, difference
 
 

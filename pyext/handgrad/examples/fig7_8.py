@@ -15,7 +15,7 @@ from torch import nn
 
 import handgrad.nn as hnn
 
-from ._plotting import progress, pyplot, save
+from ._plotting import figure, progress
 
 D_I, D_K, D_O = 10, 40, 5
 NUM_POINTS, BATCH_SIZE = 100, 10
@@ -75,17 +75,16 @@ def train(model, x, y, epochs, seed, label="training"):
 
 
 def plot(torch_losses, handgrad_losses, out):
-    plt = pyplot()
-    epochs = range(1, len(torch_losses) + 1)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, torch_losses, label="torch.nn (Linear + ReLU)", linewidth=3, alpha=0.5)
-    ax.plot(epochs, handgrad_losses, "--", label="handgrad (LinearReLU)")
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss (MSE)")
-    ax.set_title("Figure 7.8 network, same seed (problem 7.16)")
-    ax.legend()
-    return save(fig, out, "fig7_8.png")
+    def draw(ax):
+        epochs = range(1, len(torch_losses) + 1)
+        ax.plot(epochs, torch_losses, label="torch.nn (Linear + ReLU)", linewidth=3, alpha=0.5)
+        ax.plot(epochs, handgrad_losses, "--", label="handgrad (LinearReLU)")
+        ax.set_yscale("log")
+        ax.set(xlabel="epoch", ylabel="training loss (MSE)",
+               title="Figure 7.8 network, same seed (problem 7.16)")
+        ax.legend()
+
+    return figure(out, "fig7_8.png", draw)
 
 
 def main(argv=None):

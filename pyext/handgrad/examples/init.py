@@ -6,7 +6,8 @@
    (variance 2 / D_in, which makes up for the halving of 7.14), Xavier/Glorot
    (2 / (D_in + D_out)) and a too-small initialisation: He keeps it level, the others let
    it vanish geometrically.
-3. Problem 7.15, all-zero initialisation: which parameters still receive gradient.
+3. Problem 7.15, all-zero initialisation, trained for 200 steps: at which step each
+   parameter first receives gradient, and whether the units of a layer ever differ.
 
     python -m handgrad.examples.init [--out DIR]
 """
@@ -18,7 +19,7 @@ from torch import nn
 
 from handgrad.nn import MLP
 
-from ._plotting import progress, pyplot, save
+from ._plotting import figure, progress
 
 DEPTH, WIDTH, BATCH = 50, 100, 1000
 
@@ -56,15 +57,35 @@ def activation_variances(init, seed=0):
     return variances
 
 
-def zero_init_gradients(activation="relu", seed=0):
-    """Train step of an all-zero network: {parameter name: largest |gradient|}."""
+def zero_init_training(activation="relu", steps=200, seed=0):
+    """Train an all-zero network (problem 7.15) with SGD: ({parameter name: first step at
+    which it received gradient, or None}, {hidden layer: whether its units are still all
+    identical}, output bias gradient at the first step)."""
     torch.manual_seed(seed)
     model = MLP([10, 40, 40, 5], activation=activation)
     for parameter in model.parameters():
         nn.init.zeros_(parameter)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(100, 10), torch.randn(100, 5)
-    nn.functional.mse_loss(model(x), y).backward()
-    return {name: p.grad.abs().max().item() for name, p in model.named_parameters()}
+    first = dict.fromkeys(name for name, _ in model.named_parameters())
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if step == 1:
+            output_bias_gradient = model.output.bias.grad.abs().max().item()
+        for name, p in model.named_parameters():
+            if first[name] is None and p.grad.abs().max() > 0:
+                first[name] = step
+        optimizer.step()
+    # A layer's units are identical when every row of its weight (and its bias) is the same.
+    identical = {f"hidden.{k}": bool((layer.weight == layer.weight[:1]).all() and (layer.bias == layer.bias[0]).all())
+                 for k, layer in enumerate(model.hidden)}
+    return first, identical, output_bias_gradient
+
+
+def layer_ratios(variances):
+    """Variance of each layer over the one before it."""
+    return [b / a for a, b in zip(variances, variances[1:])]
 
 
 def main(argv=None):
@@ -87,23 +108,34 @@ def main(argv=None):
     for k in (0, 9, 19, 29, 39, 49):
         print(f"{k + 1:>5}  " + "  ".join(f"{v[k]:>20.3e}" for v in variances.values()))
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, v in variances.items():
-        ax.semilogy(range(1, DEPTH + 1), v, label=name)
-    ax.set(xlabel="layer", ylabel="variance of pre-activations",
-           title="Activations through a 50-layer handgrad MLP")
-    ax.legend()
-    save(fig, args.out, "init.png")
+    def draw(ax):
+        for name, v in variances.items():
+            ax.semilogy(range(1, DEPTH + 1), v, label=name)
+        ax.set(xlabel="layer", ylabel="variance of pre-activations",
+               title="Activations through a 50-layer handgrad MLP")
+        ax.legend()
 
-    print("\nProblem 7.15: all weights and biases zero; largest |gradient| after one step:")
-    found = {}
+    figure(args.out, "init.png", draw)
+
+    he, xavier = variances["He"], variances["Xavier (Glorot)"]
+    xavier_ratio = torch.tensor(layer_ratios(xavier)).log().mean().exp().item()
+    print(f"\nHe: {he[0]:.2f} at layer 1, {he[-1]:.2f} at layer {DEPTH} on this draw (its log "
+          "drifts like a random walk; only its expectation stays level)")
+    print(f"Xavier: each layer multiplies the variance by {xavier_ratio:.3f} on average "
+          f"(width {WIDTH}: D Var[w] / 2 = {WIDTH} x {2 / (2 * WIDTH):.3f} / 2 = 0.5)")
+
+    print(f"\nProblem 7.15: all weights and biases zero, {200} SGD steps:")
+    zero_init = {}
     for activation in ("relu", "sigmoid"):
-        grads = zero_init_gradients(activation)
-        found[activation] = [name for name, g in grads.items() if g > 0]
-        print(f"  hidden {activation}: " + ", ".join(f"{n} {g:.3g}" for n, g in grads.items()))
-        print(f"    receive gradient: {', '.join(found[activation]) or 'none'}")
-    return {"moments": moments, "variances": variances, "zero_init": found}
+        first, identical, bias_gradient = zero_init_training(activation)
+        zero_init[activation] = {"first_step": first, "identical_units": identical,
+                                 "output_bias_gradient": bias_gradient}
+        print(f"  hidden {activation}: first step with gradient: "
+              + ", ".join(f"{name} {step or 'never'}" for name, step in first.items()))
+        print(f"    units still identical in: "
+              + (", ".join(name for name, same in identical.items() if same) or "no layer"))
+    return {"moments": moments, "variances": variances, "xavier_ratio": xavier_ratio,
+            "zero_init": zero_init}
 
 
 if __name__ == "__main__":
