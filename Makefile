@@ -1,15 +1,22 @@
 # handgrad: the two front-door commands are `make demo` and `make test`; both install first.
 #
-#   make install     create .venv (unless a virtualenv is active), install torch and the tools,
-#                    build the extension (idempotent: does nothing when nothing changed)
+#   make install     create .venv (unless a virtualenv is active), install torch where none is,
+#                    and the tools, build the extension (does nothing when nothing changed)
 #   make demo        train the figure 7.8 network with torch.nn and with handgrad (problem 7.16)
 #   make test        the test suite
-#   make bench       the CPU benchmark table (benchmarks/RESULTS.md explains it)
+#   make bench       the CPU benchmark tables: layers and whole networks (benchmarks/RESULTS.md)
 #   make sanitize    build with AddressSanitizer + UBSan into build/sanitize, run the tests there
 #   make cuda-build  compile and link the CUDA build on a machine with nvcc (no GPU needed)
 
-TORCH_SPEC ?= torch==2.13.0
-PACKAGES    = numpy pytest hypothesis expecttest pybind11 ninja matplotlib "setuptools>=64" wheel
+# torch is installed only where none is: an active virtual environment keeps its own.
+#   TORCH_SPEC   what to install where torch is missing
+#   TORCH_INDEX  a package index for it, e.g. https://download.pytorch.org/whl/cpu for the
+#                CPU-only wheels (PyPI's torch for Linux is a CUDA build, over 1.5 GB)
+#   FORCE_TORCH  1: install TORCH_SPEC even over a torch that is already there
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+FORCE_TORCH ?= 0
+PACKAGES     = numpy pytest hypothesis expecttest pybind11 ninja matplotlib "setuptools>=64" wheel
 
 ifdef VIRTUAL_ENV
   PYTHON := $(VIRTUAL_ENV)/bin/python
@@ -30,7 +37,13 @@ $(PYTHON):
 # Build isolation stays off: it would download a multi-GB CUDA build of torch to compile
 # against, instead of using the torch installed here.
 $(STAMP): $(PYTHON) $(SOURCES) Makefile
-	$(PIP) install -q $(TORCH_SPEC) $(PACKAGES)
+	@if [ "$(FORCE_TORCH)" != 1 ] && $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "handgrad: using the torch already in $(dir $(PYTHON)): $$($(PYTHON) -c 'import torch; print(torch.__version__)') (FORCE_TORCH=1 installs $(TORCH_SPEC) instead)"; \
+	else \
+	  echo "handgrad: installing $(TORCH_SPEC)$(if $(TORCH_INDEX), from $(TORCH_INDEX))"; \
+	  $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; \
+	fi
+	$(PIP) install -q $(PACKAGES)
 	$(PIP) install -q --no-build-isolation -e .
 	@touch $@
 
@@ -42,6 +55,7 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_layers.py
+	$(PYTHON) benchmarks/bench_networks.py
 
 # $(call build_into,DIR,PYTHON,ENVIRONMENT): the package, with its library freshly built by
 # PYTHON under ENVIRONMENT, in DIR, beside the editable install, for tests to import from there.

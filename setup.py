@@ -42,9 +42,18 @@ try:
     import torch
     from torch.utils import cpp_extension
 except ImportError:
+    # pip's isolated build environments live in pip-build-env-* folders on sys.path.
+    if any("pip-build-env" in path for path in sys.path):
+        sys.exit(
+            "handgrad: this build cannot see torch because pip is building in an isolated "
+            "environment. Build against the torch you have installed:\n"
+            "  pip install --no-build-isolation .\n"
+            "(handgrad does not let pip fetch torch for the build: that would download a "
+            "multi-GB CUDA build just to compile against it.)"
+        )
     sys.exit(
         "handgrad: PyTorch must be installed before handgrad is built, and the build must "
-        "see it.\n  pip install torch==2.13.0        (or the torch you use)\n"
+        "see it.\n  pip install torch numpy            (or the torch you use)\n"
         "  pip install --no-build-isolation .\n"
         "Build isolation is off on purpose: an isolated build would download a multi-GB "
         "CUDA build of torch just to compile against it."

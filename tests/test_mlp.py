@@ -201,3 +201,18 @@ def test_bad_arguments_are_named():
         hf.mlp(x, [weights[0], torch.randn(2, 5)], biases, activation="tanh")
     with pytest.raises(TypeError, match=r"mlp\(\): argument 'weights\[1\]' \(position 2\) must be Tensor, not str"):
         hf.mlp(x, [weights[0], "w"], biases)
+
+
+@pytest.mark.parametrize("batch", [10, 100])
+def test_the_books_network_is_torch_nns_to_the_last_bit(batch):
+    # Figure 7.8's network: every layer makes eager's BLAS calls and bias sums.
+    torch.manual_seed(0)
+    model = hnn.MLP([10, 40, 40, 5])
+    reference = twin(model)
+    x = torch.randn(batch, 10, requires_grad=True)
+    out, expected = model(x), reference(x)
+    assert torch.equal(out, expected)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, *model.parameters()], g),
+                    torch.autograd.grad(expected, [x, *reference.parameters()], g)):
+        assert torch.equal(a, b)

@@ -55,14 +55,26 @@ int64_t cache_block_rows(int64_t rows, int64_t in_features, int64_t out_features
 }
 
 // out = a[input], elementwise over contiguous memory (out may be input).
+//
+// Each thread's share runs in pairs of SIMD registers and its last few elements one by one,
+// the way ATen's elementwise kernels (cpu_kernel_vec) walk memory: the vectorized and the
+// scalar exp can differ in the last bit, and so a sigmoid over the same elements gives
+// eager's values to the last bit.
 template <typename scalar_t, Activation A>
 void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel,
                              double negative_slope) {
-  using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
   const Vec slope(negative_slope);
+  const auto scalar_slope = static_cast<opmath_t>(negative_slope);
+  constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
   at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+    const int64_t vectorized_end = begin + (end - begin) / kStep * kStep;
     at::vec::map([&](Vec f) { return activate<A>(f, slope); }, out + begin, input + begin,
-                 end - begin);
+                 vectorized_end - begin);
+    for (int64_t i = vectorized_end; i < end; ++i) {
+      out[i] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(input[i]), scalar_slope));
+    }
   });
 }
 
@@ -200,21 +212,25 @@ at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weig
       // f = beta + h Omega^T, then a[f] in place: a block of rows at a time, while the block
       // is still in cache. Inside the parallel region ATen, BLAS and the passes over the
       // block run on the calling thread.
-      //   float32, float64: the product by BLAS, then beta and a[.] in one pass. The product
-      //     is already in float32 (or float64), so adding beta after it rounds as eager's
-      //     addmm does, and saves addmm's pass that copies beta into the output first.
-      //   bfloat16, float16: beta is added inside the product (addmm), whose float32
-      //     accumulator is rounded once, as in F.linear; rounding the product to 8 bits first
-      //     would lose beta + h Omega^T wherever the two nearly cancel. Then a[.].
-      constexpr bool kReducedPrecision = c10::is_reduced_floating_point_v<scalar_t>;
+      //   bfloat16, float16: beta is added inside the product (BLAS with beta = 1 on rows
+      //     holding the bias: what F.linear's addmm does), whose float32 accumulator is
+      //     rounded once; rounding the product to 8 bits first would lose beta + h Omega^T
+      //     wherever the two nearly cancel.
+      //   float32, float64 in one block: the same, so that the output is F.linear's to the
+      //     last bit (the same BLAS call).
+      //   float32, float64 in blocks: the product alone, then beta and a[.] in one pass
+      //     while the block is in cache (10-15 % faster at 16384x256x256, measured; the
+      //     product is in float32 already, so the bias is still rounded once).
       constexpr Activation A = decltype(tag)::value;
+      const bool bias_inside_product =
+          bias_data != nullptr && (c10::is_reduced_floating_point_v<scalar_t> || block_rows >= rows);
       const auto gemm_and_activation = [&](int64_t row, int64_t count) {
         at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set per thread
         const bool whole = count == rows;  // narrow() costs a dispatch; tiny layers notice
         at::Tensor out_block = whole ? out_rows : out_rows.narrow(0, row, count);
         const at::Tensor x_block = whole ? x : x.narrow(0, row, count);
         scalar_t* data = out_block.data_ptr<scalar_t>();
-        if (kReducedPrecision && bias_data != nullptr) {
+        if (bias_inside_product) {
           for (int64_t i = 0; i < count; ++i) {  // out = beta in every row, then out += h Omega^T
             std::copy_n(bias_data, out_features, data + i * out_features);
           }
@@ -222,7 +238,7 @@ at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weig
         } else {
           at::mm_out(out_block, x_block, weight_t);
         }
-        if (!kReducedPrecision && bias_data != nullptr) {
+        if (bias_data != nullptr && !bias_inside_product) {
           bias_activation_rows<scalar_t, A>(data, bias_data, count, out_features, negative_slope);
         } else {
           activation_forward_flat<scalar_t, A>(data, data, count * out_features, negative_slope);
@@ -337,8 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
   const at::Tensor saved_rows = as_rows(saved, rows, out_features).contiguous();
   const at::Tensor x = as_rows(input, rows, in_features);
   const auto [need_input, need_weight, need_bias] = output_mask;
-  at::Tensor grad_input, grad_weight;
-  at::Tensor grad_bias = need_bias ? at::empty({out_features}, input.options()) : at::Tensor();
+  at::Tensor grad_input, grad_weight, grad_bias;
 
   int64_t block_rows = cache_block_rows(rows, in_features, out_features, input.element_size());
   if (at::isReducedFloatingType(input.scalar_type())) {
@@ -350,20 +365,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
     dispatch_activation(act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
       if (block_rows >= rows) {
-        // One pass for dl/df (and dl/dbeta), then the two products on the whole matrix.
+        // One pass for dl/df, then the products on the whole matrix and dl/dbeta as eager's
+        // addmm backward makes them (grad.sum(0)): a layer that fits one block gets eager's
+        // gradients to the last bit.
         at::Tensor grad_pre = at::empty({rows, out_features}, input.options());
-        if (need_bias) {
-          bias_activation_backward_rows<scalar_t, A>(
-              grad.const_data_ptr<scalar_t>(), saved_rows.const_data_ptr<scalar_t>(),
-              grad_pre.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(), rows, out_features,
-              negative_slope);
-        } else {
-          activation_backward_flat<scalar_t, A>(
-              grad.const_data_ptr<scalar_t>(), saved_rows.const_data_ptr<scalar_t>(),
-              grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), negative_slope);
-        }
+        activation_backward_flat<scalar_t, A>(
+            grad.const_data_ptr<scalar_t>(), saved_rows.const_data_ptr<scalar_t>(),
+            grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), negative_slope);
         if (need_input) grad_input = at::mm(grad_pre, weight);      // (7.6)
         if (need_weight) grad_weight = at::mm(grad_pre.t(), x);     // (7.9)
+        if (need_bias) grad_bias = at::sum(grad_pre, 0);
         return;
       }
       // Cache-blocked: each block's dl/df is made, used for its rows of dl/dh and added into
@@ -396,6 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
       });
       if (need_weight) grad_weight = weight_shares.sum(0);
       if (need_bias) {
+        grad_bias = at::empty({out_features}, input.options());
         add_blocks_pairwise(block_bias_sums.data_ptr<scalar_t>(), num_blocks, out_features,
                             grad_bias.data_ptr<scalar_t>());
       }
