@@ -88,6 +88,17 @@ def measure(steps, rounds, min_time):
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def print_table(rows, suffix, header, leading):
+    """One markdown row per network: leading(row), then the three candidates' times (their
+    keys end in suffix) and their ratios to torch.nn."""
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        base, mlp, fused = (r[c + suffix] for c in CANDIDATES)
+        print(f"| {r['network']} | {leading(r)} | {base * 1e6:.1f} | {mlp * 1e6:.1f} | {fused * 1e6:.1f} "
+              f"| **{mlp / base:.2f}** | **{fused / base:.2f}** |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", default=",".join(NETWORKS),
@@ -120,24 +131,14 @@ def main(argv=None):
 
     print("Median time of one SGD step (zero_grad, forward, MSE, backward, step); ratios of "
           "medians from the same run.\n")
-    print("| network | sizes | batch | torch.nn us | MLP us | fuse us | MLP/torch.nn | fuse/torch.nn |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        base = r["torch.nn"]
-        print(f"| {r['network']} | {'-'.join(map(str, r['sizes']))} | {r['batch']} "
-              f"| {base * 1e6:.1f} | {r['handgrad MLP'] * 1e6:.1f} | {r['fuse(Sequential)'] * 1e6:.1f} "
-              f"| **{r['handgrad MLP'] / base:.2f}** | **{r['fuse(Sequential)'] / base:.2f}** |")
+    print_table(rows, "", "| network | sizes | batch | torch.nn us | MLP us | fuse us | MLP/torch.nn "
+                "| fuse/torch.nn |", lambda r: f"{'-'.join(map(str, r['sizes']))} | {r['batch']}")
     print("\nWhere the time goes (the same run): forward, MSE and backward alone, which is what "
           "a network implementation controls, and the SGD step alone, which every candidate "
           "pays alike.\n")
-    print("| network | torch.nn fwd+bwd us | MLP fwd+bwd us | fuse fwd+bwd us | MLP/torch.nn | "
-          "fuse/torch.nn | SGD step us |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        base = r["torch.nn fwd+bwd"]
-        print(f"| {r['network']} | {base * 1e6:.1f} | {r['handgrad MLP fwd+bwd'] * 1e6:.1f} "
-              f"| {r['fuse(Sequential) fwd+bwd'] * 1e6:.1f} | **{r['handgrad MLP fwd+bwd'] / base:.2f}** "
-              f"| **{r['fuse(Sequential) fwd+bwd'] / base:.2f}** | {r['optimizer'] * 1e6:.1f} |")
+    print_table(rows, " fwd+bwd", "| network | SGD step us | torch.nn fwd+bwd us | MLP fwd+bwd us "
+                "| fuse fwd+bwd us | MLP/torch.nn | fuse/torch.nn |",
+                lambda r: f"{r['optimizer'] * 1e6:.1f}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_networks.json"), "w") as f:
         json.dump({"machine": machine_description("cpu"), "results": rows}, f, indent=1)
