@@ -44,9 +44,15 @@ def check_negative_slope(negative_slope):
     return float(negative_slope)
 
 
-def _python_autograd():
-    """Whether this call goes to the Python Functions: forward-mode AD or torch.func."""
-    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+def _entry():
+    """Which way a call goes in: torch.ops while torch.compile traces (Dynamo records the
+    op); None for forward-mode AD and torch.func, which take the Python Functions; else
+    handgrad._C, the same op through a cheaper call."""
+    if torch.compiler.is_compiling():
+        return _ops
+    if _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        return None
+    return _C
 
 
 def _explain_bad_argument(function, **arguments):
@@ -79,16 +85,23 @@ def _autocast(input, weight, bias):
     )
 
 
-def _linear(function, input, weight, bias, activation, negative_slope):
-    if torch.compiler.is_compiling():
-        return _ops.linear_activation(input, weight, bias, activation, negative_slope)
-    if _python_autograd():
-        arguments = _autocast(input, weight, bias)
-        if function is LinearLeakyReLUFunction:
-            arguments += (negative_slope,)
-        return function.apply(*arguments)
+# The Python Functions, by activation: the way forward-mode AD and torch.func go.
+_LINEAR_FUNCTIONS = {"relu": LinearReLUFunction, "leaky_relu": LinearLeakyReLUFunction,
+                     "sigmoid": LinearSigmoidFunction}
+_FUNCTIONS = {"relu": ReLUFunction, "leaky_relu": LeakyReLUFunction, "sigmoid": SigmoidFunction}
+
+
+def _slope_argument(activation, negative_slope):
+    return (negative_slope,) if activation == "leaky_relu" else ()
+
+
+def _linear(input, weight, bias, activation, negative_slope):
+    entry = _entry()
+    if entry is None:
+        arguments = _autocast(input, weight, bias) + _slope_argument(activation, negative_slope)
+        return _LINEAR_FUNCTIONS[activation].apply(*arguments)
     try:
-        return _C.linear_activation(input, weight, bias, activation, negative_slope)
+        return entry.linear_activation(input, weight, bias, activation, negative_slope)
     except (TypeError, NotImplementedError):
         _explain_bad_argument(f"linear_{activation}", input=input, weight=weight, bias=bias)
         raise
@@ -98,7 +111,7 @@ def linear_relu(input, weight, bias=None):
     """relu(input @ weight.T + bias)."""
     if has_torch_function((input, weight, bias)):  # torch.fx proxies, tensor subclasses
         return handle_torch_function(linear_relu, (input, weight, bias), input, weight, bias)
-    return _linear(LinearReLUFunction, input, weight, bias, "relu", 0.0)
+    return _linear(input, weight, bias, "relu", 0.0)
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
@@ -107,31 +120,26 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
         return handle_torch_function(linear_leaky_relu, (input, weight, bias), input, weight, bias,
                                      negative_slope=negative_slope)
     negative_slope = check_negative_slope(negative_slope)
-    return _linear(LinearLeakyReLUFunction, input, weight, bias, "leaky_relu", negative_slope)
+    return _linear(input, weight, bias, "leaky_relu", negative_slope)
 
 
 def linear_sigmoid(input, weight, bias=None):
     """sigmoid(input @ weight.T + bias)."""
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_sigmoid, (input, weight, bias), input, weight, bias)
-    return _linear(LinearSigmoidFunction, input, weight, bias, "sigmoid", 0.0)
+    return _linear(input, weight, bias, "sigmoid", 0.0)
 
 
-def _elementwise(function, input, activation, negative_slope, inplace):
-    if torch.compiler.is_compiling():
-        if inplace:
-            _ops.activation_(input, activation, negative_slope)
-            return input
-        return _ops.activation(input, activation, negative_slope)
-    if _python_autograd():
-        extra = (negative_slope,) if function is LeakyReLUFunction else ()
-        out = function.apply(input, *extra)
+def _elementwise(input, activation, negative_slope, inplace):
+    entry = _entry()
+    if entry is None:
+        out = _FUNCTIONS[activation].apply(input, *_slope_argument(activation, negative_slope))
         return input.copy_(out) if inplace else out
     try:
         if inplace:
-            _C.activation_(input, activation, negative_slope)
+            entry.activation_(input, activation, negative_slope)
             return input
-        return _C.activation(input, activation, negative_slope)
+        return entry.activation(input, activation, negative_slope)
     except (TypeError, NotImplementedError):
         _explain_bad_argument(activation, input=input)
         raise
@@ -141,7 +149,7 @@ def relu(input, inplace=False):
     """relu(input), elementwise; with inplace=True it overwrites input and returns it."""
     if has_torch_function((input,)):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
-    return _elementwise(ReLUFunction, input, "relu", 0.0, inplace)
+    return _elementwise(input, "relu", 0.0, inplace)
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
@@ -151,18 +159,14 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
         return handle_torch_function(leaky_relu, (input,), input, negative_slope=negative_slope,
                                      inplace=inplace)
     negative_slope = check_negative_slope(negative_slope)
-    return _elementwise(LeakyReLUFunction, input, "leaky_relu", negative_slope, inplace)
+    return _elementwise(input, "leaky_relu", negative_slope, inplace)
 
 
 def sigmoid(input):
     """sigmoid(input), elementwise."""
     if has_torch_function((input,)):
         return handle_torch_function(sigmoid, (input,), input)
-    return _elementwise(SigmoidFunction, input, "sigmoid", 0.0, False)
-
-
-_LINEAR_FUNCTIONS = {"relu": LinearReLUFunction, "leaky_relu": LinearLeakyReLUFunction,
-                     "sigmoid": LinearSigmoidFunction}
+    return _elementwise(input, "sigmoid", 0.0, False)
 
 
 def check_checkpoint_every(checkpoint_every):
@@ -194,18 +198,17 @@ def mlp(input, weights, biases, activation="relu", negative_slope=0.01, checkpoi
 
 def _mlp(input, weights, biases, activation, negative_slope, checkpoint_every):
     """mlp() with its arguments checked already (handgrad.nn.MLP checks them once)."""
-    if torch.compiler.is_compiling():
-        return _ops.mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
-    if _python_autograd():
+    entry = _entry()
+    if entry is None:  # layer by layer, through the per-layer Python Functions
         if activation not in _LINEAR_FUNCTIONS:
             raise ValueError(f"handgrad: unknown activation '{activation}'; "
                              "expected 'relu', 'leaky_relu' or 'sigmoid'")
         h = input
         for weight, bias in zip(weights[:-1], biases[:-1]):
-            h = _linear(_LINEAR_FUNCTIONS[activation], h, weight, bias, activation, negative_slope)
+            h = _linear(h, weight, bias, activation, negative_slope)
         return torch.nn.functional.linear(h, weights[-1], biases[-1])
     try:
-        return _C.mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
+        return entry.mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
     except (TypeError, NotImplementedError):
         _explain_bad_argument("mlp", input=input)
         for name, tensors in (("weights", weights), ("biases", biases)):
