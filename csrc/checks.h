@@ -29,6 +29,16 @@ inline Activation parse_activation(c10::string_view name) {
       "'; expected 'relu', 'leaky_relu' or 'sigmoid'");
 }
 
+// The inverse of parse_activation.
+inline c10::string_view activation_name(Activation activation) {
+  switch (activation) {
+    case Activation::ReLU: return "relu";
+    case Activation::LeakyReLU: return "leaky_relu";
+    case Activation::Sigmoid: return "sigmoid";
+  }
+  return "";
+}
+
 // The name users know an op by, to start every message: the schema's name with
 // "activation" replaced by the activation ("linear_relu", "sigmoid_backward", ...). It is
 // written out only when a check fails, so checks cost nothing on the happy path.
@@ -40,6 +50,17 @@ struct OpName {
 
 inline std::ostream& operator<<(std::ostream& out, const OpName& name) {
   return out << name.prefix << name.activation << name.suffix;
+}
+
+// An argument that is an element of a list argument, for messages: "weights[2]". Like
+// OpName, written out only when a check fails.
+struct ListItem {
+  const char* list;
+  size_t index;
+};
+
+inline std::ostream& operator<<(std::ostream& out, const ListItem& item) {
+  return out << item.list << "[" << item.index << "]";
 }
 
 inline std::string dtype_name(const at::Tensor& t) {
@@ -60,9 +81,11 @@ inline void check_floating_dtype(const OpName& op, const char* arg, const at::Te
       "; expected torch.float32, torch.float64, torch.float16 or torch.bfloat16");
 }
 
-// `other` must share dtype and device with `reference`.
-inline void check_same_dtype_and_device(
-    const OpName& op, const char* arg, const at::Tensor& other, const char* reference_arg,
+// `other` must share dtype and device with `reference`. Arg is a name: a const char* or a
+// ListItem.
+template <typename Arg>
+void check_same_dtype_and_device(
+    const OpName& op, const Arg& arg, const at::Tensor& other, const char* reference_arg,
     const at::Tensor& reference) {
   TORCH_CHECK(
       other.device() == reference.device(), op, ": ", arg, " is on ", other.device(), " but ",

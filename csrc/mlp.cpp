@@ -19,10 +19,8 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -35,7 +33,7 @@ namespace {
 void check_mlp_arguments(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                          c10::string_view activation, double negative_slope,
                          int64_t checkpoint_every) {
-  const OpName op{"", "mlp", ""};
+  const OpName op{"mlp", "", ""};
   parse_activation(activation);
   check_negative_slope(op, negative_slope);
   check_floating_dtype(op, "input", input);
@@ -48,10 +46,9 @@ void check_mlp_arguments(const at::Tensor& input, at::TensorList weights, at::Te
               "mlp: input must have shape (*, in_features) with at least 1 dimension, got a 0-D tensor");
   int64_t features = input.size(-1);
   for (size_t l = 0; l < weights.size(); ++l) {
-    const std::string weight = "weights[" + std::to_string(l) + "]";
-    const std::string bias = "biases[" + std::to_string(l) + "]";
-    check_same_dtype_and_device(op, weight.c_str(), weights[l], "input", input);
-    check_same_dtype_and_device(op, bias.c_str(), biases[l], "input", input);
+    const ListItem weight{"weights", l}, bias{"biases", l};
+    check_same_dtype_and_device(op, weight, weights[l], "input", input);
+    check_same_dtype_and_device(op, bias, biases[l], "input", input);
     TORCH_CHECK(weights[l].dim() == 2, "mlp: ", weight,
                 " must be 2-D (out_features, in_features), got shape ", weights[l].sizes());
     TORCH_CHECK(weights[l].size(1) == features, "mlp: ", weight, " has ", weights[l].size(1),
@@ -128,8 +125,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   TORCH_CHECK(saved.size() == (checkpoint_every > 0 ? (stretches > 0 ? stretches - 1 : 0) : hidden),
               "mlp_backward: saved has ", saved.size(), " tensors, which is not what mlp_forward "
               "stores for ", hidden, " hidden layers with checkpoint_every=", checkpoint_every);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  c10::NoGradGuard no_grad;  // recomputation included
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the recomputation is not recorded
 
   const at::Tensor x = input_rows(input);
   std::vector<at::Tensor> grad_weights(layers), grad_biases(layers);

@@ -33,15 +33,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
-c10::string_view activation_name(Activation activation) {
-  switch (activation) {
-    case Activation::ReLU: return "relu";
-    case Activation::LeakyReLU: return "leaky_relu";
-    case Activation::Sigmoid: return "sigmoid";
-  }
-  return "";
-}
-
 // The activation (and a flag of the caller's) in one entry of the context, the slope in a
 // second only for leaky_relu: each entry costs a tiny layer measurable time.
 void save_activation(AutogradContext* ctx, Activation activation, double negative_slope,
@@ -311,6 +302,22 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_autograd(
   return {grads[0], grads[1]};
 }
 
+// The fused backward op is used only where the backward is not itself recorded, so it has
+// no derivative: a call that autograd would record is refused at once.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, c10::string_view activation, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(
+      !needs_function({&grad_output, &input, &weight, &saved}),
+      "linear_", activation, "_backward: this fused backward is not differentiable and not for "
+      "forward-mode AD; call it under torch.no_grad(), or differentiate linear_activation's "
+      "backward with create_graph=True, which uses the differentiable backward ops");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return ops::linear_activation_backward(grad_output, input, weight, saved, activation,
+                                         negative_slope, output_mask);
+}
+
 // --- The whole network (csrc/mlp.cpp) ---
 
 class MLPFunction : public torch::autograd::Function<MLPFunction> {
@@ -425,22 +432,6 @@ at::Tensor mlp_autocast(const at::Tensor& input, at::TensorList weights, at::Ten
                   at::autocast::cached_cast(dtype, weights, device),
                   at::autocast::cached_cast(dtype, biases, device), activation, negative_slope,
                   checkpoint_every);
-}
-
-// The fused backward op is used only where the backward is not itself recorded, so it has
-// no derivative: a call that autograd would record is refused at once.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_autograd(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, c10::string_view activation, double negative_slope,
-    std::array<bool, 3> output_mask) {
-  TORCH_CHECK(
-      !needs_function({&grad_output, &input, &weight, &saved}),
-      "linear_", activation, "_backward: this fused backward is not differentiable and not for "
-      "forward-mode AD; call it under torch.no_grad(), or differentiate linear_activation's "
-      "backward with create_graph=True, which uses the differentiable backward ops");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return ops::linear_activation_backward(grad_output, input, weight, saved, activation,
-                                         negative_slope, output_mask);
 }
 
 }  // namespace
