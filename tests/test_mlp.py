@@ -149,6 +149,11 @@ def test_vmap_of_the_op_itself():
     torch.testing.assert_close(
         torch.func.vmap(lambda xi: ops.mlp(xi, weights, biases, "relu", 0.0, 0))(x),
         ops.mlp(x, weights, biases, "relu", 0.0, 0))
+    # A batched weight: each sample runs with its own.
+    first_weights = torch.randn(3, 5, 4)
+    torch.testing.assert_close(
+        torch.func.vmap(lambda xi, wi: ops.mlp(xi, [wi, weights[1]], biases, "relu", 0.0, 0))(x, first_weights),
+        torch.stack([ops.mlp(x[i], [first_weights[i], weights[1]], biases, "relu", 0.0, 0) for i in range(3)]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -20,14 +20,18 @@ def _batch_first(tensor, batch_dim, batch_size):
     return tensor.movedim(batch_dim, 0)
 
 
+def _sample(arg, dim, i):
+    """Sample i of an argument: a tensor (dim None: not batched) or a list of them."""
+    if isinstance(arg, (list, tuple)):
+        return [_sample(a, d, i) for a, d in zip(arg, dim)]
+    return arg if dim is None else arg.select(dim, i)
+
+
 def _per_sample(op, info, in_dims, args):
     """Run op on each sample and stack the results (None results stay None)."""
     results = []
     for i in range(info.batch_size):
-        sample = [
-            arg.select(dim, i) if dim is not None else arg for arg, dim in zip(args, in_dims)
-        ]
-        results.append(op(*sample))
+        results.append(op(*[_sample(arg, dim, i) for arg, dim in zip(args, in_dims)]))
     if isinstance(results[0], torch.Tensor):
         return torch.stack(results), 0
     stacked = tuple(
@@ -87,11 +91,5 @@ def _mlp_vmap(info, in_dims, input, weights, biases, activation, negative_slope=
     if all(d is None for d in (*weight_dims, *bias_dims)):
         return _ops.mlp(input.movedim(input_dim, 0), weights, biases, activation, negative_slope,
                         checkpoint_every), 0
-    results = []
-    for i in range(info.batch_size):
-        def pick(t, d):
-            return t if d is None else t.select(d, i)
-        results.append(_ops.mlp(pick(input, input_dim), [pick(w, d) for w, d in zip(weights, weight_dims)],
-                                [pick(b, d) for b, d in zip(biases, bias_dims)], activation,
-                                negative_slope, checkpoint_every))
-    return torch.stack(results), 0
+    return _per_sample(_ops.mlp, info, in_dims,
+                       (input, weights, biases, activation, negative_slope, checkpoint_every))
