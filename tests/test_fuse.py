@@ -132,6 +132,18 @@ def test_untraceable_model_gets_the_sequential_pass_and_one_warning():
     torch.testing.assert_close(fused(x), reference(x))
 
 
+def test_linear_subclasses_are_left_unfused_and_reported(capsys):
+    class ScaledLinear(nn.Linear):  # a subclass may change forward: not ours to replace
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    model = nn.Sequential(ScaledLinear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Sigmoid())
+    fused = hnn.fuse(model, verbose=True)
+    assert type(fused[0]) is ScaledLinear and type(fused[1]) is nn.ReLU
+    assert type(fused[2]) is hnn.LinearSigmoid
+    assert "0: not fused, ScaledLinear is not nn.Linear itself" in capsys.readouterr().out
+
+
 def test_model_with_nothing_left_to_fuse_keeps_its_type():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     fused = hnn.fuse(model)

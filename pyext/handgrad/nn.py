@@ -191,6 +191,11 @@ def _fused_layer(linear, activation, negative_slope):
     return fused
 
 
+def _is_linear(module):
+    """Whether module is an nn.Linear fuse() must decide on: not one of handgrad's own."""
+    return isinstance(module, nn.Linear) and type(module).__module__ != __name__
+
+
 def _why_not_fusable(linear, activation_module=None):
     """Why linear (and its activation module) must stay as they are, or None."""
     if type(linear) is not nn.Linear:  # a subclass may change forward
@@ -209,7 +214,7 @@ def _fuse_sequentials(module, prefix, decisions):
         for index in range(len(module) - 1):
             linear, activation = module[index], module[index + 1]
             name = _ACTIVATION_MODULES.get(type(activation))
-            if type(linear) is not nn.Linear or name is None:
+            if not _is_linear(linear) or name is None:
                 continue
             qualified = f"{prefix}{index}"
             reason = _why_not_fusable(linear, activation)
@@ -262,7 +267,7 @@ def _fuse_graph(module, decisions):
     modules = dict(module.named_modules())
     replacements = {}
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules[node.target]) is not nn.Linear:
+        if node.op != "call_module" or not _is_linear(modules[node.target]):
             continue
         users = list(node.users)
         if len(users) != 1:
