@@ -131,6 +131,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   std::vector<at::Tensor> grad_weights(layers), grad_biases(layers);
   // g = dl/df of the output layer, as a (rows, out_features) matrix.
   at::Tensor g = grad_output.reshape({x.size(0), weights[hidden].size(0)});
+  // The output layer, linear, from its input h_L: dl/dOmega_L = g h_L^T (7.9),
+  // dl/dbeta_L = sum g, and g becomes dl/dh_L = Omega_L^T g (7.6) where it is wanted.
+  const auto output_layer_backward = [&](const at::Tensor& h_last, bool need_input) {
+    grad_weights[hidden] = at::mm(g.t(), h_last);
+    grad_biases[hidden] = at::sum(g, 0);
+    g = need_input ? at::mm(g, weights[hidden]) : at::Tensor();
+  };
   // The stretches of hidden layers, last first; without checkpointing, one stretch of all.
   for (size_t s = stretches; s-- > 0;) {
     const size_t first = s * stretch, last = std::min(hidden, first + stretch);
@@ -141,14 +148,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     } else {
       outputs.assign(saved.begin() + first, saved.begin() + last);
     }
-    if (last == hidden) {
-      // The output layer, linear: dl/dOmega_L = g h_L^T (7.9), dl/dbeta_L = sum g, and
-      // dl/dh_L = Omega_L^T g (7.6).
-      const at::Tensor& h_last = outputs.back();
-      grad_weights[hidden] = at::mm(g.t(), h_last);
-      grad_biases[hidden] = at::sum(g, 0);
-      g = at::mm(g, weights[hidden]);
-    }
+    if (last == hidden) output_layer_backward(outputs.back(), /*need_input=*/true);
     for (size_t l = last; l-- > first;) {
       // Hidden layer l: h_{l+1} = a[f], f = beta_l + Omega_l h_l. Its fused backward makes
       // dl/df = dl/dh_{l+1} * a' (read off h_{l+1}, or off f recomputed where h_{l+1} hides
@@ -165,11 +165,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       g = grad_h;
     }
   }
-  if (hidden == 0) {  // no hidden layer: a linear model
-    grad_weights[0] = at::mm(g.t(), x);
-    grad_biases[0] = at::sum(g, 0);
-    g = input_requires_grad ? at::mm(g, weights[0]) : at::Tensor();
-  }
+  if (hidden == 0) output_layer_backward(x, input_requires_grad);  // a linear model
   at::Tensor grad_input = input_requires_grad ? g.reshape(input.sizes()) : at::Tensor();
   return {grad_input, grad_weights, grad_biases};
 }

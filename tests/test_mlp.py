@@ -80,6 +80,9 @@ def test_single_linear_layer_and_input_without_grad():
     torch.testing.assert_close(out, model.output(x))
     grads = torch.autograd.grad(out.sum(), list(model.parameters()))
     torch.testing.assert_close(grads, torch.autograd.grad(model.output(x).sum(), list(model.parameters())))
+    x.requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(model(x).sum(), x),
+                               torch.autograd.grad(model.output(x).sum(), x))
 
 
 @pytest.mark.parametrize("activation,slope", ACTIVATIONS, ids=IDS)
