@@ -77,4 +77,16 @@ C10_HOST_DEVICE inline V activation_backward(V grad, V saved, V negative_slope) 
   }
 }
 
+// The same dl/df with a' read off f itself, where the output is not at hand (the fused
+// MLP recomputes f in cache rather than store it). ReLU's and LeakyReLU's a' need only the
+// sign of f, which f tells for every slope; sigmoid's needs sig[f].
+template <Activation A, typename V>
+C10_HOST_DEVICE inline V activation_backward_from_preactivation(V grad, V f, V negative_slope) {
+  if constexpr (A == Activation::Sigmoid) {
+    return activation_backward<A>(grad, activate<A>(f, negative_slope), negative_slope);
+  } else {
+    return activation_backward<A>(grad, f, negative_slope);
+  }
+}
+
 }  // namespace handgrad

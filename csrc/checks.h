@@ -168,6 +168,43 @@ inline int64_t leading_rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
+// The arguments of the whole-network ops: each layer's weight takes the features of the one
+// before; biases lists one per layer, or none for a network without biases.
+inline void check_mlp_arguments(const at::Tensor& input, at::TensorList weights,
+                                at::TensorList biases, c10::string_view activation,
+                                double negative_slope, int64_t checkpoint_every,
+                                std::optional<c10::string_view> output_activation) {
+  const OpName op{"mlp", "", ""};
+  parse_activation(activation);
+  if (output_activation.has_value()) parse_activation(*output_activation);
+  check_negative_slope(op, negative_slope);
+  check_floating_dtype(op, "input", input);
+  TORCH_CHECK_VALUE(checkpoint_every >= 0, "mlp: checkpoint_every must be 0 (none) or a positive ",
+                    "number of layers, got ", checkpoint_every);
+  TORCH_CHECK(!weights.empty(), "mlp: weights must list at least the output layer, got none");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "mlp: got ", weights.size(),
+              " weights but ", biases.size(), " biases; give one bias per layer, or none");
+  TORCH_CHECK(input.dim() >= 1,
+              "mlp: input must have shape (*, in_features) with at least 1 dimension, got a 0-D tensor");
+  int64_t features = input.size(-1);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const ListItem weight{"weights", l}, bias{"biases", l};
+    check_same_dtype_and_device(op, weight, weights[l], "input", input);
+    TORCH_CHECK(weights[l].dim() == 2, "mlp: ", weight,
+                " must be 2-D (out_features, in_features), got shape ", weights[l].sizes());
+    TORCH_CHECK(weights[l].size(1) == features, "mlp: ", weight, " has ", weights[l].size(1),
+                " columns but ", l == 0 ? "input has " : "the layer before has ", features,
+                " features");
+    if (!biases.empty()) {
+      check_same_dtype_and_device(op, bias, biases[l], "input", input);
+      TORCH_CHECK(biases[l].dim() == 1 && biases[l].size(0) == weights[l].size(0), "mlp: ", bias,
+                  " must have shape [", weights[l].size(0), "] (out_features of ", weight,
+                  "), got shape ", biases[l].sizes());
+    }
+    features = weights[l].size(0);
+  }
+}
+
 // Whether a' cannot be read off the output: leaky_relu with a negative slope gives
 // out >= 0 on both sides of f = 0, so its backward needs f itself (csrc/activation.h).
 inline bool output_hides_sign(Activation activation, double negative_slope) {

@@ -1,16 +1,16 @@
 // The whole network as one op: the backpropagation algorithm of section 7.4.
 //
 //   forward:  h_0 = input;  h_{l+1} = a[beta_l + Omega_l h_l] for the hidden layers;
-//             out = beta_L + Omega_L h_L, a linear output layer. Each h_l is stored.
+//             out = beta_L + Omega_L h_L, or a_out[...] with an output activation.
 //   backward: from the output layer down, with g = dl/df_l:
 //             dl/dOmega_l = g h_l^T (7.9),  dl/dbeta_l = sum of g over the batch,
 //             dl/dh_l = Omega_l^T g (7.6),  and below a hidden layer g = dl/dh_l * a'[f]
 //             with a' read off the stored h_{l+1} (7.7, 7.10).
 //
-// Each layer is one of the per-layer ops (linear_activation and its fused backward), called
-// through the dispatcher below autograd, so the same code serves CPU and CUDA and every
-// formula stays in csrc/activation.h. What the whole-network op saves is the per-layer
-// overhead: one call from Python and one autograd node for the network, not one per layer.
+// On the CPU the network runs in the fused engine (csrc/cpu/fused_mlp.cpp): blocks of rows
+// through every layer while they are in cache. On other devices each layer is one of the
+// per-layer ops (linear_activation and its fused backward), called through the dispatcher
+// below autograd, so each device's own kernels do the work.
 //
 // Gradient checkpointing (problem 7.11): with checkpoint_every = k, the forward stores the
 // output of every k-th hidden layer only; the backward recomputes one stretch of k layers
@@ -25,41 +25,72 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/fused_mlp.h"
 #include "ops.h"
 
 namespace handgrad {
 namespace {
 
-void check_mlp_arguments(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-                         c10::string_view activation, double negative_slope,
-                         int64_t checkpoint_every) {
-  const OpName op{"mlp", "", ""};
-  parse_activation(activation);
-  check_negative_slope(op, negative_slope);
-  check_floating_dtype(op, "input", input);
-  TORCH_CHECK_VALUE(checkpoint_every >= 0, "mlp: checkpoint_every must be 0 (none) or a positive ",
-                    "number of layers, got ", checkpoint_every);
-  TORCH_CHECK(!weights.empty(), "mlp: weights must list at least the output layer, got none");
-  TORCH_CHECK(biases.size() == weights.size(), "mlp: got ", weights.size(), " weights but ",
-              biases.size(), " biases; each layer has one of each");
-  TORCH_CHECK(input.dim() >= 1,
-              "mlp: input must have shape (*, in_features) with at least 1 dimension, got a 0-D tensor");
-  int64_t features = input.size(-1);
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const ListItem weight{"weights", l}, bias{"biases", l};
-    check_same_dtype_and_device(op, weight, weights[l], "input", input);
-    check_same_dtype_and_device(op, bias, biases[l], "input", input);
-    TORCH_CHECK(weights[l].dim() == 2, "mlp: ", weight,
-                " must be 2-D (out_features, in_features), got shape ", weights[l].sizes());
-    TORCH_CHECK(weights[l].size(1) == features, "mlp: ", weight, " has ", weights[l].size(1),
-                " columns but ", l == 0 ? "input has " : "the layer before has ", features,
-                " features");
-    TORCH_CHECK(biases[l].dim() == 1 && biases[l].size(0) == weights[l].size(0), "mlp: ", bias,
-                " must have shape [", weights[l].size(0), "] (out_features of ", weight,
-                "), got shape ", biases[l].sizes());
-    features = weights[l].size(0);
-  }
+using OutputActivation = std::optional<c10::string_view>;
+
+// How many hidden outputs mlp_forward stores for these arguments.
+size_t stored_count(size_t hidden, int64_t checkpoint_every) {
+  if (checkpoint_every == 0) return hidden;
+  return hidden == 0 ? 0 : (hidden - 1) / static_cast<size_t>(checkpoint_every);
 }
+
+void check_saved(at::TensorList saved, size_t hidden, int64_t checkpoint_every) {
+  TORCH_CHECK(saved.size() == stored_count(hidden, checkpoint_every), "mlp_backward: saved has ",
+              saved.size(), " tensors, which is not what mlp_forward stores for ", hidden,
+              " hidden layers with checkpoint_every=", checkpoint_every);
+}
+
+// --- CPU: the fused engine ---
+
+cpu::NetworkActivations network_activations(c10::string_view activation, double negative_slope,
+                                            OutputActivation output_activation) {
+  std::optional<Activation> output;
+  if (output_activation.has_value()) output = parse_activation(*output_activation);
+  return {parse_activation(activation), output, negative_slope};
+}
+
+at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                   c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+                   OutputActivation output_activation) {
+  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
+                      output_activation);
+  return cpu::fused_forward(input, weights, biases,
+                            network_activations(activation, negative_slope, output_activation),
+                            checkpoint_every, nullptr);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
+    const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+    OutputActivation output_activation) {
+  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
+                      output_activation);
+  std::vector<at::Tensor> saved;
+  at::Tensor out = cpu::fused_forward(
+      input, weights, biases, network_activations(activation, negative_slope, output_activation),
+      checkpoint_every, &saved);
+  return {out, saved};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList saved, c10::string_view activation,
+    double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
+    OutputActivation output_activation) {
+  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
+                      output_activation);
+  check_saved(saved, weights.size() - 1, checkpoint_every);
+  return cpu::fused_backward(grad_output, input, weights, biases, saved, at::Tensor(),
+                             network_activations(activation, negative_slope, output_activation),
+                             checkpoint_every, {input_requires_grad, true, !biases.empty()});
+}
+
+// --- Other devices: the per-layer ops ---
 
 // The input as a (rows, in_features) matrix; every layer works on such matrices.
 at::Tensor input_rows(const at::Tensor& input) {
@@ -74,68 +105,109 @@ at::Tensor output_shaped(const at::Tensor& out, const at::Tensor& input) {
   return out.view(sizes);  // below autograd: not a view to autograd
 }
 
+std::optional<at::Tensor> bias_of(at::TensorList biases, size_t l) {
+  return biases.empty() ? std::nullopt : std::optional<at::Tensor>(biases[l]);
+}
+
 // h_{l+1} = a[beta_l + Omega_l h_l] for the hidden layers first to last - 1.
 at::Tensor run_hidden(at::Tensor h, at::TensorList weights, at::TensorList biases, size_t first,
                       size_t last, c10::string_view activation, double negative_slope,
                       std::vector<at::Tensor>* outputs) {
   for (size_t l = first; l < last; ++l) {
-    h = ops::linear_activation(h, weights[l], biases[l], activation, negative_slope);
+    h = ops::linear_activation(h, weights[l], bias_of(biases, l), activation, negative_slope);
     if (outputs != nullptr) outputs->push_back(h);
   }
   return h;
 }
 
-at::Tensor mlp_kernel(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-                      c10::string_view activation, double negative_slope,
-                      int64_t checkpoint_every) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every);
+// The output layer: linear, or with its own activation.
+at::Tensor output_layer(const at::Tensor& h, at::TensorList weights, at::TensorList biases,
+                        double negative_slope, OutputActivation output_activation) {
+  const size_t l = weights.size() - 1;
+  if (output_activation.has_value()) {
+    return ops::linear_activation(h, weights[l], bias_of(biases, l), *output_activation,
+                                  negative_slope);
+  }
+  return at::linear(h, weights[l], bias_of(biases, l));
+}
+
+at::Tensor mlp_per_layer(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                         c10::string_view activation, double negative_slope,
+                         int64_t checkpoint_every, OutputActivation output_activation) {
+  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
+                      output_activation);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
   // Nothing is kept: each layer's output is freed once the next has used it.
   const at::Tensor h = run_hidden(input_rows(input), weights, biases, 0, hidden, activation,
                                   negative_slope, nullptr);
-  return output_shaped(at::linear(h, weights[hidden], biases[hidden]), input);
+  return output_shaped(output_layer(h, weights, biases, negative_slope, output_activation), input);
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_kernel(
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_per_layer(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-    c10::string_view activation, double negative_slope, int64_t checkpoint_every) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every);
+    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+    OutputActivation output_activation) {
+  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
+                      output_activation);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
   std::vector<at::Tensor> saved;  // h_1 ... h_L, or with checkpointing h_k, h_2k, ... < h_L
   at::Tensor h = input_rows(input);
   for (size_t l = 0; l < hidden; ++l) {
-    h = ops::linear_activation(h, weights[l], biases[l], activation, negative_slope);
+    h = ops::linear_activation(h, weights[l], bias_of(biases, l), activation, negative_slope);
     const size_t made = l + 1;  // h is h_made
     if (checkpoint_every == 0 || (made % checkpoint_every == 0 && made < hidden)) saved.push_back(h);
   }
-  return {output_shaped(at::linear(h, weights[hidden], biases[hidden]), input), saved};
+  return {output_shaped(output_layer(h, weights, biases, negative_slope, output_activation), input),
+          saved};
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_kernel(
+// dl/df where a' is read off f itself: f = beta + Omega h recomputed (slope 1 gives f).
+at::Tensor preactivation(const at::Tensor& h, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
+  return ops::linear_activation(h, weight, bias, "leaky_relu", 1.0);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_per_layer(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList saved, c10::string_view activation,
-    double negative_slope, int64_t checkpoint_every, bool input_requires_grad) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every);
+    double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
+    OutputActivation output_activation) {
+  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
+                      output_activation);
   const Activation act = parse_activation(activation);
   const size_t layers = weights.size(), hidden = layers - 1;
+  check_saved(saved, hidden, checkpoint_every);
   const size_t stretch = checkpoint_every > 0 ? checkpoint_every : std::max<size_t>(hidden, 1);
   const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
-  TORCH_CHECK(saved.size() == (checkpoint_every > 0 ? (stretches > 0 ? stretches - 1 : 0) : hidden),
-              "mlp_backward: saved has ", saved.size(), " tensors, which is not what mlp_forward "
-              "stores for ", hidden, " hidden layers with checkpoint_every=", checkpoint_every);
+  const bool has_bias = !biases.empty();
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the recomputation is not recorded
 
   const at::Tensor x = input_rows(input);
-  std::vector<at::Tensor> grad_weights(layers), grad_biases(layers);
-  // g = dl/df of the output layer, as a (rows, out_features) matrix.
+  std::vector<at::Tensor> grad_weights(layers), grad_biases(has_bias ? layers : 0);
+  // g = dl/d(out) of the output layer, as a (rows, out_features) matrix.
   at::Tensor g = grad_output.reshape({x.size(0), weights[hidden].size(0)});
-  // The output layer, linear, from its input h_L: dl/dOmega_L = g h_L^T (7.9),
-  // dl/dbeta_L = sum g, and g becomes dl/dh_L = Omega_L^T g (7.6) where it is wanted.
+  // The output layer from its input h_L: through its activation's fused backward (a' off f,
+  // recomputed), or linear: dl/dOmega_L = g h_L^T (7.9), dl/dbeta_L = sum g, and g becomes
+  // dl/dh_L = Omega_L^T g (7.6) where it is wanted.
   const auto output_layer_backward = [&](const at::Tensor& h_last, bool need_input) {
+    if (output_activation.has_value()) {
+      // a' off the output for sigmoid, off f (whose sign is all they need) for the others.
+      const auto bias = bias_of(biases, hidden);
+      const at::Tensor source = *output_activation == "sigmoid"
+          ? ops::linear_activation(h_last, weights[hidden], bias, "sigmoid", negative_slope)
+          : preactivation(h_last, weights[hidden], bias);
+      at::Tensor grad_h, grad_bias;
+      std::tie(grad_h, grad_weights[hidden], grad_bias) = ops::linear_activation_backward(
+          g, h_last, weights[hidden], source, *output_activation, negative_slope,
+          {need_input, true, has_bias});
+      if (has_bias) grad_biases[hidden] = grad_bias;
+      g = grad_h;
+      return;
+    }
     grad_weights[hidden] = at::mm(g.t(), h_last);
-    grad_biases[hidden] = at::sum(g, 0);
+    if (has_bias) grad_biases[hidden] = at::sum(g, 0);
     g = need_input ? at::mm(g, weights[hidden]) : at::Tensor();
   };
   // The stretches of hidden layers, last first; without checkpointing, one stretch of all.
@@ -154,35 +226,34 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       // dl/df = dl/dh_{l+1} * a' (read off h_{l+1}, or off f recomputed where h_{l+1} hides
       // its sign), dl/dbeta_l, dl/dOmega_l (7.9) and dl/dh_l (7.6).
       const at::Tensor& h = l == first ? stretch_input : outputs[l - first - 1];
-      at::Tensor sign_source = outputs[l - first];
-      if (output_hides_sign(act, negative_slope)) {
-        sign_source = ops::linear_activation(h, weights[l], biases[l], "leaky_relu", 1.0);
-      }
+      const at::Tensor sign_source = output_hides_sign(act, negative_slope)
+          ? preactivation(h, weights[l], bias_of(biases, l))
+          : outputs[l - first];
       const bool need_input = l > 0 || input_requires_grad;
-      at::Tensor grad_h;
-      std::tie(grad_h, grad_weights[l], grad_biases[l]) = ops::linear_activation_backward(
-          g, h, weights[l], sign_source, activation, negative_slope, {need_input, true, true});
+      at::Tensor grad_h, grad_bias;
+      std::tie(grad_h, grad_weights[l], grad_bias) = ops::linear_activation_backward(
+          g, h, weights[l], sign_source, activation, negative_slope, {need_input, true, has_bias});
+      if (has_bias) grad_biases[l] = grad_bias;
       g = grad_h;
     }
   }
-  if (hidden == 0) output_layer_backward(x, input_requires_grad);  // a linear model
+  if (hidden == 0) output_layer_backward(x, input_requires_grad);  // a single layer
   at::Tensor grad_input = input_requires_grad ? g.reshape(input.sizes()) : at::Tensor();
   return {grad_input, grad_weights, grad_biases};
 }
 
 }  // namespace
 
-// The same algorithm on every device: each layer's work is done by that device's kernels.
 TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
-  m.impl("mlp", &mlp_kernel);
-  m.impl("mlp_forward", &mlp_forward_kernel);
-  m.impl("mlp_backward", &mlp_backward_kernel);
+  m.impl("mlp", &mlp_cpu);
+  m.impl("mlp_forward", &mlp_forward_cpu);
+  m.impl("mlp_backward", &mlp_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(handgrad, CUDA, m) {
-  m.impl("mlp", &mlp_kernel);
-  m.impl("mlp_forward", &mlp_forward_kernel);
-  m.impl("mlp_backward", &mlp_backward_kernel);
+  m.impl("mlp", &mlp_per_layer);
+  m.impl("mlp_forward", &mlp_forward_per_layer);
+  m.impl("mlp_backward", &mlp_backward_per_layer);
 }
 
 }  // namespace handgrad

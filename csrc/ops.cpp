@@ -42,24 +42,28 @@ TORCH_LIBRARY(handgrad, m) {
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // A whole network, the chapter's backpropagation algorithm (section 7.4) as one op: hidden
-  // layers h_{l+1} = a[beta_l + Omega_l h_l], then a linear output layer. weights and biases
-  // list the layers in order, the output layer last. With checkpoint_every = k > 0 the
-  // backward keeps every k-th hidden output only and recomputes the rest (problem 7.11).
+  // layers h_{l+1} = a[beta_l + Omega_l h_l], then the output layer, linear or followed by
+  // output_activation. weights lists the layers in order, the output layer last; biases one
+  // per layer, or none (an empty list) for a network without biases. With
+  // checkpoint_every = k > 0 the backward keeps every k-th hidden output only and recomputes
+  // the rest (problem 7.11).
   m.def(
       "mlp(Tensor input, Tensor[] weights, Tensor[] biases, str activation, "
-      "float negative_slope=0.01, int checkpoint_every=0) -> Tensor");
+      "float negative_slope=0.01, int checkpoint_every=0, str? output_activation=None) -> Tensor");
   // The forward pass that stores what the backward needs: the hidden layers' outputs (every
   // k-th one with checkpointing), as (rows, features) matrices; never f.
   m.def(
       "mlp_forward(Tensor input, Tensor[] weights, Tensor[] biases, str activation, "
-      "float negative_slope, int checkpoint_every) -> (Tensor output, Tensor[] saved)");
+      "float negative_slope, int checkpoint_every, str? output_activation=None) "
+      "-> (Tensor output, Tensor[] saved)");
   // The backward pass, from the output layer down: dl/dOmega (7.9), dl/dbeta and dl/dh (7.6)
-  // through a' (7.7, 7.10); dl/d(input) only if input_requires_grad.
+  // through a' (7.7, 7.10); dl/d(input) only if input_requires_grad; grad_biases is empty
+  // for a network without biases.
   m.def(
       "mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
       "Tensor[] saved, str activation, float negative_slope, int checkpoint_every, "
-      "bool input_requires_grad) -> (Tensor grad_input, Tensor[] grad_weights, "
-      "Tensor[] grad_biases)");
+      "bool input_requires_grad, str? output_activation=None) -> (Tensor grad_input, "
+      "Tensor[] grad_weights, Tensor[] grad_biases)");
 }
 
 namespace handgrad {
@@ -161,9 +165,11 @@ void activation_(const at::Tensor& input, c10::string_view activation, double ne
 
 at::Tensor mlp(const at::Tensor& input, const std::vector<at::Tensor>& weights,
                const std::vector<at::Tensor>& biases, c10::string_view activation,
-               double negative_slope, int64_t checkpoint_every) {
+               double negative_slope, int64_t checkpoint_every,
+               std::optional<c10::string_view> output_activation) {
   pybind11::gil_scoped_release no_gil;
-  return handgrad::ops::mlp(input, weights, biases, activation, negative_slope, checkpoint_every);
+  return handgrad::ops::mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+                            output_activation);
 }
 
 }  // namespace
@@ -179,5 +185,5 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("activation"), pybind11::arg("negative_slope"));
   m.def("mlp", &mlp, "torch.ops.handgrad.mlp", pybind11::arg("input"), pybind11::arg("weights"),
         pybind11::arg("biases"), pybind11::arg("activation"), pybind11::arg("negative_slope"),
-        pybind11::arg("checkpoint_every"));
+        pybind11::arg("checkpoint_every"), pybind11::arg("output_activation"));
 }

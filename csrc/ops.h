@@ -74,31 +74,37 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward
 
 inline at::Tensor mlp(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                       c10::string_view activation, double negative_slope,
-                      int64_t checkpoint_every) {
-  static const auto handle = op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList,
-                                           c10::string_view, double, int64_t)>("handgrad::mlp");
-  return handle.call(input, weights, biases, activation, negative_slope, checkpoint_every);
+                      int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, c10::string_view, double,
+                    int64_t, std::optional<c10::string_view>)>("handgrad::mlp");
+  return handle.call(input, weights, biases, activation, negative_slope, checkpoint_every,
+                     output_activation);
 }
 
 inline std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-    c10::string_view activation, double negative_slope, int64_t checkpoint_every) {
+    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+    std::optional<c10::string_view> output_activation) {
   static const auto handle = op<std::tuple<at::Tensor, std::vector<at::Tensor>>(
-      const at::Tensor&, at::TensorList, at::TensorList, c10::string_view, double, int64_t)>(
-      "handgrad::mlp_forward");
-  return handle.call(input, weights, biases, activation, negative_slope, checkpoint_every);
+      const at::Tensor&, at::TensorList, at::TensorList, c10::string_view, double, int64_t,
+      std::optional<c10::string_view>)>("handgrad::mlp_forward");
+  return handle.call(input, weights, biases, activation, negative_slope, checkpoint_every,
+                     output_activation);
 }
 
 inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList saved, c10::string_view activation,
-    double negative_slope, int64_t checkpoint_every, bool input_requires_grad) {
+    double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
+    std::optional<c10::string_view> output_activation) {
   static const auto handle =
       op<std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
           const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
-          c10::string_view, double, int64_t, bool)>("handgrad::mlp_backward");
+          c10::string_view, double, int64_t, bool, std::optional<c10::string_view>)>(
+          "handgrad::mlp_backward");
   return handle.call(grad_output, input, weights, biases, saved, activation, negative_slope,
-                     checkpoint_every, input_requires_grad);
+                     checkpoint_every, input_requires_grad, output_activation);
 }
 
 }  // namespace handgrad::ops

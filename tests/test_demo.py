@@ -10,15 +10,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_fig7_8_trains_both_models_alike_and_writes_the_figure(tmp_path, capsys):
-    torch_losses, handgrad_losses = fig7_8.main(["--epochs", "12", "--out", str(tmp_path)])
-    assert len(torch_losses) == len(handgrad_losses) == 12
+    torch_losses, handgrad_losses, truth = fig7_8.main(["--epochs", "12", "--out", str(tmp_path)])
+    assert len(torch_losses) == len(handgrad_losses) == len(truth) == 12
     assert torch_losses[-1] < 0.5 * torch_losses[0]  # it does train
-    # The same BLAS calls and the same reductions as eager: the same losses to the last bit.
-    assert torch_losses == handgrad_losses
+    # Rounding apart, the same training: within float32 rounding of the float64 run, no
+    # farther from it than torch.nn is (with room for the last bits of a few epochs).
+    torch_error = max(abs(a - t) for a, t in zip(torch_losses, truth))
+    handgrad_error = max(abs(b - t) for b, t in zip(handgrad_losses, truth))
+    assert handgrad_error < 1e-5 and handgrad_error <= 4 * torch_error + 1e-7
     assert (tmp_path / "fig7_8.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "identical initial parameters: True" in printed
-    assert "max |difference|" in printed
+    assert "max |difference|" in printed and "max error against the float64 run" in printed
 
 
 def test_setup_without_torch_stops_with_a_clear_message():

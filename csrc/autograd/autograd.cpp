@@ -324,17 +324,23 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
  public:
   static Variable forward(AutogradContext* ctx, const Variable& input, at::TensorList weights,
                           at::TensorList biases, c10::string_view activation,
-                          double negative_slope, int64_t checkpoint_every) {
+                          double negative_slope, int64_t checkpoint_every,
+                          std::optional<c10::string_view> output_activation) {
     at::Tensor out;
     std::vector<at::Tensor> saved;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out, saved) =
-          ops::mlp_forward(input, weights, biases, activation, negative_slope, checkpoint_every);
+      std::tie(out, saved) = ops::mlp_forward(input, weights, biases, activation, negative_slope,
+                                              checkpoint_every, output_activation);
     }
     save_activation(ctx, parse_activation(activation), negative_slope);
-    ctx->saved_data["k"] = checkpoint_every;
-    ctx->saved_data["n"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["s"] = negative_slope;  // the output activation may take it too
+    // Keys of at most 15 characters are stored without an allocation.
+    ctx->saved_data["checkpoint"] = checkpoint_every;
+    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["has_bias"] = !biases.empty();
+    ctx->saved_data["output"] = output_activation.has_value()
+        ? static_cast<int64_t>(parse_activation(*output_activation)) : int64_t{-1};
     // h, the parameters (a recomputation needs them) and the stored hidden outputs.
     variable_list to_save{input};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
@@ -345,31 +351,44 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const SavedActivation a = saved_activation(ctx);
-    const int64_t checkpoint_every = ctx->saved_data["k"].toInt();
-    const auto layers = static_cast<size_t>(ctx->saved_data["n"].toInt());
+    SavedActivation a = saved_activation(ctx);
+    a.negative_slope = ctx->saved_data["s"].toDouble();
+    const int64_t checkpoint_every = ctx->saved_data["checkpoint"].toInt();
+    const auto layers = static_cast<size_t>(ctx->saved_data["layers"].toInt());
+    const size_t bias_count = ctx->saved_data["has_bias"].toBool() ? layers : 0;
+    const int64_t output = ctx->saved_data["output"].toInt();
+    const std::optional<c10::string_view> output_activation =
+        output < 0 ? std::nullopt
+                   : std::optional<c10::string_view>(activation_name(static_cast<Activation>(output)));
     const variable_list saved = ctx->get_saved_variables();
     const Variable& input = saved[0];
-    const at::TensorList weights(saved.data() + 1, layers), biases(saved.data() + 1 + layers, layers);
-    const at::TensorList hidden(saved.data() + 1 + 2 * layers, saved.size() - 1 - 2 * layers);
+    const at::TensorList weights(saved.data() + 1, layers), biases(saved.data() + 1 + layers, bias_count);
+    const size_t first_hidden = 1 + layers + bias_count;
+    const at::TensorList hidden(saved.data() + first_hidden, saved.size() - first_hidden);
     const bool need_input = ctx->needs_input_grad(0);
 
     variable_list grads;  // one per forward argument, the lists flattened
     if (!c10::GradMode::is_enabled()) {
       auto [grad_input, grad_weights, grad_biases] =
           ops::mlp_backward(grad_outputs[0], input, weights, biases, hidden, a.name,
-                            a.negative_slope, checkpoint_every, need_input);
+                            a.negative_slope, checkpoint_every, need_input, output_activation);
       grads.push_back(grad_input);
       grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());
       grads.insert(grads.end(), grad_biases.begin(), grad_biases.end());
     } else {
       // create_graph: the network recomputed from the per-layer ops, which record their
       // own differentiable backward, and differentiated with the graph kept.
+      const auto bias = [&](size_t l) {
+        return bias_count == 0 ? std::nullopt : std::optional<at::Tensor>(biases[l]);
+      };
       at::Tensor h = input;
       for (size_t l = 0; l + 1 < layers; ++l) {
-        h = ops::linear_activation(h, weights[l], biases[l], a.name, a.negative_slope);
+        h = ops::linear_activation(h, weights[l], bias(l), a.name, a.negative_slope);
       }
-      const at::Tensor out = at::linear(h, weights[layers - 1], biases[layers - 1]);
+      const at::Tensor out = output_activation.has_value()
+          ? ops::linear_activation(h, weights[layers - 1], bias(layers - 1), *output_activation,
+                                   a.negative_slope)
+          : at::linear(h, weights[layers - 1], bias(layers - 1));
       variable_list wanted, all{input};
       all.insert(all.end(), weights.begin(), weights.end());
       all.insert(all.end(), biases.begin(), biases.end());
@@ -383,22 +402,24 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
       for (const auto& t : all) grads.push_back(t.requires_grad() ? found[next++] : Variable());
       if (!need_input) grads[0] = Variable();
     }
-    grads.resize(grads.size() + 3);  // activation, negative_slope, checkpoint_every
+    grads.resize(grads.size() + 4);  // activation, negative_slope, checkpoint_every, output_activation
     return grads;
   }
 };
 
 at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                         c10::string_view activation, double negative_slope,
-                        int64_t checkpoint_every) {
+                        int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
   bool record = needs_function({&input});
   for (const auto& t : weights) record = record || needs_function({&t});
   for (const auto& t : biases) record = record || needs_function({&t});
   if (!record) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::mlp(input, weights, biases, activation, negative_slope, checkpoint_every);
+    return ops::mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+                    output_activation);
   }
-  return MLPFunction::apply(input, weights, biases, activation, negative_slope, checkpoint_every);
+  return MLPFunction::apply(input, weights, biases, activation, negative_slope, checkpoint_every,
+                            output_activation);
 }
 
 // --- torch.autocast ---
@@ -424,14 +445,14 @@ at::Tensor linear_activation_autocast(const at::Tensor& input, const at::Tensor&
 template <c10::DeviceType device>
 at::Tensor mlp_autocast(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                         c10::string_view activation, double negative_slope,
-                        int64_t checkpoint_every) {
+                        int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
   return ops::mlp(at::autocast::cached_cast(dtype, input, device),
                   at::autocast::cached_cast(dtype, weights, device),
                   at::autocast::cached_cast(dtype, biases, device), activation, negative_slope,
-                  checkpoint_every);
+                  checkpoint_every, output_activation);
 }
 
 }  // namespace

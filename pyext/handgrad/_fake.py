@@ -113,35 +113,44 @@ def _linear_activation_backward_fake(grad_output, input, weight, saved, activati
     )
 
 
-def _check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every):
+def _check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+               output_activation):
     _check_common("mlp", activation, negative_slope, "input", input)
+    if output_activation is not None:
+        _check_common("mlp", output_activation, negative_slope, "input", input)
     torch._check_value(checkpoint_every >= 0, lambda: "mlp: checkpoint_every must be 0 (none) "
                        f"or a positive number of layers, got {checkpoint_every}")
     _check(len(weights) >= 1, "mlp", "weights must list at least the output layer, got none")
-    _check(len(biases) == len(weights), "mlp", f"got {len(weights)} weights but {len(biases)} "
-           "biases; each layer has one of each")
+    _check(len(biases) in (0, len(weights)), "mlp", f"got {len(weights)} weights but "
+           f"{len(biases)} biases; give one bias per layer, or none")
     _check(input.dim() >= 1, "mlp", "input must have shape (*, in_features) with at least 1 "
            "dimension, got a 0-D tensor")
     features = input.shape[-1]
-    for layer, (weight, bias) in enumerate(zip(weights, biases)):
+    for layer, weight in enumerate(weights):
         _check_same("mlp", f"weights[{layer}]", weight, "input", input)
-        _check_same("mlp", f"biases[{layer}]", bias, "input", input)
         _check(weight.dim() == 2 and weight.shape[1] == features, "mlp", f"weights[{layer}] "
                f"has shape {list(weight.shape)}, expected (out_features, {features})")
-        _check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], "mlp", f"biases[{layer}] "
-               f"must have shape [{weight.shape[0]}], got shape {list(bias.shape)}")
+        if biases:
+            bias = biases[layer]
+            _check_same("mlp", f"biases[{layer}]", bias, "input", input)
+            _check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], "mlp", f"biases[{layer}] "
+                   f"must have shape [{weight.shape[0]}], got shape {list(bias.shape)}")
         features = weight.shape[0]
 
 
 @torch.library.register_fake("handgrad::mlp")
-def _mlp_fake(input, weights, biases, activation, negative_slope=0.01, checkpoint_every=0):
-    _check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
+def _mlp_fake(input, weights, biases, activation, negative_slope=0.01, checkpoint_every=0,
+              output_activation=None):
+    _check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+               output_activation)
     return input.new_empty((*input.shape[:-1], weights[-1].shape[0]))
 
 
 @torch.library.register_fake("handgrad::mlp_forward")
-def _mlp_forward_fake(input, weights, biases, activation, negative_slope, checkpoint_every):
-    _check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
+def _mlp_forward_fake(input, weights, biases, activation, negative_slope, checkpoint_every,
+                      output_activation=None):
+    _check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+               output_activation)
     rows = math.prod(input.shape[:-1])
     hidden = len(weights) - 1
     kept = [layer for layer in range(1, hidden + 1)
@@ -152,7 +161,8 @@ def _mlp_forward_fake(input, weights, biases, activation, negative_slope, checkp
 
 @torch.library.register_fake("handgrad::mlp_backward")
 def _mlp_backward_fake(grad_output, input, weights, biases, saved, activation, negative_slope,
-                       checkpoint_every, input_requires_grad):
-    _check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
+                       checkpoint_every, input_requires_grad, output_activation=None):
+    _check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+               output_activation)
     return (input.new_empty(input.shape) if input_requires_grad else None,
             [w.new_empty(w.shape) for w in weights], [b.new_empty(b.shape) for b in biases])

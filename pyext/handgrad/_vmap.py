@@ -86,10 +86,11 @@ def _linear_activation_backward_vmap(info, in_dims, grad_output, input, weight, 
 
 @torch.library.register_vmap("handgrad::mlp")
 def _mlp_vmap(info, in_dims, input, weights, biases, activation, negative_slope=0.01,
-              checkpoint_every=0):
+              checkpoint_every=0, output_activation=None):
     input_dim, weight_dims, bias_dims = in_dims[:3]
     if all(d is None for d in (*weight_dims, *bias_dims)):
         return _ops.mlp(input.movedim(input_dim, 0), weights, biases, activation, negative_slope,
-                        checkpoint_every), 0
-    return _per_sample(_ops.mlp, info, in_dims,
-                       (input, weights, biases, activation, negative_slope, checkpoint_every))
+                        checkpoint_every, output_activation), 0
+    return _per_sample(_ops.mlp, info, in_dims, (input, weights, biases, activation,
+                                                 negative_slope, checkpoint_every,
+                                                 output_activation))

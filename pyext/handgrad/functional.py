@@ -179,36 +179,54 @@ def check_checkpoint_every(checkpoint_every):
     return checkpoint_every
 
 
-def mlp(input, weights, biases, activation="relu", negative_slope=0.01, checkpoint_every=None):
-    """A whole network in one op: hidden layers h = activation(h @ W.T + b), then a linear
-    output layer. weights and biases list the layers in order, the output layer last.
+def check_output_activation(output_activation):
+    """Return output_activation, or raise if it is not None or one of the activations."""
+    if output_activation is not None and output_activation not in _LINEAR_FUNCTIONS:
+        raise ValueError("output_activation must be None, 'relu', 'leaky_relu' or 'sigmoid', "
+                         f"got {output_activation!r}")
+    return output_activation
+
+
+def mlp(input, weights, biases=None, activation="relu", negative_slope=0.01,
+        checkpoint_every=None, output_activation=None):
+    """A whole network in one op: hidden layers h = activation(h @ W.T + b), then the output
+    layer h @ W.T + b, followed by output_activation if one is given ("relu", "leaky_relu"
+    with the same slope, or "sigmoid"). weights and biases list the layers in order, the
+    output layer last; biases=None (or []) gives layers without a bias.
 
     The forward stores each hidden layer's output, and the backward runs layer by layer from
     the output (section 7.4 of the book). With checkpoint_every=k it stores every k-th output
     only and recomputes the layers in between during the backward (problem 7.11).
     Forward-mode AD and torch.func run the layers one by one through the Python Functions.
     """
+    biases = [] if biases is None else list(biases)
     if has_torch_function((input, *weights, *biases)):
         return handle_torch_function(mlp, (input, *weights, *biases), input, weights, biases,
                                      activation=activation, negative_slope=negative_slope,
-                                     checkpoint_every=checkpoint_every)
-    return _mlp(input, weights, biases, activation, check_negative_slope(negative_slope),
-                check_checkpoint_every(checkpoint_every))
+                                     checkpoint_every=checkpoint_every,
+                                     output_activation=output_activation)
+    return _mlp(input, list(weights), biases, activation, check_negative_slope(negative_slope),
+                check_checkpoint_every(checkpoint_every), check_output_activation(output_activation))
 
 
-def _mlp(input, weights, biases, activation, negative_slope, checkpoint_every):
+def _mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+         output_activation=None):
     """mlp() with its arguments checked already (handgrad.nn.MLP checks them once)."""
     entry = _entry()
     if entry is None:  # layer by layer, through the per-layer Python Functions
         if activation not in _LINEAR_FUNCTIONS:
             raise ValueError(f"handgrad: unknown activation '{activation}'; "
                              "expected 'relu', 'leaky_relu' or 'sigmoid'")
+        layer_biases = biases if biases else [None] * len(weights)
         h = input
-        for weight, bias in zip(weights[:-1], biases[:-1]):
+        for weight, bias in zip(weights[:-1], layer_biases[:-1]):
             h = _linear(h, weight, bias, activation, negative_slope)
-        return torch.nn.functional.linear(h, weights[-1], biases[-1])
+        if output_activation is None:
+            return torch.nn.functional.linear(h, weights[-1], layer_biases[-1])
+        return _linear(h, weights[-1], layer_biases[-1], output_activation, negative_slope)
     try:
-        return entry.mlp(input, weights, biases, activation, negative_slope, checkpoint_every)
+        return entry.mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+                         output_activation)
     except (TypeError, NotImplementedError):
         _explain_bad_argument("mlp", input=input)
         for name, tensors in (("weights", weights), ("biases", biases)):

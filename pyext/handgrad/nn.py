@@ -109,6 +109,12 @@ class MLP(nn.Module):
     LinearLeakyReLU or LinearSigmoid), and the output layer `output`. The forward and the
     backward of the whole network are one hand-written op, torch.ops.handgrad.mlp: the
     backpropagation algorithm of section 7.4, one call and one autograd node for the network.
+    On the CPU it runs as one fused kernel, blocks of rows through every layer while they are
+    in cache.
+
+    bias=False gives layers without a bias (the parameters of the same stack of
+    nn.Linear(bias=False)). output_activation ("relu", "leaky_relu" with the same slope,
+    "sigmoid", or None) follows the output layer.
 
     With checkpoint_every=k (problem 7.11) the op stores the output of every k-th hidden layer
     only and recomputes the others, a stretch of k layers at a time, during the backward:
@@ -118,8 +124,8 @@ class MLP(nn.Module):
     layer by layer (and without checkpointing).
     """
 
-    def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None,
-                 device=None, dtype=None):
+    def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None, *,
+                 bias=True, output_activation=None, device=None, dtype=None):
         super().__init__()
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least the input and output sizes, got {sizes}")
@@ -128,12 +134,13 @@ class MLP(nn.Module):
         F.check_checkpoint_every(checkpoint_every)
         self.activation = activation
         self.negative_slope = F.check_negative_slope(negative_slope)
+        self.output_activation = F.check_output_activation(output_activation)
         extra = {"negative_slope": self.negative_slope} if activation == "leaky_relu" else {}
         self.hidden = nn.ModuleList(
-            _FUSED_LAYERS[activation](d_in, d_out, device=device, dtype=dtype, **extra)
+            _FUSED_LAYERS[activation](d_in, d_out, bias=bias, device=device, dtype=dtype, **extra)
             for d_in, d_out in zip(sizes[:-2], sizes[1:-1])
         )
-        self.output = nn.Linear(sizes[-2], sizes[-1], device=device, dtype=dtype)
+        self.output = nn.Linear(sizes[-2], sizes[-1], bias=bias, device=device, dtype=dtype)
         self.checkpoint_every = checkpoint_every
 
     def forward(self, input):
@@ -143,13 +150,22 @@ class MLP(nn.Module):
         if _global_hooks() or any(map(_has_hooks, layers)):
             for layer in layers:
                 input = layer(input)
-            return input
-        return F._mlp(input, [layer._parameters["weight"] for layer in layers],
-                      [layer._parameters["bias"] for layer in layers], self.activation,
-                      self.negative_slope, self.checkpoint_every or 0)
+            return self._output_activation(input)
+        weights = [layer._parameters["weight"] for layer in layers]
+        biases = [layer._parameters["bias"] for layer in layers]
+        return F._mlp(input, weights, [] if biases[0] is None else biases, self.activation,
+                      self.negative_slope, self.checkpoint_every or 0, self.output_activation)
+
+    def _output_activation(self, out):
+        if self.output_activation is None:
+            return out
+        return F._elementwise(out, self.output_activation, self.negative_slope, inplace=False)
 
     def extra_repr(self):
-        return f"checkpoint_every={self.checkpoint_every}" if self.checkpoint_every else ""
+        parts = [f"checkpoint_every={self.checkpoint_every}"] if self.checkpoint_every else []
+        if self.output_activation is not None:
+            parts.append(f"output_activation={self.output_activation!r}")
+        return ", ".join(parts)
 
 
 # --- fuse(): Linear + activation pairs of any model, rewritten as fused layers ---

@@ -1,0 +1,580 @@
+// The fused CPU engine: the backpropagation algorithm of section 7.4 in blocks of rows.
+//
+// Forward. A block of rows, sized so that its widest layer's input and output stay in L2,
+// goes through every layer before the next block starts: f = beta + h Omega^T with the
+// bias inside the accumulation (csrc/cpu/gemm.h), then a[f] while the block is in cache.
+// Each stored hidden output is written once, straight from the kernel; nothing else reaches
+// memory. Blocks are independent, shared among threads.
+//
+// Backward. Block by block, from the output layer down, with g = dl/dh of the layer:
+//   g = g * a'[.]                        a prologue in cache (7.7, 7.10)
+//   dl/dbeta += column sums of g
+//   dl/dOmega += g^T h                   (7.9)
+//   g = g Omega                          dl/dh of the layer below (7.6)
+// a' is read off the stored output, or off f recomputed in cache where the output hides
+// its sign (leaky_relu with a negative slope) or is not stored (the output layer). With
+// checkpoint_every = k the block recomputes each stretch of k layers from its stored input.
+//
+// Determinism. dl/dOmega is accumulated in a fixed number of slots, each the sum of a fixed,
+// contiguous run of blocks in order, and the slots are added pairwise; dl/dbeta is summed
+// per block and the blocks' sums added pairwise. Slots and blocks depend on the shape alone,
+// never on the thread count, so the gradients are the same bits on every run and for every
+// thread count. Everything is computed in the accumulation type (float for bfloat16 and
+// float16) and rounded once when written; hidden outputs are rounded to the tensor's dtype
+// before the next layer reads them, as eager stores them.
+#include "fused_mlp.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <memory>
+#include <type_traits>
+
+#include "../checks.h"
+#include "gemm.h"
+#include "vectorized.h"
+
+namespace handgrad::cpu {
+namespace {
+
+// A block's widest layer (its input and output rows) in about this many bytes: a third of a
+// 1 MiB L2, leaving room for a panel of weights.
+constexpr int64_t kBlockBytes = 384 * 1024;
+constexpr int64_t kMaxBlockRows = 256, kMinBlockRows = 16;
+// A network whose forward takes at least this many FLOPs is cut into at least
+// kSharedBlocks blocks of at least kSharedBlockRows rows, so that threads can share it.
+constexpr double kShareFlops = 4e6;
+constexpr int64_t kSharedBlocks = 8, kSharedBlockRows = 32;
+// Weight-gradient slots: at most kMaxSlots (12 shares evenly among 1, 2, 3, 4 or 6 threads),
+// in at most kSlotBytes, and one per kRowsPerSlot rows (adding up the slots costs a pass over
+// them; at least 2 where there are two blocks).
+constexpr int64_t kMaxSlots = 12, kSlotBytes = int64_t{32} << 20, kRowsPerSlot = 64;
+
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : memory_(at::empty({std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T))}, at::kByte)) {}
+  T* get() const { return reinterpret_cast<T*>(memory_.data_ptr()); }
+
+ private:
+  at::Tensor memory_;
+};
+
+// Per-thread scratch of n elements each, a cache line apart: thread_space(scratch, n) is the
+// calling thread's.
+int64_t per_thread_elements(int64_t n, int64_t element_size) {
+  const int64_t line = 64 / element_size;
+  return (n + line - 1) / line * line;
+}
+
+template <typename T>
+T* thread_space(const Scratch<T>& scratch, int64_t per_thread) {
+  return scratch.get() + at::get_thread_num() * per_thread;
+}
+
+// A row-major matrix as the kernels read it: row i starts at data + i * ld.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t ld;
+  T* row(int64_t i) const { return data + i * ld; }
+};
+
+// The network's widths d_0 ... d_L and its blocks of rows.
+struct Plan {
+  int64_t rows;
+  std::vector<int64_t> widths;
+  int64_t block_size, blocks, slots;
+
+  size_t layers() const { return widths.size() - 1; }
+  size_t hidden() const { return layers() - 1; }
+  int64_t first_row(int64_t block) const { return block * block_size; }
+  int64_t rows_in(int64_t block) const { return std::min(block_size, rows - first_row(block)); }
+  int64_t max_width() const { return *std::max_element(widths.begin(), widths.end()); }
+  // Blocks [first_block(s), first_block(s + 1)) add into slot s, in order.
+  int64_t first_block(int64_t slot) const { return slot * blocks / slots; }
+};
+
+Plan plan(int64_t rows, at::TensorList weights, int64_t element_size) {
+  Plan p{rows, {weights[0].size(1)}, 0, 0, 0};
+  int64_t widest_pair = 1, weight_elements = 0;
+  double flops_per_row = 0;
+  for (const auto& w : weights) {
+    widest_pair = std::max(widest_pair, w.size(0) + w.size(1));
+    weight_elements += w.numel();
+    flops_per_row += 2.0 * static_cast<double>(w.numel());
+    p.widths.push_back(w.size(0));
+  }
+  const int64_t cap =
+      std::clamp(kBlockBytes / (element_size * widest_pair), kMinBlockRows, kMaxBlockRows);
+  int64_t blocks = at::divup(rows, cap);
+  if (flops_per_row * static_cast<double>(rows) >= kShareFlops) {
+    blocks = std::max(blocks, std::min(kSharedBlocks, rows / kSharedBlockRows));
+  }
+  p.block_size = rows == 0 ? 1 : at::divup(rows, std::max<int64_t>(blocks, 1));
+  p.blocks = rows == 0 ? 0 : at::divup(rows, p.block_size);
+  const int64_t by_memory = kSlotBytes / std::max<int64_t>(1, weight_elements * element_size);
+  p.slots = std::min({p.blocks, kMaxSlots, std::max<int64_t>(1, by_memory),
+                      std::max<int64_t>(2, rows / kRowsPerSlot)});
+  return p;
+}
+
+// The weights in the accumulation type T: as they are where they already are, converted
+// otherwise; transposed (d_in, d_out) for the products that make f.
+template <typename T>
+struct Weights {
+  std::vector<const T*> natural, transposed, bias;
+  Scratch<T> storage;
+};
+
+template <typename scalar_t, typename T>
+Weights<T> prepare(at::TensorList weights, at::TensorList biases, bool natural, bool transposed) {
+  constexpr bool same = std::is_same_v<scalar_t, T>;
+  int64_t size = 0;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const int64_t n = weights[l].numel();
+    size += (natural && !same ? n : 0) + (transposed ? n : 0) + (!biases.empty() && !same ? weights[l].size(0) : 0);
+  }
+  Weights<T> w{{}, {}, {}, Scratch<T>(size)};
+  T* next = w.storage.get();
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const scalar_t* data = weights[l].const_data_ptr<scalar_t>();
+    const int64_t d_out = weights[l].size(0), d_in = weights[l].size(1), n = weights[l].numel();
+    const T* natural_data = nullptr;
+    if constexpr (same) {
+      natural_data = data;
+    } else {
+      if (natural || transposed) {
+        T* converted = transposed && !natural ? nullptr : next;
+        if (converted != nullptr) {
+          at::vec::convert(data, converted, n);
+          next += n;
+          natural_data = converted;
+        }
+      }
+    }
+    w.natural.push_back(natural ? natural_data : nullptr);
+    if (transposed) {  // rows of Omega shared among threads: a wide layer's costs as much as its product with a few rows
+      T* t = next;
+      const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(d_in, 1));
+      at::parallel_for(0, d_out, grain, [&](int64_t first, int64_t last) {
+        if (natural_data != nullptr) {
+          at::vec::transpose_mxn<T>(natural_data + first * d_in, d_in, t + first, d_out,
+                                    static_cast<int>(last - first), static_cast<int>(d_in));
+          return;
+        }
+        for (int64_t i = first; i < last; ++i) {
+          for (int64_t j = 0; j < d_in; ++j) t[j * d_out + i] = static_cast<T>(data[i * d_in + j]);
+        }
+      });
+      w.transposed.push_back(t);
+      next += n;
+    } else {
+      w.transposed.push_back(nullptr);
+    }
+    if (biases.empty()) {
+      w.bias.push_back(nullptr);
+    } else if constexpr (same) {
+      w.bias.push_back(biases[l].const_data_ptr<scalar_t>());
+    } else {
+      at::vec::convert(biases[l].const_data_ptr<scalar_t>(), next, d_out);
+      w.bias.push_back(next);
+      next += d_out;
+    }
+  }
+  return w;
+}
+
+// --- The passes over a block while it is in cache ---
+
+template <typename T>
+void activate_rows(Activation activation, double negative_slope, Rows<T> x, int64_t rows,
+                   int64_t cols) {
+  dispatch_activation(activation, [&](auto tag) {
+    constexpr Activation A = decltype(tag)::value;
+    const Vec<T> slope(negative_slope);
+    for (int64_t i = 0; i < rows; ++i) {
+      at::vec::map([&](Vec<T> f) { return activate<A>(f, slope); }, x.row(i), x.row(i), cols);
+    }
+  });
+}
+
+// g = grad * a'[.], with a' read off the activation's output (from_output) or off f.
+template <typename T>
+void activation_backward_rows(Activation activation, double negative_slope, bool from_output,
+                              Rows<const T> grad, Rows<const T> source, Rows<T> g, int64_t rows,
+                              int64_t cols) {
+  dispatch_activation(activation, [&](auto tag) {
+    constexpr Activation A = decltype(tag)::value;
+    const Vec<T> slope(negative_slope);
+    for (int64_t i = 0; i < rows; ++i) {
+      if (from_output) {
+        at::vec::map2([&](Vec<T> d, Vec<T> s) { return activation_backward<A>(d, s, slope); },
+                      g.row(i), grad.row(i), source.row(i), cols);
+      } else {
+        at::vec::map2(
+            [&](Vec<T> d, Vec<T> f) { return activation_backward_from_preactivation<A>(d, f, slope); },
+            g.row(i), grad.row(i), source.row(i), cols);
+      }
+    }
+  });
+}
+
+// sums[j] = sum over the block's rows of g[i, j]: runs of 8 rows one after another, then the
+// runs, so that the error grows with the runs rather than the rows.
+template <typename T>
+void column_sums(Rows<const T> g, int64_t rows, int64_t cols, T* sums, T* run) {
+  constexpr int64_t kRunRows = 8;
+  const auto add = [](Vec<T> a, Vec<T> b) { return a + b; };
+  std::fill_n(sums, cols, T(0));
+  for (int64_t start = 0; start < rows; start += kRunRows) {
+    std::copy_n(g.row(start), cols, run);
+    for (int64_t i = start + 1; i < std::min(rows, start + kRunRows); ++i) {
+      at::vec::map2(add, run, run, g.row(i), cols);
+    }
+    at::vec::map2(add, sums, sums, run, cols);
+  }
+}
+
+// parts[0 .. n) = the sum of `count` parts, `stride` apart, added pairwise in a fixed tree.
+template <typename T>
+void add_pairwise(T* parts, int64_t count, int64_t stride, int64_t n) {
+  const auto add = [](Vec<T> a, Vec<T> b) { return a + b; };
+  for (int64_t step = 1; step < count; step *= 2) {
+    for (int64_t p = 0; p + step < count; p += 2 * step) {
+      at::vec::map2(add, parts + p * stride, parts + p * stride, parts + (p + step) * stride, n);
+    }
+  }
+}
+
+// rows of a scalar_t matrix in T: the memory itself where the types agree, else converted
+// into `space`.
+template <typename scalar_t, typename T>
+Rows<const T> as_accumulation_type(const scalar_t* data, int64_t rows, int64_t cols, T* space) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return {data, cols};
+  } else {
+    at::vec::convert(data, space, rows * cols);
+    return {space, cols};
+  }
+}
+
+// Rounds x to scalar_t and back (a no-op for float and double): what eager would store
+// between its ops, a hidden output or a gradient, so that every product sees eager's
+// operands and rounds once itself.
+template <typename scalar_t, typename T>
+void round_to_dtype(T* x, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, T>) {
+    for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(static_cast<scalar_t>(x[i]));
+  }
+}
+
+// f = beta + h Omega^T for a block of rows (f contiguous), rounded to scalar_t as eager's
+// F.linear rounds it before the activation sees it.
+template <typename scalar_t, typename T>
+void layer_product(const Plan& p, size_t layer, const Weights<T>& w, Rows<const T> h,
+                   int64_t rows, Rows<T> f) {
+  const int64_t d_in = p.widths[layer], d_out = p.widths[layer + 1];
+  gemm<T>(rows, d_out, d_in, h.data, h.ld, 1, w.transposed[layer], d_out, f.data, f.ld,
+          w.bias[layer] != nullptr ? Init::BiasRow : Init::Zero, w.bias[layer]);
+  round_to_dtype<scalar_t, T>(f.data, rows * d_out);
+}
+
+// --- Forward ---
+
+template <typename scalar_t>
+void forward_blocks(const Plan& p, const NetworkActivations& acts, const scalar_t* x,
+                    const Weights<at::opmath_type<scalar_t>>& w, scalar_t* out,
+                    const std::vector<scalar_t*>& stored) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr bool same = std::is_same_v<scalar_t, T>;
+  const int64_t width = p.max_width(), d0 = p.widths[0];
+  const int64_t per_thread =
+      per_thread_elements(p.block_size * (2 * width + (same ? 0 : d0)), sizeof(T));
+  const Scratch<T> scratch(at::get_num_threads() * per_thread);
+  at::parallel_for(0, p.blocks, 1, [&](int64_t first, int64_t last) {
+    T* space = thread_space(scratch, per_thread);
+    T* buffers[2] = {space, space + p.block_size * width};
+    T* input_space = space + 2 * p.block_size * width;
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t row = p.first_row(block), n = p.rows_in(block);
+      Rows<const T> h = as_accumulation_type<scalar_t, T>(x + row * d0, n, d0, input_space);
+      for (size_t l = 0; l < p.layers(); ++l) {
+        const int64_t d = p.widths[l + 1];
+        const bool is_output = l + 1 == p.layers();
+        scalar_t* target = is_output ? out + row * d : (stored[l] ? stored[l] + row * d : nullptr);
+        T* f = buffers[l % 2];
+        if constexpr (same) {
+          if (target != nullptr) f = target;  // written once, straight from the kernel
+        }
+        layer_product<scalar_t, T>(p, l, w, h, n, {f, d});
+        const std::optional<Activation> a = is_output ? acts.output : std::optional(acts.hidden);
+        if (a.has_value()) activate_rows<T>(*a, acts.negative_slope, {f, d}, n, d);
+        if constexpr (!same) {
+          if (target != nullptr) at::vec::convert(f, target, n * d);
+          if (!is_output) round_to_dtype<scalar_t, T>(f, n * d);
+        }
+        h = {f, d};
+      }
+    }
+  });
+}
+
+// --- Backward ---
+
+template <typename scalar_t>
+struct Gradients {
+  scalar_t* input;                  // (rows, d_0) or nullptr
+  std::vector<scalar_t*> weights;   // per layer, or empty
+  std::vector<scalar_t*> biases;    // per layer, or empty
+};
+
+template <typename scalar_t>
+void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t checkpoint_every,
+                     const scalar_t* x, const Weights<at::opmath_type<scalar_t>>& w,
+                     const std::vector<const scalar_t*>& saved, const scalar_t* grad_output,
+                     const scalar_t* output_source, const Gradients<scalar_t>& grads) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr bool same = std::is_same_v<scalar_t, T>;
+  const size_t layers = p.layers(), hidden = p.hidden();
+  const int64_t width = p.max_width(), d0 = p.widths[0];
+  const bool checkpointing = checkpoint_every > 0;
+  const size_t stretch = checkpointing ? checkpoint_every : std::max<size_t>(hidden, 1);
+  const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
+  const bool hides_sign = output_hides_sign(acts.hidden, acts.negative_slope);
+
+  // Where each layer's weight gradient lies in a slot, and its bias gradient in a block's sums.
+  std::vector<int64_t> weight_offset(layers + 1, 0), bias_offset(layers + 1, 0);
+  for (size_t l = 0; l < layers; ++l) {
+    weight_offset[l + 1] = weight_offset[l] + p.widths[l] * p.widths[l + 1];
+    bias_offset[l + 1] = bias_offset[l] + p.widths[l + 1];
+  }
+  const bool need_weights = !grads.weights.empty(), need_biases = !grads.biases.empty();
+  const Scratch<T> slot_space(need_weights ? p.slots * weight_offset[layers] : 0);
+  const Scratch<T> bias_space(need_biases ? p.blocks * bias_offset[layers] : 0);
+  // The hidden outputs a block holds in T: a stretch of them where they are recomputed or
+  // converted, none where they are read where they lie.
+  int64_t held_width = 0;
+  if (checkpointing || !same) {
+    for (size_t s = 0; s < stretches; ++s) {
+      int64_t sum = 0;
+      for (size_t j = s * stretch + 1; j <= std::min(hidden, (s + 1) * stretch); ++j) sum += p.widths[j];
+      held_width = std::max(held_width, sum);
+    }
+  }
+
+  const int64_t n_max = p.block_size;
+  const int64_t per_thread = per_thread_elements(n_max * (5 * width + held_width) + width, sizeof(T));
+  const Scratch<T> scratch(at::get_num_threads() * per_thread);
+  at::parallel_for(0, p.slots, 1, [&](int64_t first_slot, int64_t last_slot) {
+    T* space = thread_space(scratch, per_thread);
+    T* g_space[2] = {space, space + n_max * width};
+    T* f_space = space + 2 * n_max * width;
+    T* source_space = space + 3 * n_max * width;
+    T* held_space = space + 4 * n_max * width;
+    T* input_space = held_space + n_max * held_width;  // a stretch's input
+    T* run = input_space + n_max * width;
+
+    for (int64_t slot = first_slot; slot < last_slot; ++slot) {
+      for (int64_t block = p.first_block(slot); block < p.first_block(slot + 1); ++block) {
+        const bool first_in_slot = block == p.first_block(slot);
+        const int64_t row = p.first_row(block), n = p.rows_in(block);
+        std::vector<Rows<const T>> h(layers);  // h[l]: the input of layer l, in this block
+        int current = 0;
+        // g starts as dl/d(out) of the block.
+        Rows<const T> g = as_accumulation_type<scalar_t, T>(
+            grad_output + row * p.widths[layers], n, p.widths[layers], g_space[current]);
+
+        // The backward of layer l, from its input h[l]: g is dl/d(its output) on entry and
+        // dl/dh[l] on exit. source: its output (for a'), if at hand.
+        const auto layer_backward = [&](size_t l, std::optional<Activation> a,
+                                        Rows<const T> source, bool from_output) {
+          const int64_t d_in = p.widths[l], d_out = p.widths[l + 1];
+          if (a.has_value()) {
+            if (!from_output) {  // f = beta + Omega h, recomputed in cache
+              layer_product<scalar_t, T>(p, l, w, h[l], n, {f_space, d_out});
+              source = {f_space, d_out};
+            }
+            Rows<T> dst{g_space[current], d_out};
+            activation_backward_rows<T>(*a, acts.negative_slope, from_output, g, source, dst, n, d_out);
+            round_to_dtype<scalar_t, T>(dst.data, n * d_out);  // dl/df as eager stores it
+            g = {dst.data, dst.ld};
+          }
+          if (need_biases) column_sums<T>(g, n, d_out, bias_space.get() + block * bias_offset[layers] + bias_offset[l], run);
+          if (need_weights) {  // dl/dOmega += g^T h  (7.9)
+            T* slot_weights = slot_space.get() + slot * weight_offset[layers] + weight_offset[l];
+            gemm<T>(d_out, d_in, n, g.data, 1, g.ld, h[l].data, h[l].ld, slot_weights, d_in,
+                    first_in_slot ? Init::Zero : Init::AddToC);
+          }
+          if (l > 0 || grads.input != nullptr) {  // dl/dh = g Omega  (7.6)
+            current = 1 - current;
+            T* dst = g_space[current];
+            if constexpr (same) {
+              if (l == 0) dst = grads.input + row * d0;
+            }
+            gemm<T>(n, d_in, d_out, g.data, g.ld, 1, w.natural[l], d_in, dst, d_in, Init::Zero);
+            if constexpr (!same) {
+              if (l == 0) at::vec::convert(dst, grads.input + row * d0, n * d0);
+              round_to_dtype<scalar_t, T>(dst, n * d_in);  // dl/dh as eager stores it
+            }
+            g = {dst, d_in};
+          }
+        };
+
+        const auto output_layer = [&]() {
+          const size_t l = layers - 1;
+          const int64_t d = p.widths[layers];
+          if (output_source != nullptr && acts.output.has_value()) {
+            layer_backward(l, acts.output,
+                           as_accumulation_type<scalar_t, T>(output_source + row * d, n, d, source_space),
+                           /*from_output=*/true);
+          } else {
+            layer_backward(l, acts.output, {nullptr, 0}, /*from_output=*/false);
+          }
+        };
+
+        if (stretches == 0) {  // a single layer
+          h[0] = as_accumulation_type<scalar_t, T>(x + row * d0, n, d0, input_space);
+          output_layer();
+        }
+        for (size_t s = stretches; s-- > 0;) {
+          const size_t first = s * stretch, last = std::min(hidden, first + stretch);
+          // The stretch's input: the network's, or stored (with checkpointing only).
+          const int64_t d_first = p.widths[first];
+          h[first] = as_accumulation_type<scalar_t, T>(
+              first == 0 ? x + row * d0 : saved[s - 1] + row * d_first, n, d_first, input_space);
+          T* held = held_space;
+          for (size_t j = first + 1; j <= last; ++j) {  // h[j], the output of hidden layer j - 1
+            const int64_t d = p.widths[j];
+            if (checkpointing) {
+              layer_product<scalar_t, T>(p, j - 1, w, h[j - 1], n, {held, d});
+              activate_rows<T>(acts.hidden, acts.negative_slope, {held, d}, n, d);
+              round_to_dtype<scalar_t, T>(held, n * d);
+              h[j] = {held, d};
+            } else {
+              h[j] = as_accumulation_type<scalar_t, T>(saved[j - 1] + row * d, n, d, held);
+            }
+            held += n * d;
+          }
+          if (last == hidden) output_layer();
+          for (size_t l = last; l-- > first;) {
+            // a' of hidden layer l, read off its output h[l + 1] unless that hides the sign.
+            layer_backward(l, acts.hidden, h[l + 1], /*from_output=*/!hides_sign);
+          }
+        }
+      }
+    }
+  });
+
+  // The slots' and blocks' sums, added pairwise, rounded once into the gradients.
+  for (size_t l = 0; l < layers && need_weights; ++l) {
+    const int64_t size = weight_offset[l + 1] - weight_offset[l];
+    T* first_slot = slot_space.get() + weight_offset[l];
+    at::parallel_for(0, size, 16384, [&](int64_t begin, int64_t end) {
+      add_pairwise<T>(first_slot + begin, p.slots, weight_offset[layers], end - begin);
+      at::vec::convert(first_slot + begin, grads.weights[l] + begin, end - begin);
+    });
+  }
+  for (size_t l = 0; l < layers && need_biases; ++l) {
+    T* first_block = bias_space.get() + bias_offset[l];
+    add_pairwise<T>(first_block, p.blocks, bias_offset[layers], p.widths[l + 1]);
+    at::vec::convert(first_block, grads.biases[l], p.widths[l + 1]);
+  }
+}
+
+// t's elements in row-major order: t itself where it is contiguous (its data is then the
+// (rows, features) matrix, whatever its dimensions), else a contiguous copy. The check is
+// inline; a call of t.contiguous() would cost a tiny network a dispatch per tensor.
+at::Tensor contiguous(const at::Tensor& t) {
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+std::vector<at::Tensor> contiguous(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(contiguous(t));
+  return out;
+}
+
+// Which hidden outputs the forward stores: all, or every k-th below the last.
+bool is_stored(size_t made, size_t hidden, int64_t checkpoint_every) {
+  return checkpoint_every == 0 ||
+         (made % static_cast<size_t>(checkpoint_every) == 0 && made < hidden);
+}
+
+}  // namespace
+
+at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
+                         at::TensorList bias_list, const NetworkActivations& activations,
+                         int64_t checkpoint_every, std::vector<at::Tensor>* saved) {
+  const at::Tensor x = contiguous(input);
+  const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
+  const Plan p = plan(leading_rows(input), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
+  at::DimVector out_sizes(input.sizes());
+  out_sizes.back() = p.widths.back();
+  at::Tensor out = at::empty(out_sizes, input.options());
+  HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad_fused_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    std::vector<scalar_t*> stored(p.hidden(), nullptr);
+    if (saved != nullptr) {
+      for (size_t l = 0; l < p.hidden(); ++l) {
+        if (!is_stored(l + 1, p.hidden(), checkpoint_every)) continue;
+        saved->push_back(at::empty({p.rows, p.widths[l + 1]}, input.options()));
+        stored[l] = saved->back().data_ptr<scalar_t>();
+      }
+    }
+    const Weights<T> w = prepare<scalar_t, T>(weights, biases, /*natural=*/false, /*transposed=*/true);
+    forward_blocks<scalar_t>(p, activations, x.const_data_ptr<scalar_t>(), w,
+                             out.data_ptr<scalar_t>(), stored);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weight_list,
+    at::TensorList bias_list, at::TensorList saved, const at::Tensor& output_source,
+    const NetworkActivations& activations, int64_t checkpoint_every, std::array<bool, 3> needs) {
+  const at::Tensor x = contiguous(input);
+  const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
+  const Plan p = plan(leading_rows(input), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
+  const at::Tensor grad = contiguous(grad_output);
+  const at::Tensor source = output_source.defined() ? contiguous(output_source) : at::Tensor();
+  const std::vector<at::Tensor> stored = contiguous(saved);
+  const auto [need_input, need_weights, need_biases] = needs;
+
+  at::Tensor grad_input = need_input ? at::empty({p.rows, p.widths[0]}, input.options()) : at::Tensor();
+  std::vector<at::Tensor> grad_weights, grad_biases;
+  for (size_t l = 0; l < p.layers(); ++l) {
+    if (need_weights) grad_weights.push_back(at::empty(weights[l].sizes(), input.options()));
+    if (need_biases) grad_biases.push_back(at::empty({p.widths[l + 1]}, input.options()));
+  }
+  if (p.blocks == 0) {  // no rows: the sums are zero
+    for (auto& t : grad_weights) t.zero_();
+    for (auto& t : grad_biases) t.zero_();
+  } else {
+    HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad_fused_backward", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const bool recomputes = checkpoint_every > 0 ||
+                              (activations.output.has_value() && !source.defined()) ||
+                              output_hides_sign(activations.hidden, activations.negative_slope);
+      const Weights<T> w = prepare<scalar_t, T>(weights, biases, /*natural=*/true, recomputes);
+      std::vector<const scalar_t*> saved_data;
+      for (const auto& t : stored) saved_data.push_back(t.const_data_ptr<scalar_t>());
+      Gradients<scalar_t> g{need_input ? grad_input.data_ptr<scalar_t>() : nullptr, {}, {}};
+      for (auto& t : grad_weights) g.weights.push_back(t.data_ptr<scalar_t>());
+      for (auto& t : grad_biases) g.biases.push_back(t.data_ptr<scalar_t>());
+      backward_blocks<scalar_t>(p, activations, checkpoint_every, x.const_data_ptr<scalar_t>(), w,
+                                saved_data, grad.const_data_ptr<scalar_t>(),
+                                source.defined() ? source.const_data_ptr<scalar_t>() : nullptr, g);
+    });
+  }
+  if (need_input) grad_input = grad_input.view(input.sizes());
+  return {grad_input, grad_weights, grad_biases};
+}
+
+}  // namespace handgrad::cpu

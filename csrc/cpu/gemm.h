@@ -1,0 +1,125 @@
+// handgrad's own matrix-product micro-kernel for the CPU, on at::vec::Vectorized.
+//
+//   C (rows x cols) = init + A (rows x depth) B (depth x cols)
+//
+// A is read one element at a time, broadcast into a register, so any strides serve (the
+// same kernel computes h Omega^T, g Omega and g^T h); B and C are row-major with a leading
+// dimension. A tile of kTileRows rows by up to kTileVectors registers of columns stays in
+// registers for the whole depth, one FMA per element of A and vector of B. Every element
+// of C is one chain of FMAs over the depth in order, whatever tile or tail computes it, so
+// the result does not depend on where an element lies or how the work was split: the same
+// bits on every run and for every thread count.
+//
+// Loads and stores at the right edge are masked (Vectorized::loadu/store with a count), so
+// no argument needs padding.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+#include <cstdint>
+#include <utility>
+
+namespace handgrad::cpu {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// 6 rows by 4 registers: 24 accumulators, 4 registers of B and one of A, within the 32
+// registers of AVX-512 (AVX2 has 16 and spills a few, as ATen's own kernels accept).
+constexpr int kTileRows = 6;
+constexpr int kTileVectors = 4;
+
+// What the product is added to: nothing, C's own values (accumulate), or a row of bias
+// values (F.linear's addmm: the bias inside the accumulation, rounded once). Either is added
+// to the finished product, as BLAS adds C, not summed with its terms: a large bias would
+// round every small term it met.
+enum class Init : int8_t { Zero, AddToC, BiasRow };
+
+// The depth is summed in pieces of this many terms, each added to C: an error that grows
+// with the pieces' length plus their number, not with the depth (as BLAS's blocking of K).
+constexpr int64_t kDepthPiece = 128;
+
+template <typename T, int Rows, int Vectors, bool PartialLast>
+void tile(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+          T* c, int64_t ldc, int64_t last_count, Init init, const T* bias) {
+  constexpr int64_t L = Vec<T>::size();
+  const auto count = [&](int v) { return PartialLast && v == Vectors - 1 ? last_count : L; };
+  Vec<T> acc[Rows][Vectors];
+  for (int i = 0; i < Rows; ++i) {
+    for (int v = 0; v < Vectors; ++v) acc[i][v] = Vec<T>(0);
+  }
+  for (int64_t p = 0; p < depth; ++p) {
+    const T* b_row = b + p * ldb;
+    Vec<T> bv[Vectors];
+    for (int v = 0; v < Vectors; ++v) {
+      bv[v] = PartialLast && v == Vectors - 1 ? Vec<T>::loadu(b_row + v * L, last_count)
+                                              : Vec<T>::loadu(b_row + v * L);
+    }
+    for (int i = 0; i < Rows; ++i) {
+      const Vec<T> av(a[i * a_row + p * a_col]);
+      for (int v = 0; v < Vectors; ++v) acc[i][v] = at::vec::fmadd(av, bv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < Rows; ++i) {
+    for (int v = 0; v < Vectors; ++v) {
+      T* out = c + i * ldc + v * L;
+      if (init == Init::AddToC) acc[i][v] = acc[i][v] + Vec<T>::loadu(out, count(v));
+      if (init == Init::BiasRow) acc[i][v] = acc[i][v] + Vec<T>::loadu(bias + v * L, count(v));
+      acc[i][v].store(out, count(v));
+    }
+  }
+}
+
+template <typename T>
+using TileFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t,
+                        int64_t, Init, const T*);
+
+// The tiles for 1, 2, 4 or 6 rows (a tail of rows takes at most two of them) by 1 to 4
+// registers, with the last register full or partial.
+template <typename T>
+struct Tiles {
+  static constexpr std::array<int, 4> kRows{6, 4, 2, 1};
+  TileFn<T> fn[4][kTileVectors][2];
+
+  template <int R, int V>
+  void set(int row_index) {
+    fn[row_index][V - 1][0] = &tile<T, R, V, false>;
+    fn[row_index][V - 1][1] = &tile<T, R, V, true>;
+  }
+  template <int R>
+  void set_row(int row_index) {
+    set<R, 1>(row_index), set<R, 2>(row_index), set<R, 3>(row_index), set<R, 4>(row_index);
+  }
+  Tiles() { set_row<6>(0), set_row<4>(1), set_row<2>(2), set_row<1>(3); }
+};
+
+// C = init + A B, as described at the top. bias (init == BiasRow) has cols elements.
+template <typename T>
+void gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+          const T* b, int64_t ldb, T* c, int64_t ldc, Init init, const T* bias = nullptr) {
+  static const Tiles<T> tiles;
+  constexpr int64_t L = Vec<T>::size(), kPanel = kTileVectors * L;
+  // A panel of B's columns is reused by every tile of rows while it is in cache.
+  for (int64_t col = 0; col < cols; col += kPanel) {
+    const int64_t width = std::min(kPanel, cols - col);
+    const int64_t vectors = (width + L - 1) / L, last_count = width - (vectors - 1) * L;
+    const bool partial = last_count != L;
+    const T* bias_panel = bias == nullptr ? nullptr : bias + col;
+    int64_t row = 0;
+    for (int r = 0; r < 4; ++r) {
+      const int64_t tile_rows = Tiles<T>::kRows[r];
+      const TileFn<T> fn = tiles.fn[r][vectors - 1][partial];
+      for (; row + tile_rows <= rows; row += tile_rows) {
+        for (int64_t start = 0; start < std::max<int64_t>(depth, 1); start += kDepthPiece) {
+          fn(std::min(kDepthPiece, depth - start), a + row * a_row + start * a_col, a_row, a_col,
+             b + start * ldb + col, ldb, c + row * ldc + col, ldc, last_count,
+             start == 0 ? init : Init::AddToC, bias_panel);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace handgrad::cpu

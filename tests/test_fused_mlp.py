@@ -1,0 +1,280 @@
+"""The fused CPU engine behind torch.ops.handgrad.mlp and the fused layers: blocks of rows
+through every layer, handgrad's own products, weight gradients summed in a fixed order.
+
+Its sums run in another order than eager's BLAS, so the tests hold it to a float64 truth
+(no farther from it than eager), to itself (the same bits on every run and thread count),
+and to the torch.nn twin for everything the new arguments (bias, output_activation) add."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, assert_as_accurate_as_eager, tolerances
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+
+import handgrad.functional as hf
+import handgrad.nn as hnn
+
+ops = torch.ops.handgrad
+EAGER = {"relu": F.relu, "sigmoid": torch.sigmoid}
+
+
+def eager_activation(name, slope):
+    return (lambda t: F.leaky_relu(t, slope)) if name == "leaky_relu" else EAGER[name]
+
+
+def eager_network(x, weights, biases, activation, slope, output_activation=None, stored_as=None):
+    """The network in eager PyTorch: F.linear and torch's activations. stored_as=dtype rounds
+    each hidden output to dtype, as a network in that dtype stores it: the truth for a
+    low-precision network is the float64 network with its stored values."""
+    h = x
+    for layer, weight in enumerate(weights):
+        h = F.linear(h, weight, biases[layer] if biases else None)
+        if layer + 1 < len(weights):
+            h = eager_activation(activation, slope)(h)
+            if stored_as is not None:
+                h = h.to(stored_as).to(h.dtype)
+        elif output_activation is not None:
+            h = eager_activation(output_activation, slope)(h)
+    return h
+
+
+def random_network(sizes, rows, dtype, bias=True, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, sizes[0], generator=g)
+    weights = [torch.randn(o, i, generator=g) * (scale / max(i, 1) ** 0.5) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [torch.randn(o, generator=g) for o in sizes[1:]] if bias else []
+    grad_output = torch.randn(rows, sizes[-1], generator=g)
+    return x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases], grad_output.to(dtype)
+
+
+def leaves(tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+# thin and multi-block (several slots), wide, odd widths, widths 1 and 129, and no rows.
+SHAPES = {
+    "thin": ([64, 64, 64, 64, 16], 700),
+    "wide": ([5, 700, 3], 40),
+    "odd": ([7, 1, 13, 2], 37),
+    "widths": ([1, 16, 100, 129, 1], 65),
+    "empty": ([6, 9, 4], 0),
+    "one_layer": ([33, 17], 301),
+}
+ACTIVATIONS = [("relu", 0.0), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.0)]
+
+
+@pytest.mark.parametrize("activation,slope", ACTIVATIONS, ids=["relu", "leaky", "leaky_negative", "sigmoid"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_as_close_to_float64_as_eager(shape, dtype, activation, slope):
+    sizes, rows = SHAPES[shape]
+    x, weights, biases, grad_output = random_network(sizes, rows, dtype)
+    truth_args = leaves([x.double(), *[w.double() for w in weights], *[b.double() for b in biases]])
+    ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
+    n = len(weights)
+
+    def run(args):
+        return args[0], args[1:n + 1], args[n + 1:]
+
+    out = hf.mlp(*run(ours_args), activation, slope)
+    expected = eager_network(*run(eager_args), activation, slope)
+    truth = eager_network(*run(truth_args), activation, slope, stored_as=dtype)
+    assert out.dtype == dtype
+    assert_as_accurate_as_eager(out, expected, truth)
+    for got, want, true in zip(torch.autograd.grad(out, ours_args, grad_output),
+                               torch.autograd.grad(expected, eager_args, grad_output),
+                               torch.autograd.grad(truth, truth_args, grad_output.double())):
+        assert_as_accurate_as_eager(got, want, true)
+
+
+@pytest.mark.parametrize("every", [0, 2])
+@pytest.mark.parametrize("output_activation", [None, "sigmoid", "leaky_relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_and_output_activation_match_the_eager_network(bias, output_activation, every):
+    x, weights, biases, grad_output = random_network([12, 40, 30, 20, 6], 300, torch.float64, bias=bias)
+    ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
+    n = len(weights)
+    out = ops.mlp(ours_args[0], ours_args[1:n + 1], ours_args[n + 1:], "leaky_relu", -0.1, every,
+                  output_activation)
+    expected = eager_network(eager_args[0], eager_args[1:n + 1], eager_args[n + 1:], "leaky_relu",
+                             -0.1, output_activation)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(torch.autograd.grad(out, ours_args, grad_output),
+                         torch.autograd.grad(expected, eager_args, grad_output)):
+        torch.testing.assert_close(got, want)
+
+
+def gradients(fn, args, grad_output):
+    args = leaves(args)
+    out = fn(*args)
+    return [out.detach(), *torch.autograd.grad(out, args, grad_output)]
+
+
+def same_bits_for_every_thread_count(fn, args, grad_output):
+    reference = gradients(fn, args, grad_output)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3, 4, 1):
+            torch.set_num_threads(count)
+            for got, want in zip(gradients(fn, args, grad_output), reference):
+                assert torch.equal(got, want), f"different bits with {count} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("every", [0, 1])
+@pytest.mark.parametrize("sizes,rows", [([64, 64, 64, 64, 16], 3000), ([784, 256, 256, 10], 64),
+                                        ([10, 40, 40, 5], 100)], ids=["thin", "mnist", "fig7.8"])
+def test_the_network_gives_the_same_bits_on_every_run_and_thread_count(sizes, rows, every, dtype):
+    x, weights, biases, grad_output = random_network(sizes, rows, dtype)
+    n = len(weights)
+    same_bits_for_every_thread_count(
+        lambda x, *p: hf.mlp(x, list(p[:n]), list(p[n:]), "relu", checkpoint_every=every or None),
+        [x, *weights, *biases], grad_output)
+
+
+@pytest.mark.parametrize("fn", [hf.linear_relu, hf.linear_sigmoid, lambda x, w, b: hf.linear_leaky_relu(x, w, b, -0.2)],
+                         ids=["relu", "sigmoid", "leaky_negative"])
+@pytest.mark.parametrize("shape", [(65536, 64, 64), (3000, 256, 256), (10, 10, 40)], ids=str)
+def test_the_layers_give_the_same_bits_on_every_run_and_thread_count(fn, shape):
+    # The cache-blocked layer backward used to sum the weight gradient per thread, so its
+    # bits changed with the thread count (2.4e-6 on the thin layer).
+    rows, k, m = shape
+    x, (weight,), (bias,), grad_output = random_network([k, m], rows, torch.float32)
+    same_bits_for_every_thread_count(fn, [x, weight, bias], grad_output)
+
+
+def test_nan_and_inf_propagate_as_in_eager():
+    x, weights, biases, grad_output = random_network([8, 32, 32, 4], 50, torch.float32)
+    x[3, 2], x[7, 0], x[9, 5] = float("nan"), float("inf"), -float("inf")
+    weights[1][5, 7] = float("nan")
+    grad_output[11, 1] = float("inf")
+    for activation in ("relu", "sigmoid", "leaky_relu"):
+        ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
+        out = hf.mlp(ours_args[0], ours_args[1:4], ours_args[4:], activation, 0.1)
+        expected = eager_network(eager_args[0], eager_args[1:4], eager_args[4:], activation, 0.1)
+        results = zip([out, *torch.autograd.grad(out, ours_args, grad_output)],
+                      [expected, *torch.autograd.grad(expected, eager_args, grad_output)])
+        for got, want in results:
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+            finite = want.isfinite()
+            torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_and_3d_inputs_and_expanded_gradients():
+    _, weights, biases, _ = random_network([6, 20, 5], 0, torch.float64)
+    base = torch.randn(4, 7, 12, dtype=torch.float64)
+    for x in (base[..., ::2], base.transpose(0, 1)[..., :6], base[:, :, :6].contiguous()):
+        ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
+        out = hf.mlp(ours_args[0], ours_args[1:3], ours_args[3:])
+        expected = eager_network(eager_args[0], eager_args[1:3], eager_args[3:], "relu", 0.0)
+        assert out.shape == expected.shape == (*x.shape[:-1], 5)
+        torch.testing.assert_close(out, expected)
+        grad_output = torch.randn(5, dtype=torch.float64).expand(out.shape)  # stride 0
+        for got, want in zip(torch.autograd.grad(out, ours_args, grad_output),
+                             torch.autograd.grad(expected, eager_args, grad_output)):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("output_activation", [None, "sigmoid", "relu"])
+def test_gradcheck_and_gradgradcheck_without_bias_and_with_an_output_activation(output_activation):
+    g = torch.Generator().manual_seed(0)
+    sizes = [4, 5, 6, 3]
+    weights = [torch.randn(o, i, generator=g, dtype=torch.float64, requires_grad=True)
+               for i, o in zip(sizes[:-1], sizes[1:])]
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def network(x, *weights):
+        return ops.mlp(x, list(weights), [], "leaky_relu", 0.3, 0, output_activation)
+
+    assert gradcheck(network, (x, *weights))
+    assert gradgradcheck(network, (x, *weights))
+
+
+def test_opcheck_of_the_new_arguments():
+    def t(*shape, grad=True):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+
+    weights, biases = [t(5, 4), t(6, 5), t(3, 6)], [t(5), t(6), t(3)]
+    for layer_biases, output_activation in (([], None), (biases, "sigmoid"), ([], "leaky_relu")):
+        torch.library.opcheck(ops.mlp.default, (t(2, 4), weights, layer_biases, "relu", 0.1, 0, output_activation))
+        plain_w, plain_b = [w.detach() for w in weights], [b.detach() for b in layer_biases]
+        x = t(7, 4, grad=False)
+        args = (x, plain_w, plain_b, "relu", 0.1, 0, output_activation)
+        torch.library.opcheck(ops.mlp_forward.default, args)
+        _, saved = ops.mlp_forward(*args)
+        torch.library.opcheck(ops.mlp_backward.default, (t(7, 3, grad=False), x, plain_w, plain_b, saved,
+                                                         "relu", 0.1, 0, True, output_activation))
+
+
+def twin(model):
+    """The same network in torch.nn, with the same weights."""
+    layers = []
+    make = {"relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(model.negative_slope),
+            "sigmoid": lambda: nn.Sigmoid()}
+    for layer in [*model.hidden, model.output]:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           dtype=layer.weight.dtype)
+        linear.load_state_dict(layer.state_dict())
+        layers += [linear, make[model.activation]()]
+    layers.pop()
+    if model.output_activation is not None:
+        layers.append(make[model.output_activation]())
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_module_without_bias_and_with_an_output_activation(dtype):
+    torch.manual_seed(0)
+    model = hnn.MLP([6, 9, 8, 3], "leaky_relu", 0.1, bias=False, output_activation="sigmoid", dtype=dtype)
+    stack = nn.Sequential(nn.Linear(6, 9, bias=False), nn.Linear(9, 8, bias=False), nn.Linear(8, 3, bias=False))
+    assert [(k, v.shape) for k, v in model.state_dict().items()] == [
+        (k.replace("0.", "hidden.0.").replace("1.", "hidden.1.").replace("2.", "output."), v.shape)
+        for k, v in stack.state_dict().items()]
+    assert all(layer.bias is None for layer in [*model.hidden, model.output])
+    assert "output_activation='sigmoid'" in repr(model)
+    reference = twin(model)
+    x = torch.randn(7, 6, dtype=torch.float64).to(dtype).requires_grad_()
+    out, expected = model(x), reference(x)
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad_output = torch.randn(out.shape).to(dtype)
+    for got, want in zip(torch.autograd.grad(out, [x, *model.parameters()], grad_output),
+                         torch.autograd.grad(expected, [x, *reference.parameters()], grad_output)):
+        torch.testing.assert_close(got, want, **tolerances(dtype))
+    # Layer by layer (a hook on a layer) the output activation is applied too.
+    handle = model.output.register_forward_hook(lambda *args: None)
+    torch.testing.assert_close(model(x), expected, **tolerances(dtype))
+    handle.remove()
+
+
+def test_functional_mlp_takes_biases_none_and_output_activation():
+    x, weights, biases, _ = random_network([4, 6, 2], 5, torch.float64)
+    torch.testing.assert_close(hf.mlp(x, weights, None, output_activation="relu"),
+                               eager_network(x, weights, [], "relu", 0.0, "relu"))
+    torch.testing.assert_close(hf.mlp(x, weights, biases, "sigmoid", output_activation="sigmoid"),
+                               eager_network(x, weights, biases, "sigmoid", 0.0, "sigmoid"))
+    with pytest.raises(ValueError, match="output_activation must be None, 'relu', 'leaky_relu' or 'sigmoid', got 'tanh'"):
+        hf.mlp(x, weights, biases, output_activation="tanh")
+    with pytest.raises(ValueError, match="output_activation must be None"):
+        hnn.MLP([4, 2], output_activation="softmax")
+    with pytest.raises(RuntimeError, match=r"mlp: got 2 weights but 1 biases; give one bias per layer, or none"):
+        hf.mlp(x, weights, biases[:1])
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        ops.mlp(x, weights, biases, "relu", 0.0, 0, "gelu")
+
+
+def test_compile_fullgraph_and_export_with_the_new_arguments():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = hnn.MLP([6, 9, 3], "relu", bias=False, output_activation="sigmoid")
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 6, requires_grad=True)
+    out, expected = compiled(x), model(x)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(torch.autograd.grad(out.sum(), [x, *model.parameters()]),
+                    torch.autograd.grad(expected.sum(), [x, *model.parameters()])):
+        torch.testing.assert_close(a, b)
+    program = torch.export.export(model, (x.detach(),))
+    torch.testing.assert_close(program.module()(x.detach()), model(x.detach()))
