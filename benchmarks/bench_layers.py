@@ -30,6 +30,7 @@ import handgrad
 import handgrad.functional as hf
 import handgrad.nn as hnn
 from handgrad.examples.checkpoint import saved_bytes
+from machine import machine_description
 
 SHAPES = {  # name: (N, K, M)
     "tiny": (10, 10, 40),  # figure 7.8 size: overhead-bound
@@ -225,21 +226,6 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def machine_description(device):
-    if device == "cuda":
-        return (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}; Python "
-                f"{platform.python_version()}, torch {torch.__version__}, handgrad {handgrad.__version__}")
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"capability {torch.backends.cpu.get_cpu_capability()}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, handgrad {handgrad.__version__}")
 
 
 def main(argv=None):

@@ -1,20 +1,24 @@
-"""Whole training steps: handgrad.nn.MLP and fuse() against the same network in torch.nn.
+"""Whole networks: handgrad.nn.MLP and fuse() against the same network in torch.nn, on the CPU.
 
-One step is what a training loop does: zero_grad, forward, MSE loss, backward, and an SGD
-step with momentum. The three candidates start from the same weights and are timed
-round-robin in one run (each sample at least --min-time seconds), so that drifts of the
-machine touch all alike; the table gives medians and their ratios to torch.nn.
+For each network it times, round-robin in one run (bench_layers.measure, every timer on all
+of torch's threads), from the same weights:
+  - a training step: zero_grad, forward, MSE loss, loss.backward(), SGD with momentum;
+  - forward+backward: forward, MSE loss and loss.backward(), what a network implementation
+    controls (the optimizer step is the same for every candidate);
+  - inference: the forward under torch.no_grad().
+It then times the MLP's own op, mlp_forward + mlp_backward, to give the GFLOP/s of its
+products against the machine's FMA limit, and counts the minor page faults of a training
+step (fresh memory for stored activations). Tables are markdown; the raw figures go to JSON.
 
-    python benchmarks/bench_networks.py [--rounds 9] [--min-time 0.2] [--out DIR]
+    python benchmarks/bench_networks.py [--networks thin64-16k,...] [--rounds 7] [--out DIR]
 """
 
 import argparse
 import copy
 import json
 import os
-import statistics
+import resource
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +26,16 @@ from torch import nn
 
 import handgrad.nn as hnn
 
-NETWORKS = {  # name: (sizes, batch)
+NETWORKS = {  # name: (sizes, rows)
     "fig7.8 batch 10": ([10, 40, 40, 5], 10),  # the book's network and batch
     "fig7.8 batch 100": ([10, 40, 40, 5], 100),
     "MNIST-sized batch 64": ([784, 256, 256, 10], 64),
+    "thin64 16k": ([64, 64, 64, 64, 64, 16], 16384),
+    "thin64 64k": ([64, 64, 64, 64, 64, 16], 65536),
+    "thin128 16k": ([64, 128, 128, 128, 128, 16], 16384),
 }
 CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(Sequential)"]
+MODES = ["step", "fwd+bwd", "inference"]
 
 
 def models(sizes, seed=0):
@@ -45,7 +53,7 @@ def models(sizes, seed=0):
 
 
 def training_step(model, x, y):
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
 
     def step():
         optimizer.zero_grad()
@@ -56,54 +64,70 @@ def training_step(model, x, y):
 
 
 def forward_backward(model, x, y):
-    """The part a network implementation controls: forward, loss and backward, with the
-    gradients returned rather than accumulated (no zero_grad, no optimizer)."""
-    parameters = list(model.parameters())
-    return lambda: torch.autograd.grad(F.mse_loss(model(x), y), parameters)
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.mse_loss(model(x), y).backward()
+
+    return step
 
 
-def optimizer_only(model):
-    """The SGD step alone, on gradients of the right shapes (set once): the same for every
-    candidate, and part of every training step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=0.9)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    return optimizer.step
+def inference(model, x):
+    def step():
+        with torch.no_grad():
+            model(x)
+
+    return step
 
 
-def measure(steps, rounds, min_time):
-    numbers = {}
-    for name, step in steps.items():  # warm up; calls per sample
+def op_gflops(mlp, x, y, rounds, min_time, measure):
+    """The MLP op's own forward (storing activations) and backward, and the GFLOP/s of the
+    products they make: 2 rows d_in d_out per layer forward, twice that backward (dl/dOmega
+    and dl/dh; none for dl/dx of the input)."""
+    layers = [*mlp.hidden, mlp.output]
+    weights = [layer.weight.detach() for layer in layers]
+    biases = [layer.bias.detach() for layer in layers]
+    ops = torch.ops.handgrad
+    grad_output = torch.randn(x.shape[0], weights[-1].shape[0])
+
+    def forward():
+        return ops.mlp_forward(x, weights, biases, "relu", 0.01, 0)
+
+    _, saved = forward()
+
+    def backward():
+        ops.mlp_backward(grad_output, x, weights, biases, saved, "relu", 0.01, 0, False)
+
+    seconds = measure({"forward": forward, "backward": backward}, rounds, min_time)
+    rows = x.shape[0]
+    products = [2 * rows * w.shape[0] * w.shape[1] for w in weights]
+    flops = {"forward": sum(products), "backward": 2 * sum(products) - products[0]}
+    return {mode: flops[mode] / seconds[mode] / 1e9 for mode in flops} | {
+        f"{mode} s": seconds[mode] for mode in flops}
+
+
+def page_faults(step, calls=5):
+    """Minor page faults per call of step (the kernel's count for this process)."""
+    step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
         step()
-        start = time.perf_counter()
-        step()
-        numbers[name] = max(1, int(min_time / max(time.perf_counter() - start, 1e-7)))
-    samples = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(numbers[name]):
-                step()
-            samples[name].append((time.perf_counter() - start) / numbers[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
-def print_table(rows, suffix, header, leading):
-    """One markdown row per network: leading(row), then the three candidates' times (their
-    keys end in suffix) and their ratios to torch.nn."""
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+def ratio_table(rows, mode):
+    print(f"| network | sizes | rows | torch.nn ms | MLP ms | fuse ms | MLP/torch.nn | fuse/torch.nn |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base, mlp, fused = (r[c + suffix] for c in CANDIDATES)
-        print(f"| {r['network']} | {leading(r)} | {base * 1e6:.1f} | {mlp * 1e6:.1f} | {fused * 1e6:.1f} "
-              f"| **{mlp / base:.2f}** | **{fused / base:.2f}** |")
+        base, mlp, fused = (r[f"{c} {mode}"] for c in CANDIDATES)
+        print(f"| {r['network']} | {'-'.join(map(str, r['sizes']))} | {r['rows']} | {base * 1e3:.3f} "
+              f"| {mlp * 1e3:.3f} | {fused * 1e3:.3f} | **{mlp / base:.2f}** | **{fused / base:.2f}** |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", default=",".join(NETWORKS),
                         help="comma-separated, of: " + ", ".join(NETWORKS))
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per sample")
     parser.add_argument("--out", default="benchmarks/out")
     args = parser.parse_args(argv)
@@ -112,36 +136,50 @@ def main(argv=None):
         if name not in NETWORKS:
             parser.error(f"unknown network {name!r}; choose from {', '.join(NETWORKS)}")
 
-    from bench_layers import machine_description
+    from bench_layers import measure
+    from machine import fma_limit, machine_description
 
-    print(f"# Training steps\n\n{machine_description('cpu')}\n", flush=True)
+    machine = machine_description("cpu")
+    print(f"# Whole networks\n\n{machine}\n", flush=True)
     rows = []
     for name in names:
         sizes, batch = NETWORKS[name]
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(batch, sizes[0], generator=g), torch.randn(batch, sizes[-1], generator=g)
         candidates = models(sizes)
-        steps = {c: training_step(model, x, y) for c, model in candidates.items()}
-        steps.update({f"{c} fwd+bwd": forward_backward(model, x, y) for c, model in candidates.items()})
-        steps["optimizer"] = optimizer_only(candidates["torch.nn"])
-        medians = measure(steps, args.rounds, args.min_time)
-        rows.append({"network": name, "sizes": sizes, "batch": batch, **medians})
-        print(f"  {name}: " + ", ".join(f"{c} {medians[c] * 1e6:.1f} us" for c in CANDIDATES),
+        steps = {}
+        for c, model in candidates.items():
+            steps[f"{c} step"] = training_step(model, x, y)
+            steps[f"{c} fwd+bwd"] = forward_backward(model, x, y)
+            steps[f"{c} inference"] = inference(model, x)
+        row = {"network": name, "sizes": sizes, "rows": batch, **measure(steps, args.rounds, args.min_time)}
+        row["op"] = op_gflops(candidates["handgrad MLP"], x, y, args.rounds, args.min_time, measure)
+        row["page faults"] = {c: page_faults(steps[f"{c} step"]) for c in CANDIDATES}
+        rows.append(row)
+        print(f"  {name}: " + ", ".join(f"{c} {row[f'{c} fwd+bwd'] * 1e3:.3f} ms" for c in CANDIDATES),
               file=sys.stderr, flush=True)
 
-    print("Median time of one SGD step (zero_grad, forward, MSE, backward, step); ratios of "
-          "medians from the same run.\n")
-    print_table(rows, "", "| network | sizes | batch | torch.nn us | MLP us | fuse us | MLP/torch.nn "
-                "| fuse/torch.nn |", lambda r: f"{'-'.join(map(str, r['sizes']))} | {r['batch']}")
-    print("\nWhere the time goes (the same run): forward, MSE and backward alone, which is what "
-          "a network implementation controls, and the SGD step alone, which every candidate "
-          "pays alike.\n")
-    print_table(rows, " fwd+bwd", "| network | SGD step us | torch.nn fwd+bwd us | MLP fwd+bwd us "
-                "| fuse fwd+bwd us | MLP/torch.nn | fuse/torch.nn |",
-                lambda r: f"{r['optimizer'] * 1e6:.1f}")
+    for mode, title in (("fwd+bwd", "Forward, MSE loss and `loss.backward()`"),
+                        ("inference", "Inference: the forward under `torch.no_grad()`"),
+                        ("step", "A training step: zero_grad, forward, MSE, backward, SGD step")):
+        print(f"\n{title}; medians, and ratios of medians from the same run.\n")
+        ratio_table(rows, mode)
+    limit = fma_limit(torch.get_num_threads())
+    print(f"\nInside the MLP op: the GFLOP/s of its products (mlp_forward, storing activations; "
+          f"mlp_backward), against the FMA limit ({limit:.0f} GFLOP/s on {torch.get_num_threads()} "
+          f"threads), and minor page faults per training step.\n" if limit else
+          "\nInside the MLP op: the GFLOP/s of its products, and minor page faults per training step.\n")
+    print("| network | forward GFLOP/s | backward GFLOP/s | forward % of limit | backward % of limit "
+          "| page faults torch.nn | page faults MLP |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        op, faults = r["op"], r["page faults"]
+        share = (lambda v: f"{100 * v / limit:.0f} %") if limit else (lambda v: "-")
+        print(f"| {r['network']} | {op['forward']:.1f} | {op['backward']:.1f} | {share(op['forward'])} "
+              f"| {share(op['backward'])} | {faults['torch.nn']:.0f} | {faults['handgrad MLP']:.0f} |")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_networks.json"), "w") as f:
-        json.dump({"machine": machine_description("cpu"), "results": rows}, f, indent=1)
+        json.dump({"machine": machine, "results": rows}, f, indent=1)
     return rows
 
 

@@ -37,14 +37,15 @@ def test_saved_memory_is_at_most_eagers(activation):
         assert saved_per_layer >= (layers - 1) / layers * activations
 
 
-def test_network_harness_prints_both_tables_and_writes_json(tmp_path, capsys):
+def test_network_harness_prints_its_tables_and_writes_json(tmp_path, capsys):
     import bench_networks
 
     rows = bench_networks.main(["--networks", "fig7.8 batch 10", "--rounds", "1", "--min-time", "0.001",
                                 "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "| fig7.8 batch 10 | 10-40-40-5 | 10 |" in printed
-    assert "Where the time goes" in printed
+    assert "FMA limit" in printed and "BLAS sgemm" in printed and "Inside the MLP op" in printed
     (row,) = rows
-    assert all(row[key] > 0 for key in ("torch.nn", "handgrad MLP", "fuse(Sequential)", "optimizer"))
-    assert json.loads((tmp_path / "bench_networks.json").read_text())["results"][0]["batch"] == 10
+    assert all(row[f"{c} {mode}"] > 0 for c in bench_networks.CANDIDATES for mode in bench_networks.MODES)
+    assert row["op"]["forward"] > 0 and row["op"]["backward"] > 0
+    assert json.loads((tmp_path / "bench_networks.json").read_text())["results"][0]["rows"] == 10

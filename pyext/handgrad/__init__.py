@@ -44,4 +44,15 @@ def cuda_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("handgrad::linear_activation", "CUDA")
 
 
-__all__ = ["autograd", "functional", "nn", "cuda_built", "__version__"]
+def build_info() -> dict:
+    """What this build runs: the SIMD level its CPU kernels were compiled for, the CPU
+    micro-kernel, and whether it has the CUDA kernels."""
+    capability = _build_config.CPU_CAPABILITY
+    return {
+        "cpu_capability": capability,
+        "cpu_micro_kernel": f"handgrad 6x4 registers on at::vec::Vectorized ({capability})",
+        "cuda": cuda_built(),
+    }
+
+
+__all__ = ["autograd", "functional", "nn", "build_info", "cuda_built", "__version__"]
