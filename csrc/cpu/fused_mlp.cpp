@@ -45,10 +45,6 @@ namespace {
 // 1 MiB L2, leaving room for a panel of weights.
 constexpr int64_t kBlockBytes = 384 * 1024;
 constexpr int64_t kMaxBlockRows = 256, kMinBlockRows = 16;
-// A network whose forward takes at least this many FLOPs is cut into at least
-// kSharedBlocks blocks of at least kSharedBlockRows rows, so that threads can share it.
-constexpr double kShareFlops = 4e6;
-constexpr int64_t kSharedBlocks = 8, kSharedBlockRows = 32;
 // Weight-gradient slots: at most kMaxSlots (12 shares evenly among 1, 2, 3, 4 or 6 threads),
 // in at most kSlotBytes, and one per kRowsPerSlot rows (adding up the slots costs a pass over
 // them; at least 2 where there are two blocks).
@@ -77,6 +73,19 @@ T* thread_space(const Scratch<T>& scratch, int64_t per_thread) {
   return scratch.get() + at::get_thread_num() * per_thread;
 }
 
+// body(first, last) over [0, count) shared among threads. Fewer items than two per thread
+// run in order on the calling thread, outside a parallel region, so that their products
+// share their columns instead: a few rows through wide layers, where each thread then reads
+// part of the weights and none waits for another's extra block. The bits are the same.
+template <typename Body>
+void share(int64_t count, const Body& body) {
+  if (count < 2 * at::get_num_threads()) {
+    body(int64_t{0}, count);
+  } else {
+    at::parallel_for(0, count, 1, body);
+  }
+}
+
 // A row-major matrix as the kernels read it: row i starts at data + i * ld.
 template <typename T>
 struct Rows {
@@ -103,19 +112,14 @@ struct Plan {
 Plan plan(int64_t rows, at::TensorList weights, int64_t element_size) {
   Plan p{rows, {weights[0].size(1)}, 0, 0, 0};
   int64_t widest_pair = 1, weight_elements = 0;
-  double flops_per_row = 0;
   for (const auto& w : weights) {
     widest_pair = std::max(widest_pair, w.size(0) + w.size(1));
     weight_elements += w.numel();
-    flops_per_row += 2.0 * static_cast<double>(w.numel());
     p.widths.push_back(w.size(0));
   }
   const int64_t cap =
       std::clamp(kBlockBytes / (element_size * widest_pair), kMinBlockRows, kMaxBlockRows);
-  int64_t blocks = at::divup(rows, cap);
-  if (flops_per_row * static_cast<double>(rows) >= kShareFlops) {
-    blocks = std::max(blocks, std::min(kSharedBlocks, rows / kSharedBlockRows));
-  }
+  const int64_t blocks = at::divup(rows, cap);
   p.block_size = rows == 0 ? 1 : at::divup(rows, std::max<int64_t>(blocks, 1));
   p.blocks = rows == 0 ? 0 : at::divup(rows, p.block_size);
   const int64_t by_memory = kSlotBytes / std::max<int64_t>(1, weight_elements * element_size);
@@ -297,7 +301,7 @@ void forward_blocks(const Plan& p, const NetworkActivations& acts, const scalar_
   const int64_t per_thread =
       per_thread_elements(p.block_size * (2 * width + (same ? 0 : d0)), sizeof(T));
   const Scratch<T> scratch(at::get_num_threads() * per_thread);
-  at::parallel_for(0, p.blocks, 1, [&](int64_t first, int64_t last) {
+  share(p.blocks, [&](int64_t first, int64_t last) {
     T* space = thread_space(scratch, per_thread);
     T* buffers[2] = {space, space + p.block_size * width};
     T* input_space = space + 2 * p.block_size * width;
@@ -371,7 +375,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
   const int64_t n_max = p.block_size;
   const int64_t per_thread = per_thread_elements(n_max * (5 * width + held_width) + width, sizeof(T));
   const Scratch<T> scratch(at::get_num_threads() * per_thread);
-  at::parallel_for(0, p.slots, 1, [&](int64_t first_slot, int64_t last_slot) {
+  share(p.slots, [&](int64_t first_slot, int64_t last_slot) {
     T* space = thread_space(scratch, per_thread);
     T* g_space[2] = {space, space + n_max * width};
     T* f_space = space + 2 * n_max * width;

@@ -14,6 +14,7 @@
 // no argument needs padding.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -95,10 +96,11 @@ struct Tiles {
   Tiles() { set_row<6>(0), set_row<4>(1), set_row<2>(2), set_row<1>(3); }
 };
 
-// C = init + A B, as described at the top. bias (init == BiasRow) has cols elements.
+// C = init + A B on one thread, a panel of B's columns at a time.
 template <typename T>
-void gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
-          const T* b, int64_t ldb, T* c, int64_t ldc, Init init, const T* bias = nullptr) {
+void gemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row,
+                         int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, Init init,
+                         const T* bias) {
   static const Tiles<T> tiles;
   constexpr int64_t L = Vec<T>::size(), kPanel = kTileVectors * L;
   // A panel of B's columns is reused by every tile of rows while it is in cache.
@@ -120,6 +122,28 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, 
       }
     }
   }
+}
+
+// A product of at least this many multiply-adds, called outside a parallel region, shares
+// its panels of columns among threads (each element is computed as it would be alone).
+constexpr int64_t kShareProduct = int64_t{1} << 20;
+
+// C = init + A B, as described at the top. bias (init == BiasRow) has cols elements.
+template <typename T>
+void gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+          const T* b, int64_t ldb, T* c, int64_t ldc, Init init, const T* bias = nullptr) {
+  constexpr int64_t kPanel = kTileVectors * Vec<T>::size();
+  const int64_t panels = (cols + kPanel - 1) / kPanel;
+  if (panels > 1 && rows * cols * depth >= kShareProduct && at::get_num_threads() > 1 &&
+      !at::in_parallel_region()) {
+    at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
+      const int64_t col = first * kPanel, width = std::min(cols, last * kPanel) - col;
+      gemm_on_this_thread<T>(rows, width, depth, a, a_row, a_col, b + col, ldb, c + col, ldc,
+                             init, bias == nullptr ? nullptr : bias + col);
+    });
+    return;
+  }
+  gemm_on_this_thread<T>(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
 }
 
 }  // namespace handgrad::cpu
