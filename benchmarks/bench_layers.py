@@ -16,7 +16,6 @@ keeps for an 8-layer MLP, through torch.autograd.graph.saved_tensors_hooks.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 from torch import nn
 
-import handgrad
 import handgrad.functional as hf
 import handgrad.nn as hnn
 from handgrad.examples.checkpoint import saved_bytes

@@ -115,7 +115,7 @@ def page_faults(step, calls=5):
 
 
 def ratio_table(rows, mode):
-    print(f"| network | sizes | rows | torch.nn ms | MLP ms | fuse ms | MLP/torch.nn | fuse/torch.nn |")
+    print("| network | sizes | rows | torch.nn ms | MLP ms | fuse ms | MLP/torch.nn | fuse/torch.nn |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         base, mlp, fused = (r[f"{c} {mode}"] for c in CANDIDATES)

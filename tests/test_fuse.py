@@ -45,15 +45,38 @@ def outputs_and_grads(model, x):
     return (out, *torch.autograd.grad(out.square().sum(), [x, *model.parameters()]))
 
 
+def handgrad_ops(model, *args):
+    """The handgrad ops model(*args) calls, by name, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    called = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "handgrad":
+                called.append(func._schema.name.split("::")[1])
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        model(*args)
+    return called
+
+
 def test_fuses_activations_called_in_forward():
     torch.manual_seed(0)
     model = FunctionalNet()
     reference = copy.deepcopy(model)
     parameters = list(model.parameters())
     fused = hnn.fuse(model)
+    assert fused is model and type(fused) is FunctionalNet  # the user's own object
+    decisions = {d.name: d for d in hnn.fusion_decisions(reference)}
     for name, kind in EXPECTED.items():
-        assert type(fused.get_submodule(name)) is kind, name
-    assert fused.fc3.negative_slope == 0.3 and fused.fc5.negative_slope == 0.1
+        assert decisions[name].fused == (kind is not nn.Linear), name
+    # Inside nn.Sequential the Linear became its fused form in place; the calls in forward
+    # are fused in the forward, and those Linear modules stay as they are.
+    assert type(fused.block[0]) is hnn.LinearReLU and type(fused.block[1]) is nn.Identity
+    assert type(fused.fc1) is nn.Linear
+    assert handgrad_ops(fused, torch.randn(2, 8)).count("linear_activation") == 7
     assert all(a is b for a, b in zip(fused.parameters(), parameters))  # optimizers keep working
     assert list(fused.state_dict()) == list(reference.state_dict())
     x = torch.randn(5, 8, requires_grad=True)
@@ -73,15 +96,17 @@ def test_fused_model_compiles():
     torch.testing.assert_close(torch.compile(fused, fullgraph=True)(x), fused(x))
 
 
-def test_hooked_modules_are_left_unfused_and_their_hooks_fire():
+def test_hooked_modules_are_left_unfused_and_their_hooks_fire(capsys):
     model = FunctionalNet()
     reference = copy.deepcopy(model)
     seen = []
     model.fc1.register_forward_hook(lambda module, args, out: seen.append(out.min().item()))
     model.act.register_forward_pre_hook(lambda module, args: None)
-    fused = hnn.fuse(model)
-    assert type(fused.fc1) is nn.Linear and type(fused.fc5) is nn.Linear
-    assert type(fused.fc2) is hnn.LinearSigmoid
+    fused = hnn.fuse(model, verbose=True)
+    printed = capsys.readouterr().out
+    assert "fc1: not fused, it has a forward hook, which must keep seeing its own output" in printed
+    assert "fc5: not fused, its activation module has hooks" in printed
+    assert "fc2: fused, fused with the sigmoid after it" in printed
     x = torch.randn(5, 8)
     torch.testing.assert_close(fused(x), reference(x))
     assert seen and seen[-1] < 0  # the hook saw the Linear's own output, before its ReLU
@@ -105,7 +130,7 @@ def test_report_says_what_was_fused_and_why_not(caplog, capsys):
     assert "handgrad.nn.fuse: b: fused, fused with the sigmoid after it" in printed
     assert "handgrad.nn.fuse: c: not fused, nothing follows it" in printed
     assert any("b: fused" in record.getMessage() for record in caplog.records)
-    assert type(fused.b) is hnn.LinearSigmoid
+    assert handgrad_ops(fused, torch.randn(3, 4)) == ["linear_activation"]
 
 
 def test_untraceable_model_gets_the_sequential_pass_and_one_warning():
@@ -126,6 +151,8 @@ def test_untraceable_model_gets_the_sequential_pass_and_one_warning():
     with pytest.warns(UserWarning, match="torch.fx cannot trace Branchy") as record:
         fused = hnn.fuse(model)
     assert len(record) == 1
+    message = str(record[0].message)
+    assert "test_fuse.py" in message and "if h.sum() > 0" in message and "example_inputs" in message
     assert fused is model
     assert [type(m) for m in fused.body] == [hnn.LinearReLU, nn.Identity, hnn.LinearSigmoid, nn.Identity]
     x = torch.randn(3, 4)

@@ -77,9 +77,14 @@ T* thread_space(const Scratch<T>& scratch, int64_t per_thread) {
 // run in order on the calling thread, outside a parallel region, so that their products
 // share their columns instead: a few rows through wide layers, where each thread then reads
 // part of the weights and none waits for another's extra block. The bits are the same.
+// How many threads share(count, ...) runs on, so that each of them gets scratch.
+int64_t sharing_threads(int64_t count) {
+  return count < 2 * at::get_num_threads() ? 1 : at::get_num_threads();
+}
+
 template <typename Body>
 void share(int64_t count, const Body& body) {
-  if (count < 2 * at::get_num_threads()) {
+  if (sharing_threads(count) == 1) {
     body(int64_t{0}, count);
   } else {
     at::parallel_for(0, count, 1, body);
@@ -300,7 +305,7 @@ void forward_blocks(const Plan& p, const NetworkActivations& acts, const scalar_
   const int64_t width = p.max_width(), d0 = p.widths[0];
   const int64_t per_thread =
       per_thread_elements(p.block_size * (2 * width + (same ? 0 : d0)), sizeof(T));
-  const Scratch<T> scratch(at::get_num_threads() * per_thread);
+  const Scratch<T> scratch(sharing_threads(p.blocks) * per_thread);
   share(p.blocks, [&](int64_t first, int64_t last) {
     T* space = thread_space(scratch, per_thread);
     T* buffers[2] = {space, space + p.block_size * width};
@@ -374,7 +379,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
 
   const int64_t n_max = p.block_size;
   const int64_t per_thread = per_thread_elements(n_max * (5 * width + held_width) + width, sizeof(T));
-  const Scratch<T> scratch(at::get_num_threads() * per_thread);
+  const Scratch<T> scratch(sharing_threads(p.slots) * per_thread);
   share(p.slots, [&](int64_t first_slot, int64_t last_slot) {
     T* space = thread_space(scratch, per_thread);
     T* g_space[2] = {space, space + n_max * width};

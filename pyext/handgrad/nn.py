@@ -1,16 +1,12 @@
-"""Drop-in modules: fused Linear+activation layers, standalone activations, and fuse().
+"""Drop-in modules: fused Linear+activation layers, standalone activations, and MLP (fuse() is
+in fuse.py, re-exported here).
 
 The fused layers are nn.Linear subclasses: the same constructor, parameters (`weight`,
 `bias`), initialisation, state_dict and repr, with the activation applied in the same
 kernel as the bias.
 """
 
-import logging
-import warnings
-from typing import NamedTuple
 
-import torch
-import torch.fx
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -168,194 +164,10 @@ class MLP(nn.Module):
         return ", ".join(parts)
 
 
-# --- fuse(): Linear + activation pairs of any model, rewritten as fused layers ---
-
 _ACTIVATION_MODULES = {nn.ReLU: "relu", ReLU: "relu", nn.LeakyReLU: "leaky_relu",
                        LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", Sigmoid: "sigmoid"}
-_ACTIVATION_FUNCTIONS = {
-    torch.relu: "relu", torch.relu_: "relu", torch.nn.functional.relu: "relu",
-    torch.nn.functional.relu_: "relu", F.relu: "relu",
-    torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid",
-    torch.nn.functional.leaky_relu: "leaky_relu", torch.nn.functional.leaky_relu_: "leaky_relu",
-    F.leaky_relu: "leaky_relu",
-}
-_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
-_DEFAULT_SLOPE = 0.01
 
-_log = logging.getLogger("handgrad.fuse")
-
-
-class FusionDecision(NamedTuple):
-    """What fuse() did with one nn.Linear: `name` is its qualified name in the model."""
-
-    name: str
-    fused: bool
-    reason: str
-
-
-def _fused_layer(linear, activation, negative_slope):
-    """The fused module for linear followed by activation, sharing linear's parameters."""
-    extra = {"negative_slope": negative_slope} if activation == "leaky_relu" else {}
-    # Built on the meta device, so nothing is allocated or initialised, then given the
-    # linear layer's own parameters.
-    fused = _FUSED_LAYERS[activation](linear.in_features, linear.out_features,
-                                      bias=linear.bias is not None, device="meta", **extra)
-    fused.weight = linear.weight
-    fused.bias = linear.bias
-    fused.train(linear.training)
-    return fused
-
-
-def _is_linear(module):
-    """Whether module is an nn.Linear fuse() must decide on: not one of handgrad's own."""
-    return isinstance(module, nn.Linear) and type(module).__module__ != __name__
-
-
-def _why_not_fusable(linear, activation_module=None):
-    """Why linear (and its activation module) must stay as they are, or None."""
-    if type(linear) is not nn.Linear:  # a subclass may change forward
-        return f"{type(linear).__name__} is not nn.Linear itself"
-    if _has_hooks(linear):
-        return "it has hooks, which must keep seeing its own output"
-    if activation_module is not None and _has_hooks(activation_module):
-        return "its activation module has hooks"
-    return None
-
-
-def _fuse_sequentials(module, prefix, decisions):
-    """In place: nn.Linear + activation module pairs inside every nn.Sequential; the
-    activation becomes nn.Identity, so positions and state_dict keys stay as they were."""
-    if isinstance(module, nn.Sequential):
-        for index in range(len(module) - 1):
-            linear, activation = module[index], module[index + 1]
-            name = _ACTIVATION_MODULES.get(type(activation))
-            if not _is_linear(linear) or name is None:
-                continue
-            qualified = f"{prefix}{index}"
-            reason = _why_not_fusable(linear, activation)
-            if reason is not None:
-                decisions.append(FusionDecision(qualified, False, reason))
-                continue
-            module[index] = _fused_layer(linear, name, getattr(activation, "negative_slope", None))
-            module[index + 1] = nn.Identity()
-            decisions.append(FusionDecision(qualified, True, f"fused with the {name} after it"))
-    for child_name, child in module.named_children():
-        _fuse_sequentials(child, f"{prefix}{child_name}.", decisions)
-
-
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with handgrad's modules kept whole, as torch.nn's are."""
-
-    def is_leaf_module(self, module, qualified_name):
-        return type(module).__module__ == __name__ or super().is_leaf_module(module, qualified_name)
-
-
-def _activation_of(node, modules):
-    """(activation, negative_slope) that node applies to its first argument, or (None, why)."""
-    if node.op == "call_module":
-        module = modules[node.target]
-        name = _ACTIVATION_MODULES.get(type(module))
-        if name is None:
-            return None, f"{type(module).__name__} follows it"
-        return name, getattr(module, "negative_slope", None)
-    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
-        name = _ACTIVATION_FUNCTIONS[node.target]
-        if name != "leaky_relu":
-            return name, None
-        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", _DEFAULT_SLOPE)
-        if not isinstance(slope, (int, float)) or isinstance(slope, bool):
-            return None, "its leaky_relu's slope is computed at run time"
-        return name, float(slope)
-    if node.op == "call_method" and node.target in _ACTIVATION_METHODS:
-        return _ACTIVATION_METHODS[node.target], None
-    if node.op == "output":
-        return None, "nothing follows it"
-    target = getattr(node.target, "__name__", node.target)
-    return None, f"{target} follows it"
-
-
-def _fuse_graph(module, decisions):
-    """A GraphModule of module with every fusable nn.Linear + activation fused, or None if
-    there is nothing to fuse. Raises what torch.fx raises for a model it cannot trace."""
-    tracer = _Tracer()
-    graph = tracer.trace(module)
-    modules = dict(module.named_modules())
-    replacements = {}
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not _is_linear(modules[node.target]):
-            continue
-        users = list(node.users)
-        if len(users) != 1:
-            why = "nothing follows it" if not users else f"its output is used {len(users)} times"
-            decisions.append(FusionDecision(node.target, False, why))
-            continue
-        (user,) = users
-        activation, slope_or_why = _activation_of(user, modules)
-        if activation is None or user.args[:1] != (node,):
-            decisions.append(FusionDecision(node.target, False, slope_or_why if activation is None
-                                            else "its output is not the activation's input"))
-            continue
-        activation_module = modules[user.target] if user.op == "call_module" else None
-        reason = _why_not_fusable(modules[node.target], activation_module)
-        if reason is not None:
-            decisions.append(FusionDecision(node.target, False, reason))
-            continue
-        replacements[node.target] = _fused_layer(modules[node.target], activation, slope_or_why)
-        user.replace_all_uses_with(node)
-        graph.erase_node(user)
-        decisions.append(FusionDecision(node.target, True, f"fused with the {activation} after it"))
-    if not replacements:
-        return None
-    fused = torch.fx.GraphModule(tracer.root, graph, module.__class__.__name__)
-    for name, layer in replacements.items():
-        _set_submodule(fused, name, layer)
-    fused.train(module.training)
-    return fused
-
-
-def _set_submodule(root, qualified_name, module):
-    """root.<qualified_name> = module (nn.Module.set_submodule, which torch 2.4 lacks)."""
-    parent, _, name = qualified_name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
-def fuse(model, verbose=False):
-    """Fuse every nn.Linear followed by ReLU, LeakyReLU or Sigmoid in model.
-
-    The activation may be a module (nn.ReLU(inplace=True) included) or a call in forward:
-    F.relu, torch.relu, x.relu(), torch.sigmoid, F.leaky_relu with its slope, and handgrad's
-    own. The fused layer (LinearReLU, ...) shares the Linear's parameters, so optimizers built
-    before keep working, and takes its name, so state_dicts load both ways.
-
-    - Inside nn.Sequential containers the pairs are fused in place: the activation becomes
-      nn.Identity, and the model keeps its type.
-    - Calls in forward are found by torch.fx (symbolic_trace). If any remain to fuse, the
-      result is a torch.fx.GraphModule of the model; otherwise the model itself.
-    - Left unfused: a Linear subclass, a Linear or activation module with hooks (they must
-      keep seeing what they see now), a Linear whose output is used more than once.
-    - A model torch.fx cannot trace (data-dependent control flow, say) gets the nn.Sequential
-      pass only, and one warning that says why.
-
-    Each decision, with its reason, is logged to the "handgrad.fuse" logger; verbose=True
-    prints them.
-    """
-    decisions = []
-    _fuse_sequentials(model, "", decisions)
-    try:
-        result = _fuse_graph(model, decisions)
-    except Exception as error:  # torch.fx raises many kinds for untraceable code
-        warnings.warn(f"handgrad.nn.fuse: torch.fx cannot trace {type(model).__name__} "
-                      f"({type(error).__name__}: {error}); only Linear + activation pairs inside "
-                      "nn.Sequential containers were fused", stacklevel=2)
-        result = None
-    for decision in sorted(set(decisions)):
-        _log.info("%s: %s (%s)", decision.name, "fused" if decision.fused else "not fused", decision.reason)
-        if verbose:
-            print(f"handgrad.nn.fuse: {decision.name}: {'fused' if decision.fused else 'not fused'}, "
-                  f"{decision.reason}")
-    return model if result is None else result
-
+from .fuse import FusionDecision, fuse, fusion_decisions  # noqa: E402  (fuse.py builds on the modules above)
 
 __all__ = [
     "LinearReLU",
@@ -366,5 +178,6 @@ __all__ = [
     "Sigmoid",
     "MLP",
     "fuse",
+    "fusion_decisions",
     "FusionDecision",
 ]

@@ -1,0 +1,462 @@
+"""fuse(): the Linear + activation pairs of a user's model, fused in place.
+
+The model stays the user's object: its class, methods, attributes, buffers, hooks, and the
+registration order of its modules and parameters are kept, and no Parameter is replaced,
+so an optimizer built before (and its state, restored by position) keeps working.
+
+- Inside nn.Sequential containers a Linear followed by an activation module becomes its
+  fused form in place (its class changes to LinearReLU, ...; a parametrized Linear keeps its
+  parametrizations) and the activation becomes nn.Identity: positions and state_dict keys
+  stay as they were.
+- Calls in forward (F.relu(self.fc(x)), ...) are found by torch.fx. The model gets, as an
+  instance attribute, a forward with those pairs fused: one traced program for training and
+  one for evaluation, chosen at call time by model.training, so nothing is frozen. The
+  Linear modules themselves stay as they are, so the model's own methods (which call them
+  directly) compute what they always did. A forward that branches on shapes is traced with
+  the example inputs' shapes known, and again for each new input shape.
+"""
+
+import copy
+import functools
+import inspect
+import linecache
+import logging
+import traceback
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import functional as F
+from .nn import (
+    _ACTIVATION_MODULES,
+    _FUSED_LAYERS,
+    LeakyReLU,
+    LinearLeakyReLU,
+    LinearReLU,
+    LinearSigmoid,
+    ReLU,
+    Sigmoid,
+)
+
+_ACTIVATION_FUNCTIONS = {
+    torch.relu: "relu", torch.relu_: "relu", torch.nn.functional.relu: "relu",
+    torch.nn.functional.relu_: "relu", F.relu: "relu",
+    torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.nn.functional.leaky_relu: "leaky_relu", torch.nn.functional.leaky_relu_: "leaky_relu",
+    F.leaky_relu: "leaky_relu",
+}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+_DEFAULT_SLOPE = 0.01
+_FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid)
+_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid)
+_LINEAR_FUNCTIONS = {"relu": F.linear_relu, "sigmoid": F.linear_sigmoid}
+_MAX_SHAPES = 16  # traced programs kept per training mode, for a forward that branches on shapes
+
+_log = logging.getLogger("handgrad.fuse")
+
+
+class FusionDecision(NamedTuple):
+    """What fuse() did with one nn.Linear: `name` is its qualified name in the model."""
+
+    name: str
+    fused: bool
+    reason: str
+
+
+# --- Which Linear layers can fuse ---
+
+def _is_linear(module):
+    """Whether module is an nn.Linear fuse() must decide on: not one of handgrad's own."""
+    return isinstance(module, nn.Linear) and not isinstance(module, _FUSED_TYPES)
+
+
+def _is_parametrized_linear(module):
+    """nn.Linear under torch.nn.utils.parametrize (parametrizations.weight_norm,
+    spectral_norm, ...): its class is a subclass parametrize made, which adds the property."""
+    return parametrize.is_parametrized(module) and type(module).__bases__ == (nn.Linear,)
+
+
+def _why_not_fusable(linear, activation_module=None):
+    """Why linear (and its activation module) must stay as they are, or None.
+
+    Forward pre-hooks see the input only (torch.nn.utils.weight_norm's recomputes the weight
+    there), so they keep working on a fused layer; hooks that see the output or its gradient
+    would see the activation's instead."""
+    if type(linear) is not nn.Linear and not _is_parametrized_linear(linear):
+        return f"{type(linear).__name__} is not nn.Linear itself"  # a subclass may change forward
+    if linear._forward_hooks:
+        return "it has a forward hook, which must keep seeing its own output"
+    if linear._backward_hooks or linear._backward_pre_hooks:
+        return "it has a backward hook, which must keep seeing its own output's gradient"
+    if linear._forward_pre_hooks_with_kwargs:
+        return "it has a forward pre-hook that takes keyword arguments"
+    if activation_module is not None and _has_hooks(activation_module):
+        return "its activation module has hooks"
+    return None
+
+
+def _has_hooks(module):
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+# --- nn.Sequential: the pairs fused in place ---
+
+@functools.lru_cache(maxsize=None)
+def _fused_class(linear_class, activation):
+    """The class a Linear of linear_class becomes: LinearReLU, ..., or for a parametrized
+    Linear a subclass of both, which keeps parametrize's property for the weight."""
+    fused = _FUSED_LAYERS[activation]
+    if linear_class is nn.Linear:
+        return fused
+    return type(f"{linear_class.__name__}{fused.__name__[len('Linear'):]}", (linear_class, fused),
+                {"__module__": fused.__module__})
+
+
+def _become_fused(linear, activation, negative_slope):
+    """linear, the same object, computes activation(linear(x)) from now on."""
+    linear.__class__ = _fused_class(type(linear), activation)
+    if activation == "leaky_relu":
+        linear.negative_slope = F.check_negative_slope(negative_slope)
+
+
+def _fuse_sequentials(module, prefix, decisions, apply=True):
+    if isinstance(module, nn.Sequential):
+        for index in range(len(module) - 1):
+            linear, activation = module[index], module[index + 1]
+            name = _ACTIVATION_MODULES.get(type(activation))
+            if not _is_linear(linear) or name is None:
+                continue
+            qualified = f"{prefix}{index}"
+            reason = _why_not_fusable(linear, activation)
+            if reason is not None:
+                decisions.append(FusionDecision(qualified, False, reason))
+                continue
+            if apply:
+                _become_fused(linear, name, getattr(activation, "negative_slope", _DEFAULT_SLOPE))
+                module[index + 1] = nn.Identity()
+            decisions.append(FusionDecision(qualified, True, f"fused with the {name} after it"))
+    for child_name, child in module.named_children():
+        _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply)
+
+
+# --- Calls in forward: traced programs ---
+
+def _is_leaf_module(tracer, module, qualified_name):
+    """handgrad's modules are kept whole, as torch.nn's are."""
+    return isinstance(module, _HANDGRAD_MODULES) or torch.fx.Tracer.is_leaf_module(tracer, module, qualified_name)
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with handgrad's modules kept whole."""
+
+    is_leaf_module = _is_leaf_module
+
+
+class _ShapedProxy(torch.fx.Proxy):
+    """A traced input whose shape is known: a branch on it is taken as for that input."""
+
+    known_shape: torch.Size
+
+    @property
+    def shape(self):
+        return self.known_shape
+
+    @property
+    def ndim(self):
+        return len(self.known_shape)
+
+    def size(self, dim=None):
+        return self.known_shape if dim is None else self.known_shape[dim]
+
+    def dim(self):
+        return len(self.known_shape)
+
+
+class _ShapeTracer(_Tracer):
+    """The same, with the inputs' shapes known (the shapes of one call's arguments)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes = shapes
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "placeholder" and self.shapes.get(target) is not None:
+            proxy.__class__ = _ShapedProxy
+            proxy.known_shape = torch.Size(self.shapes[target])
+        return proxy
+
+
+class _Mode:
+    """model and every submodule in one training mode, each flag restored afterwards."""
+
+    def __init__(self, model, training):
+        self.model, self.training = model, training
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.training)
+
+    def __exit__(self, *exc):
+        for module, flag in self.flags:
+            module.training = flag
+
+
+def _trace(model, training, shapes):
+    """The graph of type(model).forward in one training mode; with shapes (for each
+    positional argument, (shape, dtype), or (None, None) for a non-tensor), traced for the
+    inputs' shapes."""
+    with _Mode(model, training), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fx's and the meta tracer's notes on what they skip
+        if shapes is None:
+            return _Tracer().trace(model)
+        names = list(inspect.signature(type(model).forward).parameters)[1:]
+        return _ShapeTracer({name: shape for name, (shape, _) in zip(names, shapes)}).trace(model)
+
+
+def _activation_of(node, modules):
+    """(activation, negative_slope) that node applies to its first argument, or (None, why)."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        name = _ACTIVATION_MODULES.get(type(module))
+        if name is None:
+            return None, f"{type(module).__name__} follows it"
+        if _has_hooks(module):
+            return None, "its activation module has hooks"
+        return name, getattr(module, "negative_slope", _DEFAULT_SLOPE)
+    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+        name = _ACTIVATION_FUNCTIONS[node.target]
+        if name != "leaky_relu":
+            return name, None
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", _DEFAULT_SLOPE)
+        if not isinstance(slope, (int, float)) or isinstance(slope, bool):
+            return None, "its leaky_relu's slope is computed at run time"
+        return name, float(slope)
+    if node.op == "call_method" and node.target in _ACTIVATION_METHODS:
+        return _ACTIVATION_METHODS[node.target], None
+    if node.op == "output":
+        return None, "nothing follows it"
+    target = getattr(node.target, "__name__", node.target)
+    return None, f"{target} follows it"
+
+
+def _pairs(graph, model):
+    """The fusable Linear + activation pairs of a graph, {linear name: (activation, slope,
+    linear node, activation node)}, and the reasons for every other Linear."""
+    modules = dict(model.named_modules())
+    pairs, reasons, seen = {}, {}, set()
+    for node in graph.nodes:
+        if node.op != "call_module" or not _is_linear(modules.get(node.target)):
+            continue
+        reason = _why_not_fusable(modules[node.target])
+        users = list(node.users)
+        if reason is None and node.target in seen:
+            reason = "it is called more than once"
+        if reason is None and len(users) != 1:
+            reason = "nothing follows it" if not users else f"its output is used {len(users)} times"
+        if reason is None:
+            activation, slope_or_why = _activation_of(users[0], modules)
+            if activation is None:
+                reason = slope_or_why
+            elif users[0].args[:1] != (node,) or node.kwargs:
+                reason = "its output is not the activation's input"
+        seen.add(node.target)
+        if reason is None:
+            pairs[node.target] = (activation, slope_or_why, node, users[0])
+        else:
+            reasons[node.target] = reason
+            pairs.pop(node.target, None)
+    return pairs, reasons
+
+
+def _run_fused(linear, input, activation, negative_slope):
+    """linear followed by activation, in one op: the module's forward pre-hooks first
+    (torch.nn.utils.weight_norm recomputes the weight there), then the weight as the module
+    computes it (a parametrization's property included)."""
+    for hook in linear._forward_pre_hooks.values():
+        result = hook(linear, (input,))
+        if result is not None:
+            input = result[0] if isinstance(result, tuple) else result
+    if activation == "leaky_relu":
+        return F.linear_leaky_relu(input, linear.weight, linear.bias, negative_slope)
+    return _LINEAR_FUNCTIONS[activation](input, linear.weight, linear.bias)
+
+
+def _program(graph, pairs, label):
+    """The Python function forward(self, ...) of graph with its pairs fused."""
+    for name, (activation, slope, linear_node, activation_node) in pairs.items():
+        with graph.inserting_before(linear_node):
+            module = graph.get_attr(name)
+            fused = graph.call_function(_run_fused, (module, linear_node.args[0], activation, slope))
+        activation_node.replace_all_uses_with(fused)
+        graph.erase_node(activation_node)
+        graph.erase_node(linear_node)
+    code = graph.python_code(root_module="self")
+    filename = f"<handgrad.fuse: {label}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 (torch.fx's own code)
+    return namespace["forward"]
+
+
+def _shapes_of(args):
+    return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else (None, None) for a in args)
+
+
+class _FusedForward:
+    """The forward fuse() gives a model with fusable calls in its forward: a traced program
+    per training mode (and per input shapes, where the forward branches on shapes), chosen
+    at call time. Pickled and deep-copied with the model; the programs are traced again, for
+    the copy, on its first call."""
+
+    def __init__(self, model, by_shape, programs):
+        self.model, self.by_shape, self.programs = model, by_shape, programs
+
+    def program(self, key, shapes):
+        """The traced program for key, made on first use; None where it cannot be traced."""
+        if key not in self.programs:
+            if len(self.programs) >= 2 * _MAX_SHAPES:
+                self.programs.clear()
+            try:
+                graph = _trace(self.model, key[0], shapes)
+                pairs, _ = _pairs(graph, self.model)
+                self.programs[key] = _program(graph, pairs, f"{type(self.model).__name__}, {key}")
+            except Exception:  # not traceable for these inputs: the model's own forward
+                self.programs[key] = None
+        return self.programs[key]
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        if self.by_shape:
+            if kwargs:
+                return type(model).forward(model, *args, **kwargs)
+            shapes = _shapes_of(args)
+            program = self.program((model.training, shapes), shapes)
+        else:
+            program = self.program((model.training,), None)
+        if program is None:
+            return type(model).forward(model, *args, **kwargs)
+        return program(model, *args, **kwargs)
+
+    def __getstate__(self):
+        return {"model": self.model, "by_shape": self.by_shape}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, programs={})
+
+    def __deepcopy__(self, memo):
+        copied = _FusedForward.__new__(_FusedForward)
+        memo[id(self)] = copied
+        copied.__setstate__({"model": copy.deepcopy(self.model, memo), "by_shape": self.by_shape})
+        return copied
+
+
+def _traced_line(error):
+    """Where in the user's code tracing stopped: 'file:line: code'."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "/torch/" not in f.filename and "/handgrad/" not in f.filename]
+    if not frames:
+        return "in forward"
+    frame = frames[-1]
+    return f"at {frame.filename}:{frame.lineno}: {frame.line}"
+
+
+def _fuse_calls(model, example_inputs, decisions, apply=True):
+    """Install a fused forward on model (with apply) if its forward calls fusable pairs.
+    Returns whether it traced (False: a warning has said why not)."""
+    shapes = None if example_inputs is None else _shapes_of(tuple(example_inputs))
+    try:
+        graphs = {training: _trace(model, training, None) for training in (True, False)}
+        by_shape = False
+    except Exception as error:  # torch.fx raises many kinds for untraceable code
+        if shapes is None:
+            warnings.warn(
+                f"handgrad.nn.fuse: torch.fx cannot trace {type(model).__name__} "
+                f"({type(error).__name__}: {error}) {_traced_line(error)}; only Linear + "
+                "activation pairs inside nn.Sequential containers were fused, and the rest of "
+                "the model runs unfused. If forward branches on input shapes, pass "
+                "example_inputs=(...) so that it is traced for those shapes.", stacklevel=3)
+            return False
+        try:
+            graphs = {training: _trace(model, training, shapes) for training in (True, False)}
+            by_shape = True
+        except Exception as shaped_error:
+            warnings.warn(
+                f"handgrad.nn.fuse: {type(model).__name__} cannot be traced even for the shapes "
+                f"of example_inputs ({type(shaped_error).__name__}: {shaped_error}) "
+                f"{_traced_line(shaped_error)}; only Linear + activation pairs inside "
+                "nn.Sequential containers were fused, and the rest runs unfused.", stacklevel=3)
+            return False
+    found = {training: _pairs(graph, model) for training, graph in graphs.items()}
+    names = dict.fromkeys([*found[True][0], *found[True][1], *found[False][0], *found[False][1]])
+    for name in names:
+        in_train, in_eval = name in found[True][0], name in found[False][0]
+        if in_train or in_eval:
+            activation = (found[True][0] if in_train else found[False][0])[name][0]
+            when = "" if in_train and in_eval else (" in training mode only" if in_train else " in eval mode only")
+            decisions.append(FusionDecision(name, True, f"fused with the {activation} after it{when}"))
+        else:
+            decisions.append(FusionDecision(name, False, found[True][1].get(name) or found[False][1][name]))
+    if apply and any(found[training][0] for training in (True, False)):
+        # Both programs made now, so that torch.compile finds them made.
+        programs = {(training, *((shapes,) if by_shape else ())):
+                    _program(graphs[training], found[training][0], f"{type(model).__name__}, training={training}")
+                    for training in (True, False)}
+        model.forward = _FusedForward(model, by_shape, programs)
+    return True
+
+
+def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
+    """Fuse every nn.Linear followed by ReLU, LeakyReLU or Sigmoid in model, in place, and
+    return model (with inplace=False, a deep copy, fused).
+
+    The activation may be a module (nn.ReLU(inplace=True) included) or a call in forward:
+    F.relu, torch.relu, x.relu(), torch.sigmoid, F.leaky_relu with its slope, and handgrad's
+    own. The model keeps its class, methods, attributes, parameter objects and their order,
+    so optimizers and their checkpoints keep working, and state_dicts load both ways.
+
+    - Inside nn.Sequential containers the Linear becomes its fused form in place and the
+      activation nn.Identity.
+    - Calls in forward are found by torch.fx, in training and in eval mode; the model gets a
+      forward that runs the traced program of its current mode, so dropout, `if
+      self.training:` branches and model.train()/eval() behave as before.
+    - A forward that branches on input shapes needs example_inputs (a tuple of the forward's
+      positional arguments): it is then traced for their shapes, and again for new shapes.
+    - Weight norm (torch.nn.utils.weight_norm, parametrizations.weight_norm, spectral_norm and
+      other parametrizations) fuses: the fused op reads the weight as the module computes it.
+    - Left unfused: a Linear subclass; a Linear with forward or backward hooks (they must keep
+      seeing its own output); an activation module with hooks; a Linear whose output is used
+      more than once. A model torch.fx cannot trace gets the nn.Sequential pass only, and one
+      warning naming the line.
+
+    Each decision, with its reason, is logged to the "handgrad.fuse" logger; verbose=True
+    prints them.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model.__dict__.get("forward"), _FusedForward):
+        del model.forward  # fused before: trace the model's own forward again
+    decisions = []
+    _fuse_sequentials(model, "", decisions)
+    _fuse_calls(model, example_inputs, decisions)
+    for decision in sorted(set(decisions)):
+        _log.info("%s: %s (%s)", decision.name, "fused" if decision.fused else "not fused", decision.reason)
+        if verbose:
+            print(f"handgrad.nn.fuse: {decision.name}: {'fused' if decision.fused else 'not fused'}, "
+                  f"{decision.reason}")
+    return model
+
+
+def fusion_decisions(model, example_inputs=None):
+    """What fuse(model, example_inputs) would decide for each nn.Linear, as FusionDecisions,
+    without changing model (it warns as fuse() would where model cannot be traced)."""
+    decisions = []
+    _fuse_sequentials(model, "", decisions, apply=False)
+    _fuse_calls(model, example_inputs, decisions, apply=False)
+    return sorted(set(decisions))
