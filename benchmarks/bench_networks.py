@@ -8,7 +8,9 @@ of torch's threads), from the same weights:
   - inference: the forward under torch.no_grad().
 It then times the MLP's own op, mlp_forward + mlp_backward, to give the GFLOP/s of its
 products against the machine's FMA limit, and counts the minor page faults of a training
-step (fresh memory for stored activations). Tables are markdown; the raw figures go to JSON.
+step (fresh memory for stored activations), and times fuse() of two models written as
+projects write them (NeRF-sized, an MNIST classifier with dropout). Tables are markdown; the
+raw figures go to JSON.
 
     python benchmarks/bench_networks.py [--networks thin64-16k,...] [--rounds 7] [--out DIR]
 """
@@ -35,6 +37,65 @@ NETWORKS = {  # name: (sizes, rows)
     "thin128 16k": ([64, 128, 128, 128, 128, 16], 16384),
 }
 CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(Sequential)"]
+
+
+class NeRF(nn.Module):
+    """nerf-pytorch's MLP: 8 layers of 256 ReLU units, the input concatenated after the 5th."""
+
+    def __init__(self, width=256, depth=8, skips=(4,), inputs=63):
+        super().__init__()
+        self.skips = skips
+        self.pts_linears = nn.ModuleList([nn.Linear(inputs, width)] + [
+            nn.Linear(width + (inputs if i in skips else 0), width) for i in range(depth - 1)])
+        self.output_linear = nn.Linear(width, 4)
+
+    def forward(self, x):
+        h = x
+        for i, layer in enumerate(self.pts_linears):
+            h = F.relu(layer(h))
+            if i in self.skips:
+                h = torch.cat([x, h], -1)
+        return self.output_linear(h)
+
+
+class MNISTClassifier(nn.Module):
+    """The PyTorch tutorials' style: activations and dropout as calls in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 256), nn.Linear(256, 256), nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = F.dropout(F.relu(self.fc1(x)), 0.2, training=self.training)
+        x = F.dropout(F.relu(self.fc2(x)), 0.2, training=self.training)
+        return F.log_softmax(self.fc3(x), dim=1)
+
+
+REAL_MODELS = {  # name: (model class, input features, rows)
+    "NeRF-sized, 4096 rows": (NeRF, 63, 4096),
+    "MNIST classifier, batch 64": (MNISTClassifier, 784, 64),
+}
+
+
+def real_models(rounds, min_time, measure):
+    """fuse() of models written as projects write them, against the same model unfused:
+    forward, a loss and loss.backward(), in training mode (dropout on)."""
+    rows = []
+    for name, (make, features, batch) in REAL_MODELS.items():
+        torch.manual_seed(0)
+        model = make()
+        fused = hnn.fuse(copy.deepcopy(model))
+        x = torch.randn(batch, features)
+
+        def step(net):
+            def run():
+                net.zero_grad(set_to_none=True)
+                net(x).square().mean().backward()
+            return run
+
+        seconds = measure({"unfused": step(model), "fused": step(fused)}, rounds, min_time)
+        rows.append({"model": name, **seconds})
+    return rows
 MODES = ["step", "fwd+bwd", "inference"]
 
 
@@ -130,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per sample")
     parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--real-models", choices=["yes", "no"], default="yes",
+                        help="also time fuse() of a NeRF-sized model and an MNIST classifier")
     args = parser.parse_args(argv)
     names = args.networks.split(",")
     for name in names:
@@ -177,9 +240,18 @@ def main(argv=None):
         share = (lambda v: f"{100 * v / limit:.0f} %") if limit else (lambda v: "-")
         print(f"| {r['network']} | {op['forward']:.1f} | {op['backward']:.1f} | {share(op['forward'])} "
               f"| {share(op['backward'])} | {faults['torch.nn']:.0f} | {faults['handgrad MLP']:.0f} |")
+    real = real_models(args.rounds, args.min_time, measure) if args.real_models == "yes" else []
+    if real:
+        print("\nfuse() of real model code (forward, loss, loss.backward(), training mode), against "
+              "the same model unfused.\n")
+        print("| model | unfused ms | fused ms | fused/unfused |")
+        print("|---|---|---|---|")
+        for r in real:
+            print(f"| {r['model']} | {r['unfused'] * 1e3:.3f} | {r['fused'] * 1e3:.3f} | "
+                  f"**{r['fused'] / r['unfused']:.2f}** |")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_networks.json"), "w") as f:
-        json.dump({"machine": machine, "results": rows}, f, indent=1)
+        json.dump({"machine": machine, "results": rows, "real models": real}, f, indent=1)
     return rows
 
 

@@ -41,7 +41,7 @@ def test_network_harness_prints_its_tables_and_writes_json(tmp_path, capsys):
     import bench_networks
 
     rows = bench_networks.main(["--networks", "fig7.8 batch 10", "--rounds", "1", "--min-time", "0.001",
-                                "--out", str(tmp_path)])
+                                "--out", str(tmp_path), "--real-models", "no"])
     printed = capsys.readouterr().out
     assert "| fig7.8 batch 10 | 10-40-40-5 | 10 |" in printed
     assert "FMA limit" in printed and "BLAS sgemm" in printed and "Inside the MLP op" in printed
@@ -49,3 +49,13 @@ def test_network_harness_prints_its_tables_and_writes_json(tmp_path, capsys):
     assert all(row[f"{c} {mode}"] > 0 for c in bench_networks.CANDIDATES for mode in bench_networks.MODES)
     assert row["op"]["forward"] > 0 and row["op"]["backward"] > 0
     assert json.loads((tmp_path / "bench_networks.json").read_text())["results"][0]["rows"] == 10
+
+
+def test_real_models_of_the_network_harness_are_fused_and_timed():
+    import bench_layers
+    import bench_networks
+
+    (nerf, classifier) = bench_networks.real_models(1, 0.001, bench_layers.measure)
+    assert nerf["fused"] > 0 and classifier["unfused"] > 0
+    fused = bench_networks.hnn.fusion_decisions(bench_networks.NeRF())
+    assert sum(d.fused for d in fused) == 8
