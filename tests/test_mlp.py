@@ -227,3 +227,33 @@ def test_the_books_network_is_as_close_to_float64_as_torch_nn(batch):
                        torch.autograd.grad(expected, [x, *reference.parameters()], g),
                        torch.autograd.grad(true, [x64, *truth.parameters()], g.double())):
         assert_as_accurate_as_eager(a, b, c)
+
+
+def test_wrapped_layers_are_called_as_modules_so_the_wrapper_does_its_job():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing, checkpoint_wrapper)
+
+    torch.manual_seed(0)
+    model = hnn.MLP([6, 9, 8, 3])
+    reference = twin(model)
+    x = torch.randn(5, 6, requires_grad=True)
+    expected = reference(x)
+    want = torch.autograd.grad(expected.sum(), [x, *reference.parameters()])
+    # checkpoint_wrapper per layer, as apply_activation_checkpointing does it.
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                   check_fn=lambda m: isinstance(m, hnn.LinearReLU))
+    assert all(type(layer).__name__ == "CheckpointWrapper" for layer in model.hidden)
+    out = model(x)
+    assert out.grad_fn.name() != "MLPFunction"  # layer by layer: the wrapper's checkpoints
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(torch.autograd.grad(out.sum(), [x, *model.parameters()]), want):
+        torch.testing.assert_close(a, b)
+    # A layer under weight norm is called as a module too (its pre-hook recomputes the weight).
+    normed = hnn.MLP([6, 9, 3])
+    torch.nn.utils.parametrizations.weight_norm(normed.hidden[0])
+    torch.testing.assert_close(normed(x), twin_by_hand(normed, x))
+
+
+def twin_by_hand(model, x):
+    h = F.relu(F.linear(x, model.hidden[0].weight, model.hidden[0].bias))
+    return F.linear(h, model.output.weight, model.output.bias)

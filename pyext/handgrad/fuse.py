@@ -40,6 +40,7 @@ from .nn import (
     LinearSigmoid,
     ReLU,
     Sigmoid,
+    _has_hooks,
 )
 
 _ACTIVATION_FUNCTIONS = {
@@ -99,10 +100,6 @@ def _why_not_fusable(linear, activation_module=None):
         return "its activation module has hooks"
     return None
 
-
-def _has_hooks(module):
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
 
 
 # --- nn.Sequential: the pairs fused in place ---

@@ -92,6 +92,17 @@ def _has_hooks(module):
                 or module._backward_pre_hooks)
 
 
+_BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, nn.Linear)
+
+
+def _runs_in_the_op(layer):
+    """Whether MLP's one op may stand for calling layer: a bare layer of ours (or the output
+    nn.Linear) that holds its own parameters and has no hooks. A wrapped layer (activation
+    checkpointing, FSDP1, any wrapper module) is called as a module, so the wrapper does its
+    job; a layer under weight norm or with hooks likewise."""
+    return (type(layer) in _BARE_LAYERS and "weight" in layer._parameters and not _has_hooks(layer))
+
+
 def _global_hooks():
     """Whether hooks registered for every module are set (nn.modules.module.register_module_*)."""
     return (_module._global_forward_hooks or _module._global_forward_pre_hooks
@@ -116,8 +127,10 @@ class MLP(nn.Module):
     only and recomputes the others, a stretch of k layers at a time, during the backward:
     memory for about L/k + k layers' outputs instead of L, for one more forward pass.
 
-    Hooks registered on a layer keep firing: while any layer has hooks the network runs
-    layer by layer (and without checkpointing).
+    Hooks registered on a layer keep firing: while any layer has hooks, or is wrapped
+    (torch.distributed's checkpoint_wrapper, FSDP1, any module in its place) or reparametrized,
+    the network calls its layers as modules, one by one (and without checkpointing), so that
+    each hook and wrapper does its job.
     """
 
     def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None, *,
@@ -143,7 +156,7 @@ class MLP(nn.Module):
         # _modules and _parameters directly: Module.__getattr__ would cost a tiny network
         # measurable time.
         layers = (*self._modules["hidden"]._modules.values(), self._modules["output"])
-        if _global_hooks() or any(map(_has_hooks, layers)):
+        if _global_hooks() or not all(map(_runs_in_the_op, layers)):
             for layer in layers:
                 input = layer(input)
             return self._output_activation(input)
