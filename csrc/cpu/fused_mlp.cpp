@@ -45,10 +45,11 @@ namespace {
 // 1 MiB L2, leaving room for a panel of weights.
 constexpr int64_t kBlockBytes = 384 * 1024;
 constexpr int64_t kMaxBlockRows = 256, kMinBlockRows = 16;
-// Weight-gradient slots: at most kMaxSlots (12 shares evenly among 1, 2, 3, 4 or 6 threads),
-// in at most kSlotBytes, and one per kRowsPerSlot rows (adding up the slots costs a pass over
-// them; at least 2 where there are two blocks).
-constexpr int64_t kMaxSlots = 12, kSlotBytes = int64_t{32} << 20, kRowsPerSlot = 64;
+// Weight-gradient slots. Fewer than kSlottedBlocks blocks share one slot: they run in order,
+// their products' columns shared among threads, and the weight gradient is accumulated in
+// the output itself. More blocks run in parallel, each thread on its own slots: at most
+// kMaxSlots (12 shares evenly among 1, 2, 3, 4 or 6 threads), in at most kSlotBytes.
+constexpr int64_t kSlottedBlocks = 8, kMaxSlots = 12, kSlotBytes = int64_t{32} << 20;
 
 template <typename T>
 class Scratch {
@@ -128,8 +129,8 @@ Plan plan(int64_t rows, at::TensorList weights, int64_t element_size) {
   p.block_size = rows == 0 ? 1 : at::divup(rows, std::max<int64_t>(blocks, 1));
   p.blocks = rows == 0 ? 0 : at::divup(rows, p.block_size);
   const int64_t by_memory = kSlotBytes / std::max<int64_t>(1, weight_elements * element_size);
-  p.slots = std::min({p.blocks, kMaxSlots, std::max<int64_t>(1, by_memory),
-                      std::max<int64_t>(2, rows / kRowsPerSlot)});
+  p.slots = p.blocks < kSlottedBlocks ? std::min<int64_t>(p.blocks, 1)
+                                       : std::min({p.blocks, kMaxSlots, std::max<int64_t>(1, by_memory)});
   return p;
 }
 
@@ -364,7 +365,15 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
     bias_offset[l + 1] = bias_offset[l] + p.widths[l + 1];
   }
   const bool need_weights = !grads.weights.empty(), need_biases = !grads.biases.empty();
-  const Scratch<T> slot_space(need_weights ? p.slots * weight_offset[layers] : 0);
+  // One slot of a float or double network is the weight gradient itself.
+  const bool in_place = same && p.slots == 1;
+  const Scratch<T> slot_space(need_weights && !in_place ? p.slots * weight_offset[layers] : 0);
+  const auto slot_weights = [&](int64_t slot, size_t l) -> T* {
+    if constexpr (same) {
+      if (in_place) return grads.weights[l];
+    }
+    return slot_space.get() + slot * weight_offset[layers] + weight_offset[l];
+  };
   const Scratch<T> bias_space(need_biases ? p.blocks * bias_offset[layers] : 0);
   // The hidden outputs a block holds in T: a stretch of them where they are recomputed or
   // converted, none where they are read where they lie.
@@ -416,8 +425,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
           }
           if (need_biases) column_sums<T>(g, n, d_out, bias_space.get() + block * bias_offset[layers] + bias_offset[l], run);
           if (need_weights) {  // dl/dOmega += g^T h  (7.9)
-            T* slot_weights = slot_space.get() + slot * weight_offset[layers] + weight_offset[l];
-            gemm<T>(d_out, d_in, n, g.data, 1, g.ld, h[l].data, h[l].ld, slot_weights, d_in,
+            gemm<T>(d_out, d_in, n, g.data, 1, g.ld, h[l].data, h[l].ld, slot_weights(slot, l), d_in,
                     first_in_slot ? Init::Zero : Init::AddToC);
           }
           if (l > 0 || grads.input != nullptr) {  // dl/dh = g Omega  (7.6)
@@ -481,7 +489,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
   });
 
   // The slots' and blocks' sums, added pairwise, rounded once into the gradients.
-  for (size_t l = 0; l < layers && need_weights; ++l) {
+  for (size_t l = 0; l < layers && need_weights && !in_place; ++l) {
     const int64_t size = weight_offset[l + 1] - weight_offset[l];
     T* first_slot = slot_space.get() + weight_offset[l];
     at::parallel_for(0, size, 16384, [&](int64_t begin, int64_t end) {
