@@ -278,3 +278,12 @@ def test_compile_fullgraph_and_export_with_the_new_arguments():
         torch.testing.assert_close(a, b)
     program = torch.export.export(model, (x.detach(),))
     torch.testing.assert_close(program.module()(x.detach()), model(x.detach()))
+
+
+def test_build_info_names_the_micro_kernel_the_build_runs():
+    import handgrad
+
+    info = handgrad.build_info()
+    assert info["cpu_capability"] == handgrad._build_config.CPU_CAPABILITY
+    assert info["cpu_capability"] in info["cpu_micro_kernel"]
+    assert info["cuda"] == handgrad.cuda_built()
