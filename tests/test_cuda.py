@@ -365,15 +365,21 @@ def test_autocast_on_cuda_matches_nn_linear(dtype, fn, reference):
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("every", [None, 2])
-def test_mlp_on_cuda_matches_torch_nn(dtype, every):
+@pytest.mark.parametrize("bias,output_activation", [(True, None), (False, None), (True, "sigmoid"), (False, "leaky_relu")])
+def test_mlp_on_cuda_matches_torch_nn(dtype, every, bias, output_activation):
+    # CUDA's mlp runs the per-layer ops (csrc/mlp.cpp), which the CPU suite no longer reaches.
     torch.manual_seed(0)
-    model = hnn.MLP([32, 64, 48, 40, 10], "leaky_relu", 0.1, checkpoint_every=every, device="cuda", dtype=dtype)
+    model = hnn.MLP([32, 64, 48, 40, 10], "leaky_relu", 0.1, checkpoint_every=every, bias=bias,
+                    output_activation=output_activation, device="cuda", dtype=dtype)
     layers = []
     for layer in [*model.hidden, model.output]:
-        linear = nn.Linear(layer.in_features, layer.out_features, device="cuda", dtype=dtype)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=bias, device="cuda", dtype=dtype)
         linear.load_state_dict(layer.state_dict())
         layers += [linear, nn.LeakyReLU(0.1)]
-    reference = nn.Sequential(*layers[:-1])
+    layers.pop()
+    if output_activation is not None:
+        layers.append(nn.Sigmoid() if output_activation == "sigmoid" else nn.LeakyReLU(0.1))
+    reference = nn.Sequential(*layers)
     x = torch.randn(300, 32, device="cuda", dtype=dtype, requires_grad=True)
     out, expected = model(x), reference(x)
     torch.testing.assert_close(out, expected, **tolerance(dtype))
