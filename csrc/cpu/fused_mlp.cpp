@@ -155,21 +155,20 @@ Weights<T> prepare(at::TensorList weights, at::TensorList biases, bool natural, 
   for (size_t l = 0; l < weights.size(); ++l) {
     const scalar_t* data = weights[l].const_data_ptr<scalar_t>();
     const int64_t d_out = weights[l].size(0), d_in = weights[l].size(1), n = weights[l].numel();
-    const T* natural_data = nullptr;
+    const T* natural_data = nullptr;  // Omega in T, where it is at hand
     if constexpr (same) {
       natural_data = data;
     } else {
-      if (natural || transposed) {
-        T* converted = transposed && !natural ? nullptr : next;
-        if (converted != nullptr) {
-          at::vec::convert(data, converted, n);
-          next += n;
-          natural_data = converted;
-        }
+      if (natural) {
+        at::vec::convert(data, next, n);
+        natural_data = next;
+        next += n;
       }
     }
     w.natural.push_back(natural ? natural_data : nullptr);
-    if (transposed) {  // rows of Omega shared among threads: a wide layer's costs as much as its product with a few rows
+    if (transposed) {
+      // Rows of Omega shared among threads: for a wide layer and a few rows, packing costs
+      // as much as a product. Without Omega in T, the packing converts as it goes.
       T* t = next;
       const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(d_in, 1));
       at::parallel_for(0, d_out, grain, [&](int64_t first, int64_t last) {
