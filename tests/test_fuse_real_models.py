@@ -281,3 +281,34 @@ def test_fusing_twice_is_the_same_as_once():
     x = torch.randn(3, 20)
     torch.testing.assert_close(model(x), reference(x))
     assert handgrad_calls(model, x) == 2
+
+
+def _ddp_worker(rank, world_size, store_path, x, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(hnn.fuse(MNISTNet().eval()))
+    shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
+    (model(x[shard]).square().sum() * world_size / len(x)).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_fused_model_trains_under_ddp(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    x = torch.randn(16, 20)
+    out_path = str(tmp_path / "grads.pt")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), x, out_path), nprocs=2, join=True)
+    torch.manual_seed(0)
+    reference = MNISTNet().eval()
+    (reference(x).square().sum() / len(x)).backward()
+    for got, want in zip(torch.load(out_path), [p.grad for p in reference.parameters()]):
+        torch.testing.assert_close(got, want)
