@@ -205,6 +205,13 @@ inline void check_mlp_arguments(const at::Tensor& input, at::TensorList weights,
   }
 }
 
+// Whether the whole-network forward stores h_made, the output of hidden layer made - 1, for
+// the backward: every one, or with checkpoint_every = k > 0 every k-th below the last.
+inline bool is_stored_output(size_t made, size_t hidden, int64_t checkpoint_every) {
+  return checkpoint_every == 0 ||
+         (made % static_cast<size_t>(checkpoint_every) == 0 && made < hidden);
+}
+
 // Whether a' cannot be read off the output: leaky_relu with a negative slope gives
 // out >= 0 on both sides of f = 0, so its backward needs f itself (csrc/activation.h).
 inline bool output_hides_sign(Activation activation, double negative_slope) {

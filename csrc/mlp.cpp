@@ -35,8 +35,9 @@ using OutputActivation = std::optional<c10::string_view>;
 
 // How many hidden outputs mlp_forward stores for these arguments.
 size_t stored_count(size_t hidden, int64_t checkpoint_every) {
-  if (checkpoint_every == 0) return hidden;
-  return hidden == 0 ? 0 : (hidden - 1) / static_cast<size_t>(checkpoint_every);
+  size_t count = 0;
+  for (size_t made = 1; made <= hidden; ++made) count += is_stored_output(made, hidden, checkpoint_every);
+  return count;
 }
 
 void check_saved(at::TensorList saved, size_t hidden, int64_t checkpoint_every) {
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_per_layer(
   for (size_t l = 0; l < hidden; ++l) {
     h = ops::linear_activation(h, weights[l], bias_of(biases, l), activation, negative_slope);
     const size_t made = l + 1;  // h is h_made
-    if (checkpoint_every == 0 || (made % checkpoint_every == 0 && made < hidden)) saved.push_back(h);
+    if (is_stored_output(made, hidden, checkpoint_every)) saved.push_back(h);
   }
   return {output_shaped(output_layer(h, weights, biases, negative_slope, output_activation), input),
           saved};

@@ -250,17 +250,6 @@ void column_sums(Rows<const T> g, int64_t rows, int64_t cols, T* sums, T* run) {
   }
 }
 
-// parts[0 .. n) = the sum of `count` parts, `stride` apart, added pairwise in a fixed tree.
-template <typename T>
-void add_pairwise(T* parts, int64_t count, int64_t stride, int64_t n) {
-  const auto add = [](Vec<T> a, Vec<T> b) { return a + b; };
-  for (int64_t step = 1; step < count; step *= 2) {
-    for (int64_t p = 0; p + step < count; p += 2 * step) {
-      at::vec::map2(add, parts + p * stride, parts + p * stride, parts + (p + step) * stride, n);
-    }
-  }
-}
-
 // rows of a scalar_t matrix in T: the memory itself where the types agree, else converted
 // into `space`.
 template <typename scalar_t, typename T>
@@ -517,12 +506,6 @@ std::vector<at::Tensor> contiguous(at::TensorList tensors) {
   return out;
 }
 
-// Which hidden outputs the forward stores: all, or every k-th below the last.
-bool is_stored(size_t made, size_t hidden, int64_t checkpoint_every) {
-  return checkpoint_every == 0 ||
-         (made % static_cast<size_t>(checkpoint_every) == 0 && made < hidden);
-}
-
 }  // namespace
 
 at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
@@ -539,7 +522,7 @@ at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
     std::vector<scalar_t*> stored(p.hidden(), nullptr);
     if (saved != nullptr) {
       for (size_t l = 0; l < p.hidden(); ++l) {
-        if (!is_stored(l + 1, p.hidden(), checkpoint_every)) continue;
+        if (!is_stored_output(l + 1, p.hidden(), checkpoint_every)) continue;
         saved->push_back(at::empty({p.rows, p.widths[l + 1]}, input.options()));
         stored[l] = saved->back().data_ptr<scalar_t>();
       }

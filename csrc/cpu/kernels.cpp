@@ -71,21 +71,6 @@ void activation_backward_flat(const scalar_t* grad, const scalar_t* saved, scala
 // block adds up its kSumRows / kRunRows runs, and the blocks' sums are added pairwise.
 constexpr int64_t kRunRows = 8, kSumRows = 64;
 
-// total[j] = sum over blocks of sums[block, j], added pairwise in a fixed tree, so that the
-// result is accurate and does not depend on how the blocks were shared among threads.
-// Overwrites sums.
-template <typename scalar_t, typename opmath_t>
-void add_blocks_pairwise(opmath_t* sums, int64_t num_blocks, int64_t cols, scalar_t* total) {
-  using Vec = at::vec::Vectorized<opmath_t>;
-  for (int64_t stride = 1; stride < num_blocks; stride *= 2) {
-    for (int64_t block = 0; block + stride < num_blocks; block += 2 * stride) {
-      at::vec::map2([](Vec a, Vec b) { return a + b; }, sums + block * cols, sums + block * cols,
-                    sums + (block + stride) * cols, cols);
-    }
-  }
-  at::vec::convert(sums, total, cols);
-}
-
 // One pass over a contiguous (rows, cols) gradient: grad_pre = grad * a'[f], and
 // grad_bias[j] = sum_i grad_pre[i, j] accumulated in the accumulation type (the sums of the
 // rounded grad_pre, as eager's grad.sum(0)).
@@ -133,7 +118,9 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
     }
   });
 
-  add_blocks_pairwise(block_sums.data(), num_blocks, cols, grad_bias);
+  // The blocks' sums added pairwise (csrc/cpu/vectorized.h), rounded once.
+  cpu::add_pairwise(block_sums.data(), num_blocks, cols, cols);
+  at::vec::convert(block_sums.data(), grad_bias, cols);
 }
 
 // A dense input as it is (whatever its memory format), anything else made contiguous in

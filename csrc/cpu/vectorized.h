@@ -31,3 +31,20 @@ inline Vectorized<T> exp(const Vectorized<T>& x) {
 
 }  // namespace CPU_CAPABILITY
 }  // namespace at::vec
+
+namespace handgrad::cpu {
+
+// parts[0 .. n) = the sum of `count` parts, `stride` apart, added pairwise in a fixed tree:
+// accurate, and the same bits however the parts were shared among threads.
+template <typename T>
+void add_pairwise(T* parts, int64_t count, int64_t stride, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  for (int64_t step = 1; step < count; step *= 2) {
+    for (int64_t p = 0; p + step < count; p += 2 * step) {
+      at::vec::map2(add, parts + p * stride, parts + p * stride, parts + (p + step) * stride, n);
+    }
+  }
+}
+
+}  // namespace handgrad::cpu
