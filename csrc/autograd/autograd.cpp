@@ -72,6 +72,13 @@ bool needs_function(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
+// Every Function here turns off the materialization of undefined output gradients: autograd
+// would fill them with plain zeros, which a tensor subclass (DTensor) cannot be mixed
+// with under create_graph. An undefined gradient in gives undefined gradients out.
+variable_list no_gradients(size_t count) {
+  return variable_list(count);
+}
+
 // (*, n) as a (rows, n) matrix, zero sizes included.
 at::Tensor as_matrix(const at::Tensor& t) {
   return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2);
@@ -90,6 +97,7 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       out = ops::linear_activation(input, weight, bias, activation, negative_slope);
     }
+    ctx->set_materialize_grads(false);
     save_activation(ctx, act, negative_slope, /*flag=*/defined(bias));  // the bias has an edge
     // The bias is needed only to recompute f where out hides its sign.
     const bool keep_bias = defined(bias) && output_hides_sign(act, negative_slope);
@@ -98,6 +106,7 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    if (!grad_outputs[0].defined()) return no_gradients(5);
     const auto saved = ctx->get_saved_variables();
     const Variable &input = saved[0], &weight = saved[1], &bias = saved[2], &out = saved[3];
     const auto [act, activation, negative_slope, has_bias] = saved_activation(ctx);
@@ -157,12 +166,14 @@ class ActivationFunction : public torch::autograd::Function<ActivationFunction> 
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       out = ops::activation(input, activation, negative_slope);
     }
+    ctx->set_materialize_grads(false);
     save_activation(ctx, act, negative_slope);
     ctx->save_for_backward({output_hides_sign(act, negative_slope) ? input : out});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    if (!grad_outputs[0].defined()) return no_gradients(3);
     const SavedActivation a = saved_activation(ctx);
     const Variable grad_input = ops::activation_backward(
         grad_outputs[0], ctx->get_saved_variables()[0], a.name, a.negative_slope);
@@ -187,6 +198,7 @@ class InplaceActivationFunction : public torch::autograd::Function<InplaceActiva
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       ops::activation_(input, activation, negative_slope);
     }
+    ctx->set_materialize_grads(false);
     save_activation(ctx, parse_activation(activation), negative_slope);
     ctx->mark_dirty({input});         // apply() bumps its version and rebases its history
     ctx->save_for_backward({input});  // the output: a' is read off it
@@ -194,6 +206,7 @@ class InplaceActivationFunction : public torch::autograd::Function<InplaceActiva
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    if (!grad_outputs[0].defined()) return no_gradients(3);
     const SavedActivation a = saved_activation(ctx);
     // As eager's leaky_relu_: the input is gone, and the output cannot tell the sign of f.
     TORCH_CHECK(
@@ -224,6 +237,7 @@ void activation_inplace_autograd(const at::Tensor& input, c10::string_view activ
 
 // Gradients of grad_pre = grad_output * a'(saved) with respect to grad_output and saved.
 variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable& grad_grad_pre) {
+  if (!grad_grad_pre.defined()) return no_gradients(4);
   const auto saved = ctx->get_saved_variables();
   const Variable &grad_output = saved[0], &saved_output = saved[1];
   const SavedActivation a = saved_activation(ctx);
@@ -248,6 +262,7 @@ class ActivationBackwardFunction : public torch::autograd::Function<ActivationBa
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       grad_pre = ops::activation_backward(grad_output, saved, activation, negative_slope);
     }
+    ctx->set_materialize_grads(false);
     save_activation(ctx, parse_activation(activation), negative_slope);
     ctx->save_for_backward({grad_output, saved});
     return grad_pre;
@@ -279,6 +294,7 @@ class BiasActivationBackwardFunction
       std::tie(grad_pre, grad_bias) =
           ops::bias_activation_backward(grad_output, saved, activation, negative_slope);
     }
+    ctx->set_materialize_grads(false);
     save_activation(ctx, parse_activation(activation), negative_slope);
     ctx->save_for_backward({grad_output, saved});
     return {grad_pre, grad_bias};
@@ -286,7 +302,12 @@ class BiasActivationBackwardFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     // grad_bias sums grad_pre over the rows, so its gradient reaches every row.
-    return grads_of_activation_backward(ctx, grad_outputs[0].add(grad_outputs[1]));
+    const Variable &grad_grad_pre = grad_outputs[0], &grad_grad_bias = grad_outputs[1];
+    if (!grad_grad_bias.defined()) return grads_of_activation_backward(ctx, grad_grad_pre);
+    const Variable saved = ctx->get_saved_variables()[1];  // a copy: the list is a temporary
+    return grads_of_activation_backward(
+        ctx, grad_grad_pre.defined() ? grad_grad_pre.add(grad_grad_bias)
+                                     : grad_grad_bias.expand(saved.sizes()));
   }
 };
 
@@ -333,6 +354,7 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
       std::tie(out, saved) = ops::mlp_forward(input, weights, biases, activation, negative_slope,
                                               checkpoint_every, output_activation);
     }
+    ctx->set_materialize_grads(false);
     save_activation(ctx, parse_activation(activation), negative_slope);
     ctx->saved_data["s"] = negative_slope;  // the output activation may take it too
     // Keys of at most 15 characters are stored without an allocation.
@@ -351,11 +373,13 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto layers = static_cast<size_t>(ctx->saved_data["layers"].toInt());
+    const size_t bias_count = ctx->saved_data["has_bias"].toBool() ? layers : 0;
+    const size_t argument_count = 1 + layers + bias_count + 4;  // the lists flattened
+    if (!grad_outputs[0].defined()) return no_gradients(argument_count);
     SavedActivation a = saved_activation(ctx);
     a.negative_slope = ctx->saved_data["s"].toDouble();
     const int64_t checkpoint_every = ctx->saved_data["checkpoint"].toInt();
-    const auto layers = static_cast<size_t>(ctx->saved_data["layers"].toInt());
-    const size_t bias_count = ctx->saved_data["has_bias"].toBool() ? layers : 0;
     const int64_t output = ctx->saved_data["output"].toInt();
     const std::optional<c10::string_view> output_activation =
         output < 0 ? std::nullopt
