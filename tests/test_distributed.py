@@ -9,6 +9,7 @@ after RUN_SECONDS. Each case is then reported as its own test.
 import datetime
 import json
 import os
+import subprocess
 import sys
 import traceback
 
@@ -399,3 +400,30 @@ def outcomes(tmp_path_factory):
 def test_distributed(outcomes, name):
     for rank, results in enumerate(outcomes):
         assert results[name] is None, f"rank {rank}:\n{results[name]}"
+
+
+@pytest.mark.parametrize("order", ["handgrad first", "DTensor first"])
+def test_the_rules_are_registered_in_either_import_order(order):
+    imports = ["import handgrad", "import torch.distributed.tensor"]
+    if order == "DTensor first":
+        imports.reverse()
+    program = "; ".join(imports + [
+        "import torch",
+        "from torch.distributed.tensor import DTensor",
+        "table = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs",
+        "handlers = DTensor._op_dispatcher._custom_op_handlers",
+        "ops = torch.ops.handgrad",
+        "assert all(getattr(ops, n).default in table for n in ('linear_activation', "
+        "'linear_activation_backward', 'activation', 'activation_', 'activation_backward', "
+        "'bias_activation_backward', 'mlp'))",
+        "assert ops.mlp_forward.default in handlers and ops.mlp_backward.default in handlers",
+    ])
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=120)
+
+
+def test_the_example_trains_to_the_single_process_losses():
+    result = subprocess.run([sys.executable, "-m", "handgrad.examples.distributed", "--steps", "3"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if "largest difference" in line]
+    assert len(lines) == 3 and all(line.endswith(": match") for line in lines), result.stdout

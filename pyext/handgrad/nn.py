@@ -130,7 +130,9 @@ class MLP(nn.Module):
     Hooks registered on a layer keep firing: while any layer has hooks, or is wrapped
     (torch.distributed's checkpoint_wrapper, FSDP1, any module in its place) or reparametrized,
     the network calls its layers as modules, one by one (and without checkpointing), so that
-    each hook and wrapper does its job.
+    each hook and wrapper does its job. Under FSDP2 that is the case when each layer is
+    `fully_shard`ed: each layer's hook gathers its own parameters just before it runs, which
+    one op for the whole network cannot wait for; sharding only the root keeps the one op.
     """
 
     def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None, *,
