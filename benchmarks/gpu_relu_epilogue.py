@@ -1,9 +1,10 @@
-"""Why the CUDA forward of linear_relu does not use cuBLASLt's RELU_BIAS epilogue.
+"""The measurement behind the CUDA forward of linear_relu using cuBLASLt's RELU_BIAS epilogue.
 
 torch._addmm_activation(bias, x, w.t()) runs the GEMM with cuBLASLt's RELU_BIAS epilogue,
-which would save handgrad's activation pass. This prints whether that epilogue keeps a NaN
-(eager's relu does), and the forward times at one large shape, replayed from CUDA graphs,
-next to handgrad's and a bare mm.
+which saves handgrad's activation pass; csrc/cuda/kernels.cu uses it for ReLU with a bias
+(and in_features > 0). This prints whether that epilogue keeps a NaN (eager's relu does),
+and the forward times at one large shape, replayed from CUDA graphs, next to handgrad's
+and a bare mm.
 
     python benchmarks/gpu_relu_epilogue.py
 """

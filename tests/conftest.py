@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import handgrad.functional as hf
 
-# Slopes the issue asks for, plus one above 1.
+# Slopes: the default, positive, 1 (the identity), 0 (ReLU), negative (f is recomputed), above 1.
 SLOPES = [0.01, 0.2, 1.0, 0.0, -0.5, 1.5]
 
 

@@ -238,11 +238,31 @@ def test_7_4_and_7_5_loss_derivatives():
         torch.testing.assert_close(closed, tangent)
 
 
+def test_7_8_autograd_cuts_the_graph_at_a_step_unit():
+    f = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    for activation in (c7.heaviside, c7.rect):
+        assert activation(f).grad_fn is None
+        assert not activation(f).requires_grad
+
+
+def test_7_14_the_worked_answers_first_equality_needs_p_of_zero_to_be_zero():
+    # a in {-1, 0, 1} with probabilities 1/4, 1/2, 1/4: symmetric, mean 0, variance 1/2
+    values = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    p = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    variance = (p * values**2).sum()
+    second_moment = (p * torch.relu(values) ** 2).sum()
+    assert second_moment == variance / 2  # E[b^2] = sigma^2 / 2 holds
+    nonnegative = values >= 0
+    conditional = (p * values**2)[nonnegative].sum() / p[nonnegative].sum()  # E[b^2 | a >= 0]
+    worked = 0.5 * conditional + 0.5 * 0.0  # its 1/2 E[b^2|a>=0] + 1/2 E[b^2|a<0]
+    assert abs(worked - second_moment) > 0.05  # 1/6, not 1/4
+
+
 @pytest.mark.parametrize("activation", [c7.heaviside, c7.rect], ids=["heaviside", "rect"])
 def test_7_8_step_activations_block_gradients_but_the_last_layer_learns(activation):
     first, last, largest = c7.train_with_step_activation(activation)
-    for name in ("omega0", "beta0", "omega1", "beta1"):  # before a step unit: nothing, ever
-        assert largest[name] == 0.0, name
+    for name in ("omega0", "beta0", "omega1", "beta1"):  # before a step unit: autograd cuts
+        assert largest[name] is None, name               # the graph, no gradient ever
     assert largest["omega2"] > 0 and largest["beta2"] > 0
     assert last < 0.5 * first  # the output layer fits the fixed random features
 

@@ -153,10 +153,13 @@ def rect(z):
 
 def train_with_step_activation(activation=heaviside, steps=200, seed=0):
     """Train a 1-20-20-1 network whose hidden units are `activation` on a smooth target by
-    gradient descent: (first loss, last loss, {parameter: largest |gradient| seen}).
+    gradient descent: (first loss, last loss, {parameter: largest |gradient| seen, or None
+    where autograd gave none}).
 
-    Only the output layer receives gradient, and it does learn: the hidden layers act as
-    fixed random features, like a random-features model."""
+    The step functions are comparisons, which autograd does not differentiate: it cuts the
+    graph there and returns no gradient (None) for every parameter before them, which is
+    right where the derivative exists (it is 0). Only the output layer receives gradient,
+    and it does learn: the hidden layers act as fixed random features."""
     g = torch.Generator().manual_seed(seed)
     sizes = [1, 20, 20, 1]
     params = {}
@@ -173,7 +176,7 @@ def train_with_step_activation(activation=heaviside, steps=200, seed=0):
             h = activation(f) if k < len(sizes) - 2 else f
         return h
 
-    largest = dict.fromkeys(params, 0.0)
+    largest = dict.fromkeys(params)
     losses = []
     for _ in range(steps):
         loss = ((network(x) - y) ** 2).mean()
@@ -182,7 +185,7 @@ def train_with_step_activation(activation=heaviside, steps=200, seed=0):
         with torch.no_grad():
             for (name, p), grad in zip(params.items(), grads):
                 if grad is not None:
-                    largest[name] = max(largest[name], grad.abs().max().item())
+                    largest[name] = max(largest[name] or 0.0, grad.abs().max().item())
                     p -= 0.02 * grad
     return losses[0], losses[-1], largest
 
