@@ -159,6 +159,9 @@ def mlp_on_dtensors(rank, m, tmp):
             assert_close(g, r)
         with torch.no_grad():  # the one `mlp` op, by its sharding rule
             assert_close(F.mlp(dx, dw, db, "sigmoid"), want)
+    # a DTensor input with plain parameters: one error that says what to do
+    with pytest.raises(TypeError, match="DTensor and plain torch.Tensor arguments together"):
+        torch.ops.handgrad.mlp_forward(dx, [w.detach() for w in weights], [], "relu", 0.01, 0)
     # double backward
     (r1,) = torch.autograd.grad(F.mlp(x, weights, biases).square().sum(), weights[0], create_graph=True)
     dw = [distribute_tensor(t.detach(), m, [R]).requires_grad_() for t in weights]

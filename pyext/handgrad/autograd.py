@@ -54,6 +54,12 @@ def _output_hides_sign(activation, negative_slope):
 # --- dl/df = dl/d(out) * a'[f] as Functions of their own: a differentiable backward ---
 
 
+def _sigmoid_derivative_by_output(out):
+    """d/d(out) of the sigmoid's a' = out (1 - out): 1 - 2 out. (ReLU and LeakyReLU have
+    a'' = 0 almost everywhere, so nothing flows back through their saved tensor.)"""
+    return 1 - 2 * out
+
+
 def _grads_of_activation_backward(ctx, grad_grad_pre):
     """Gradients of grad_pre = grad_output * a'(saved) w.r.t. grad_output and saved."""
     grad_output, saved = ctx.saved_tensors
@@ -63,9 +69,7 @@ def _grads_of_activation_backward(ctx, grad_grad_pre):
             grad_grad_pre, saved, ctx.activation, ctx.negative_slope
         )
     if ctx.needs_input_grad[1] and ctx.activation == "sigmoid":
-        # d/d(out) [out (1 - out)] = 1 - 2 out. ReLU and LeakyReLU have a'' = 0 almost
-        # everywhere, so nothing flows back through their saved tensor.
-        grad_saved = grad_grad_pre * grad_output * (1 - 2 * saved)
+        grad_saved = grad_grad_pre * grad_output * _sigmoid_derivative_by_output(saved)
     return grad_grad_output, grad_saved, None, None
 
 
@@ -95,13 +99,13 @@ class _ActivationBackward(_Function):
 
     @staticmethod
     def jvp(ctx, grad_output_tangent, saved_tangent, *_):
-        # Linear in grad_output; the sigmoid's also depends on saved (a'' = 1 - 2 out).
+        # Linear in grad_output; the sigmoid's also depends on saved.
         grad_output, saved = ctx.saved_tensors
         tangent = torch.zeros_like(saved)
         if grad_output_tangent is not None:
             tangent = _activation_grad(grad_output_tangent, saved, ctx.activation, ctx.negative_slope)
         if saved_tangent is not None and ctx.activation == "sigmoid":
-            tangent = tangent + grad_output * (1 - 2 * saved) * saved_tangent
+            tangent = tangent + grad_output * _sigmoid_derivative_by_output(saved) * saved_tangent
         return tangent
 
 
