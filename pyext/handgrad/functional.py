@@ -44,8 +44,8 @@ def check_negative_slope(negative_slope):
     return float(negative_slope)
 
 
-def _entry():
-    """Which way a call goes in: torch.ops while torch.compile traces (Dynamo records the
+def _op_namespace():
+    """The namespace whose op a call goes through: torch.ops while torch.compile traces (Dynamo records the
     op); None for forward-mode AD and torch.func, which take the Python Functions; else
     handgrad._C, the same op through a cheaper call."""
     if torch.compiler.is_compiling():
@@ -96,12 +96,12 @@ def _slope_argument(activation, negative_slope):
 
 
 def _linear(input, weight, bias, activation, negative_slope):
-    entry = _entry()
-    if entry is None:
+    ops = _op_namespace()
+    if ops is None:
         arguments = _autocast(input, weight, bias) + _slope_argument(activation, negative_slope)
         return _LINEAR_FUNCTIONS[activation].apply(*arguments)
     try:
-        return entry.linear_activation(input, weight, bias, activation, negative_slope)
+        return ops.linear_activation(input, weight, bias, activation, negative_slope)
     except (TypeError, NotImplementedError):
         _explain_bad_argument(f"linear_{activation}", input=input, weight=weight, bias=bias)
         raise
@@ -131,15 +131,15 @@ def linear_sigmoid(input, weight, bias=None):
 
 
 def _elementwise(input, activation, negative_slope, inplace):
-    entry = _entry()
-    if entry is None:
+    ops = _op_namespace()
+    if ops is None:
         out = _FUNCTIONS[activation].apply(input, *_slope_argument(activation, negative_slope))
         return input.copy_(out) if inplace else out
     try:
         if inplace:
-            entry.activation_(input, activation, negative_slope)
+            ops.activation_(input, activation, negative_slope)
             return input
-        return entry.activation(input, activation, negative_slope)
+        return ops.activation(input, activation, negative_slope)
     except (TypeError, NotImplementedError):
         _explain_bad_argument(activation, input=input)
         raise
@@ -212,8 +212,8 @@ def mlp(input, weights, biases=None, activation="relu", negative_slope=0.01,
 def _mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
          output_activation=None):
     """mlp() with its arguments checked already (handgrad.nn.MLP checks them once)."""
-    entry = _entry()
-    if entry is None:  # layer by layer, through the per-layer Python Functions
+    ops = _op_namespace()
+    if ops is None:  # layer by layer, through the per-layer Python Functions
         if activation not in _LINEAR_FUNCTIONS:
             raise ValueError(f"handgrad: unknown activation '{activation}'; "
                              "expected 'relu', 'leaky_relu' or 'sigmoid'")
@@ -225,7 +225,7 @@ def _mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
             return torch.nn.functional.linear(h, weights[-1], layer_biases[-1])
         return _linear(h, weights[-1], layer_biases[-1], output_activation, negative_slope)
     try:
-        return entry.mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+        return ops.mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
                          output_activation)
     except (TypeError, NotImplementedError):
         _explain_bad_argument("mlp", input=input)
