@@ -426,7 +426,7 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
       for (const auto& t : all) grads.push_back(t.requires_grad() ? found[next++] : Variable());
       if (!need_input) grads[0] = Variable();
     }
-    grads.resize(grads.size() + 4);  // activation, negative_slope, checkpoint_every, output_activation
+    grads.resize(argument_count);  // undefined for activation, ..., output_activation
     return grads;
   }
 };

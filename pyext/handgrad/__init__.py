@@ -1,8 +1,8 @@
 """handgrad: fused Linear+activation layers with hand-written C++ forward and backward kernels.
 
 Importing the package loads the operator library (torch.ops.handgrad.*) and registers the
-fake kernels that torch.compile and torch.export use, and their DTensor sharding rules. The public API is in
-handgrad.functional, handgrad.nn and handgrad.autograd.
+fake kernels that torch.compile and torch.export use, and the ops' DTensor sharding rules.
+The public API is in handgrad.functional, handgrad.nn and handgrad.autograd.
 """
 
 import torch
@@ -29,10 +29,8 @@ _check_cpu_capability()
 from . import _C  # noqa: E402,F401  (registers the ops)
 from . import _fake  # noqa: E402,F401  (registers their fake kernels)
 from . import _vmap  # noqa: E402,F401  (and their vmap rules)
-from . import _distributed  # noqa: E402  (and their DTensor rules, once DTensor is loaded)
+from . import _distributed  # noqa: E402,F401  (and their DTensor rules, once DTensor loads)
 from . import autograd, functional, nn  # noqa: E402
-
-_distributed.register_when_dtensor_is_imported()
 
 try:
     from importlib.metadata import version as _version

@@ -110,7 +110,8 @@ def _row_placements(input):
             for p in input.placements]
 
 
-def _matrix_placements(placements):
+def _summed_over_rows(placements):
+    """The placements of a sum over the rows placed as `placements`."""
     return [Partial() if isinstance(p, Shard) else R for p in placements]
 
 
@@ -150,7 +151,7 @@ def _mlp_backward_handler(op_call, args, kwargs):
     grad_output, input, weights, biases, saved, *rest = args
     _all_dtensors("mlp_backward", [grad_output, input, *weights, *biases, *saved])
     mesh, rows = input.device_mesh, _row_placements(input)
-    whole, sums = [R] * mesh.ndim, _matrix_placements(rows)
+    whole, sums = [R] * mesh.ndim, _summed_over_rows(rows)
     with torch.no_grad():
         grad_input, grad_weights, grad_biases = op_call(
             _local(grad_output, mesh, rows), _local(input, mesh, rows),
@@ -222,3 +223,6 @@ def register_when_dtensor_is_imported():
         _register()
     else:
         sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+register_when_dtensor_is_imported()

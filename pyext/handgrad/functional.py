@@ -45,9 +45,9 @@ def check_negative_slope(negative_slope):
 
 
 def _op_namespace():
-    """The namespace whose op a call goes through: torch.ops while torch.compile traces (Dynamo records the
-    op); None for forward-mode AD and torch.func, which take the Python Functions; else
-    handgrad._C, the same op through a cheaper call."""
+    """The namespace whose op a call goes through: torch.ops while torch.compile traces
+    (Dynamo records the op); None for forward-mode AD and torch.func, which take the Python
+    Functions; else handgrad._C, the same op through a cheaper call."""
     if torch.compiler.is_compiling():
         return _ops
     if _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
