@@ -89,4 +89,10 @@ C10_HOST_DEVICE inline V activation_backward_from_preactivation(V grad, V f, V n
   }
 }
 
+// Whether a' cannot be read off the output: leaky_relu with a negative slope gives
+// out >= 0 on both sides of f = 0, so its backward needs f itself.
+inline bool output_hides_sign(Activation activation, double negative_slope) {
+  return activation == Activation::LeakyReLU && negative_slope < 0;
+}
+
 }  // namespace handgrad

@@ -1,14 +1,19 @@
-// Argument checks shared by the CPU and CUDA implementations of every handgrad op.
+// Argument checks of every handgrad op, and their messages, written once.
 //
-// They run first in each op, before any kernel, so that a caller of torch.ops.handgrad.*
-// gets an error that names the argument and the problem instead of undefined behaviour.
-// pyext/handgrad/_fake.py makes the same checks for fake tensors (torch.compile, export).
+// Each op has one check, named after it and taking its arguments (check_linear_activation,
+// ...). The CPU and CUDA kernels call it before any kernel runs; the fake kernels
+// (pyext/handgrad/_fake.py) call the same function through handgrad._C. So an eager call,
+// a call on meta tensors and a torch.compile'd or exported program fail with one message,
+// which names the op, the argument and the problem.
+//
+// Shapes are read as SymInts (sym_size), which the fake tensors of dynamic-shape tracing
+// have; on real tensors they are plain integers.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
-#include <ATen/core/DimVector.h>
-#include <c10/util/accumulate.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/DimVector.h>
 #include <c10/util/string_view.h>
 
 #include <cmath>
@@ -17,6 +22,7 @@
 #include <string>
 
 #include "activation.h"
+#include "shapes.h"
 
 namespace handgrad {
 
@@ -43,9 +49,17 @@ inline c10::string_view activation_name(Activation activation) {
 // "activation" replaced by the activation ("linear_relu", "sigmoid_backward", ...). It is
 // written out only when a check fails, so checks cost nothing on the happy path.
 struct OpName {
-  const char* prefix;  // "linear_", "bias_" or ""
+  c10::string_view prefix;  // "linear_", "bias_", "mlp" or ""
   c10::string_view activation;
-  const char* suffix;  // "_backward", "_" or ""
+  c10::string_view suffix;  // "_backward", "_" or ""
+
+  // The OpName of the op with schema name `schema` ("linear_activation_backward"), called
+  // with `activation`.
+  static OpName of(c10::string_view schema, c10::string_view activation) {
+    const size_t at = schema.find("activation");
+    if (at == c10::string_view::npos) return {schema, "", ""};
+    return {schema.substr(0, at), activation, schema.substr(at + 10)};
+  }
 };
 
 inline std::ostream& operator<<(std::ostream& out, const OpName& name) {
@@ -66,6 +80,8 @@ inline std::ostream& operator<<(std::ostream& out, const ListItem& item) {
 inline std::string dtype_name(const at::Tensor& t) {
   return "torch." + std::string(c10::getDtypeNames(t.scalar_type()).first);
 }
+
+namespace detail {
 
 inline void check_negative_slope(const OpName& op, double negative_slope) {
   TORCH_CHECK_VALUE(
@@ -95,127 +111,160 @@ void check_same_dtype_and_device(
       dtype_name(other), " but ", reference_arg, " has dtype ", dtype_name(reference));
 }
 
-inline void check_linear_arguments(
-    const OpName& op, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, double negative_slope) {
-  check_negative_slope(op, negative_slope);
-  check_floating_dtype(op, "input", input);
-  check_same_dtype_and_device(op, "weight", weight, "input", input);
-  if (bias.has_value()) check_same_dtype_and_device(op, "bias", *bias, "input", input);
-
-  TORCH_CHECK(
-      input.dim() >= 1, op,
-      ": input must have shape (*, in_features) with at least 1 dimension, got a 0-D tensor");
-  TORCH_CHECK(
-      weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
-      weight.sizes());
-  TORCH_CHECK(
-      weight.size(1) == input.size(-1), op, ": weight has ", weight.size(1),
-      " columns but input has ", input.size(-1), " features (input shape ", input.sizes(),
-      ", weight shape ", weight.sizes(), ")");
-  if (bias.has_value()) {
-    TORCH_CHECK(
-        bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [",
-        weight.size(0), "] (out_features), got shape ", bias->sizes());
-  }
+inline void check_has_features(const OpName& op, const char* arg, const at::Tensor& t,
+                               const char* features) {
+  TORCH_CHECK(t.dim() >= 1, op, ": ", arg, " must have shape (*, ", features,
+              ") with at least 1 dimension, got a 0-D tensor");
 }
 
-inline void check_activation_arguments(const OpName& op, const at::Tensor& input,
-                                       double negative_slope) {
-  check_negative_slope(op, negative_slope);
-  check_floating_dtype(op, "input", input);
+// A layer's weight (out_features, in_features) takes `features` from what comes before.
+template <typename Arg>
+void check_weight(const OpName& op, const Arg& arg, const at::Tensor& weight,
+                  const c10::SymInt& features, const char* before) {
+  TORCH_CHECK(weight.dim() == 2, op, ": ", arg,
+              " must be 2-D (out_features, in_features), got shape ", weight.sym_sizes());
+  TORCH_CHECK(weight.sym_size(1) == features, op, ": ", arg, " has ", weight.sym_size(1),
+              " columns but ", before, " has ", features, " features");
 }
 
-// For the backward ops: the incoming gradient and the saved tensor match element for element.
-inline void check_backward_arguments(
-    const OpName& op, const at::Tensor& grad_output, const at::Tensor& saved,
-    double negative_slope) {
-  check_negative_slope(op, negative_slope);
+template <typename Arg, typename WeightArg>
+void check_bias(const OpName& op, const Arg& arg, const at::Tensor& bias,
+                const WeightArg& weight_arg, const at::Tensor& weight) {
+  TORCH_CHECK(bias.dim() == 1 && bias.sym_size(0) == weight.sym_size(0), op, ": ", arg,
+              " must have shape [", weight.sym_size(0), "] (out_features of ", weight_arg,
+              "), got shape ", bias.sym_sizes());
+}
+
+// A layer's input, weight and bias, where `reference` (the input itself, or grad_output)
+// has been checked to be floating point.
+inline void check_layer(const OpName& op, const at::Tensor& input, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const char* reference_arg,
+                        const at::Tensor& reference) {
+  if (&input != &reference) check_same_dtype_and_device(op, "input", input, reference_arg, reference);
+  check_same_dtype_and_device(op, "weight", weight, reference_arg, reference);
+  if (bias.has_value()) check_same_dtype_and_device(op, "bias", *bias, reference_arg, reference);
+  check_has_features(op, "input", input, "in_features");
+  check_weight(op, "weight", weight, input.sym_size(-1), "input");
+  if (bias.has_value()) check_bias(op, "bias", *bias, "weight", weight);
+}
+
+// The backward ops: the incoming gradient and the saved tensor match element for element.
+inline void check_gradient_and_saved(const OpName& op, const at::Tensor& grad_output,
+                                     const at::Tensor& saved) {
   check_floating_dtype(op, "grad_output", grad_output);
   check_same_dtype_and_device(op, "saved", saved, "grad_output", grad_output);
-  TORCH_CHECK(
-      grad_output.sizes() == saved.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
-      " but saved has shape ", saved.sizes());
+  TORCH_CHECK(grad_output.sym_sizes() == saved.sym_sizes(), op, ": grad_output has shape ",
+              grad_output.sym_sizes(), " but saved has shape ", saved.sym_sizes());
 }
 
-// The shape of a linear layer's output (or of its gradient): input's leading dimensions,
-// then out_features.
-inline at::DimVector linear_output_sizes(const at::Tensor& input, const at::Tensor& weight) {
-  at::DimVector sizes(input.sizes());
-  sizes.back() = weight.size(0);
-  return sizes;
+}  // namespace detail
+
+// --- One check per op; each returns the parsed activation ---
+
+inline Activation check_linear_activation(const at::Tensor& input, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          c10::string_view activation, double negative_slope) {
+  const Activation act = parse_activation(activation);
+  const OpName op{"linear_", activation, ""};
+  detail::check_negative_slope(op, negative_slope);
+  detail::check_floating_dtype(op, "input", input);
+  detail::check_layer(op, input, weight, bias, "input", input);
+  return act;
 }
 
-inline void check_bias_backward_arguments(
-    const OpName& op, const at::Tensor& grad_output, const at::Tensor& saved,
-    double negative_slope) {
-  check_backward_arguments(op, grad_output, saved, negative_slope);
-  TORCH_CHECK(saved.dim() >= 1, op, ": saved must have shape (*, out_features), got a 0-D tensor");
+// activation and activation_ (in place, `inplace`).
+inline Activation check_activation(const at::Tensor& input, c10::string_view activation,
+                                   double negative_slope, bool inplace = false) {
+  const Activation act = parse_activation(activation);
+  const OpName op{"", activation, inplace ? "_" : ""};
+  detail::check_negative_slope(op, negative_slope);
+  detail::check_floating_dtype(op, "input", input);
+  return act;
 }
 
-inline void check_linear_backward_arguments(
-    const OpName& op, const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& saved, double negative_slope) {
-  check_backward_arguments(op, grad_output, saved, negative_slope);
-  check_linear_arguments(op, input, weight, std::nullopt, negative_slope);
-  TORCH_CHECK(saved.sizes() == at::IntArrayRef(linear_output_sizes(input, weight)), op,
-              ": saved must have shape ", at::IntArrayRef(linear_output_sizes(input, weight)),
-              " (input's leading dimensions, then out_features), got ", saved.sizes());
+inline Activation check_activation_backward(const at::Tensor& grad_output,
+                                            const at::Tensor& saved, c10::string_view activation,
+                                            double negative_slope) {
+  const Activation act = parse_activation(activation);
+  const OpName op{"", activation, "_backward"};
+  detail::check_negative_slope(op, negative_slope);
+  detail::check_gradient_and_saved(op, grad_output, saved);
+  return act;
 }
 
-// Rows of a (*, features) tensor seen as a matrix; works for zero sizes too.
-inline int64_t leading_rows(const at::Tensor& t) {
-  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+inline Activation check_bias_activation_backward(const at::Tensor& grad_output,
+                                                 const at::Tensor& saved,
+                                                 c10::string_view activation,
+                                                 double negative_slope) {
+  const Activation act = parse_activation(activation);
+  const OpName op{"bias_", activation, "_backward"};
+  detail::check_negative_slope(op, negative_slope);
+  detail::check_gradient_and_saved(op, grad_output, saved);
+  detail::check_has_features(op, "saved", saved, "out_features");
+  return act;
 }
 
-// The arguments of the whole-network ops: each layer's weight takes the features of the one
-// before; biases lists one per layer, or none for a network without biases.
-inline void check_mlp_arguments(const at::Tensor& input, at::TensorList weights,
-                                at::TensorList biases, c10::string_view activation,
-                                double negative_slope, int64_t checkpoint_every,
-                                std::optional<c10::string_view> output_activation) {
+inline Activation check_linear_activation_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, c10::string_view activation, double negative_slope) {
+  const Activation act = parse_activation(activation);
+  const OpName op{"linear_", activation, "_backward"};
+  detail::check_negative_slope(op, negative_slope);
+  detail::check_gradient_and_saved(op, grad_output, saved);
+  detail::check_layer(op, input, weight, std::nullopt, "grad_output", grad_output);
+  const auto expected = linear_output_sizes(input.sym_sizes(), weight.sym_size(0));
+  TORCH_CHECK(saved.sym_sizes() == c10::SymIntArrayRef(expected), op, ": saved must have shape ",
+              c10::SymIntArrayRef(expected),
+              " (input's leading dimensions, then out_features), got ", saved.sym_sizes());
+  return act;
+}
+
+// The whole-network ops: each layer's weight takes the features of the one before; biases
+// lists one per layer, or none for a network without biases.
+inline Activation check_mlp(const at::Tensor& input, at::TensorList weights,
+                            at::TensorList biases, c10::string_view activation,
+                            double negative_slope, int64_t checkpoint_every,
+                            std::optional<c10::string_view> output_activation) {
   const OpName op{"mlp", "", ""};
-  parse_activation(activation);
+  const Activation act = parse_activation(activation);
   if (output_activation.has_value()) parse_activation(*output_activation);
-  check_negative_slope(op, negative_slope);
-  check_floating_dtype(op, "input", input);
-  TORCH_CHECK_VALUE(checkpoint_every >= 0, "mlp: checkpoint_every must be 0 (none) or a positive ",
-                    "number of layers, got ", checkpoint_every);
-  TORCH_CHECK(!weights.empty(), "mlp: weights must list at least the output layer, got none");
-  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "mlp: got ", weights.size(),
+  detail::check_negative_slope(op, negative_slope);
+  detail::check_floating_dtype(op, "input", input);
+  TORCH_CHECK_VALUE(checkpoint_every >= 0, op, ": checkpoint_every must be 0 (none) or a ",
+                    "positive number of layers, got ", checkpoint_every);
+  TORCH_CHECK(!weights.empty(), op, ": weights must list at least the output layer, got none");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), op, ": got ", weights.size(),
               " weights but ", biases.size(), " biases; give one bias per layer, or none");
-  TORCH_CHECK(input.dim() >= 1,
-              "mlp: input must have shape (*, in_features) with at least 1 dimension, got a 0-D tensor");
-  int64_t features = input.size(-1);
+  detail::check_has_features(op, "input", input, "in_features");
+  c10::SymInt features = input.sym_size(-1);
   for (size_t l = 0; l < weights.size(); ++l) {
     const ListItem weight{"weights", l}, bias{"biases", l};
-    check_same_dtype_and_device(op, weight, weights[l], "input", input);
-    TORCH_CHECK(weights[l].dim() == 2, "mlp: ", weight,
-                " must be 2-D (out_features, in_features), got shape ", weights[l].sizes());
-    TORCH_CHECK(weights[l].size(1) == features, "mlp: ", weight, " has ", weights[l].size(1),
-                " columns but ", l == 0 ? "input has " : "the layer before has ", features,
-                " features");
+    detail::check_same_dtype_and_device(op, weight, weights[l], "input", input);
+    detail::check_weight(op, weight, weights[l], features,
+                         l == 0 ? "input" : "the layer before");
     if (!biases.empty()) {
-      check_same_dtype_and_device(op, bias, biases[l], "input", input);
-      TORCH_CHECK(biases[l].dim() == 1 && biases[l].size(0) == weights[l].size(0), "mlp: ", bias,
-                  " must have shape [", weights[l].size(0), "] (out_features of ", weight,
-                  "), got shape ", biases[l].sizes());
+      detail::check_same_dtype_and_device(op, bias, biases[l], "input", input);
+      detail::check_bias(op, bias, biases[l], weight, weights[l]);
     }
-    features = weights[l].size(0);
+    features = weights[l].sym_size(0);
   }
+  return act;
 }
 
-// Whether the whole-network forward stores h_made, the output of hidden layer made - 1, for
-// the backward: every one, or with checkpoint_every = k > 0 every k-th below the last.
-inline bool is_stored_output(size_t made, size_t hidden, int64_t checkpoint_every) {
-  return checkpoint_every == 0 ||
-         (made % static_cast<size_t>(checkpoint_every) == 0 && made < hidden);
-}
-
-// Whether a' cannot be read off the output: leaky_relu with a negative slope gives
-// out >= 0 on both sides of f = 0, so its backward needs f itself (csrc/activation.h).
-inline bool output_hides_sign(Activation activation, double negative_slope) {
-  return activation == Activation::LeakyReLU && negative_slope < 0;
+// mlp_backward: also what mlp_forward stored.
+inline Activation check_mlp_backward(const at::Tensor& input, at::TensorList weights,
+                                     at::TensorList biases, at::TensorList saved,
+                                     c10::string_view activation, double negative_slope,
+                                     int64_t checkpoint_every,
+                                     std::optional<c10::string_view> output_activation) {
+  const Activation act = check_mlp(input, weights, biases, activation, negative_slope,
+                                   checkpoint_every, output_activation);
+  const size_t hidden = weights.size() - 1;
+  TORCH_CHECK(saved.size() == stored_output_count(hidden, checkpoint_every),
+              "mlp_backward: saved has ", saved.size(),
+              " tensors, which is not what mlp_forward stores for ", hidden,
+              " hidden layers with checkpoint_every=", checkpoint_every);
+  return act;
 }
 
 }  // namespace handgrad

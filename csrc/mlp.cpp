@@ -33,19 +33,6 @@ namespace {
 
 using OutputActivation = std::optional<c10::string_view>;
 
-// How many hidden outputs mlp_forward stores for these arguments.
-size_t stored_count(size_t hidden, int64_t checkpoint_every) {
-  size_t count = 0;
-  for (size_t made = 1; made <= hidden; ++made) count += is_stored_output(made, hidden, checkpoint_every);
-  return count;
-}
-
-void check_saved(at::TensorList saved, size_t hidden, int64_t checkpoint_every) {
-  TORCH_CHECK(saved.size() == stored_count(hidden, checkpoint_every), "mlp_backward: saved has ",
-              saved.size(), " tensors, which is not what mlp_forward stores for ", hidden,
-              " hidden layers with checkpoint_every=", checkpoint_every);
-}
-
 // --- CPU: the fused engine ---
 
 cpu::NetworkActivations network_activations(c10::string_view activation, double negative_slope,
@@ -58,8 +45,8 @@ cpu::NetworkActivations network_activations(c10::string_view activation, double 
 at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
                    OutputActivation output_activation) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
-                      output_activation);
+  check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+            output_activation);
   return cpu::fused_forward(input, weights, biases,
                             network_activations(activation, negative_slope, output_activation),
                             checkpoint_every, nullptr);
@@ -69,8 +56,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
     c10::string_view activation, double negative_slope, int64_t checkpoint_every,
     OutputActivation output_activation) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
-                      output_activation);
+  check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+            output_activation);
   std::vector<at::Tensor> saved;
   at::Tensor out = cpu::fused_forward(
       input, weights, biases, network_activations(activation, negative_slope, output_activation),
@@ -83,9 +70,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     at::TensorList biases, at::TensorList saved, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
     OutputActivation output_activation) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
-                      output_activation);
-  check_saved(saved, weights.size() - 1, checkpoint_every);
+  check_mlp_backward(input, weights, biases, saved, activation, negative_slope, checkpoint_every,
+                     output_activation);
   return cpu::fused_backward(grad_output, input, weights, biases, saved, at::Tensor(),
                              network_activations(activation, negative_slope, output_activation),
                              checkpoint_every, {input_requires_grad, true, !biases.empty()});
@@ -95,7 +81,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
 
 // The input as a (rows, in_features) matrix; every layer works on such matrices.
 at::Tensor input_rows(const at::Tensor& input) {
-  return input.dim() == 2 ? input : input.reshape({leading_rows(input), input.size(-1)});
+  return input.dim() == 2 ? input : input.reshape({leading_rows(input.sizes()), input.size(-1)});
 }
 
 // The output, (rows, out_features), in the input's leading shape.
@@ -135,8 +121,8 @@ at::Tensor output_layer(const at::Tensor& h, at::TensorList weights, at::TensorL
 at::Tensor mlp_per_layer(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                          c10::string_view activation, double negative_slope,
                          int64_t checkpoint_every, OutputActivation output_activation) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
-                      output_activation);
+  check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+            output_activation);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
   // Nothing is kept: each layer's output is freed once the next has used it.
@@ -149,8 +135,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_per_layer(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
     c10::string_view activation, double negative_slope, int64_t checkpoint_every,
     OutputActivation output_activation) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
-                      output_activation);
+  check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+            output_activation);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
   std::vector<at::Tensor> saved;  // h_1 ... h_L, or with checkpointing h_k, h_2k, ... < h_L
@@ -175,11 +161,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     at::TensorList biases, at::TensorList saved, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
     OutputActivation output_activation) {
-  check_mlp_arguments(input, weights, biases, activation, negative_slope, checkpoint_every,
-                      output_activation);
-  const Activation act = parse_activation(activation);
+  const Activation act = check_mlp_backward(input, weights, biases, saved, activation,
+                                            negative_slope, checkpoint_every, output_activation);
   const size_t layers = weights.size(), hidden = layers - 1;
-  check_saved(saved, hidden, checkpoint_every);
   const size_t stretch = checkpoint_every > 0 ? checkpoint_every : std::max<size_t>(hidden, 1);
   const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
   const bool has_bias = !biases.empty();

@@ -44,7 +44,7 @@ def test_weight_must_be_2d(fn):
 @pytest.mark.parametrize("fn", FUSED)
 def test_bias_of_wrong_size(fn):
     x, w, _ = x_w_b()
-    with pytest.raises(RuntimeError, match=r"bias must have shape \[3\] \(out_features\), got shape \[4\]"):
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[3\] \(out_features of weight\), got shape \[4\]"):
         fn(x, w, torch.randn(4))
     with pytest.raises(RuntimeError, match=r"bias must have shape \[3\]"):
         fn(x, w, torch.randn(1, 3))
@@ -126,15 +126,96 @@ def test_backward_ops_check_shapes():
         ops.bias_activation_backward(torch.randn(2, 3), torch.randn(2, 3).double(), "relu", 0.0)
 
 
-def test_fake_kernels_make_the_same_checks():
-    # Under torch.compile/export the fake kernels run instead of C++: same messages.
-    x, w, b = (t.to("meta") for t in x_w_b())
-    with pytest.raises(RuntimeError, match=r"weight has 7 columns but input has 5 features"):
-        ops.linear_activation(x, torch.randn(3, 7, device="meta"), b, "relu", 0.0)
-    with pytest.raises(RuntimeError, match=r"bias must have shape \[3\]"):
-        ops.linear_activation(x, w, torch.randn(4, device="meta"), "relu", 0.0)
-    with pytest.raises(RuntimeError, match=r"weight has dtype torch.float64 but input has dtype torch.float32"):
-        ops.linear_activation(x, w.double(), b, "relu", 0.0)
+def _t(*shape, dtype=torch.float32):
+    return torch.ones(shape, dtype=dtype)
+
+
+# Every bad-argument case of every op, as (op, arguments) built from CPU tensors.
+BAD_ARGUMENTS = {
+    "unknown activation": (ops.linear_activation, (_t(4, 5), _t(3, 5), None, "gelu", 0.0)),
+    "non-finite slope": (ops.linear_activation, (_t(4, 5), _t(3, 5), None, "leaky_relu", math.nan)),
+    "integer input": (ops.linear_activation, (_t(4, 5, dtype=torch.int64), _t(3, 5, dtype=torch.int64), None, "relu", 0.0)),
+    "weight dtype": (ops.linear_activation, (_t(4, 5), _t(3, 5, dtype=torch.float64), None, "relu", 0.0)),
+    "bias dtype": (ops.linear_activation, (_t(4, 5), _t(3, 5), _t(3, dtype=torch.float16), "sigmoid", 0.0)),
+    "0-D input": (ops.linear_activation, (_t(), _t(3, 1), None, "relu", 0.0)),
+    "1-D weight": (ops.linear_activation, (_t(4, 5), _t(15), None, "relu", 0.0)),
+    "weight columns": (ops.linear_activation, (_t(4, 5), _t(3, 7), None, "relu", 0.0)),
+    "bias shape": (ops.linear_activation, (_t(4, 5), _t(3, 5), _t(1, 3), "relu", 0.0)),
+    "activation dtype": (ops.activation, (_t(3, dtype=torch.bool), "sigmoid", 0.0)),
+    "activation slope": (ops.activation, (_t(3), "leaky_relu", math.inf)),
+    "activation_ dtype": (ops.activation_, (_t(3, dtype=torch.int32), "relu", 0.0)),
+    "activation_ name": (ops.activation_, (_t(3), "tanh", 0.0)),
+    "backward shapes": (ops.activation_backward, (_t(2, 3), _t(3, 2), "relu", 0.0)),
+    "backward saved dtype": (ops.activation_backward, (_t(2, 3), _t(2, 3, dtype=torch.float64), "sigmoid", 0.0)),
+    "backward gradient dtype": (ops.activation_backward, (_t(2, 3, dtype=torch.int64), _t(2, 3), "relu", 0.0)),
+    "bias backward 0-D": (ops.bias_activation_backward, (_t(), _t(), "relu", 0.0)),
+    "bias backward shapes": (ops.bias_activation_backward, (_t(2, 3), _t(2, 4), "leaky_relu", 0.1)),
+    "linear backward saved shape": (ops.linear_activation_backward, (_t(4, 2), _t(4, 5), _t(3, 5), _t(4, 2), "relu", 0.0, [True] * 3)),
+    "linear backward input dtype": (ops.linear_activation_backward, (_t(4, 3), _t(4, 5, dtype=torch.float64), _t(3, 5), _t(4, 3), "relu", 0.0, [True] * 3)),
+    "linear backward weight columns": (ops.linear_activation_backward, (_t(4, 3), _t(4, 5), _t(3, 6), _t(4, 3), "sigmoid", 0.0, [True] * 3)),
+    "mlp checkpoint_every": (ops.mlp, (_t(4, 5), [_t(3, 5)], [], "relu", 0.0, -1)),
+    "mlp no weights": (ops.mlp, (_t(4, 5), [], [], "relu", 0.0, 0)),
+    "mlp bias count": (ops.mlp, (_t(4, 5), [_t(6, 5), _t(2, 6)], [_t(6)], "relu", 0.0, 0)),
+    "mlp layer columns": (ops.mlp, (_t(4, 5), [_t(6, 5), _t(2, 7)], [], "relu", 0.0, 0)),
+    "mlp first layer columns": (ops.mlp, (_t(4, 5), [_t(6, 4), _t(2, 6)], [], "relu", 0.0, 0)),
+    "mlp 1-D weight": (ops.mlp, (_t(4, 5), [_t(6, 5), _t(6)], [], "relu", 0.0, 0)),
+    "mlp bias shape": (ops.mlp, (_t(4, 5), [_t(6, 5), _t(2, 6)], [_t(6), _t(3)], "relu", 0.0, 0)),
+    "mlp weight dtype": (ops.mlp, (_t(4, 5), [_t(6, 5), _t(2, 6, dtype=torch.float64)], [], "relu", 0.0, 0)),
+    "mlp bias dtype": (ops.mlp, (_t(4, 5), [_t(6, 5)], [_t(6, dtype=torch.bfloat16)], "relu", 0.0, 0)),
+    "mlp output_activation": (ops.mlp, (_t(4, 5), [_t(6, 5)], [], "relu", 0.0, 0, "softmax")),
+    "mlp 0-D input": (ops.mlp, (_t(), [_t(6, 5)], [], "sigmoid", 0.0, 0)),
+    "mlp_forward layer columns": (ops.mlp_forward, (_t(4, 5), [_t(6, 5), _t(2, 7)], [], "relu", 0.0, 0)),
+    "mlp_backward saved count": (ops.mlp_backward, (_t(4, 2), _t(4, 5), [_t(6, 5), _t(2, 6)], [], [], "relu", 0.0, 0, True)),
+}
+
+
+def _converted(value, convert):
+    """value with each tensor in it (or in it as a list) converted."""
+    if isinstance(value, torch.Tensor):
+        return convert(value)
+    if isinstance(value, list):
+        return [_converted(v, convert) for v in value]
+    return value
+
+
+def _failure(op, args):
+    with pytest.raises(Exception) as caught:
+        op(*args)
+    return type(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_fake_kernels_give_the_cpu_kernels_message(case):
+    """The fake kernels (torch.compile, export, meta tensors) make the C++ kernels' checks:
+    each bad call fails on meta tensors and under FakeTensorMode with the CPU's error."""
+    op, args = BAD_ARGUMENTS[case]
+    kind, message = _failure(op, args)
+    assert kind in (RuntimeError, ValueError) and message.startswith(
+        ("linear_", "relu", "sigmoid", "leaky_relu", "bias_", "mlp", "handgrad: unknown activation"))
+    assert "Exception raised from" not in message  # one line, no C++ backtrace
+    assert _failure(op, [_converted(a, lambda t: t.to("meta")) for a in args]) == (kind, message)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert _failure(op, [_converted(a, mode.from_tensor) for a in args]) == (kind, message)
+
+
+def test_checks_read_symbolic_shapes():
+    # Dynamic-shape tracing hands the fake kernels SymInt sizes: valid calls trace, and a
+    # mismatch still names the op and the argument.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def layer(x, w, b):
+        return ops.linear_activation(x, w, b, "relu", 0.0)
+
+    graph = make_fx(layer, tracing_mode="symbolic")(torch.randn(4, 5), torch.randn(3, 5), torch.randn(3))
+    assert "handgrad.linear_activation" in graph.code
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(graph(x, torch.randn(3, 5), torch.zeros(3)).shape, torch.Size([6, 3]))
+    with pytest.raises(RuntimeError, match=r"^linear_relu: weight has \w+ columns but input has \w+ features"):
+        make_fx(layer, tracing_mode="symbolic")(torch.randn(4, 5), torch.randn(3, 7), torch.randn(3))
+    mlp = make_fx(lambda x, w0, w1: ops.mlp(x, [w0, w1], [], "relu", 0.0, 0), tracing_mode="symbolic")
+    assert "handgrad.mlp" in mlp(torch.randn(4, 5), torch.randn(6, 5), torch.randn(2, 6)).code
 
 
 def test_non_tensor_arguments_are_named():
@@ -149,3 +230,16 @@ def test_non_tensor_arguments_are_named():
         hf.relu([1.0])
     with pytest.raises(TypeError, match=r"^sigmoid\(\): argument 'input'"):
         hf.sigmoid(3.0)
+
+
+@pytest.mark.parametrize("case", ["mlp layer columns", "mlp bias shape", "mlp weight dtype"])
+def test_layer_by_layer_path_gives_the_ops_message(case):
+    # Forward-mode AD and torch.func run mlp layer by layer in Python; it checks the whole
+    # call first, with the op's check.
+    op, args = BAD_ARGUMENTS[case]
+    expected = _failure(op, args)
+    x, weights, biases, activation, slope, _ = args
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        assert _failure(hf.mlp, (dual, weights, biases, activation, slope)) == expected
+    assert _failure(torch.func.vmap(lambda row: hf.mlp(row, weights, biases, activation, slope)), (x,)) == expected

@@ -1,6 +1,5 @@
-// The kernels above the backends, in C++: each op's Autograd kernel is a
-// torch::autograd::Function (the pattern of torchvision's csrc/ops/autograd), and the fused
-// layers and networks have Autocast kernels (at the end).
+// The Autograd kernel of each op, in C++: a torch::autograd::Function (the pattern of
+// torchvision's csrc/ops/autograd).
 //
 // A forward runs the op below autograd and saves what the chapter's backward needs: h, Omega
 // and out for a fused layer, never f (except where out hides its sign). A backward calls the
@@ -10,7 +9,6 @@
 //
 // The C++ Function API has no forward-mode AD and no torch.func support: handgrad.functional
 // sends those calls to the Python Functions of handgrad.autograd instead.
-#include <ATen/autocast_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/linear.h>
 #include <c10/core/GradMode.h>
@@ -446,39 +444,6 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::Ten
                             output_activation);
 }
 
-// --- torch.autocast ---
-//
-// Inside an autocast region the fused layers and networks run in the autocast dtype, as
-// autocast runs nn.Linear (float64 and non-floating tensors stay as they are). The casts
-// are ordinary differentiable ops, so gradients reach the original tensors in their own
-// dtype. The standalone activations are left alone, as torch's are.
-
-template <c10::DeviceType device>
-at::Tensor linear_activation_autocast(const at::Tensor& input, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias,
-                                      c10::string_view activation, double negative_slope) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(
-      at::autocast::get_autocast_dispatch_key_from_device_type(device));
-  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
-  return ops::linear_activation(at::autocast::cached_cast(dtype, input, device),
-                                at::autocast::cached_cast(dtype, weight, device),
-                                at::autocast::cached_cast(dtype, bias, device), activation,
-                                negative_slope);
-}
-
-template <c10::DeviceType device>
-at::Tensor mlp_autocast(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-                        c10::string_view activation, double negative_slope,
-                        int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(
-      at::autocast::get_autocast_dispatch_key_from_device_type(device));
-  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
-  return ops::mlp(at::autocast::cached_cast(dtype, input, device),
-                  at::autocast::cached_cast(dtype, weights, device),
-                  at::autocast::cached_cast(dtype, biases, device), activation, negative_slope,
-                  checkpoint_every, output_activation);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(handgrad, Autograd, m) {
@@ -489,16 +454,6 @@ TORCH_LIBRARY_IMPL(handgrad, Autograd, m) {
   m.impl("bias_activation_backward", &bias_activation_backward_autograd);
   m.impl("linear_activation_backward", &linear_activation_backward_autograd);
   m.impl("mlp", &mlp_autograd);
-}
-
-TORCH_LIBRARY_IMPL(handgrad, AutocastCPU, m) {
-  m.impl("linear_activation", &linear_activation_autocast<c10::DeviceType::CPU>);
-  m.impl("mlp", &mlp_autocast<c10::DeviceType::CPU>);
-}
-
-TORCH_LIBRARY_IMPL(handgrad, AutocastCUDA, m) {
-  m.impl("linear_activation", &linear_activation_autocast<c10::DeviceType::CUDA>);
-  m.impl("mlp", &mlp_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace handgrad

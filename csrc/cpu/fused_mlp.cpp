@@ -513,7 +513,7 @@ at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
                          int64_t checkpoint_every, std::vector<at::Tensor>* saved) {
   const at::Tensor x = contiguous(input);
   const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
-  const Plan p = plan(leading_rows(input), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
+  const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
   at::DimVector out_sizes(input.sizes());
   out_sizes.back() = p.widths.back();
   at::Tensor out = at::empty(out_sizes, input.options());
@@ -540,7 +540,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_b
     const NetworkActivations& activations, int64_t checkpoint_every, std::array<bool, 3> needs) {
   const at::Tensor x = contiguous(input);
   const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
-  const Plan p = plan(leading_rows(input), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
+  const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
   const at::Tensor grad = contiguous(grad_output);
   const at::Tensor source = output_source.defined() ? contiguous(output_source) : at::Tensor();
   const std::vector<at::Tensor> stored = contiguous(saved);

@@ -137,8 +137,7 @@ at::Tensor dense_or_contiguous(const at::Tensor& t) {
 at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias,
                                  c10::string_view activation, double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_linear_arguments({"linear_", activation, ""}, input, weight, bias, negative_slope);
+  const Activation act = check_linear_activation(input, weight, bias, activation, negative_slope);
   const at::Tensor biases[1] = {bias.has_value() ? *bias : at::Tensor()};
   return cpu::fused_forward(input, weight, bias.has_value() ? at::TensorList(biases) : at::TensorList(),
                             {act, act, negative_slope}, 0, nullptr);
@@ -146,8 +145,7 @@ at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weig
 
 at::Tensor activation_cpu(const at::Tensor& input, c10::string_view activation,
                           double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_activation_arguments({"", activation, ""}, input, negative_slope);
+  const Activation act = check_activation(input, activation, negative_slope);
 
   const at::Tensor x = dense_or_contiguous(input);
   at::Tensor out = at::empty_like(x);  // x's strides: the same memory order
@@ -162,8 +160,7 @@ at::Tensor activation_cpu(const at::Tensor& input, c10::string_view activation,
 
 void activation_inplace_cpu(const at::Tensor& input, c10::string_view activation,
                             double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_activation_arguments({"", activation, "_"}, input, negative_slope);
+  const Activation act = check_activation(input, activation, negative_slope, /*inplace=*/true);
   if (!input.is_non_overlapping_and_dense()) {
     // A strided view: compute aside and copy back; copy_ refuses overlapping memory.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -181,8 +178,7 @@ void activation_inplace_cpu(const at::Tensor& input, c10::string_view activation
 
 at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tensor& saved,
                                    c10::string_view activation, double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_backward_arguments({"", activation, "_backward"}, grad_output, saved, negative_slope);
+  const Activation act = check_activation_backward(grad_output, saved, activation, negative_slope);
 
   // dl/df in saved's memory format; grad_output is copied only if its strides differ.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -203,11 +199,10 @@ at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tens
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
     double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_bias_backward_arguments({"bias_", activation, "_backward"}, grad_output, saved,
-                                negative_slope);
+  const Activation act =
+      check_bias_activation_backward(grad_output, saved, activation, negative_slope);
 
-  const int64_t rows = leading_rows(saved), cols = saved.size(-1);
+  const int64_t rows = leading_rows(saved.sizes()), cols = saved.size(-1);
   const at::Tensor grad = grad_output.contiguous(), saved_contiguous = saved.contiguous();
   at::Tensor grad_pre = at::empty(saved.sizes(), saved.options());
   at::Tensor grad_bias = at::empty({cols}, saved.options());
@@ -228,9 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, c10::string_view activation, double negative_slope,
     std::array<bool, 3> output_mask) {
-  const Activation act = parse_activation(activation);
-  check_linear_backward_arguments({"linear_", activation, "_backward"}, grad_output, input,
-                                  weight, saved, negative_slope);
+  const Activation act = check_linear_activation_backward(grad_output, input, weight, saved,
+                                                          activation, negative_slope);
   auto [grad_input, grad_weights, grad_biases] =
       cpu::fused_backward(grad_output, input, weight, {}, {}, saved, {act, act, negative_slope},
                           0, output_mask);

@@ -296,7 +296,7 @@ at::Tensor dense_or_contiguous(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> activation_backward_matrix(
     const at::Tensor& grad_output, const at::Tensor& saved, Activation act,
     double negative_slope, bool need_bias) {
-  const int64_t rows = leading_rows(saved), cols = saved.size(-1);
+  const int64_t rows = leading_rows(saved.sizes()), cols = saved.size(-1);
   const at::Tensor grad = grad_output.reshape({rows, cols});  // a view where it can be
   const at::Tensor saved_rows = saved.reshape({rows, cols}).contiguous();
   at::Tensor grad_pre = at::empty({rows, cols}, saved.options());
@@ -315,15 +315,14 @@ std::tuple<at::Tensor, at::Tensor> activation_backward_matrix(
 at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias,
                                   c10::string_view activation, double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_linear_arguments({"linear_", activation, ""}, input, weight, bias, negative_slope);
+  const Activation act = check_linear_activation(input, weight, bias, activation, negative_slope);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
-  const int64_t rows = leading_rows(input);
+  const int64_t rows = leading_rows(input.sizes());
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
   // The output in its final shape, never a view of a buffer; cuBLAS fills a 2-D view.
-  at::Tensor out = at::empty(linear_output_sizes(input, weight), input.options());
+  at::Tensor out = at::empty(linear_output_sizes(input.sizes(), weight.size(0)), input.options());
   at::Tensor out_rows = out.view({rows, out_features});
   const at::Tensor x = input.reshape({rows, in_features});
   // f = beta + h Omega^T by cuBLAS, the bias added inside the product (one rounding, as
@@ -351,8 +350,7 @@ at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& wei
 
 at::Tensor activation_cuda(const at::Tensor& input, c10::string_view activation,
                            double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_activation_arguments({"", activation, ""}, input, negative_slope);
+  const Activation act = check_activation(input, activation, negative_slope);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::Tensor x = dense_or_contiguous(input);
   at::Tensor out = at::empty_like(x);  // x's strides: the same memory order
@@ -366,8 +364,7 @@ at::Tensor activation_cuda(const at::Tensor& input, c10::string_view activation,
 
 void activation_inplace_cuda(const at::Tensor& input, c10::string_view activation,
                              double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_activation_arguments({"", activation, "_"}, input, negative_slope);
+  const Activation act = check_activation(input, activation, negative_slope, /*inplace=*/true);
   const c10::cuda::CUDAGuard device_guard(input.device());
   if (!input.is_non_overlapping_and_dense()) {
     // A strided view: compute aside and copy back; copy_ refuses overlapping memory.
@@ -385,8 +382,7 @@ void activation_inplace_cuda(const at::Tensor& input, c10::string_view activatio
 
 at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Tensor& saved,
                                     c10::string_view activation, double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_backward_arguments({"", activation, "_backward"}, grad_output, saved, negative_slope);
+  const Activation act = check_activation_backward(grad_output, saved, activation, negative_slope);
   const c10::cuda::CUDAGuard device_guard(saved.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor s = dense_or_contiguous(saved);
@@ -410,9 +406,8 @@ at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Ten
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
     double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_bias_backward_arguments({"bias_", activation, "_backward"}, grad_output, saved,
-                                negative_slope);
+  const Activation act =
+      check_bias_activation_backward(grad_output, saved, activation, negative_slope);
   const c10::cuda::CUDAGuard device_guard(saved.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto [grad_pre, grad_bias] = activation_backward_matrix(grad_output, saved, act, negative_slope, true);
@@ -423,16 +418,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, c10::string_view activation, double negative_slope,
     std::array<bool, 3> output_mask) {
-  const Activation act = parse_activation(activation);
-  check_linear_backward_arguments({"linear_", activation, "_backward"}, grad_output, input,
-                                  weight, saved, negative_slope);
+  const Activation act = check_linear_activation_backward(grad_output, input, weight, saved,
+                                                          activation, negative_slope);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const auto [need_input, need_weight, need_bias] = output_mask;
   auto [grad_pre, grad_bias] =
       activation_backward_matrix(grad_output, saved, act, negative_slope, need_bias);
-  const int64_t rows = leading_rows(input);
+  const int64_t rows = leading_rows(input.sizes());
   at::Tensor grad_input, grad_weight;
   if (need_input) grad_input = at::mm(grad_pre, weight).view(input.sizes());  // (7.6)
   if (need_weight) grad_weight = at::mm(grad_pre.t(), input.reshape({rows, weight.size(1)}));  // (7.9)

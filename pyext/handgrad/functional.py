@@ -179,6 +179,15 @@ def check_checkpoint_every(checkpoint_every):
     return checkpoint_every
 
 
+def check_activation(activation):
+    """Return activation, or raise the ops' error (csrc/checks.h) if it is not one of the
+    activations: for arguments checked before any tensor exists (handgrad.nn.MLP)."""
+    if activation not in _LINEAR_FUNCTIONS:
+        raise ValueError(f"handgrad: unknown activation '{activation}'; "
+                         "expected 'relu', 'leaky_relu' or 'sigmoid'")
+    return activation
+
+
 def check_output_activation(output_activation):
     """Return output_activation, or raise if it is not None or one of the activations."""
     if output_activation is not None and output_activation not in _LINEAR_FUNCTIONS:
@@ -214,9 +223,8 @@ def _mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
     """mlp() with its arguments checked already (handgrad.nn.MLP checks them once)."""
     ops = _op_namespace()
     if ops is None:  # layer by layer, through the per-layer Python Functions
-        if activation not in _LINEAR_FUNCTIONS:
-            raise ValueError(f"handgrad: unknown activation '{activation}'; "
-                             "expected 'relu', 'leaky_relu' or 'sigmoid'")
+        _C.check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+                     output_activation)  # the op's own check, and its messages
         layer_biases = biases if biases else [None] * len(weights)
         h = input
         for weight, bias in zip(weights[:-1], layer_biases[:-1]):

@@ -140,10 +140,8 @@ class MLP(nn.Module):
         super().__init__()
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least the input and output sizes, got {sizes}")
-        if activation not in _FUSED_LAYERS:
-            raise ValueError(f"activation must be one of {sorted(_FUSED_LAYERS)}, got {activation!r}")
         F.check_checkpoint_every(checkpoint_every)
-        self.activation = activation
+        self.activation = F.check_activation(activation)
         self.negative_slope = F.check_negative_slope(negative_slope)
         self.output_activation = F.check_output_activation(output_activation)
         extra = {"negative_slope": self.negative_slope} if activation == "leaky_relu" else {}

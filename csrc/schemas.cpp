@@ -1,0 +1,59 @@
+// Every handgrad op schema, in one place.
+//
+// Kernels are registered per dispatch key in their own files: csrc/cpu and csrc/cuda (the
+// backends), csrc/mlp.cpp (the whole network, on every backend), csrc/autograd (the C++
+// autograd kernels), csrc/autocast.cpp, csrc/layout.cpp (non-strided tensors); fake kernels
+// live in pyext/handgrad/_fake.py. The `activation` argument is one of "relu",
+// "leaky_relu", "sigmoid"; `negative_slope` is used by leaky_relu only.
+#include <torch/library.h>
+
+TORCH_LIBRARY(handgrad, m) {
+  // out = a[beta + Omega h] for input h of shape (*, in_features).
+  m.def(
+      "linear_activation(Tensor input, Tensor weight, Tensor? bias, str activation, "
+      "float negative_slope=0.01) -> Tensor");
+  // out = a[input], elementwise, in input's memory format.
+  m.def("activation(Tensor input, str activation, float negative_slope=0.01) -> Tensor");
+  // input = a[input], in place (nn.ReLU(inplace=True)). It returns nothing, so that
+  // torch.compile can functionalize it; handgrad.functional returns `input`.
+  m.def("activation_(Tensor(a!) input, str activation, float negative_slope=0.01) -> ()");
+  // dl/df = grad_output * a'[f], with a' read off `saved`: the activation's output, or its
+  // input for leaky_relu with negative_slope < 0 (see csrc/activation.h).
+  m.def(
+      "activation_backward(Tensor grad_output, Tensor saved, str activation, "
+      "float negative_slope=0.01) -> Tensor");
+  // The same dl/df, and dl/dbeta = its sum over all leading dimensions, in one pass.
+  m.def(
+      "bias_activation_backward(Tensor grad_output, Tensor saved, str activation, "
+      "float negative_slope=0.01) -> (Tensor grad_preactivation, Tensor grad_bias)");
+  // The whole backward of linear_activation, for when it need not itself be differentiable:
+  // dl/dh (7.6), dl/dOmega (7.9) and dl/dbeta, each only where output_mask asks for it.
+  m.def(
+      "linear_activation_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor saved, str activation, float negative_slope, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // A whole network, the chapter's backpropagation algorithm (section 7.4) as one op: hidden
+  // layers h_{l+1} = a[beta_l + Omega_l h_l], then the output layer, linear or followed by
+  // output_activation. weights lists the layers in order, the output layer last; biases one
+  // per layer, or none (an empty list) for a network without biases. With
+  // checkpoint_every = k > 0 the backward keeps every k-th hidden output only and recomputes
+  // the rest (problem 7.11).
+  m.def(
+      "mlp(Tensor input, Tensor[] weights, Tensor[] biases, str activation, "
+      "float negative_slope=0.01, int checkpoint_every=0, str? output_activation=None) -> Tensor");
+  // The forward pass that stores what the backward needs: the hidden layers' outputs (every
+  // k-th one with checkpointing), as (rows, features) matrices; never f.
+  m.def(
+      "mlp_forward(Tensor input, Tensor[] weights, Tensor[] biases, str activation, "
+      "float negative_slope, int checkpoint_every, str? output_activation=None) "
+      "-> (Tensor output, Tensor[] saved)");
+  // The backward pass, from the output layer down: dl/dOmega (7.9), dl/dbeta and dl/dh (7.6)
+  // through a' (7.7, 7.10); dl/d(input) only if input_requires_grad; grad_biases is empty
+  // for a network without biases.
+  m.def(
+      "mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
+      "Tensor[] saved, str activation, float negative_slope, int checkpoint_every, "
+      "bool input_requires_grad, str? output_activation=None) -> (Tensor grad_input, "
+      "Tensor[] grad_weights, Tensor[] grad_biases)");
+}

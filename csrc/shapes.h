@@ -1,0 +1,43 @@
+// Shapes shared by the kernels and the checks (csrc/checks.h).
+#pragma once
+
+#include <c10/util/ArrayRef.h>
+#include <c10/util/DimVector.h>
+#include <c10/util/SmallVector.h>
+#include <c10/util/accumulate.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace handgrad {
+
+// The shape of a linear layer's output (or of its gradient): the input's leading
+// dimensions, then out_features. T is int64_t, or c10::SymInt for the checks.
+template <typename T>
+c10::SmallVector<T, c10::kDimVectorStaticSize> linear_output_sizes(c10::ArrayRef<T> input_sizes,
+                                                                  const T& out_features) {
+  c10::SmallVector<T, c10::kDimVectorStaticSize> sizes(input_sizes.begin(), input_sizes.end());
+  sizes.back() = out_features;
+  return sizes;
+}
+
+// Rows of a (*, features) tensor seen as a matrix; works for zero sizes too.
+inline int64_t leading_rows(c10::IntArrayRef sizes) {
+  return c10::multiply_integers(sizes.begin(), sizes.end() - 1);
+}
+
+// Whether the whole-network forward stores h_made, the output of hidden layer made - 1, for
+// the backward: every one, or with checkpoint_every = k > 0 every k-th below the last.
+inline bool is_stored_output(size_t made, size_t hidden, int64_t checkpoint_every) {
+  return checkpoint_every == 0 ||
+         (made % static_cast<size_t>(checkpoint_every) == 0 && made < hidden);
+}
+
+// How many hidden outputs the whole-network forward stores.
+inline size_t stored_output_count(size_t hidden, int64_t checkpoint_every) {
+  size_t count = 0;
+  for (size_t made = 1; made <= hidden; ++made) count += is_stored_output(made, hidden, checkpoint_every);
+  return count;
+}
+
+}  // namespace handgrad
