@@ -89,6 +89,14 @@ C10_HOST_DEVICE inline V activation_backward_from_preactivation(V grad, V f, V n
   }
 }
 
+// Double backward: d/d(out) of the sigmoid's a' = out (1 - out), which is 1 - 2 out.
+// (ReLU's and LeakyReLU's a' are constant wherever they are differentiable: a'' = 0.) V is
+// also at::Tensor here, for the autograd kernels and, through handgrad._C, the Python ones.
+template <typename V>
+inline V sigmoid_derivative_by_output(const V& out) {
+  return 1 - 2 * out;
+}
+
 // Whether a' cannot be read off the output: leaky_relu with a negative slope gives
 // out >= 0 on both sides of f = 0, so its backward needs f itself.
 inline bool output_hides_sign(Activation activation, double negative_slope) {

@@ -79,11 +79,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
 
 // --- Other devices: the per-layer ops ---
 
-// The input as a (rows, in_features) matrix; every layer works on such matrices.
-at::Tensor input_rows(const at::Tensor& input) {
-  return input.dim() == 2 ? input : input.reshape({leading_rows(input.sizes()), input.size(-1)});
-}
-
 // The output, (rows, out_features), in the input's leading shape.
 at::Tensor output_shaped(const at::Tensor& out, const at::Tensor& input) {
   if (input.dim() == 2) return out;
@@ -96,13 +91,15 @@ std::optional<at::Tensor> bias_of(at::TensorList biases, size_t l) {
   return biases.empty() ? std::nullopt : std::optional<at::Tensor>(biases[l]);
 }
 
-// h_{l+1} = a[beta_l + Omega_l h_l] for the hidden layers first to last - 1.
+// h_{l+1} = a[beta_l + Omega_l h_l] for the hidden layers first to last - 1; each h_made
+// for which keep(made) holds is appended to outputs.
+template <typename Keep>
 at::Tensor run_hidden(at::Tensor h, at::TensorList weights, at::TensorList biases, size_t first,
                       size_t last, c10::string_view activation, double negative_slope,
-                      std::vector<at::Tensor>* outputs) {
+                      const Keep& keep, std::vector<at::Tensor>& outputs) {
   for (size_t l = first; l < last; ++l) {
     h = ops::linear_activation(h, weights[l], bias_of(biases, l), activation, negative_slope);
-    if (outputs != nullptr) outputs->push_back(h);
+    if (keep(l + 1)) outputs.push_back(h);
   }
   return h;
 }
@@ -126,8 +123,9 @@ at::Tensor mlp_per_layer(const at::Tensor& input, at::TensorList weights, at::Te
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
   // Nothing is kept: each layer's output is freed once the next has used it.
-  const at::Tensor h = run_hidden(input_rows(input), weights, biases, 0, hidden, activation,
-                                  negative_slope, nullptr);
+  std::vector<at::Tensor> none;
+  const at::Tensor h = run_hidden(as_matrix(input), weights, biases, 0, hidden, activation,
+                                  negative_slope, [](size_t) { return false; }, none);
   return output_shaped(output_layer(h, weights, biases, negative_slope, output_activation), input);
 }
 
@@ -140,20 +138,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_per_layer(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
   std::vector<at::Tensor> saved;  // h_1 ... h_L, or with checkpointing h_k, h_2k, ... < h_L
-  at::Tensor h = input_rows(input);
-  for (size_t l = 0; l < hidden; ++l) {
-    h = ops::linear_activation(h, weights[l], bias_of(biases, l), activation, negative_slope);
-    const size_t made = l + 1;  // h is h_made
-    if (is_stored_output(made, hidden, checkpoint_every)) saved.push_back(h);
-  }
+  const at::Tensor h = run_hidden(
+      as_matrix(input), weights, biases, 0, hidden, activation, negative_slope,
+      [&](size_t made) { return is_stored_output(made, hidden, checkpoint_every); }, saved);
   return {output_shaped(output_layer(h, weights, biases, negative_slope, output_activation), input),
           saved};
-}
-
-// dl/df where a' is read off f itself: f = beta + Omega h recomputed (slope 1 gives f).
-at::Tensor preactivation(const at::Tensor& h, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias) {
-  return ops::linear_activation(h, weight, bias, "leaky_relu", 1.0);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_per_layer(
@@ -169,7 +158,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   const bool has_bias = !biases.empty();
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the recomputation is not recorded
 
-  const at::Tensor x = input_rows(input);
+  const at::Tensor x = as_matrix(input);
   std::vector<at::Tensor> grad_weights(layers), grad_biases(has_bias ? layers : 0);
   // g = dl/d(out) of the output layer, as a (rows, out_features) matrix.
   at::Tensor g = grad_output.reshape({x.size(0), weights[hidden].size(0)});
@@ -182,7 +171,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       const auto bias = bias_of(biases, hidden);
       const at::Tensor source = *output_activation == "sigmoid"
           ? ops::linear_activation(h_last, weights[hidden], bias, "sigmoid", negative_slope)
-          : preactivation(h_last, weights[hidden], bias);
+          : ops::preactivation(h_last, weights[hidden], bias);
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[hidden], grad_bias) = ops::linear_activation_backward(
           g, h_last, weights[hidden], source, *output_activation, negative_slope,
@@ -201,7 +190,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     const at::Tensor stretch_input = first == 0 ? x : saved[s - 1];
     std::vector<at::Tensor> outputs;  // h_{first+1} ... h_last
     if (checkpoint_every > 0) {
-      run_hidden(stretch_input, weights, biases, first, last, activation, negative_slope, &outputs);
+      run_hidden(stretch_input, weights, biases, first, last, activation, negative_slope,
+                 [](size_t) { return true; }, outputs);
     } else {
       outputs.assign(saved.begin() + first, saved.begin() + last);
     }
@@ -212,7 +202,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       // its sign), dl/dbeta_l, dl/dOmega_l (7.9) and dl/dh_l (7.6).
       const at::Tensor& h = l == first ? stretch_input : outputs[l - first - 1];
       const at::Tensor sign_source = output_hides_sign(act, negative_slope)
-          ? preactivation(h, weights[l], bias_of(biases, l))
+          ? ops::preactivation(h, weights[l], bias_of(biases, l))
           : outputs[l - first];
       const bool need_input = l > 0 || input_requires_grad;
       at::Tensor grad_h, grad_bias;

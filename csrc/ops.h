@@ -107,4 +107,11 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> 
                      checkpoint_every, input_requires_grad, output_activation);
 }
 
+// f = beta + Omega h, by the fused layer with the identity for an activation (leaky_relu of
+// slope 1): for the backward where a' must be read off f itself (csrc/activation.h).
+inline at::Tensor preactivation(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias) {
+  return linear_activation(input, weight, bias, "leaky_relu", 1.0);
+}
+
 }  // namespace handgrad::ops

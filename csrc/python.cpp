@@ -1,3 +1,4 @@
+#include <ATen/TensorOperators.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
@@ -5,6 +6,7 @@
 
 #include "checks.h"
 #include "ops.h"
+#include "shapes.h"
 
 // The Python module handgrad._C. Loading it registers the ops (the static initializers of
 // every file in this library). It offers the fast way in from Python to four of them, and
@@ -66,6 +68,13 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("biases"), pybind11::arg("activation"), pybind11::arg("negative_slope"),
         pybind11::arg("checkpoint_every"), pybind11::arg("output_activation"));
 
+  // For the Python Functions (handgrad.autograd), the pieces the C++ autograd kernels use,
+  // so that each is written once.
+  m.def("sigmoid_derivative_by_output", &handgrad::sigmoid_derivative_by_output<at::Tensor>,
+        "1 - 2 out: d/d(out) of the sigmoid's a' = out (1 - out)", pybind11::arg("out"));
+  m.def("preactivation", &handgrad::ops::preactivation, "f = beta + Omega h",
+        pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("bias"));
+  m.def("as_matrix", &handgrad::as_matrix, "(*, n) as a (rows, n) matrix", pybind11::arg("t"));
   // The fake kernels' checks: each op's, as its C++ kernels make it.
   m.def("check_linear_activation", without_result(&handgrad::check_linear_activation));
   m.def("check_activation", without_result(&handgrad::check_activation));

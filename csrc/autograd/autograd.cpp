@@ -9,6 +9,7 @@
 //
 // The C++ Function API has no forward-mode AD and no torch.func support: handgrad.functional
 // sends those calls to the Python Functions of handgrad.autograd instead.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/linear.h>
 #include <c10/core/GradMode.h>
@@ -77,11 +78,6 @@ variable_list no_gradients(size_t count) {
   return variable_list(count);
 }
 
-// (*, n) as a (rows, n) matrix, zero sizes included.
-at::Tensor as_matrix(const at::Tensor& t) {
-  return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2);
-}
-
 // --- The fused layer: out = a[beta + Omega h] ---
 
 class LinearActivationFunction : public torch::autograd::Function<LinearActivationFunction> {
@@ -112,12 +108,12 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     const bool need_bias = has_bias && ctx->needs_input_grad(2);
     const Variable& grad_output = grad_outputs[0];
 
-    // a' is read off out, or off f recomputed (slope 1 gives f itself) where out hides its sign.
+    // a' is read off out, or off f recomputed where out hides its sign.
     Variable sign_source = out;
     if (output_hides_sign(act, negative_slope)) {
       c10::NoGradGuard no_grad;
       const auto saved_bias = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-      sign_source = ops::linear_activation(input, weight, saved_bias, "leaky_relu", 1.0);
+      sign_source = ops::preactivation(input, weight, saved_bias);
     }
     Variable grad_input, grad_weight, grad_bias;
     if (!c10::GradMode::is_enabled()) {
@@ -244,9 +240,9 @@ variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable&
     grad_grad_output = ops::activation_backward(grad_grad_pre, saved_output, a.name, a.negative_slope);
   }
   if (ctx->needs_input_grad(1) && a.activation == Activation::Sigmoid) {
-    // d/d(out) [out (1 - out)] = 1 - 2 out. ReLU and LeakyReLU have a'' = 0 almost
-    // everywhere, so nothing flows back through their saved tensor.
-    grad_saved = grad_grad_pre.mul(grad_output).mul(saved_output.mul(-2).add(1));
+    // ReLU and LeakyReLU have a'' = 0 almost everywhere, so nothing flows back through
+    // their saved tensor.
+    grad_saved = grad_grad_pre.mul(grad_output).mul(sigmoid_derivative_by_output(saved_output));
   }
   return {grad_grad_output, grad_saved, Variable(), Variable()};
 }

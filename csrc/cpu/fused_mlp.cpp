@@ -24,6 +24,7 @@
 // before the next layer reads them, as eager stores them.
 #include "fused_mlp.h"
 
+#include <ATen/ceil_div.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -125,9 +126,9 @@ Plan plan(int64_t rows, at::TensorList weights, int64_t element_size) {
   }
   const int64_t cap =
       std::clamp(kBlockBytes / (element_size * widest_pair), kMinBlockRows, kMaxBlockRows);
-  const int64_t blocks = at::divup(rows, cap);
-  p.block_size = rows == 0 ? 1 : at::divup(rows, std::max<int64_t>(blocks, 1));
-  p.blocks = rows == 0 ? 0 : at::divup(rows, p.block_size);
+  const int64_t blocks = at::ceil_div<int64_t>(rows, cap);
+  p.block_size = rows == 0 ? 1 : at::ceil_div<int64_t>(rows, std::max<int64_t>(blocks, 1));
+  p.blocks = rows == 0 ? 0 : at::ceil_div<int64_t>(rows, p.block_size);
   const int64_t by_memory = kSlotBytes / std::max<int64_t>(1, weight_elements * element_size);
   p.slots = p.blocks < kSlottedBlocks ? std::min<int64_t>(p.blocks, 1)
                                        : std::min({p.blocks, kMaxSlots, std::max<int64_t>(1, by_memory)});

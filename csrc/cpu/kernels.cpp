@@ -6,6 +6,7 @@
 // gradient together. Each loop runs the formulas of csrc/activation.h on
 // at::vec::Vectorized registers, in the accumulation type (bfloat16 and float16 are widened
 // to float), split across threads with at::parallel_for.
+#include <ATen/ceil_div.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
@@ -84,7 +85,7 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
   const Vec slope(negative_slope);
-  const int64_t num_blocks = std::max<int64_t>(1, at::divup(rows, kSumRows));
+  const int64_t num_blocks = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, kSumRows));
   std::vector<opmath_t> block_sums(num_blocks * cols, opmath_t(0));
   const int64_t grain_blocks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kSumRows * cols, 1));
 
@@ -121,14 +122,6 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
   // The blocks' sums added pairwise (csrc/cpu/vectorized.h), rounded once.
   cpu::add_pairwise(block_sums.data(), num_blocks, cols, cols);
   at::vec::convert(block_sums.data(), grad_bias, cols);
-}
-
-// A dense input as it is (whatever its memory format), anything else made contiguous in
-// its suggested memory format: the elementwise kernels then walk memory in order, and
-// empty_like gives the output the input's memory format (channels_last, transposed), as
-// eager's elementwise ops do.
-at::Tensor dense_or_contiguous(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous(t.suggest_memory_format());
 }
 
 // A fused layer is a network of one layer whose output layer has the activation: the fused

@@ -5,15 +5,11 @@
 // the formulas whatever the order of includes.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include "../activation.h"
-
-// The dtypes of every CPU kernel: float and double, and bfloat16 and float16 computed in float.
-#define HANDGRAD_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+#include "../dispatch.h"
 
 namespace at::vec {
 inline namespace CPU_CAPABILITY {

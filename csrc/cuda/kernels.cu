@@ -13,7 +13,7 @@
 // gradient is reduced in two passes over a partition of the rows that depends on the shape
 // alone, with pairwise sums and without atomics: accurate, and the same bit for bit on every
 // run.
-#include <ATen/Dispatch.h>
+#include <ATen/ceil_div.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/_addmm_activation.h>
@@ -33,6 +33,7 @@
 
 #include "../activation.h"
 #include "../checks.h"
+#include "../dispatch.h"
 
 namespace handgrad {
 namespace {
@@ -53,16 +54,9 @@ bool aligned(const void* pointer) {
   return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
 int64_t blocks_for(int64_t work_items) {
-  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work_items, kThreads), 1 << 20));
+  return std::max<int64_t>(1, std::min<int64_t>(at::ceil_div<int64_t>(work_items, kThreads), 1 << 20));
 }
-
-#define HANDGRAD_DISPATCH_CUDA_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // out = a[input] (BACKWARD false) or out = grad * a'(saved) (BACKWARD true), elementwise over
 // memory in order: packs of PACK elements, then a scalar tail. out may be input (in place).
@@ -228,11 +222,11 @@ BackwardGrid backward_grid(int64_t rows, int64_t packs_per_row) {
   grid.tx = 1;
   while (grid.tx < 32 && grid.tx < packs_per_row) grid.tx *= 2;  // no idle lanes on narrow rows
   grid.ty = kThreads / grid.tx;
-  grid.column_tiles = ceil_div(packs_per_row, grid.tx);
-  const int64_t most_chunks = std::max<int64_t>(1, ceil_div(rows, grid.ty));
-  const int64_t chunks = std::clamp<int64_t>(ceil_div(kTargetBlocks, grid.column_tiles), 1, most_chunks);
-  grid.rows_per_chunk = std::max<int64_t>(1, ceil_div(rows, chunks));
-  grid.chunks = std::max<int64_t>(1, ceil_div(rows, grid.rows_per_chunk));
+  grid.column_tiles = at::ceil_div<int64_t>(packs_per_row, grid.tx);
+  const int64_t most_chunks = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, grid.ty));
+  const int64_t chunks = std::clamp<int64_t>(at::ceil_div<int64_t>(kTargetBlocks, grid.column_tiles), 1, most_chunks);
+  grid.rows_per_chunk = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, chunks));
+  grid.chunks = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, grid.rows_per_chunk));
   return grid;
 }
 
@@ -278,18 +272,10 @@ void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& sav
   if (!packed && bias) launch(activation_backward_2d_kernel<scalar_t, A, 1, true>);
   if (!packed && !bias) launch(activation_backward_2d_kernel<scalar_t, A, 1, false>);
   if (bias) {
-    sum_chunks_kernel<scalar_t><<<ceil_div(cols, 32), dim3(32, kSumRows), 0, stream>>>(
+    sum_chunks_kernel<scalar_t><<<at::ceil_div<int64_t>(cols, 32), dim3(32, kSumRows), 0, stream>>>(
         partial_data, grad_bias.mutable_data_ptr<scalar_t>(), grid.chunks, cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-}
-
-// A dense input as it is (whatever its memory format), anything else made contiguous in
-// its suggested memory format: the elementwise kernels then walk memory in order, and
-// empty_like gives the output the input's memory format (channels_last, transposed), as
-// eager's elementwise ops do.
-at::Tensor dense_or_contiguous(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous(t.suggest_memory_format());
 }
 
 // dl/df of (rows, cols) views of grad_output and saved, and dl/dbeta if need_bias.
@@ -301,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> activation_backward_matrix(
   const at::Tensor saved_rows = saved.reshape({rows, cols}).contiguous();
   at::Tensor grad_pre = at::empty({rows, cols}, saved.options());
   at::Tensor grad_bias = need_bias ? at::empty({cols}, saved.options()) : at::Tensor();
-  HANDGRAD_DISPATCH_CUDA_TYPES(saved.scalar_type(), "activation_backward_cuda", [&] {
+  HANDGRAD_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "activation_backward_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
       launch_activation_backward_2d<scalar_t, decltype(tag)::value>(grad, saved_rows, grad_pre,
                                                                     grad_bias, negative_slope);
@@ -340,7 +326,7 @@ at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& wei
   } else {
     at::mm_out(out_rows, x, weight.t());
   }
-  HANDGRAD_DISPATCH_CUDA_TYPES(out.scalar_type(), "linear_activation_cuda", [&] {
+  HANDGRAD_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_activation_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
       launch_elementwise<scalar_t, decltype(tag)::value, false>(out, out, out, negative_slope);
     });
@@ -354,7 +340,7 @@ at::Tensor activation_cuda(const at::Tensor& input, c10::string_view activation,
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::Tensor x = dense_or_contiguous(input);
   at::Tensor out = at::empty_like(x);  // x's strides: the same memory order
-  HANDGRAD_DISPATCH_CUDA_TYPES(x.scalar_type(), "activation_cuda", [&] {
+  HANDGRAD_DISPATCH_FLOATING_TYPES(x.scalar_type(), "activation_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
       launch_elementwise<scalar_t, decltype(tag)::value, false>(out, x, x, negative_slope);
     });
@@ -373,7 +359,7 @@ void activation_inplace_cuda(const at::Tensor& input, c10::string_view activatio
     return;
   }
   at::Tensor data = input;
-  HANDGRAD_DISPATCH_CUDA_TYPES(input.scalar_type(), "activation_inplace_cuda", [&] {
+  HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "activation_inplace_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
       launch_elementwise<scalar_t, decltype(tag)::value, false>(data, data, data, negative_slope);
     });
@@ -395,7 +381,7 @@ at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Ten
   const at::Tensor grad =
       grad_output.strides() == s.strides() ? grad_output : at::empty_like(s).copy_(grad_output);
   at::Tensor grad_pre = at::empty_like(s);
-  HANDGRAD_DISPATCH_CUDA_TYPES(s.scalar_type(), "activation_backward_cuda", [&] {
+  HANDGRAD_DISPATCH_FLOATING_TYPES(s.scalar_type(), "activation_backward_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
       launch_elementwise<scalar_t, decltype(tag)::value, true>(grad_pre, grad, s, negative_slope);
     });

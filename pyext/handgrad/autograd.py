@@ -27,6 +27,8 @@ in the backward: one more matrix product, no extra memory.
 
 import torch
 
+from . import _C
+
 # The ops' default overloads: calling an overload directly skips the overload resolution
 # of torch.ops.handgrad.<name>(...), several microseconds a call.
 _linear_activation = torch.ops.handgrad.linear_activation.default
@@ -42,9 +44,11 @@ class _Function(torch.autograd.Function):
     generate_vmap_rule = True
 
 
-def _as_matrix(t):
-    """View a (*, n) tensor as a (rows, n) matrix, zero sizes included."""
-    return t.unsqueeze(0) if t.dim() == 1 else t.flatten(0, -2)
+# What the C++ autograd kernels use too, written once in csrc (shapes.h, activation.h, ops.h):
+# (*, n) as a (rows, n) matrix; the sigmoid's a'' by its output, 1 - 2 out; f = beta + Omega h.
+_as_matrix = _C.as_matrix
+_sigmoid_derivative_by_output = _C.sigmoid_derivative_by_output
+_preactivation = _C.preactivation
 
 
 def _output_hides_sign(activation, negative_slope):
@@ -52,12 +56,6 @@ def _output_hides_sign(activation, negative_slope):
 
 
 # --- dl/df = dl/d(out) * a'[f] as Functions of their own: a differentiable backward ---
-
-
-def _sigmoid_derivative_by_output(out):
-    """d/d(out) of the sigmoid's a' = out (1 - out): 1 - 2 out. (ReLU and LeakyReLU have
-    a'' = 0 almost everywhere, so nothing flows back through their saved tensor.)"""
-    return 1 - 2 * out
 
 
 def _grads_of_activation_backward(ctx, grad_grad_pre):
@@ -69,6 +67,7 @@ def _grads_of_activation_backward(ctx, grad_grad_pre):
             grad_grad_pre, saved, ctx.activation, ctx.negative_slope
         )
     if ctx.needs_input_grad[1] and ctx.activation == "sigmoid":
+        # ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through saved.
         grad_saved = grad_grad_pre * grad_output * _sigmoid_derivative_by_output(saved)
     return grad_grad_output, grad_saved, None, None
 
@@ -147,9 +146,9 @@ def _sign_source(ctx, input, weight, bias, output):
     """The tensor a'[f] is read off: out, or a recomputed f where out hides the sign."""
     if not _output_hides_sign(ctx.activation, ctx.negative_slope):
         return output
-    # slope 1 gives f itself; detached, as f only selects a' (a'' = 0), so no tangent either.
+    # Detached, as f only selects a' (a'' = 0), so no tangent either.
     bias = None if bias is None else bias.detach()
-    return _linear_activation(input.detach(), weight.detach(), bias, "leaky_relu", 1.0)
+    return _preactivation(input.detach(), weight.detach(), bias)
 
 
 class _LinearActivationFunction(_Function):
