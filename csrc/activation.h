@@ -57,9 +57,9 @@ C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
   }
 }
 
-// Backward: dl/df = dl/d(out) * a'[f], with a'[f] read off `saved`.
+// Backward: dl/df = dl/d(out) * a'[f], with a'[f] read off `out_or_f`.
 //
-// `saved` is the output out = a[f], except for LeakyReLU with a negative slope, where
+// `out_or_f` is the output out = a[f], except for LeakyReLU with a negative slope, where
 // the output no longer tells the sign of f and the caller passes f itself. For slopes
 // >= 0, out > 0 exactly when f > 0, so one sign test serves both.
 //
@@ -67,13 +67,13 @@ C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
 // Each branch selects rather than multiplies, so that a NaN gradient on the flat side of
 // ReLU gives 0, exactly as eager PyTorch does.
 template <Activation A, typename V>
-C10_HOST_DEVICE inline V activation_backward(V grad, V saved, V negative_slope) {
+C10_HOST_DEVICE inline V activation_backward(V grad, V out_or_f, V negative_slope) {
   if constexpr (A == Activation::ReLU) {
-    return where(saved <= V(0), V(0), grad);  // a' = I[out > 0]
+    return where(out_or_f <= V(0), V(0), grad);  // a' = I[out > 0]
   } else if constexpr (A == Activation::LeakyReLU) {
-    return where(saved > V(0), grad, grad * negative_slope);  // a' = I[out > 0] + alpha I[out <= 0]  (7.10)
+    return where(out_or_f > V(0), grad, grad * negative_slope);  // a' = I[out > 0] + alpha I[out <= 0]  (7.10)
   } else {
-    return grad * (V(1) - saved) * saved;  // a' = sig[f] (1 - sig[f]) = out (1 - out)  (7.7)
+    return grad * (V(1) - out_or_f) * out_or_f;  // a' = sig[f] (1 - sig[f]) = out (1 - out)  (7.7)
   }
 }
 

@@ -148,13 +148,13 @@ inline void check_layer(const OpName& op, const at::Tensor& input, const at::Ten
   if (bias.has_value()) check_bias(op, "bias", *bias, "weight", weight);
 }
 
-// The backward ops: the incoming gradient and the saved tensor match element for element.
-inline void check_gradient_and_saved(const OpName& op, const at::Tensor& grad_output,
-                                     const at::Tensor& saved) {
+// The backward ops: grad_output and out_or_f match element for element.
+inline void check_gradient_and_out_or_f(const OpName& op, const at::Tensor& grad_output,
+                                     const at::Tensor& out_or_f) {
   check_floating_dtype(op, "grad_output", grad_output);
-  check_same_dtype_and_device(op, "saved", saved, "grad_output", grad_output);
-  TORCH_CHECK(grad_output.sym_sizes() == saved.sym_sizes(), op, ": grad_output has shape ",
-              grad_output.sym_sizes(), " but saved has shape ", saved.sym_sizes());
+  check_same_dtype_and_device(op, "out_or_f", out_or_f, "grad_output", grad_output);
+  TORCH_CHECK(grad_output.sym_sizes() == out_or_f.sym_sizes(), op, ": grad_output has shape ",
+              grad_output.sym_sizes(), " but out_or_f has shape ", out_or_f.sym_sizes());
 }
 
 }  // namespace detail
@@ -183,39 +183,39 @@ inline Activation check_activation(const at::Tensor& input, c10::string_view act
 }
 
 inline Activation check_activation_backward(const at::Tensor& grad_output,
-                                            const at::Tensor& saved, c10::string_view activation,
+                                            const at::Tensor& out_or_f, c10::string_view activation,
                                             double negative_slope) {
   const Activation act = parse_activation(activation);
   const OpName op{"", activation, "_backward"};
   detail::check_negative_slope(op, negative_slope);
-  detail::check_gradient_and_saved(op, grad_output, saved);
+  detail::check_gradient_and_out_or_f(op, grad_output, out_or_f);
   return act;
 }
 
 inline Activation check_bias_activation_backward(const at::Tensor& grad_output,
-                                                 const at::Tensor& saved,
+                                                 const at::Tensor& out_or_f,
                                                  c10::string_view activation,
                                                  double negative_slope) {
   const Activation act = parse_activation(activation);
   const OpName op{"bias_", activation, "_backward"};
   detail::check_negative_slope(op, negative_slope);
-  detail::check_gradient_and_saved(op, grad_output, saved);
-  detail::check_has_features(op, "saved", saved, "out_features");
+  detail::check_gradient_and_out_or_f(op, grad_output, out_or_f);
+  detail::check_has_features(op, "out_or_f", out_or_f, "out_features");
   return act;
 }
 
 inline Activation check_linear_activation_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, c10::string_view activation, double negative_slope) {
+    const at::Tensor& out_or_f, c10::string_view activation, double negative_slope) {
   const Activation act = parse_activation(activation);
   const OpName op{"linear_", activation, "_backward"};
   detail::check_negative_slope(op, negative_slope);
-  detail::check_gradient_and_saved(op, grad_output, saved);
+  detail::check_gradient_and_out_or_f(op, grad_output, out_or_f);
   detail::check_layer(op, input, weight, std::nullopt, "grad_output", grad_output);
   const auto expected = linear_output_sizes(input.sym_sizes(), weight.sym_size(0));
-  TORCH_CHECK(saved.sym_sizes() == c10::SymIntArrayRef(expected), op, ": saved must have shape ",
+  TORCH_CHECK(out_or_f.sym_sizes() == c10::SymIntArrayRef(expected), op, ": out_or_f must have shape ",
               c10::SymIntArrayRef(expected),
-              " (input's leading dimensions, then out_features), got ", saved.sym_sizes());
+              " (input's leading dimensions, then out_features), got ", out_or_f.sym_sizes());
   return act;
 }
 
@@ -253,15 +253,15 @@ inline Activation check_mlp(const at::Tensor& input, at::TensorList weights,
 
 // mlp_backward: also what mlp_forward stored.
 inline Activation check_mlp_backward(const at::Tensor& input, at::TensorList weights,
-                                     at::TensorList biases, at::TensorList saved,
+                                     at::TensorList biases, at::TensorList hidden_outputs,
                                      c10::string_view activation, double negative_slope,
                                      int64_t checkpoint_every,
                                      std::optional<c10::string_view> output_activation) {
   const Activation act = check_mlp(input, weights, biases, activation, negative_slope,
                                    checkpoint_every, output_activation);
   const size_t hidden = weights.size() - 1;
-  TORCH_CHECK(saved.size() == stored_output_count(hidden, checkpoint_every),
-              "mlp_backward: saved has ", saved.size(),
+  TORCH_CHECK(hidden_outputs.size() == stored_output_count(hidden, checkpoint_every),
+              "mlp_backward: hidden_outputs has ", hidden_outputs.size(),
               " tensors, which is not what mlp_forward stores for ", hidden,
               " hidden layers with checkpoint_every=", checkpoint_every);
   return act;

@@ -58,21 +58,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
     OutputActivation output_activation) {
   check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
             output_activation);
-  std::vector<at::Tensor> saved;
+  std::vector<at::Tensor> hidden_outputs;
   at::Tensor out = cpu::fused_forward(
       input, weights, biases, network_activations(activation, negative_slope, output_activation),
-      checkpoint_every, &saved);
-  return {out, saved};
+      checkpoint_every, &hidden_outputs);
+  return {out, hidden_outputs};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
-    at::TensorList biases, at::TensorList saved, c10::string_view activation,
+    at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
     OutputActivation output_activation) {
-  check_mlp_backward(input, weights, biases, saved, activation, negative_slope, checkpoint_every,
+  check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope, checkpoint_every,
                      output_activation);
-  return cpu::fused_backward(grad_output, input, weights, biases, saved, at::Tensor(),
+  return cpu::fused_backward(grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
                              network_activations(activation, negative_slope, output_activation),
                              checkpoint_every, {input_requires_grad, true, !biases.empty()});
 }
@@ -137,20 +137,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_per_layer(
             output_activation);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
-  std::vector<at::Tensor> saved;  // h_1 ... h_L, or with checkpointing h_k, h_2k, ... < h_L
+  std::vector<at::Tensor> hidden_outputs;  // h_1 ... h_L, or with checkpointing h_k, h_2k, ... < h_L
   const at::Tensor h = run_hidden(
       as_matrix(input), weights, biases, 0, hidden, activation, negative_slope,
-      [&](size_t made) { return is_stored_output(made, hidden, checkpoint_every); }, saved);
+      [&](size_t made) { return is_stored_output(made, hidden, checkpoint_every); }, hidden_outputs);
   return {output_shaped(output_layer(h, weights, biases, negative_slope, output_activation), input),
-          saved};
+          hidden_outputs};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_per_layer(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
-    at::TensorList biases, at::TensorList saved, c10::string_view activation,
+    at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
     OutputActivation output_activation) {
-  const Activation act = check_mlp_backward(input, weights, biases, saved, activation,
+  const Activation act = check_mlp_backward(input, weights, biases, hidden_outputs, activation,
                                             negative_slope, checkpoint_every, output_activation);
   const size_t layers = weights.size(), hidden = layers - 1;
   const size_t stretch = checkpoint_every > 0 ? checkpoint_every : std::max<size_t>(hidden, 1);
@@ -187,13 +187,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   // The stretches of hidden layers, last first; without checkpointing, one stretch of all.
   for (size_t s = stretches; s-- > 0;) {
     const size_t first = s * stretch, last = std::min(hidden, first + stretch);
-    const at::Tensor stretch_input = first == 0 ? x : saved[s - 1];
+    const at::Tensor stretch_input = first == 0 ? x : hidden_outputs[s - 1];
     std::vector<at::Tensor> outputs;  // h_{first+1} ... h_last
     if (checkpoint_every > 0) {
       run_hidden(stretch_input, weights, biases, first, last, activation, negative_slope,
                  [](size_t) { return true; }, outputs);
     } else {
-      outputs.assign(saved.begin() + first, saved.begin() + last);
+      outputs.assign(hidden_outputs.begin() + first, hidden_outputs.begin() + last);
     }
     if (last == hidden) output_layer_backward(outputs.back(), /*need_input=*/true);
     for (size_t l = last; l-- > first;) {

@@ -45,31 +45,31 @@ inline void activation_(const at::Tensor& input, c10::string_view activation,
   handle.call(input, activation, negative_slope);
 }
 
-inline at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& saved,
+inline at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& out_or_f,
                                       c10::string_view activation, double negative_slope) {
   static const auto handle =
       op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>(
           "handgrad::activation_backward");
-  return handle.call(grad_output, saved, activation, negative_slope);
+  return handle.call(grad_output, out_or_f, activation, negative_slope);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> bias_activation_backward(
-    const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
+    const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
     double negative_slope) {
   static const auto handle = op<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, c10::string_view, double)>(
       "handgrad::bias_activation_backward");
-  return handle.call(grad_output, saved, activation, negative_slope);
+  return handle.call(grad_output, out_or_f, activation, negative_slope);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, c10::string_view activation, double negative_slope,
+    const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
     std::array<bool, 3> output_mask) {
   static const auto handle = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       c10::string_view, double, std::array<bool, 3>)>("handgrad::linear_activation_backward");
-  return handle.call(grad_output, input, weight, saved, activation, negative_slope, output_mask);
+  return handle.call(grad_output, input, weight, out_or_f, activation, negative_slope, output_mask);
 }
 
 inline at::Tensor mlp(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
@@ -95,7 +95,7 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(
 
 inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
-    at::TensorList biases, at::TensorList saved, c10::string_view activation,
+    at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
     std::optional<c10::string_view> output_activation) {
   static const auto handle =
@@ -103,7 +103,7 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> 
           const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
           c10::string_view, double, int64_t, bool, std::optional<c10::string_view>)>(
           "handgrad::mlp_backward");
-  return handle.call(grad_output, input, weights, biases, saved, activation, negative_slope,
+  return handle.call(grad_output, input, weights, biases, hidden_outputs, activation, negative_slope,
                      checkpoint_every, input_requires_grad, output_activation);
 }
 

@@ -92,10 +92,10 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("check_mlp_backward", [](const at::Tensor& input, const std::vector<at::Tensor>& weights,
                                  const std::vector<at::Tensor>& biases,
-                                 const std::vector<at::Tensor>& saved, c10::string_view activation,
+                                 const std::vector<at::Tensor>& hidden_outputs, c10::string_view activation,
                                  double negative_slope, int64_t checkpoint_every,
                                  std::optional<c10::string_view> output_activation) {
-    handgrad::check_mlp_backward(input, weights, biases, saved, activation, negative_slope,
+    handgrad::check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope,
                                  checkpoint_every, output_activation);
   });
 }

@@ -17,20 +17,20 @@ TORCH_LIBRARY(handgrad, m) {
   // input = a[input], in place (nn.ReLU(inplace=True)). It returns nothing, so that
   // torch.compile can functionalize it; handgrad.functional returns `input`.
   m.def("activation_(Tensor(a!) input, str activation, float negative_slope=0.01) -> ()");
-  // dl/df = grad_output * a'[f], with a' read off `saved`: the activation's output, or its
+  // dl/df = grad_output * a'[f], with a' read off `out_or_f`: the activation's output, or its
   // input for leaky_relu with negative_slope < 0 (see csrc/activation.h).
   m.def(
-      "activation_backward(Tensor grad_output, Tensor saved, str activation, "
+      "activation_backward(Tensor grad_output, Tensor out_or_f, str activation, "
       "float negative_slope=0.01) -> Tensor");
   // The same dl/df, and dl/dbeta = its sum over all leading dimensions, in one pass.
   m.def(
-      "bias_activation_backward(Tensor grad_output, Tensor saved, str activation, "
+      "bias_activation_backward(Tensor grad_output, Tensor out_or_f, str activation, "
       "float negative_slope=0.01) -> (Tensor grad_preactivation, Tensor grad_bias)");
   // The whole backward of linear_activation, for when it need not itself be differentiable:
   // dl/dh (7.6), dl/dOmega (7.9) and dl/dbeta, each only where output_mask asks for it.
   m.def(
       "linear_activation_backward(Tensor grad_output, Tensor input, Tensor weight, "
-      "Tensor saved, str activation, float negative_slope, bool[3] output_mask) "
+      "Tensor out_or_f, str activation, float negative_slope, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // A whole network, the chapter's backpropagation algorithm (section 7.4) as one op: hidden
@@ -47,13 +47,13 @@ TORCH_LIBRARY(handgrad, m) {
   m.def(
       "mlp_forward(Tensor input, Tensor[] weights, Tensor[] biases, str activation, "
       "float negative_slope, int checkpoint_every, str? output_activation=None) "
-      "-> (Tensor output, Tensor[] saved)");
+      "-> (Tensor output, Tensor[] hidden_outputs)");
   // The backward pass, from the output layer down: dl/dOmega (7.9), dl/dbeta and dl/dh (7.6)
   // through a' (7.7, 7.10); dl/d(input) only if input_requires_grad; grad_biases is empty
   // for a network without biases.
   m.def(
       "mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
-      "Tensor[] saved, str activation, float negative_slope, int checkpoint_every, "
+      "Tensor[] hidden_outputs, str activation, float negative_slope, int checkpoint_every, "
       "bool input_requires_grad, str? output_activation=None) -> (Tensor grad_input, "
       "Tensor[] grad_weights, Tensor[] grad_biases)");
 }

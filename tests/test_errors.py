@@ -120,9 +120,9 @@ def test_unknown_activation():
 
 
 def test_backward_ops_check_shapes():
-    with pytest.raises(RuntimeError, match=r"grad_output has shape \[2, 3\] but saved has shape \[3, 2\]"):
+    with pytest.raises(RuntimeError, match=r"grad_output has shape \[2, 3\] but out_or_f has shape \[3, 2\]"):
         ops.activation_backward(torch.randn(2, 3), torch.randn(3, 2), "relu", 0.0)
-    with pytest.raises(RuntimeError, match=r"saved has dtype torch.float64 but grad_output has dtype torch.float32"):
+    with pytest.raises(RuntimeError, match=r"out_or_f has dtype torch.float64 but grad_output has dtype torch.float32"):
         ops.bias_activation_backward(torch.randn(2, 3), torch.randn(2, 3).double(), "relu", 0.0)
 
 

@@ -32,26 +32,24 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
-// The activation (and a flag of the caller's) in one entry of the context, the slope in a
-// second only for leaky_relu: each entry costs a tiny layer measurable time.
-void save_activation(AutogradContext* ctx, Activation activation, double negative_slope,
-                     bool flag = false) {
-  ctx->saved_data["a"] = static_cast<int64_t>(activation) | (int64_t{flag} << 8);
-  if (activation == Activation::LeakyReLU) ctx->saved_data["s"] = negative_slope;
+// The activation in the context, and its slope only for leaky_relu: each entry costs a tiny
+// layer measurable time. Keys of at most 15 characters are stored without an allocation.
+void save_activation(AutogradContext* ctx, Activation activation, double negative_slope) {
+  ctx->saved_data["activation"] = static_cast<int64_t>(activation);
+  if (activation == Activation::LeakyReLU) ctx->saved_data["negative_slope"] = negative_slope;
 }
 
 struct SavedActivation {
   Activation activation;
   c10::string_view name;
   double negative_slope;
-  bool flag;
 };
 
 SavedActivation saved_activation(AutogradContext* ctx) {
-  const int64_t packed = ctx->saved_data["a"].toInt();
-  const auto activation = static_cast<Activation>(packed & 0xff);
-  const double slope = activation == Activation::LeakyReLU ? ctx->saved_data["s"].toDouble() : 0.0;
-  return {activation, activation_name(activation), slope, (packed >> 8) != 0};
+  const auto activation = static_cast<Activation>(ctx->saved_data["activation"].toInt());
+  const double slope = activation == Activation::LeakyReLU
+      ? ctx->saved_data["negative_slope"].toDouble() : 0.0;
+  return {activation, activation_name(activation), slope};
 }
 
 bool defined(const std::optional<at::Tensor>& t) {
@@ -92,7 +90,10 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
       out = ops::linear_activation(input, weight, bias, activation, negative_slope);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, act, negative_slope, /*flag=*/defined(bias));  // the bias has an edge
+    save_activation(ctx, act, negative_slope);
+    // Without a bias the Function has no input edge for it, so needs_input_grad(2) is not
+    // to be asked.
+    ctx->saved_data["has_bias"] = defined(bias);
     // The bias is needed only to recompute f where out hides its sign.
     const bool keep_bias = defined(bias) && output_hides_sign(act, negative_slope);
     ctx->save_for_backward({input, weight, keep_bias ? *bias : Variable(), out});
@@ -101,34 +102,35 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     if (!grad_outputs[0].defined()) return no_gradients(5);
-    const auto saved = ctx->get_saved_variables();
-    const Variable &input = saved[0], &weight = saved[1], &bias = saved[2], &out = saved[3];
-    const auto [act, activation, negative_slope, has_bias] = saved_activation(ctx);
+    const auto saved_vars = ctx->get_saved_variables();
+    const Variable &input = saved_vars[0], &weight = saved_vars[1], &bias = saved_vars[2],
+                   &out = saved_vars[3];
+    const auto [act, activation, negative_slope] = saved_activation(ctx);
     const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
-    const bool need_bias = has_bias && ctx->needs_input_grad(2);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     const Variable& grad_output = grad_outputs[0];
 
     // a' is read off out, or off f recomputed where out hides its sign.
-    Variable sign_source = out;
+    Variable out_or_f = out;
     if (output_hides_sign(act, negative_slope)) {
       c10::NoGradGuard no_grad;
       const auto saved_bias = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-      sign_source = ops::preactivation(input, weight, saved_bias);
+      out_or_f = ops::preactivation(input, weight, saved_bias);
     }
     Variable grad_input, grad_weight, grad_bias;
     if (!c10::GradMode::is_enabled()) {
       // A plain backward: the whole of it in one fused op.
       std::tie(grad_input, grad_weight, grad_bias) = ops::linear_activation_backward(
-          grad_output, input, weight, sign_source, activation, negative_slope,
+          grad_output, input, weight, out_or_f, activation, negative_slope,
           {need_input, need_weight, need_bias});
     } else {
       // create_graph: differentiable pieces, each with its own autograd.
       Variable grad_pre;
       if (need_bias) {
         std::tie(grad_pre, grad_bias) =
-            ops::bias_activation_backward(grad_output, sign_source, activation, negative_slope);
+            ops::bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
       } else {
-        grad_pre = ops::activation_backward(grad_output, sign_source, activation, negative_slope);
+        grad_pre = ops::activation_backward(grad_output, out_or_f, activation, negative_slope);
       }
       if (need_input) grad_input = grad_pre.matmul(weight);  // dl/dh = Omega^T dl/df (7.6)
       if (need_weight) grad_weight = as_matrix(grad_pre).t().mm(as_matrix(input));  // (7.9)
@@ -229,36 +231,35 @@ void activation_inplace_autograd(const at::Tensor& input, c10::string_view activ
 
 // --- The backward pieces, differentiable for double backward ---
 
-// Gradients of grad_pre = grad_output * a'(saved) with respect to grad_output and saved.
+// Gradients of grad_pre = grad_output * a'(out_or_f) with respect to grad_output and out_or_f.
 variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable& grad_grad_pre) {
   if (!grad_grad_pre.defined()) return no_gradients(4);
-  const auto saved = ctx->get_saved_variables();
-  const Variable &grad_output = saved[0], &saved_output = saved[1];
+  const auto saved_vars = ctx->get_saved_variables();
+  const Variable &grad_output = saved_vars[0], &out_or_f = saved_vars[1];
   const SavedActivation a = saved_activation(ctx);
-  Variable grad_grad_output, grad_saved;
+  Variable grad_grad_output, grad_out_or_f;
   if (ctx->needs_input_grad(0)) {
-    grad_grad_output = ops::activation_backward(grad_grad_pre, saved_output, a.name, a.negative_slope);
+    grad_grad_output = ops::activation_backward(grad_grad_pre, out_or_f, a.name, a.negative_slope);
   }
   if (ctx->needs_input_grad(1) && a.activation == Activation::Sigmoid) {
-    // ReLU and LeakyReLU have a'' = 0 almost everywhere, so nothing flows back through
-    // their saved tensor.
-    grad_saved = grad_grad_pre.mul(grad_output).mul(sigmoid_derivative_by_output(saved_output));
+    // ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through out_or_f.
+    grad_out_or_f = grad_grad_pre.mul(grad_output).mul(sigmoid_derivative_by_output(out_or_f));
   }
-  return {grad_grad_output, grad_saved, Variable(), Variable()};
+  return {grad_grad_output, grad_out_or_f, Variable(), Variable()};
 }
 
 class ActivationBackwardFunction : public torch::autograd::Function<ActivationBackwardFunction> {
  public:
-  static Variable forward(AutogradContext* ctx, const Variable& grad_output, const Variable& saved,
+  static Variable forward(AutogradContext* ctx, const Variable& grad_output, const Variable& out_or_f,
                           c10::string_view activation, double negative_slope) {
     at::Tensor grad_pre;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      grad_pre = ops::activation_backward(grad_output, saved, activation, negative_slope);
+      grad_pre = ops::activation_backward(grad_output, out_or_f, activation, negative_slope);
     }
     ctx->set_materialize_grads(false);
     save_activation(ctx, parse_activation(activation), negative_slope);
-    ctx->save_for_backward({grad_output, saved});
+    ctx->save_for_backward({grad_output, out_or_f});
     return grad_pre;
   }
 
@@ -267,30 +268,30 @@ class ActivationBackwardFunction : public torch::autograd::Function<ActivationBa
   }
 };
 
-at::Tensor activation_backward_autograd(const at::Tensor& grad_output, const at::Tensor& saved,
+at::Tensor activation_backward_autograd(const at::Tensor& grad_output, const at::Tensor& out_or_f,
                                         c10::string_view activation, double negative_slope) {
-  if (!needs_function({&grad_output, &saved})) {
+  if (!needs_function({&grad_output, &out_or_f})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::activation_backward(grad_output, saved, activation, negative_slope);
+    return ops::activation_backward(grad_output, out_or_f, activation, negative_slope);
   }
-  return ActivationBackwardFunction::apply(grad_output, saved, activation, negative_slope);
+  return ActivationBackwardFunction::apply(grad_output, out_or_f, activation, negative_slope);
 }
 
 class BiasActivationBackwardFunction
     : public torch::autograd::Function<BiasActivationBackwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Variable& grad_output,
-                               const Variable& saved, c10::string_view activation,
+                               const Variable& out_or_f, c10::string_view activation,
                                double negative_slope) {
     at::Tensor grad_pre, grad_bias;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(grad_pre, grad_bias) =
-          ops::bias_activation_backward(grad_output, saved, activation, negative_slope);
+          ops::bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
     }
     ctx->set_materialize_grads(false);
     save_activation(ctx, parse_activation(activation), negative_slope);
-    ctx->save_for_backward({grad_output, saved});
+    ctx->save_for_backward({grad_output, out_or_f});
     return {grad_pre, grad_bias};
   }
 
@@ -298,22 +299,22 @@ class BiasActivationBackwardFunction
     // grad_bias sums grad_pre over the rows, so its gradient reaches every row.
     const Variable &grad_grad_pre = grad_outputs[0], &grad_grad_bias = grad_outputs[1];
     if (!grad_grad_bias.defined()) return grads_of_activation_backward(ctx, grad_grad_pre);
-    const Variable saved = ctx->get_saved_variables()[1];  // a copy: the list is a temporary
+    const Variable out_or_f = ctx->get_saved_variables()[1];  // a copy: the list is a temporary
     return grads_of_activation_backward(
         ctx, grad_grad_pre.defined() ? grad_grad_pre.add(grad_grad_bias)
-                                     : grad_grad_bias.expand(saved.sizes()));
+                                     : grad_grad_bias.expand(out_or_f.sizes()));
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_autograd(
-    const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
+    const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
     double negative_slope) {
-  if (!needs_function({&grad_output, &saved})) {
+  if (!needs_function({&grad_output, &out_or_f})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::bias_activation_backward(grad_output, saved, activation, negative_slope);
+    return ops::bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
   }
   const variable_list grads =
-      BiasActivationBackwardFunction::apply(grad_output, saved, activation, negative_slope);
+      BiasActivationBackwardFunction::apply(grad_output, out_or_f, activation, negative_slope);
   return {grads[0], grads[1]};
 }
 
@@ -321,15 +322,15 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_autograd(
 // no derivative: a call that autograd would record is refused at once.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, c10::string_view activation, double negative_slope,
+    const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
     std::array<bool, 3> output_mask) {
   TORCH_CHECK(
-      !needs_function({&grad_output, &input, &weight, &saved}),
+      !needs_function({&grad_output, &input, &weight, &out_or_f}),
       "linear_", activation, "_backward: this fused backward is not differentiable and not for "
       "forward-mode AD; call it under torch.no_grad(), or differentiate linear_activation's "
       "backward with create_graph=True, which uses the differentiable backward ops");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return ops::linear_activation_backward(grad_output, input, weight, saved, activation,
+  return ops::linear_activation_backward(grad_output, input, weight, out_or_f, activation,
                                          negative_slope, output_mask);
 }
 
@@ -342,26 +343,25 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
                           double negative_slope, int64_t checkpoint_every,
                           std::optional<c10::string_view> output_activation) {
     at::Tensor out;
-    std::vector<at::Tensor> saved;
+    std::vector<at::Tensor> hidden_outputs;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out, saved) = ops::mlp_forward(input, weights, biases, activation, negative_slope,
+      std::tie(out, hidden_outputs) = ops::mlp_forward(input, weights, biases, activation, negative_slope,
                                               checkpoint_every, output_activation);
     }
     ctx->set_materialize_grads(false);
     save_activation(ctx, parse_activation(activation), negative_slope);
-    ctx->saved_data["s"] = negative_slope;  // the output activation may take it too
-    // Keys of at most 15 characters are stored without an allocation.
+    ctx->saved_data["negative_slope"] = negative_slope;  // the output activation may take it too
     ctx->saved_data["checkpoint"] = checkpoint_every;
     ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
     ctx->saved_data["has_bias"] = !biases.empty();
-    ctx->saved_data["output"] = output_activation.has_value()
+    ctx->saved_data["out_activation"] = output_activation.has_value()
         ? static_cast<int64_t>(parse_activation(*output_activation)) : int64_t{-1};
     // h, the parameters (a recomputation needs them) and the stored hidden outputs.
     variable_list to_save{input};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     to_save.insert(to_save.end(), biases.begin(), biases.end());
-    to_save.insert(to_save.end(), saved.begin(), saved.end());
+    to_save.insert(to_save.end(), hidden_outputs.begin(), hidden_outputs.end());
     ctx->save_for_backward(std::move(to_save));
     return out;
   }
@@ -372,17 +372,18 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     const size_t argument_count = 1 + layers + bias_count + 4;  // the lists flattened
     if (!grad_outputs[0].defined()) return no_gradients(argument_count);
     SavedActivation a = saved_activation(ctx);
-    a.negative_slope = ctx->saved_data["s"].toDouble();
+    a.negative_slope = ctx->saved_data["negative_slope"].toDouble();
     const int64_t checkpoint_every = ctx->saved_data["checkpoint"].toInt();
-    const int64_t output = ctx->saved_data["output"].toInt();
+    const int64_t output = ctx->saved_data["out_activation"].toInt();
     const std::optional<c10::string_view> output_activation =
         output < 0 ? std::nullopt
                    : std::optional<c10::string_view>(activation_name(static_cast<Activation>(output)));
-    const variable_list saved = ctx->get_saved_variables();
-    const Variable& input = saved[0];
-    const at::TensorList weights(saved.data() + 1, layers), biases(saved.data() + 1 + layers, bias_count);
+    const variable_list saved_vars = ctx->get_saved_variables();
+    const Variable& input = saved_vars[0];
+    const at::TensorList weights(saved_vars.data() + 1, layers);
+    const at::TensorList biases(saved_vars.data() + 1 + layers, bias_count);
     const size_t first_hidden = 1 + layers + bias_count;
-    const at::TensorList hidden(saved.data() + first_hidden, saved.size() - first_hidden);
+    const at::TensorList hidden(saved_vars.data() + first_hidden, saved_vars.size() - first_hidden);
     const bool need_input = ctx->needs_input_grad(0);
 
     variable_list grads;  // one per forward argument, the lists flattened

@@ -336,7 +336,7 @@ struct Gradients {
 template <typename scalar_t>
 void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t checkpoint_every,
                      const scalar_t* x, const Weights<at::opmath_type<scalar_t>>& w,
-                     const std::vector<const scalar_t*>& saved, const scalar_t* grad_output,
+                     const std::vector<const scalar_t*>& hidden_outputs, const scalar_t* grad_output,
                      const scalar_t* output_source, const Gradients<scalar_t>& grads) {
   using T = at::opmath_type<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, T>;
@@ -453,7 +453,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
           // The stretch's input: the network's, or stored (with checkpointing only).
           const int64_t d_first = p.widths[first];
           h[first] = as_accumulation_type<scalar_t, T>(
-              first == 0 ? x + row * d0 : saved[s - 1] + row * d_first, n, d_first, input_space);
+              first == 0 ? x + row * d0 : hidden_outputs[s - 1] + row * d_first, n, d_first, input_space);
           T* held = held_space;
           for (size_t j = first + 1; j <= last; ++j) {  // h[j], the output of hidden layer j - 1
             const int64_t d = p.widths[j];
@@ -463,7 +463,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
               round_to_dtype<scalar_t, T>(held, n * d);
               h[j] = {held, d};
             } else {
-              h[j] = as_accumulation_type<scalar_t, T>(saved[j - 1] + row * d, n, d, held);
+              h[j] = as_accumulation_type<scalar_t, T>(hidden_outputs[j - 1] + row * d, n, d, held);
             }
             held += n * d;
           }
@@ -511,7 +511,7 @@ std::vector<at::Tensor> contiguous(at::TensorList tensors) {
 
 at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
                          at::TensorList bias_list, const NetworkActivations& activations,
-                         int64_t checkpoint_every, std::vector<at::Tensor>* saved) {
+                         int64_t checkpoint_every, std::vector<at::Tensor>* hidden_outputs) {
   const at::Tensor x = contiguous(input);
   const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
   const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
@@ -521,11 +521,11 @@ at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
   HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad_fused_forward", [&] {
     using T = at::opmath_type<scalar_t>;
     std::vector<scalar_t*> stored(p.hidden(), nullptr);
-    if (saved != nullptr) {
+    if (hidden_outputs != nullptr) {
       for (size_t l = 0; l < p.hidden(); ++l) {
         if (!is_stored_output(l + 1, p.hidden(), checkpoint_every)) continue;
-        saved->push_back(at::empty({p.rows, p.widths[l + 1]}, input.options()));
-        stored[l] = saved->back().data_ptr<scalar_t>();
+        hidden_outputs->push_back(at::empty({p.rows, p.widths[l + 1]}, input.options()));
+        stored[l] = hidden_outputs->back().data_ptr<scalar_t>();
       }
     }
     const Weights<T> w = prepare<scalar_t, T>(weights, biases, /*natural=*/false, /*transposed=*/true);
@@ -537,14 +537,14 @@ at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_backward(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weight_list,
-    at::TensorList bias_list, at::TensorList saved, const at::Tensor& output_source,
+    at::TensorList bias_list, at::TensorList hidden_outputs, const at::Tensor& output_source,
     const NetworkActivations& activations, int64_t checkpoint_every, std::array<bool, 3> needs) {
   const at::Tensor x = contiguous(input);
   const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
   const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
   const at::Tensor grad = contiguous(grad_output);
   const at::Tensor source = output_source.defined() ? contiguous(output_source) : at::Tensor();
-  const std::vector<at::Tensor> stored = contiguous(saved);
+  const std::vector<at::Tensor> stored = contiguous(hidden_outputs);
   const auto [need_input, need_weights, need_biases] = needs;
 
   at::Tensor grad_input = need_input ? at::empty({p.rows, p.widths[0]}, input.options()) : at::Tensor();

@@ -57,13 +57,13 @@ void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel
 
 // grad_pre = grad * a'[f], elementwise over contiguous memory.
 template <typename scalar_t, Activation A>
-void activation_backward_flat(const scalar_t* grad, const scalar_t* saved, scalar_t* grad_pre,
+void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, scalar_t* grad_pre,
                               int64_t numel, double negative_slope) {
   using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
   const Vec slope(negative_slope);
   at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
     at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, slope); },
-                  grad_pre + begin, grad + begin, saved + begin, end - begin);
+                  grad_pre + begin, grad + begin, out_or_f + begin, end - begin);
   });
 }
 
@@ -79,7 +79,7 @@ constexpr int64_t kRunRows = 8, kSumRows = 64;
 // The blocks of kSumRows rows and the tree that adds their sums depend on the shape alone,
 // never on the thread count, so the bias gradient is the same bit for bit on every run.
 template <typename scalar_t, Activation A>
-void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
+void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_f,
                                    scalar_t* grad_pre, scalar_t* grad_bias, int64_t rows,
                                    int64_t cols, double negative_slope) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -99,7 +99,7 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* saved,
       for (int64_t i = block * kSumRows; i < row_end; ++i) {
         scalar_t* grad_pre_row = grad_pre + i * cols;
         at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, slope); },
-                      grad_pre_row, grad + i * cols, saved + i * cols, cols);
+                      grad_pre_row, grad + i * cols, out_or_f + i * cols, cols);
         const opmath_t* row = nullptr;
         if constexpr (std::is_same_v<scalar_t, opmath_t>) {
           row = grad_pre_row;
@@ -169,13 +169,13 @@ void activation_inplace_cpu(const at::Tensor& input, c10::string_view activation
   });
 }
 
-at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tensor& saved,
+at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tensor& out_or_f,
                                    c10::string_view activation, double negative_slope) {
-  const Activation act = check_activation_backward(grad_output, saved, activation, negative_slope);
+  const Activation act = check_activation_backward(grad_output, out_or_f, activation, negative_slope);
 
-  // dl/df in saved's memory format; grad_output is copied only if its strides differ.
+  // dl/df in out_or_f's memory format; grad_output is copied only if its strides differ.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor s = dense_or_contiguous(saved);
+  const at::Tensor s = dense_or_contiguous(out_or_f);
   const at::Tensor grad =
       grad_output.strides() == s.strides() ? grad_output : at::empty_like(s).copy_(grad_output);
   at::Tensor grad_pre = at::empty_like(s);
@@ -190,16 +190,16 @@ at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
+    const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
     double negative_slope) {
   const Activation act =
-      check_bias_activation_backward(grad_output, saved, activation, negative_slope);
+      check_bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
 
-  const int64_t rows = leading_rows(saved.sizes()), cols = saved.size(-1);
-  const at::Tensor grad = grad_output.contiguous(), saved_contiguous = saved.contiguous();
-  at::Tensor grad_pre = at::empty(saved.sizes(), saved.options());
-  at::Tensor grad_bias = at::empty({cols}, saved.options());
-  HANDGRAD_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "bias_activation_backward_cpu", [&] {
+  const int64_t rows = leading_rows(out_or_f.sizes()), cols = out_or_f.size(-1);
+  const at::Tensor grad = grad_output.contiguous(), saved_contiguous = out_or_f.contiguous();
+  at::Tensor grad_pre = at::empty(out_or_f.sizes(), out_or_f.options());
+  at::Tensor grad_bias = at::empty({cols}, out_or_f.options());
+  HANDGRAD_DISPATCH_FLOATING_TYPES(out_or_f.scalar_type(), "bias_activation_backward_cpu", [&] {
     dispatch_activation(act, [&](auto tag) {
       bias_activation_backward_rows<scalar_t, decltype(tag)::value>(
           grad.const_data_ptr<scalar_t>(), saved_contiguous.const_data_ptr<scalar_t>(),
@@ -211,15 +211,15 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cpu(
 }
 
 // dl/dh (7.6), dl/dOmega (7.9) and dl/dbeta of a fused layer, by the fused engine: a' read
-// off saved in cache, the weight gradient accumulated in a fixed order (deterministic).
+// off out_or_f in cache, the weight gradient accumulated in a fixed order (deterministic).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, c10::string_view activation, double negative_slope,
+    const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
     std::array<bool, 3> output_mask) {
-  const Activation act = check_linear_activation_backward(grad_output, input, weight, saved,
+  const Activation act = check_linear_activation_backward(grad_output, input, weight, out_or_f,
                                                           activation, negative_slope);
   auto [grad_input, grad_weights, grad_biases] =
-      cpu::fused_backward(grad_output, input, weight, {}, {}, saved, {act, act, negative_slope},
+      cpu::fused_backward(grad_output, input, weight, {}, {}, out_or_f, {act, act, negative_slope},
                           0, output_mask);
   return {grad_input, output_mask[1] ? grad_weights[0] : at::Tensor(),
           output_mask[2] ? grad_biases[0] : at::Tensor()};

@@ -58,7 +58,7 @@ int64_t blocks_for(int64_t work_items) {
   return std::max<int64_t>(1, std::min<int64_t>(at::ceil_div<int64_t>(work_items, kThreads), 1 << 20));
 }
 
-// out = a[input] (BACKWARD false) or out = grad * a'(saved) (BACKWARD true), elementwise over
+// out = a[input] (BACKWARD false) or out = grad * a'(out_or_f) (BACKWARD true), elementwise over
 // memory in order: packs of PACK elements, then a scalar tail. out may be input (in place).
 template <typename scalar_t, Activation A, bool BACKWARD, int PACK>
 __global__ void elementwise_kernel(scalar_t* out, const scalar_t* first, const scalar_t* second,
@@ -90,8 +90,8 @@ __global__ void elementwise_kernel(scalar_t* out, const scalar_t* first, const s
   }
 }
 
-// dl/df over a (rows, cols) matrix: grad_pre = grad * a'(saved), where grad may have any
-// strides (an expanded gradient is read in place, never copied) and saved and grad_pre are
+// dl/df over a (rows, cols) matrix: grad_pre = grad * a'(out_or_f), where grad may have any
+// strides (an expanded gradient is read in place, never copied) and out_or_f and grad_pre are
 // contiguous. With BIAS, also the column sums of each chunk of rows_per_chunk rows into
 // partial[chunk, :], in opmath: the sums of the rounded grad_pre, as eager's grad.sum(0).
 //
@@ -101,7 +101,7 @@ __global__ void elementwise_kernel(scalar_t* out, const scalar_t* first, const s
 template <typename scalar_t, Activation A, int PACK, bool BIAS>
 __global__ void activation_backward_2d_kernel(
     const scalar_t* grad, int64_t grad_row_stride, int64_t grad_col_stride,
-    const scalar_t* saved, scalar_t* grad_pre, at::opmath_type<scalar_t>* partial, int64_t rows,
+    const scalar_t* out_or_f, scalar_t* grad_pre, at::opmath_type<scalar_t>* partial, int64_t rows,
     int64_t cols, int64_t rows_per_chunk, at::opmath_type<scalar_t> slope) {
   using opmath_t = at::opmath_type<scalar_t>;
   using PackT = Pack<scalar_t, PACK>;
@@ -120,7 +120,7 @@ __global__ void activation_backward_2d_kernel(
       } else {
         g.value[0] = grad[row * grad_row_stride + col * grad_col_stride];
       }
-      const PackT s = *reinterpret_cast<const PackT*>(saved + i);
+      const PackT s = *reinterpret_cast<const PackT*>(out_or_f + i);
       PackT d;
 #pragma unroll
       for (int k = 0; k < PACK; ++k) {
@@ -230,14 +230,14 @@ BackwardGrid backward_grid(int64_t rows, int64_t packs_per_row) {
   return grid;
 }
 
-// grad_pre = grad * a'(saved) over (rows, cols) matrices, and grad_bias = its column sums
-// when grad_bias is defined. grad may have any strides; saved and grad_pre are contiguous.
+// grad_pre = grad * a'(out_or_f) over (rows, cols) matrices, and grad_bias = its column sums
+// when grad_bias is defined. grad may have any strides; out_or_f and grad_pre are contiguous.
 template <typename scalar_t, Activation A>
-void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& saved,
+void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& out_or_f,
                                    at::Tensor& grad_pre, at::Tensor& grad_bias,
                                    double negative_slope) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t rows = saved.size(0), cols = saved.size(1);
+  const int64_t rows = out_or_f.size(0), cols = out_or_f.size(1);
   const bool bias = grad_bias.defined();
   if (cols == 0) return;
   if (rows == 0) {
@@ -246,7 +246,7 @@ void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& sav
   }
   constexpr int P = kPack<scalar_t>;
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  const scalar_t* s = saved.const_data_ptr<scalar_t>();
+  const scalar_t* s = out_or_f.const_data_ptr<scalar_t>();
   scalar_t* d = grad_pre.mutable_data_ptr<scalar_t>();
   const int64_t row_stride = grad.stride(0), col_stride = grad.stride(1);
   const bool packed = cols % P == 0 && col_stride == 1 && row_stride % P == 0 && aligned(g) &&
@@ -255,7 +255,7 @@ void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& sav
   at::Tensor partial;
   opmath_t* partial_data = nullptr;
   if (bias) {
-    partial = at::empty({grid.chunks, cols}, saved.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+    partial = at::empty({grid.chunks, cols}, out_or_f.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
     partial_data = partial.mutable_data_ptr<opmath_t>();
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -278,16 +278,16 @@ void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& sav
   }
 }
 
-// dl/df of (rows, cols) views of grad_output and saved, and dl/dbeta if need_bias.
+// dl/df of (rows, cols) views of grad_output and out_or_f, and dl/dbeta if need_bias.
 std::tuple<at::Tensor, at::Tensor> activation_backward_matrix(
-    const at::Tensor& grad_output, const at::Tensor& saved, Activation act,
+    const at::Tensor& grad_output, const at::Tensor& out_or_f, Activation act,
     double negative_slope, bool need_bias) {
-  const int64_t rows = leading_rows(saved.sizes()), cols = saved.size(-1);
+  const int64_t rows = leading_rows(out_or_f.sizes()), cols = out_or_f.size(-1);
   const at::Tensor grad = grad_output.reshape({rows, cols});  // a view where it can be
-  const at::Tensor saved_rows = saved.reshape({rows, cols}).contiguous();
-  at::Tensor grad_pre = at::empty({rows, cols}, saved.options());
-  at::Tensor grad_bias = need_bias ? at::empty({cols}, saved.options()) : at::Tensor();
-  HANDGRAD_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "activation_backward_cuda", [&] {
+  const at::Tensor saved_rows = out_or_f.reshape({rows, cols}).contiguous();
+  at::Tensor grad_pre = at::empty({rows, cols}, out_or_f.options());
+  at::Tensor grad_bias = need_bias ? at::empty({cols}, out_or_f.options()) : at::Tensor();
+  HANDGRAD_DISPATCH_FLOATING_TYPES(out_or_f.scalar_type(), "activation_backward_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
       launch_activation_backward_2d<scalar_t, decltype(tag)::value>(grad, saved_rows, grad_pre,
                                                                     grad_bias, negative_slope);
@@ -366,18 +366,18 @@ void activation_inplace_cuda(const at::Tensor& input, c10::string_view activatio
   });
 }
 
-at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Tensor& saved,
+at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Tensor& out_or_f,
                                     c10::string_view activation, double negative_slope) {
-  const Activation act = check_activation_backward(grad_output, saved, activation, negative_slope);
-  const c10::cuda::CUDAGuard device_guard(saved.device());
+  const Activation act = check_activation_backward(grad_output, out_or_f, activation, negative_slope);
+  const c10::cuda::CUDAGuard device_guard(out_or_f.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor s = dense_or_contiguous(saved);
+  const at::Tensor s = dense_or_contiguous(out_or_f);
   if (s.is_contiguous() && s.dim() >= 1 && grad_output.strides() != s.strides()) {
     // A gradient with other strides (expanded, say) is read where it lies.
     auto [grad_pre, unused] = activation_backward_matrix(grad_output, s, act, negative_slope, false);
     return grad_pre.view(s.sizes());
   }
-  // dl/df in saved's memory format; grad_output is copied only if its strides differ.
+  // dl/df in out_or_f's memory format; grad_output is copied only if its strides differ.
   const at::Tensor grad =
       grad_output.strides() == s.strides() ? grad_output : at::empty_like(s).copy_(grad_output);
   at::Tensor grad_pre = at::empty_like(s);
@@ -390,28 +390,28 @@ at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& saved, c10::string_view activation,
+    const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
     double negative_slope) {
   const Activation act =
-      check_bias_activation_backward(grad_output, saved, activation, negative_slope);
-  const c10::cuda::CUDAGuard device_guard(saved.device());
+      check_bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
+  const c10::cuda::CUDAGuard device_guard(out_or_f.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto [grad_pre, grad_bias] = activation_backward_matrix(grad_output, saved, act, negative_slope, true);
-  return {grad_pre.view(saved.sizes()), grad_bias};
+  auto [grad_pre, grad_bias] = activation_backward_matrix(grad_output, out_or_f, act, negative_slope, true);
+  return {grad_pre.view(out_or_f.sizes()), grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, c10::string_view activation, double negative_slope,
+    const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
     std::array<bool, 3> output_mask) {
-  const Activation act = check_linear_activation_backward(grad_output, input, weight, saved,
+  const Activation act = check_linear_activation_backward(grad_output, input, weight, out_or_f,
                                                           activation, negative_slope);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const auto [need_input, need_weight, need_bias] = output_mask;
   auto [grad_pre, grad_bias] =
-      activation_backward_matrix(grad_output, saved, act, negative_slope, need_bias);
+      activation_backward_matrix(grad_output, out_or_f, act, negative_slope, need_bias);
   const int64_t rows = leading_rows(input.sizes());
   at::Tensor grad_input, grad_weight;
   if (need_input) grad_input = at::mm(grad_pre, weight).view(input.sizes());  // (7.6)

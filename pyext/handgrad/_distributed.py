@@ -45,15 +45,15 @@ def _activation_inplace_rule(input, *_):
     return [([], [R])] + [([], [Shard(d)]) for d in range(input.ndim)]
 
 
-def _activation_backward_rule(grad_output, saved, *_):
-    # grad_output * a'(saved): elementwise, and linear in grad_output.
-    rules = [([R], [R, R])] + [([Shard(d)], [Shard(d), Shard(d)]) for d in range(saved.ndim)]
+def _activation_backward_rule(grad_output, out_or_f, *_):
+    # grad_output * a'(out_or_f): elementwise, and linear in grad_output.
+    rules = [([R], [R, R])] + [([Shard(d)], [Shard(d), Shard(d)]) for d in range(out_or_f.ndim)]
     return rules + [([Partial()], [Partial(), R])]
 
 
-def _bias_activation_backward_rule(grad_output, saved, *_):
+def _bias_activation_backward_rule(grad_output, out_or_f, *_):
     # dl/df as above, and dl/dbeta its sum over every dimension but the last.
-    last = saved.ndim - 1
+    last = out_or_f.ndim - 1
     rules = [([R, R], [R, R]), ([Partial(), Partial()], [Partial(), R]),
              ([Shard(last), Shard(0)], [Shard(last), Shard(last)])]
     return rules + [([Shard(d), Partial()], [Shard(d), Shard(d)]) for d in range(last)]
@@ -68,9 +68,9 @@ def _linear_activation_rule(input, weight, bias, *_):
     return rules + [([Shard(d)], [Shard(d), R, _maybe(bias, R)]) for d in range(last)]
 
 
-def _linear_activation_backward_rule(grad_output, input, weight, saved, *_):
-    # (dl/dh, dl/dOmega, dl/dbeta) from (grad_output, h, Omega, saved). dl/df is computed
-    # whole wherever grad_output and saved are, and the two products are linear in it.
+def _linear_activation_backward_rule(grad_output, input, weight, out_or_f, *_):
+    # (dl/dh, dl/dOmega, dl/dbeta) from (grad_output, h, Omega, out_or_f). dl/df is computed
+    # whole wherever grad_output and out_or_f are, and the two products are linear in it.
     last = input.ndim - 1
     rules = [
         ([R, R, R], [R, R, R, R]),
@@ -140,23 +140,23 @@ def _mlp_forward_handler(op_call, args, kwargs):
     mesh, rows = input.device_mesh, _row_placements(input)
     whole = [R] * mesh.ndim
     with torch.no_grad():
-        out, saved = op_call(_local(input, mesh, rows), [_local(w, mesh, whole) for w in weights],
+        out, hidden_outputs = op_call(_local(input, mesh, rows), [_local(w, mesh, whole) for w in weights],
                              [_local(b, mesh, whole) for b in biases], *rest, **kwargs)
     row_count = math.prod(input.shape[:-1])
     return (_wrap(out, mesh, rows, (*input.shape[:-1], weights[-1].shape[0])),
-            [_wrap(s, mesh, rows, (row_count, s.shape[1])) for s in saved])
+            [_wrap(s, mesh, rows, (row_count, s.shape[1])) for s in hidden_outputs])
 
 
 def _mlp_backward_handler(op_call, args, kwargs):
-    grad_output, input, weights, biases, saved, *rest = args
-    _all_dtensors("mlp_backward", [grad_output, input, *weights, *biases, *saved])
+    grad_output, input, weights, biases, hidden_outputs, *rest = args
+    _all_dtensors("mlp_backward", [grad_output, input, *weights, *biases, *hidden_outputs])
     mesh, rows = input.device_mesh, _row_placements(input)
     whole, sums = [R] * mesh.ndim, _summed_over_rows(rows)
     with torch.no_grad():
         grad_input, grad_weights, grad_biases = op_call(
             _local(grad_output, mesh, rows), _local(input, mesh, rows),
             [_local(w, mesh, whole) for w in weights], [_local(b, mesh, whole) for b in biases],
-            [_local(s, mesh, rows) for s in saved], *rest, **kwargs)
+            [_local(s, mesh, rows) for s in hidden_outputs], *rest, **kwargs)
 
         def like(local, placements, reference):
             return _wrap(local, mesh, placements, reference.shape).redistribute(

@@ -31,27 +31,27 @@ def _activation_inplace_fake(input, activation, negative_slope=0.01):
 
 
 @torch.library.register_fake("handgrad::activation_backward")
-def _activation_backward_fake(grad_output, saved, activation, negative_slope=0.01):
-    _C.check_activation_backward(grad_output, saved, activation, negative_slope)
-    return torch.empty_like(saved)
+def _activation_backward_fake(grad_output, out_or_f, activation, negative_slope=0.01):
+    _C.check_activation_backward(grad_output, out_or_f, activation, negative_slope)
+    return torch.empty_like(out_or_f)
 
 
 @torch.library.register_fake("handgrad::bias_activation_backward")
-def _bias_activation_backward_fake(grad_output, saved, activation, negative_slope=0.01):
-    _C.check_bias_activation_backward(grad_output, saved, activation, negative_slope)
-    return saved.new_empty(saved.shape), saved.new_empty(saved.shape[-1:])
+def _bias_activation_backward_fake(grad_output, out_or_f, activation, negative_slope=0.01):
+    _C.check_bias_activation_backward(grad_output, out_or_f, activation, negative_slope)
+    return out_or_f.new_empty(out_or_f.shape), out_or_f.new_empty(out_or_f.shape[-1:])
 
 
 @torch.library.register_fake("handgrad::linear_activation_backward")
-def _linear_activation_backward_fake(grad_output, input, weight, saved, activation,
+def _linear_activation_backward_fake(grad_output, input, weight, out_or_f, activation,
                                      negative_slope, output_mask):
-    _C.check_linear_activation_backward(grad_output, input, weight, saved, activation,
+    _C.check_linear_activation_backward(grad_output, input, weight, out_or_f, activation,
                                         negative_slope)
     need_input, need_weight, need_bias = output_mask
     return (
         input.new_empty(input.shape) if need_input else None,
         weight.new_empty(weight.shape) if need_weight else None,
-        saved.new_empty(saved.shape[-1:]) if need_bias else None,
+        out_or_f.new_empty(out_or_f.shape[-1:]) if need_bias else None,
     )
 
 
@@ -74,14 +74,14 @@ def _mlp_forward_fake(input, weights, biases, activation, negative_slope, checkp
     # below the last.
     kept = [layer for layer in range(1, hidden + 1)
             if checkpoint_every == 0 or (layer % checkpoint_every == 0 and layer < hidden)]
-    saved = [input.new_empty((rows, weights[layer - 1].shape[0])) for layer in kept]
-    return input.new_empty((*input.shape[:-1], weights[-1].shape[0])), saved
+    hidden_outputs = [input.new_empty((rows, weights[layer - 1].shape[0])) for layer in kept]
+    return input.new_empty((*input.shape[:-1], weights[-1].shape[0])), hidden_outputs
 
 
 @torch.library.register_fake("handgrad::mlp_backward")
-def _mlp_backward_fake(grad_output, input, weights, biases, saved, activation, negative_slope,
+def _mlp_backward_fake(grad_output, input, weights, biases, hidden_outputs, activation, negative_slope,
                        checkpoint_every, input_requires_grad, output_activation=None):
-    _C.check_mlp_backward(input, weights, biases, saved, activation, negative_slope,
+    _C.check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope,
                           checkpoint_every, output_activation)
     return (input.new_empty(input.shape) if input_requires_grad else None,
             [w.new_empty(w.shape) for w in weights], [b.new_empty(b.shape) for b in biases])

@@ -46,20 +46,20 @@ def _activation_vmap(info, in_dims, input, activation, negative_slope=0.01):
 
 
 @torch.library.register_vmap("handgrad::activation_backward")
-def _activation_backward_vmap(info, in_dims, grad_output, saved, activation, negative_slope=0.01):
-    grad_output, saved = (
-        _batch_first(t, d, info.batch_size) for t, d in zip((grad_output, saved), in_dims)
+def _activation_backward_vmap(info, in_dims, grad_output, out_or_f, activation, negative_slope=0.01):
+    grad_output, out_or_f = (
+        _batch_first(t, d, info.batch_size) for t, d in zip((grad_output, out_or_f), in_dims)
     )
-    return _ops.activation_backward(grad_output, saved, activation, negative_slope), 0
+    return _ops.activation_backward(grad_output, out_or_f, activation, negative_slope), 0
 
 
 @torch.library.register_vmap("handgrad::bias_activation_backward")
-def _bias_activation_backward_vmap(info, in_dims, grad_output, saved, activation,
+def _bias_activation_backward_vmap(info, in_dims, grad_output, out_or_f, activation,
                                    negative_slope=0.01):
-    grad_output, saved = (
-        _batch_first(t, d, info.batch_size) for t, d in zip((grad_output, saved), in_dims)
+    grad_output, out_or_f = (
+        _batch_first(t, d, info.batch_size) for t, d in zip((grad_output, out_or_f), in_dims)
     )
-    grad_pre = _ops.activation_backward(grad_output, saved, activation, negative_slope)
+    grad_pre = _ops.activation_backward(grad_output, out_or_f, activation, negative_slope)
     # Each sample's bias gradient sums its own rows only.
     rows = math.prod(grad_pre.shape[1:-1])
     grad_bias = grad_pre.reshape(info.batch_size, rows, grad_pre.shape[-1]).sum(1)
@@ -77,11 +77,11 @@ def _linear_activation_vmap(info, in_dims, input, weight, bias, activation, nega
 
 
 @torch.library.register_vmap("handgrad::linear_activation_backward")
-def _linear_activation_backward_vmap(info, in_dims, grad_output, input, weight, saved,
+def _linear_activation_backward_vmap(info, in_dims, grad_output, input, weight, out_or_f,
                                      activation, negative_slope, output_mask):
     # Per-sample weight and bias gradients cannot come from one sum over all rows.
     return _per_sample(_ops.linear_activation_backward, info, in_dims,
-                       (grad_output, input, weight, saved, activation, negative_slope, output_mask))
+                       (grad_output, input, weight, out_or_f, activation, negative_slope, output_mask))
 
 
 @torch.library.register_vmap("handgrad::mlp")

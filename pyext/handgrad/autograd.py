@@ -59,52 +59,52 @@ def _output_hides_sign(activation, negative_slope):
 
 
 def _grads_of_activation_backward(ctx, grad_grad_pre):
-    """Gradients of grad_pre = grad_output * a'(saved) w.r.t. grad_output and saved."""
-    grad_output, saved = ctx.saved_tensors
-    grad_grad_output = grad_saved = None
+    """Gradients of grad_pre = grad_output * a'(out_or_f) w.r.t. grad_output and out_or_f."""
+    grad_output, out_or_f = ctx.saved_tensors
+    grad_grad_output = grad_out_or_f = None
     if ctx.needs_input_grad[0]:
         grad_grad_output = _ActivationBackward.apply(
-            grad_grad_pre, saved, ctx.activation, ctx.negative_slope
+            grad_grad_pre, out_or_f, ctx.activation, ctx.negative_slope
         )
     if ctx.needs_input_grad[1] and ctx.activation == "sigmoid":
-        # ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through saved.
-        grad_saved = grad_grad_pre * grad_output * _sigmoid_derivative_by_output(saved)
-    return grad_grad_output, grad_saved, None, None
+        # ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through out_or_f.
+        grad_out_or_f = grad_grad_pre * grad_output * _sigmoid_derivative_by_output(out_or_f)
+    return grad_grad_output, grad_out_or_f, None, None
 
 
-def _activation_grad(grad_output, saved, activation, negative_slope):
+def _activation_grad(grad_output, out_or_f, activation, negative_slope):
     """dl/df, through a differentiable Function only when the backward is itself recorded."""
     if torch.is_grad_enabled():
-        return _ActivationBackward.apply(grad_output, saved, activation, negative_slope)
-    return _activation_backward(grad_output, saved, activation, negative_slope)
+        return _ActivationBackward.apply(grad_output, out_or_f, activation, negative_slope)
+    return _activation_backward(grad_output, out_or_f, activation, negative_slope)
 
 
 class _ActivationBackward(_Function):
-    """grad_pre = grad_output * a'(saved)."""
+    """grad_pre = grad_output * a'(out_or_f)."""
 
     @staticmethod
-    def forward(grad_output, saved, activation, negative_slope):
-        return _activation_backward(grad_output, saved, activation, negative_slope)
+    def forward(grad_output, out_or_f, activation, negative_slope):
+        return _activation_backward(grad_output, out_or_f, activation, negative_slope)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_output, saved, ctx.activation, ctx.negative_slope = inputs
-        ctx.save_for_backward(grad_output, saved)
-        ctx.save_for_forward(grad_output, saved)
+        grad_output, out_or_f, ctx.activation, ctx.negative_slope = inputs
+        ctx.save_for_backward(grad_output, out_or_f)
+        ctx.save_for_forward(grad_output, out_or_f)
 
     @staticmethod
     def backward(ctx, grad_grad_pre):
         return _grads_of_activation_backward(ctx, grad_grad_pre)
 
     @staticmethod
-    def jvp(ctx, grad_output_tangent, saved_tangent, *_):
-        # Linear in grad_output; the sigmoid's also depends on saved.
-        grad_output, saved = ctx.saved_tensors
-        tangent = torch.zeros_like(saved)
+    def jvp(ctx, grad_output_tangent, out_or_f_tangent, *_):
+        # Linear in grad_output; the sigmoid's also depends on out_or_f.
+        grad_output, out_or_f = ctx.saved_tensors
+        tangent = torch.zeros_like(out_or_f)
         if grad_output_tangent is not None:
-            tangent = _activation_grad(grad_output_tangent, saved, ctx.activation, ctx.negative_slope)
-        if saved_tangent is not None and ctx.activation == "sigmoid":
-            tangent = tangent + grad_output * _sigmoid_derivative_by_output(saved) * saved_tangent
+            tangent = _activation_grad(grad_output_tangent, out_or_f, ctx.activation, ctx.negative_slope)
+        if out_or_f_tangent is not None and ctx.activation == "sigmoid":
+            tangent = tangent + grad_output * _sigmoid_derivative_by_output(out_or_f) * out_or_f_tangent
         return tangent
 
 
@@ -112,8 +112,8 @@ class _BiasActivationBackward(_ActivationBackward):
     """(grad_pre, grad_bias): grad_pre as above, and its sum over all leading dimensions."""
 
     @staticmethod
-    def forward(grad_output, saved, activation, negative_slope):
-        return _bias_activation_backward(grad_output, saved, activation, negative_slope)
+    def forward(grad_output, out_or_f, activation, negative_slope):
+        return _bias_activation_backward(grad_output, out_or_f, activation, negative_slope)
 
     @staticmethod
     def backward(ctx, grad_grad_pre, grad_grad_bias):
@@ -123,8 +123,8 @@ class _BiasActivationBackward(_ActivationBackward):
         return _grads_of_activation_backward(ctx, grad_grad_pre)
 
     @staticmethod
-    def jvp(ctx, grad_output_tangent, saved_tangent, *_):
-        tangent = _ActivationBackward.jvp(ctx, grad_output_tangent, saved_tangent)
+    def jvp(ctx, grad_output_tangent, out_or_f_tangent, *_):
+        tangent = _ActivationBackward.jvp(ctx, grad_output_tangent, out_or_f_tangent)
         return tangent, _as_matrix(tangent).sum(0)
 
 
@@ -142,7 +142,7 @@ def _setup_linear(ctx, inputs, output, activation, negative_slope):
     ctx.save_for_forward(input, weight, bias, output)
 
 
-def _sign_source(ctx, input, weight, bias, output):
+def _out_or_f(ctx, input, weight, bias, output):
     """The tensor a'[f] is read off: out, or a recomputed f where out hides the sign."""
     if not _output_hides_sign(ctx.activation, ctx.negative_slope):
         return output
@@ -157,23 +157,23 @@ class _LinearActivationFunction(_Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, bias, output = ctx.saved_tensors
-        saved = _sign_source(ctx, input, weight, bias, output)
+        out_or_f = _out_or_f(ctx, input, weight, bias, output)
         needs = ctx.needs_input_grad[:3]
         not_inputs = (None,) * (ctx.num_inputs - 3)
         if not torch.is_grad_enabled():
             # A plain backward (no create_graph): the whole of it in one fused op.
             return _linear_activation_backward(
-                grad_output, input, weight, saved, ctx.activation, ctx.negative_slope, needs
+                grad_output, input, weight, out_or_f, ctx.activation, ctx.negative_slope, needs
             ) + not_inputs
         need_input, need_weight, need_bias = needs
         grad_input = grad_weight = grad_bias = None
         if need_bias:
             grad_pre, grad_bias = _BiasActivationBackward.apply(
-                grad_output, saved, ctx.activation, ctx.negative_slope
+                grad_output, out_or_f, ctx.activation, ctx.negative_slope
             )
         else:
             grad_pre = _ActivationBackward.apply(
-                grad_output, saved, ctx.activation, ctx.negative_slope
+                grad_output, out_or_f, ctx.activation, ctx.negative_slope
             )
         if need_input:
             grad_input = grad_pre.matmul(weight)  # dl/dh = Omega^T dl/df  (7.6)
@@ -184,7 +184,7 @@ class _LinearActivationFunction(_Function):
     @staticmethod
     def jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
         input, weight, bias, output = ctx.saved_tensors
-        saved = _sign_source(ctx, input, weight, bias, output)
+        out_or_f = _out_or_f(ctx, input, weight, bias, output)
         # df = dh Omega^T + h dOmega^T + dbeta, then d(out) = a'[f] df.
         tangent_pre = torch.zeros_like(output)
         if input_tangent is not None:
@@ -193,7 +193,7 @@ class _LinearActivationFunction(_Function):
             tangent_pre = tangent_pre + input.matmul(weight_tangent.t())
         if bias_tangent is not None:
             tangent_pre = tangent_pre + bias_tangent
-        return _activation_grad(tangent_pre, saved, ctx.activation, ctx.negative_slope)
+        return _activation_grad(tangent_pre, out_or_f, ctx.activation, ctx.negative_slope)
 
 
 class LinearReLUFunction(_LinearActivationFunction):
@@ -238,9 +238,9 @@ class LinearSigmoidFunction(_LinearActivationFunction):
 def _setup_activation(ctx, inputs, output, activation, negative_slope):
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.num_inputs = len(inputs)
-    saved = inputs[0] if _output_hides_sign(activation, negative_slope) else output
-    ctx.save_for_backward(saved)
-    ctx.save_for_forward(saved)
+    out_or_f = inputs[0] if _output_hides_sign(activation, negative_slope) else output
+    ctx.save_for_backward(out_or_f)
+    ctx.save_for_forward(out_or_f)
 
 
 class _ActivationFunction(_Function):
@@ -248,14 +248,14 @@ class _ActivationFunction(_Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        (saved,) = ctx.saved_tensors
-        grad_input = _activation_grad(grad_output, saved, ctx.activation, ctx.negative_slope)
+        (out_or_f,) = ctx.saved_tensors
+        grad_input = _activation_grad(grad_output, out_or_f, ctx.activation, ctx.negative_slope)
         return (grad_input,) + (None,) * (ctx.num_inputs - 1)
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
-        (saved,) = ctx.saved_tensors
-        return _activation_grad(input_tangent, saved, ctx.activation, ctx.negative_slope)
+        (out_or_f,) = ctx.saved_tensors
+        return _activation_grad(input_tangent, out_or_f, ctx.activation, ctx.negative_slope)
 
 
 class ReLUFunction(_ActivationFunction):
