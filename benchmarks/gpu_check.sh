@@ -42,9 +42,9 @@ case "$mode" in
 test)
   build
   built || { echo "no CUDA kernels in the build"; exit 1; }
-  echo "== CUDA tests"
+  echo "== CUDA tests (marked cuda: every test's device case 'cuda', and tests/test_cuda.py)"
   workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-  timeout 240 "$python" -m pytest -q -p no:cacheprovider $workers tests/test_cuda.py 2>&1 \
+  timeout 240 "$python" -m pytest -q -p no:cacheprovider $workers -m cuda tests 2>&1 \
     | tee "$out/test_cuda.log" | tail -25
   tests=${PIPESTATUS[0]}
   status=0

@@ -9,36 +9,79 @@ import handgrad.nn as hnn
 ops = torch.ops.handgrad
 
 
-def opcheck_cases():
-    def t(*shape, dtype=torch.float64, grad=True):
-        return torch.randn(*shape, dtype=dtype, requires_grad=grad)
+def opcheck_samples():
+    """torch.library.opcheck's samples of every op, by name: each a function of the device
+    that gives (op, arguments). Float64 with gradients wherever the op is differentiable."""
+    samples = {}
 
-    cases = []
+    def add(name, op, make_args):
+        samples[name] = lambda device: (op, make_args(device))
+
     for activation, slope in [("relu", 0.0), ("leaky_relu", 0.2), ("leaky_relu", -0.5), ("sigmoid", 0.0)]:
         name = f"{activation}[{slope}]"
-        cases += [
-            pytest.param(ops.linear_activation.default, (t(4, 5), t(3, 5), t(3), activation, slope), id=f"linear_{name}"),
-            pytest.param(ops.linear_activation.default, (t(2, 3, 5), t(3, 5), None, activation, slope), id=f"linear_{name}_3d_nobias"),
-            pytest.param(ops.linear_activation.default, (t(4, 5, dtype=torch.bfloat16, grad=False), t(3, 5, dtype=torch.bfloat16, grad=False), None, activation, slope), id=f"linear_{name}_bf16"),
-            pytest.param(ops.activation.default, (t(3, 4), activation, slope), id=name),
-            pytest.param(ops.activation.default, (t(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), activation, slope), id=f"{name}_channels_last"),
-            pytest.param(ops.activation_.default, (t(3, 4, grad=False), activation, slope), id=f"{name}_"),
-            pytest.param(ops.activation_backward.default, (t(3, 4), torch.rand(3, 4, dtype=torch.float64, requires_grad=True), activation, slope), id=f"{name}_backward"),
-            pytest.param(ops.bias_activation_backward.default, (t(2, 3, 4), torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True), activation, slope), id=f"bias_{name}_backward"),
-        ]
+
+        def t(*shape, device, dtype=torch.float64, grad=True):
+            return torch.randn(*shape, dtype=dtype, device=device, requires_grad=grad)
+
+        def out_or_f(*shape, device, grad=True):
+            return torch.rand(*shape, dtype=torch.float64, device=device, requires_grad=grad)
+
+        a, s = activation, slope
+        add(f"linear_{name}", ops.linear_activation.default,
+            lambda d, a=a, s=s: (t(4, 5, device=d), t(3, 5, device=d), t(3, device=d), a, s))
+        add(f"linear_{name}_3d_nobias", ops.linear_activation.default,
+            lambda d, a=a, s=s: (t(2, 3, 5, device=d), t(3, 5, device=d), None, a, s))
+        add(f"linear_{name}_bf16", ops.linear_activation.default,
+            lambda d, a=a, s=s: (t(4, 5, device=d, dtype=torch.bfloat16, grad=False),
+                                 t(3, 5, device=d, dtype=torch.bfloat16, grad=False), None, a, s))
+        add(name, ops.activation.default, lambda d, a=a, s=s: (t(3, 4, device=d), a, s))
+        add(f"{name}_channels_last", ops.activation.default,
+            lambda d, a=a, s=s: (t(2, 3, 4, 5, device=d).contiguous(memory_format=torch.channels_last), a, s))
+        add(f"{name}_", ops.activation_.default, lambda d, a=a, s=s: (t(3, 4, device=d, grad=False), a, s))
+        add(f"{name}_backward", ops.activation_backward.default,
+            lambda d, a=a, s=s: (t(3, 4, device=d), out_or_f(3, 4, device=d), a, s))
+        add(f"bias_{name}_backward", ops.bias_activation_backward.default,
+            lambda d, a=a, s=s: (t(2, 3, 4, device=d), out_or_f(2, 3, 4, device=d), a, s))
         for mask in ([True, True, True], [True, False, False], [False, True, True]):
             # Used only where the backward need not be differentiable: no grad-requiring args.
-            cases.append(pytest.param(
-                ops.linear_activation_backward.default,
-                (t(600, 3, grad=False), t(600, 5, grad=False), t(3, 5, grad=False),
-                 torch.rand(600, 3, dtype=torch.float64), activation, slope, mask),
-                id=f"linear_{name}_backward_{mask}",
-            ))
-    return cases
+            add(f"linear_{name}_backward_{mask}", ops.linear_activation_backward.default,
+                lambda d, a=a, s=s, mask=mask: (
+                    t(600, 3, device=d, grad=False), t(600, 5, device=d, grad=False),
+                    t(3, 5, device=d, grad=False), out_or_f(600, 3, device=d, grad=False), a, s, mask))
+        for every in (0, 1):
+            add(f"mlp_{name}_every{every}", ops.mlp.default,
+                lambda d, a=a, s=s, every=every: (
+                    t(2, 4, device=d), [t(5, 4, device=d), t(6, 5, device=d), t(3, 6, device=d)],
+                    [t(5, device=d), t(6, device=d), t(3, device=d)], a, s, every))
+            add(f"mlp_forward_{name}_every{every}", ops.mlp_forward.default,
+                lambda d, a=a, s=s, every=every: (*_plain_network(d), a, s, every))
+            for input_grad in (True, False):
+                add(f"mlp_backward_{name}_every{every}_input_grad{input_grad}", ops.mlp_backward.default,
+                    lambda d, a=a, s=s, every=every, input_grad=input_grad: _mlp_backward_args(d, a, s, every, input_grad))
+    return samples
 
 
-@pytest.mark.parametrize("op,args", opcheck_cases())
-def test_opcheck(op, args):
+def _plain_network(device):
+    """(input, weights, biases) of a 4 -> 5 -> 6 -> 3 network, none requiring grad."""
+    def t(*shape):
+        return torch.randn(*shape, dtype=torch.float64, device=device)
+
+    return t(7, 4), [t(5, 4), t(6, 5), t(3, 6)], [t(5), t(6), t(3)]
+
+
+def _mlp_backward_args(device, activation, slope, every, input_grad):
+    x, weights, biases = _plain_network(device)
+    _, hidden_outputs = ops.mlp_forward(x, weights, biases, activation, slope, every)
+    grad_output = torch.randn(7, 3, dtype=torch.float64, device=device)
+    return (grad_output, x, weights, biases, hidden_outputs, activation, slope, every, input_grad)
+
+
+OPCHECK_SAMPLES = opcheck_samples()
+
+
+@pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
+def test_opcheck(device, sample):
+    op, args = OPCHECK_SAMPLES[sample](device)
     torch.library.opcheck(op, args)
 
 
@@ -87,3 +130,23 @@ def test_compiled_graph_contains_our_ops():
     assert any(target.startswith("handgrad.activation") for target in seen)
     # The in-place activations, functionalized (auto_functionalized) or as they are.
     assert sum("handgrad.activation_" in target for target in seen) == 2
+
+
+def make_wide_model(device):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        hnn.LinearReLU(64, 128), hnn.LinearLeakyReLU(128, 128, negative_slope=0.1),
+        hnn.LinearSigmoid(128, 32), nn.Linear(32, 8), hnn.ReLU(inplace=True),
+    ).to(device)
+
+
+def test_compile_fullgraph_parity_of_a_wider_model(device):
+    torch._dynamo.reset()
+    model = make_wide_model(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(16, 64, device=device, requires_grad=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    params = [x, *model.parameters()]
+    for got, want in zip(torch.autograd.grad(compiled(x).sum(), params),
+                         torch.autograd.grad(model(x).sum(), params)):
+        torch.testing.assert_close(got, want)

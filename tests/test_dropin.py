@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import ACTIVATIONS, FUSED, grads
+from samples import ACTIVATIONS, FUSED_LAYERS, ONE_ACTIVATION_OF_EACH, grads
 from torch import nn
 
 import handgrad.functional as hf
@@ -34,7 +34,7 @@ def leaves(seed=0, dtype=torch.float64):
             for shape in ((2, 3, 5), (4, 5), (4,))]
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("edit", IN_PLACE_EDITS)
 def test_in_place_edit_of_the_output_gives_eagers_values_and_right_or_refused_gradients(fn, reference, edit):
     x, w, b = leaves()
@@ -54,7 +54,7 @@ def test_in_place_edit_of_the_output_gives_eagers_values_and_right_or_refused_gr
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_in_place_edit_without_autograd(fn, reference):
     x, w, b = (t.detach() for t in leaves())
     y = fn(x, w, b)
@@ -175,7 +175,7 @@ def memory_format_cases():
 
 
 @pytest.mark.parametrize("case", memory_format_cases())
-@pytest.mark.parametrize("fn,reference", ACTIVATIONS[:3])
+@pytest.mark.parametrize("fn,reference", ONE_ACTIVATION_OF_EACH)
 def test_activations_keep_the_memory_format_of_eager(case, fn, reference):
     x = memory_format_cases()[case].requires_grad_()
     out, expected = fn(x), reference(x)
@@ -288,3 +288,13 @@ def test_fused_backward_op_refuses_to_be_recorded():
     with pytest.raises(RuntimeError, match="linear_relu_backward: this fused backward is not differentiable"):
         torch.ops.handgrad.linear_activation_backward(torch.ones_like(out), x, w, out, "relu", 0.0,
                                                       [True, True, True])
+
+
+def test_in_place_activation_and_channels_last(device):
+    base = torch.randn(2, 3, 4, 6, device=device, requires_grad=True)
+    for make in (lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last)):
+        x, y = make(base * 1), make(base * 1)
+        assert hnn.LeakyReLU(0.2, inplace=True)(x) is x
+        F.leaky_relu_(y, 0.2)
+        assert x.stride() == y.stride()
+        torch.testing.assert_close(torch.autograd.grad(x.sum(), base)[0], torch.autograd.grad(y.sum(), base)[0])

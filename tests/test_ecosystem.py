@@ -10,14 +10,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import FUSED, tolerances
+from samples import (
+    FUSED_LAYERS,
+    ONE_LAYER_OF_EACH,
+    assert_close_to_eager_gradient,
+    summation_order_tolerances,
+    tolerances,
+)
 from torch import nn
 
 import handgrad.functional as hf
 import handgrad.nn as hnn
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_autocast_cpu_bfloat16_matches_nn_linear(fn, reference):
     torch.manual_seed(0)
     x = torch.randn(6, 8, requires_grad=True)
@@ -137,3 +143,18 @@ def test_ddp_two_processes_match_full_batch_gradients(tmp_path):
     F.mse_loss(model(x), y).backward()
     for got, want in zip(torch.load(out_path), [p.grad for p in model.parameters()]):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn,reference", ONE_LAYER_OF_EACH)
+def test_autocast_matches_nn_linear_on_every_device(device, dtype, fn, reference):
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    w = torch.randn(4, 16, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=dtype):
+        out, expected = fn(x, w, b), reference(x, w, b)
+    assert out.dtype == expected.dtype == dtype
+    torch.testing.assert_close(out, expected, **summation_order_tolerances(dtype))
+    for a, e in zip(torch.autograd.grad(out.float().sum(), (x, w, b)), torch.autograd.grad(expected.float().sum(), (x, w, b))):
+        assert a.dtype == torch.float32
+        assert_close_to_eager_gradient(a, e, dtype)

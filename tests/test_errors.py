@@ -16,10 +16,10 @@ def x_w_b(dtype=torch.float32, device="cpu"):
             torch.randn(3, dtype=dtype, device=device))
 
 
-FUSED = [hf.linear_relu, hf.linear_sigmoid, lambda x, w, b=None: hf.linear_leaky_relu(x, w, b, 0.1)]
+FUSED_FUNCTIONS = [hf.linear_relu, hf.linear_sigmoid, lambda x, w, b=None: hf.linear_leaky_relu(x, w, b, 0.1)]
 
 
-@pytest.mark.parametrize("fn", FUSED)
+@pytest.mark.parametrize("fn", FUSED_FUNCTIONS)
 def test_shape_mismatch_names_both_sizes(fn):
     x, _, b = x_w_b()
     with pytest.raises(RuntimeError, match=r"weight has 7 columns but input has 5 features"):
@@ -34,14 +34,14 @@ def test_message_starts_with_the_function_name():
         hf.linear_leaky_relu(x, torch.randn(3, 7))
 
 
-@pytest.mark.parametrize("fn", FUSED)
+@pytest.mark.parametrize("fn", FUSED_FUNCTIONS)
 def test_weight_must_be_2d(fn):
     x, _, _ = x_w_b()
     with pytest.raises(RuntimeError, match=r"weight must be 2-D \(out_features, in_features\), got shape \[15\]"):
         fn(x, torch.randn(15))
 
 
-@pytest.mark.parametrize("fn", FUSED)
+@pytest.mark.parametrize("fn", FUSED_FUNCTIONS)
 def test_bias_of_wrong_size(fn):
     x, w, _ = x_w_b()
     with pytest.raises(RuntimeError, match=r"bias must have shape \[3\] \(out_features of weight\), got shape \[4\]"):
@@ -50,7 +50,7 @@ def test_bias_of_wrong_size(fn):
         fn(x, w, torch.randn(1, 3))
 
 
-@pytest.mark.parametrize("fn", FUSED)
+@pytest.mark.parametrize("fn", FUSED_FUNCTIONS)
 @pytest.mark.parametrize("which", ["weight", "bias"])
 def test_dtype_mismatch(fn, which):
     x, w, b = x_w_b()
@@ -85,11 +85,13 @@ def test_device_mismatch_names_both_devices():
         ops.linear_activation(x, w, b.to("meta"), "relu", 0.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_device_mismatch_cuda():
     x, w, b = x_w_b()
     with pytest.raises(RuntimeError, match=r"weight is on cuda:0 but input is on cpu"):
         hf.linear_relu(x, w.cuda(), b)
+    with pytest.raises(RuntimeError, match=r"bias is on cpu but input is on cuda:0"):
+        hf.linear_relu(x.cuda(), w.cuda(), b)
 
 
 @pytest.mark.parametrize("slope", [math.inf, -math.inf, math.nan])

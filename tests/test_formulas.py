@@ -30,7 +30,7 @@ def derivative(activation, f, slope=0.0):
     return s * (1 - s)
 
 
-FUSED = {
+LAYER_OF = {
     "relu": lambda h, o, b: hf.linear_relu(h, o, b),
     "leaky_relu": lambda h, o, b: hf.linear_leaky_relu(h, o, b, 0.2),
     "sigmoid": lambda h, o, b: hf.linear_sigmoid(h, o, b),
@@ -47,24 +47,24 @@ def test_7_6_dz_dh_is_omega_transpose():
     torch.testing.assert_close(jacobian.T, omega.detach().T)
 
 
-@pytest.mark.parametrize("activation", FUSED)
+@pytest.mark.parametrize("activation", LAYER_OF)
 def test_7_6_dl_dh(activation):
     # dl/dh = Omega^T dl/df, with dl/df = g * a'[f].
     h, omega, beta = layer_inputs()
     g = torch.randn(BATCH, D_OUT, dtype=torch.float64)
-    (grad_h,) = torch.autograd.grad(FUSED[activation](h, omega, beta), h, g)
+    (grad_h,) = torch.autograd.grad(LAYER_OF[activation](h, omega, beta), h, g)
     f = beta + h @ omega.T
     dl_df = g * derivative(activation, f, 0.2)
     expected = torch.stack([omega.T @ dl_df[i] for i in range(BATCH)])
     torch.testing.assert_close(grad_h, expected.detach())
 
 
-@pytest.mark.parametrize("activation", FUSED)
+@pytest.mark.parametrize("activation", LAYER_OF)
 def test_7_9_dl_domega_and_dl_dbeta(activation):
     # dl/dOmega = dl/df h^T, summed over the batch; dl/dbeta = dl/df, summed likewise.
     h, omega, beta = layer_inputs()
     g = torch.randn(BATCH, D_OUT, dtype=torch.float64)
-    grad_omega, grad_beta = torch.autograd.grad(FUSED[activation](h, omega, beta), (omega, beta), g)
+    grad_omega, grad_beta = torch.autograd.grad(LAYER_OF[activation](h, omega, beta), (omega, beta), g)
     f = beta + h @ omega.T
     dl_df = (g * derivative(activation, f, 0.2)).detach()
     expected = sum(torch.outer(dl_df[i], h[i].detach()) for i in range(BATCH))

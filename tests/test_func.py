@@ -4,11 +4,9 @@ jacfwd, hessian; and gradcheck with forward, backward and batched checks for eve
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
-from conftest import ACTIVATIONS, FUSED
+from samples import ACTIVATIONS, FUSED_LAYERS
 from torch.autograd import gradcheck, gradgradcheck
 
-import handgrad.functional as hf
 
 
 def double(*shape, seed=0):
@@ -16,7 +14,7 @@ def double(*shape, seed=0):
     return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_forward_mode_ad_matches_eager(fn, reference):
     primals = (double(4, 5, seed=1), double(3, 5, seed=2), double(3, seed=3))
     tangents = (double(4, 5, seed=4), double(3, 5, seed=5), double(3, seed=6))
@@ -29,7 +27,7 @@ def test_forward_mode_ad_matches_eager(fn, reference):
     torch.testing.assert_close(results[0].tangent, results[1].tangent)
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("with_tangent", ["input", "weight", "bias"])
 def test_jvp_with_one_tangent(fn, reference, with_tangent):
     x, w, b = double(2, 3, 5, seed=1), double(3, 5, seed=2), double(3, seed=3)
@@ -53,7 +51,7 @@ def test_activation_jvp(fn, reference):
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_vmap_over_input_and_over_weight(fn, reference):
     x, w, b = double(3, 4, 5, seed=1), double(3, 6, 5, seed=2), double(6, seed=3)
     torch.testing.assert_close(
@@ -65,7 +63,7 @@ def test_vmap_over_input_and_over_weight(fn, reference):
     )
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_per_sample_gradients_with_vmap_of_grad(fn, reference):
     x, y = double(8, 4, 5, seed=1), double(8, 4, 3, seed=2)
     params = (double(3, 5, seed=3), double(3, seed=4))
@@ -79,7 +77,7 @@ def test_per_sample_gradients_with_vmap_of_grad(fn, reference):
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_jacrev_jacfwd_and_hessian_agree_with_eager(fn, reference):
     w, b, x = double(3, 5, seed=1), double(3, seed=2), double(5, seed=3)
     expected = torch.func.jacrev(lambda v: reference(v, w, b))(x)
@@ -95,7 +93,7 @@ FULL_CHECKS = dict(check_forward_ad=True, check_backward_ad=True, check_batched_
                    check_batched_forward_grad=True)
 
 
-@pytest.mark.parametrize("fn,_", FUSED)
+@pytest.mark.parametrize("fn,_", FUSED_LAYERS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_fused_gradcheck_every_mode(fn, _, bias):
     args = [double(2, 3, 5, seed=1).requires_grad_(), double(4, 5, seed=2).requires_grad_()]

@@ -8,7 +8,7 @@ and to the torch.nn twin for everything the new arguments (bias, output_activati
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, assert_as_accurate_as_eager, tolerances
+from samples import DTYPES, assert_as_accurate_as_eager, tolerances
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -61,10 +61,10 @@ SHAPES = {
     "empty": ([6, 9, 4], 0),
     "one_layer": ([33, 17], 301),
 }
-ACTIVATIONS = [("relu", 0.0), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.0)]
+NETWORK_ACTIVATIONS = [("relu", 0.0), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.0)]
 
 
-@pytest.mark.parametrize("activation,slope", ACTIVATIONS, ids=["relu", "leaky", "leaky_negative", "sigmoid"])
+@pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=["relu", "leaky", "leaky_negative", "sigmoid"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_as_close_to_float64_as_eager(shape, dtype, activation, slope):

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, FUSED
+from samples import ACTIVATIONS, FUSED_LAYERS
 from torch.autograd import gradcheck, gradgradcheck
 
 import handgrad.functional as hf
@@ -16,7 +16,7 @@ def double(*shape, seed):
     return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
 
-@pytest.mark.parametrize("fn,_", FUSED)
+@pytest.mark.parametrize("fn,_", FUSED_LAYERS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_fused_gradcheck_and_gradgradcheck(fn, _, shape, bias):
@@ -50,3 +50,12 @@ def test_ops_gradcheck_directly(activation):
     grad_output = double(4, 3, seed=9)
     assert gradcheck(lambda g, s: op.activation_backward(g, s, activation, 0.2), (grad_output, saved))
     assert gradcheck(lambda g, s: op.bias_activation_backward(g, s, activation, 0.2), (grad_output, saved))
+
+
+@pytest.mark.parametrize("fn,_", FUSED_LAYERS)
+def test_fused_gradcheck_with_forward_ad_and_batched_grad(device, fn, _):
+    x = torch.randn(2, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    assert gradcheck(fn, (x, w, b), check_forward_ad=True, check_batched_grad=True)
+    assert gradgradcheck(fn, (x, w, b))

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import handgrad.functional as hf
 
-ACTIVATIONS = ["relu", "leaky_relu", "sigmoid"]
+ACTIVATION_NAMES = ["relu", "leaky_relu", "sigmoid"]
 
 
 def eager(activation, f, slope):
@@ -51,7 +51,7 @@ def make(shape, dtype, layout, seed):
 
 @settings(max_examples=150, deadline=None)
 @given(
-    activation=st.sampled_from(ACTIVATIONS),
+    activation=st.sampled_from(ACTIVATION_NAMES),
     batch=st.lists(st.integers(0, 5), min_size=0, max_size=3),
     in_features=st.integers(0, 40),
     out_features=st.integers(0, 40),

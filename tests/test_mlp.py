@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import DTYPES, assert_as_accurate_as_eager, tolerances
+from samples import (
+    DTYPES,
+    assert_as_accurate_as_eager,
+    assert_close_to_eager_gradient,
+    summation_order_tolerances,
+    tolerances,
+)
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -17,7 +23,7 @@ import handgrad.functional as hf
 import handgrad.nn as hnn
 
 ops = torch.ops.handgrad
-ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.01)]
+NETWORK_ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.01)]
 IDS = ["relu", "leaky_relu", "leaky_relu_negative", "sigmoid"]
 TORCH_ACTIVATION = {"relu": lambda s: nn.ReLU(), "leaky_relu": nn.LeakyReLU, "sigmoid": lambda s: nn.Sigmoid()}
 
@@ -37,7 +43,7 @@ def parameters(model):
     return [layer.weight for layer in layers], [layer.bias for layer in layers]
 
 
-@pytest.mark.parametrize("activation,slope", ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 6), (6,), (2, 3, 6), (0, 6)], ids=str)
 @pytest.mark.parametrize("every", [None, 1, 2])
@@ -56,7 +62,7 @@ def test_mlp_matches_torch_nn(activation, slope, dtype, shape, every):
         torch.testing.assert_close(a, b, **tolerances(dtype))
 
 
-@pytest.mark.parametrize("activation,slope", ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=IDS)
 @pytest.mark.parametrize("every", [0, 2])
 def test_gradcheck_and_gradgradcheck(activation, slope, every):
     g = torch.Generator().manual_seed(0)
@@ -83,24 +89,6 @@ def test_single_linear_layer_and_input_without_grad():
     x.requires_grad_()
     torch.testing.assert_close(torch.autograd.grad(model(x).sum(), x),
                                torch.autograd.grad(model.output(x).sum(), x))
-
-
-@pytest.mark.parametrize("activation,slope", ACTIVATIONS, ids=IDS)
-def test_opcheck(activation, slope):
-    def t(*shape, grad=True):
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
-
-    weights, biases = [t(5, 4), t(6, 5), t(3, 6)], [t(5), t(6), t(3)]
-    for every in (0, 1):
-        torch.library.opcheck(ops.mlp.default, (t(2, 4), weights, biases, activation, slope, every))
-        plain_w, plain_b = [w.detach() for w in weights], [b.detach() for b in biases]
-        x = t(7, 4, grad=False)
-        torch.library.opcheck(ops.mlp_forward.default, (x, plain_w, plain_b, activation, slope, every))
-        _, saved = ops.mlp_forward(x, plain_w, plain_b, activation, slope, every)
-        for input_grad in (True, False):
-            torch.library.opcheck(ops.mlp_backward.default,
-                                  (t(7, 3, grad=False), x, plain_w, plain_b, saved, activation,
-                                   slope, every, input_grad))
 
 
 def test_compile_fullgraph_and_export():
@@ -257,3 +245,29 @@ def test_wrapped_layers_are_called_as_modules_so_the_wrapper_does_its_job():
 def twin_by_hand(model, x):
     h = F.relu(F.linear(x, model.hidden[0].weight, model.hidden[0].bias))
     return F.linear(h, model.output.weight, model.output.bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("every", [None, 2])
+@pytest.mark.parametrize("bias,output_activation", [(True, None), (False, None), (True, "sigmoid"), (False, "leaky_relu")])
+def test_mlp_matches_torch_nn_sequential(device, dtype, every, bias, output_activation):
+    # CUDA's mlp runs the per-layer ops (csrc/mlp.cpp), the CPU's the fused engine.
+    torch.manual_seed(0)
+    model = hnn.MLP([32, 64, 48, 40, 10], "leaky_relu", 0.1, checkpoint_every=every, bias=bias,
+                    output_activation=output_activation, device=device, dtype=dtype)
+    layers = []
+    for layer in [*model.hidden, model.output]:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=bias, device=device, dtype=dtype)
+        linear.load_state_dict(layer.state_dict())
+        layers += [linear, nn.LeakyReLU(0.1)]
+    layers.pop()
+    if output_activation is not None:
+        layers.append(nn.Sigmoid() if output_activation == "sigmoid" else nn.LeakyReLU(0.1))
+    reference = nn.Sequential(*layers)
+    x = torch.randn(300, 32, device=device, dtype=dtype, requires_grad=True)
+    out, expected = model(x), reference(x)
+    torch.testing.assert_close(out, expected, **summation_order_tolerances(dtype))
+    g = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, [x, *model.parameters()], g),
+                    torch.autograd.grad(expected, [x, *reference.parameters()], g)):
+        assert_close_to_eager_gradient(a, e, dtype)

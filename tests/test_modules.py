@@ -9,7 +9,7 @@ from torch import nn
 
 import handgrad.nn as hnn
 
-FUSED = [
+FUSED_MODULES = [
     (hnn.LinearReLU, {}, nn.ReLU()),
     (hnn.LinearLeakyReLU, {"negative_slope": 0.2}, nn.LeakyReLU(0.2)),
     (hnn.LinearSigmoid, {}, nn.Sigmoid()),
@@ -17,7 +17,7 @@ FUSED = [
 IDS = ["relu", "leaky_relu", "sigmoid"]
 
 
-@pytest.mark.parametrize("cls,kwargs,activation", FUSED, ids=IDS)
+@pytest.mark.parametrize("cls,kwargs,activation", FUSED_MODULES, ids=IDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_initialised_exactly_as_nn_linear(cls, kwargs, activation, bias):
     torch.manual_seed(3)
@@ -31,7 +31,7 @@ def test_initialised_exactly_as_nn_linear(cls, kwargs, activation, bias):
     torch.testing.assert_close(ours(x), activation(reference(x)))
 
 
-@pytest.mark.parametrize("cls,kwargs,activation", FUSED, ids=IDS)
+@pytest.mark.parametrize("cls,kwargs,activation", FUSED_MODULES, ids=IDS)
 def test_state_dict_exchanges_with_nn_linear(cls, kwargs, activation):
     reference = nn.Linear(6, 5)
     ours = cls(6, 5, **kwargs)

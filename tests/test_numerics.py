@@ -9,7 +9,7 @@ rounded once, as F.linear does, so no ReLU mask flips that eager's does not.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tolerances
+from samples import tolerances
 
 import handgrad.functional as hf
 

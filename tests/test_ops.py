@@ -2,9 +2,27 @@
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, DTYPES, FUSED, assert_as_accurate_as_eager, grads, tolerances
+from samples import (
+    ACTIVATION,
+    ACTIVATIONS,
+    DTYPES,
+    FUSED_LAYER,
+    FUSED_LAYERS,
+    ONE_ACTIVATION_OF_EACH,
+    ONE_LAYER_OF_EACH,
+    assert_as_accurate_as_eager,
+    check_layer,
+    grads,
+    random_tensor,
+    relative_error,
+    slack,
+    summation_order_tolerances,
+    tolerances,
+)
 
 import handgrad.functional as hf
+
+ops = torch.ops.handgrad
 
 
 def make_linear_inputs(layout, dtype, in_features=12, out_features=9, bias=True, seed=0,
@@ -72,7 +90,7 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -89,14 +107,14 @@ def test_fused_matches_eager(fn, reference, dtype, layout, bias):
         torch.testing.assert_close(got, want, **tolerances(dtype))
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_kinks_match_eager(fn, reference, dtype):
     # Integer data hits f = 0 exactly: a'(0) must be eager's (0 for ReLU, the slope for
     # LeakyReLU), and every value is exact, so forward and gradients agree bit for bit.
     x, w, b, leaves = make_linear_inputs("3d", dtype, integers=True)
     out, expected = fn(x, w, b), reference(x, w, b)
-    assert (expected == 0).any() or fn is FUSED[1].values[0]  # sigmoid has no kink
+    assert (expected == 0).any() or fn is FUSED_LAYER["linear_sigmoid"][0]  # sigmoid has no kink
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     g = torch.randint(-2, 3, out.shape).to(dtype)
     leaf_list = list(leaves.values())
@@ -129,7 +147,7 @@ def test_activation_of_strided_input(fn, reference):
         )
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_expanded_grad_output(fn, reference):
     # out.sum().backward() hands the backward a stride-0 gradient.
     x, w, b, leaves = make_linear_inputs("3d", torch.float64)
@@ -139,7 +157,7 @@ def test_expanded_grad_output(fn, reference):
         torch.testing.assert_close(g1, g2)
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("requires", ["x", "w", "b", "xw"])
 def test_partial_requires_grad(fn, reference, requires):
     x, w, b, _ = make_linear_inputs("2d", torch.float64)
@@ -152,7 +170,7 @@ def test_partial_requires_grad(fn, reference, requires):
 
 
 @pytest.mark.parametrize("rows,in_features,out_features", [(64, 96, 80), (513, 33, 257), (4096, 8, 3)])
-@pytest.mark.parametrize("fn,reference", FUSED[:3])
+@pytest.mark.parametrize("fn,reference", ONE_LAYER_OF_EACH)
 def test_larger_shapes_cross_thread_and_vector_boundaries(rows, in_features, out_features, fn, reference):
     torch.manual_seed(1)
     x = torch.randn(rows, in_features, requires_grad=True)
@@ -201,7 +219,7 @@ def test_nan_propagates_as_in_eager(fn, reference):
     )
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_nan_in_input_propagates_through_fused_layer(fn, reference):
     x = torch.tensor([[1.0, float("nan")], [0.5, -2.0]])
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -217,7 +235,7 @@ def test_kinks_follow_pytorch():
     )
 
 
-@pytest.mark.parametrize("fn,reference", FUSED)
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("shape", [(10, 10, 40), (100, 40, 40), (7, 1, 5), (256, 512, 512), (3000, 64, 33)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layers_are_as_close_to_float64_as_eager(fn, reference, shape, dtype):
@@ -247,7 +265,7 @@ def test_activations_are_eagers_to_the_last_bit(fn, reference, dtype, numel):
     assert torch.equal(out, expected)
     grad_output = torch.randn(numel, generator=g).to(dtype)
     got, want = grads(out, [x], grad_output)[0], grads(expected, [x], grad_output)[0]
-    if dtype == torch.float16 and fn is ACTIVATIONS[1].values[0]:
+    if dtype == torch.float16 and fn is ACTIVATION["sigmoid"][0]:
         # Eager's CPU float16 sigmoid backward rounds to float16 after each operation;
         # handgrad rounds once, from float32. Not the same bits: closer to the truth.
         s, g64 = expected.detach().double(), grad_output.double()
@@ -255,3 +273,75 @@ def test_activations_are_eagers_to_the_last_bit(fn, reference, dtype, numel):
         assert (got.double() - truth).abs().max() <= (want.double() - truth).abs().max()
     else:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 12), (2, 3, 16), (12,), (0, 12), (1000, 64)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "offset", "transposed"])
+@pytest.mark.parametrize("out_features", [9, 16])  # 16: whole 16-byte packs per row
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_against_eager_and_float64_truth(device, fn, reference, dtype, shape, layout, out_features, bias):
+    # Misaligned ("offset") and transposed arguments, 16-byte packs and scalar tails.
+    check_layer(fn, reference, shape, out_features, dtype, layout, bias, device)
+
+
+@pytest.mark.parametrize("fn,reference", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "offset", "channels_last", "expanded"])
+def test_activation_layouts_match_eager(device, fn, reference, dtype, layout):
+    if layout == "channels_last":
+        leaf = torch.randn(2, 3, 5, 7, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        leaf.requires_grad_()
+        x = leaf
+    elif layout == "expanded":
+        leaf = torch.randn(1, 41, device=device, dtype=dtype, requires_grad=True)
+        x = leaf.expand(37, 41)
+    else:
+        x, leaf = random_tensor(37, 41, dtype=dtype, seed=3, device=device, layout=layout)
+    out, expected = fn(x), reference(x)
+    assert out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected, **summation_order_tolerances(dtype))
+    g = torch.randn(out.shape, device=device).to(dtype)
+    torch.testing.assert_close(torch.autograd.grad(out, leaf, g)[0],
+                               torch.autograd.grad(expected, leaf, g)[0], **summation_order_tolerances(dtype))
+
+
+NON_FINITE = [[1.0, float("nan"), 0.5], [float("inf"), -2.0, 1.0], [-float("inf"), 0.0, 3.0]]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "activation"])
+@pytest.mark.parametrize("pair", range(3), ids=["relu", "sigmoid", "leaky_relu"])
+def test_nan_and_inf_propagate_as_in_eager(device, fused, pair):
+    fn, reference = (ONE_LAYER_OF_EACH if fused else ONE_ACTIVATION_OF_EACH)[pair].values
+    x = torch.tensor(NON_FINITE, device=device, requires_grad=True)
+    args = (x, torch.eye(3, device=device), torch.zeros(3, device=device)) if fused else (x,)
+    out, expected = fn(*args), reference(*args)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    g = torch.tensor([[1.0, 1.0, float("nan")]] * 3, device=device)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(expected, x, g)[0],
+                               equal_nan=True)
+
+
+def test_sigmoid_extremes_match_eager(device):
+    x = torch.tensor([-1000.0, 1000.0, float("nan")], device=device)
+    torch.testing.assert_close(hf.sigmoid(x), torch.sigmoid(x), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols", [(100_000, 48), (8193, 520), (7, 3)])
+def test_bias_gradient_is_bitwise_deterministic_and_right(device, dtype, rows, cols):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, 32, generator=g).to(device, dtype)
+    w = (torch.randn(cols, 32, generator=g) / 32**0.5).to(device, dtype)
+    b = torch.randn(cols, generator=g).to(device, dtype).requires_grad_()
+    grad = torch.randn(rows, cols, generator=g).to(device, dtype)
+    out = hf.linear_sigmoid(x, w, b)
+    first = torch.autograd.grad(out, b, grad)[0]
+    for _ in range(3):
+        assert torch.equal(torch.autograd.grad(hf.linear_sigmoid(x, w, b), b, grad)[0], first)
+    # Against the float64 sum of the same dl/df: as close as eager's grad.sum(0).
+    grad_pre = ops.activation_backward(grad, out.detach(), "sigmoid", 0.0)
+    truth = grad_pre.double().sum(0)
+    eager = grad_pre.sum(0)
+    assert relative_error(first, truth) <= 1.05 * relative_error(eager, truth) + slack(dtype)
