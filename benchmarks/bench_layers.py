@@ -27,7 +27,7 @@ from torch import nn
 
 import handgrad.functional as hf
 import handgrad.nn as hnn
-from handgrad.examples.checkpoint import saved_bytes
+from handgrad.memory import saved_bytes
 from machine import machine_description
 
 SHAPES = {  # name: (N, K, M)

@@ -9,6 +9,7 @@ import torch.autograd.forward_ad as fwAD
 
 from handgrad import chapter7 as c7
 from handgrad.examples import binary, checkpoint, init
+from handgrad.memory import saved_bytes
 from handgrad.nn import MLP
 
 POINTS = 4000
@@ -282,9 +283,9 @@ def test_7_11_checkpointed_mlp_equals_plain_and_stores_less(activation, every):
     # It must store less, or it does not checkpoint: besides the input, the 4 hidden outputs,
     # or the inputs of the stretches after the first.
     layer, given = 5 * 12 * 4, x.numel() * 4
-    assert checkpoint.saved_bytes(plain, x)[0] == given + 4 * layer
+    assert saved_bytes(plain, x)[0] == given + 4 * layer
     stretches = (4 + every - 1) // every
-    assert checkpoint.saved_bytes(checkpointed, x)[0] == given + (stretches - 1) * layer
+    assert saved_bytes(checkpointed, x)[0] == given + (stretches - 1) * layer
 
 
 def test_7_11_checkpointing_lowers_the_peak_memory_of_the_backward():

@@ -64,3 +64,28 @@ def test_no_link_to_files_users_do_not_have():
     for path in ("README.md", "docs/chapter7.md"):
         text = open(os.path.join(ROOT, path), encoding="utf-8").read()
         assert "shared/seed" not in text and "../shared" not in text, path
+
+
+def test_layout_section_matches_the_tree():
+    # Every path the layout lists exists, and every file of csrc/ and pyext/handgrad/ is
+    # listed (itself, by a glob such as fused_mlp.*, by its folder, or by name in the text).
+    import fnmatch
+
+    block = README.split("## Layout", 1)[1].split("```")[1]
+    listed = [line.split()[0].rstrip(",") for line in block.splitlines() if line[:1].strip()]
+    files = _tracked()
+    for path in listed:
+        assert any(fnmatch.fnmatch(f, path.rstrip("/") + "*") for f in files), f"{path} is not in the tree"
+    for f in files:
+        if f.startswith("csrc/"):
+            assert any(fnmatch.fnmatch(f, p) or (p.endswith("/") and f.startswith(p) and p != "csrc/")
+                       for p in listed), f"{f} is missing from the README's layout"
+        elif f.startswith("pyext/handgrad/") and f.count("/") == 2 and not f.endswith("__init__.py"):
+            assert f.rsplit("/", 1)[1] in block, f"{f} is missing from the README's layout"
+
+
+def _tracked():
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    return files

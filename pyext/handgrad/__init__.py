@@ -30,7 +30,7 @@ from . import _C  # noqa: E402,F401  (registers the ops)
 from . import _fake  # noqa: E402,F401  (registers their fake kernels)
 from . import _vmap  # noqa: E402,F401  (and their vmap rules)
 from . import _distributed  # noqa: E402,F401  (and their DTensor rules, once DTensor loads)
-from . import autograd, functional, nn  # noqa: E402
+from . import autograd, functional, memory, nn  # noqa: E402
 
 try:
     from importlib.metadata import version as _version
@@ -56,4 +56,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["autograd", "functional", "nn", "build_info", "cuda_built", "__version__"]
+__all__ = ["autograd", "functional", "memory", "nn", "build_info", "cuda_built", "__version__"]

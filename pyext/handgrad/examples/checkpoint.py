@@ -30,23 +30,6 @@ DEPTH, WIDTH, BATCH = 50, 256, 512
 CHOICES = (None, 5, 10)
 
 
-def saved_bytes(model, x):
-    """Bytes of distinct storage that autograd keeps for the backward of model(x), parameters
-    excluded (they are there anyway); and model(x)."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        pointer = t.untyped_storage().data_ptr()
-        if pointer not in parameters:
-            storages[pointer] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    return sum(storages.values()), out
-
-
 def allocation_profile(step):
     """(net, peak): bytes still allocated after step() and the most allocated at one time
     during it, counted from zero at its start, from the profiler's memory events."""
