@@ -135,14 +135,11 @@ void check_bias(const OpName& op, const Arg& arg, const at::Tensor& bias,
               "), got shape ", bias.sym_sizes());
 }
 
-// A layer's input, weight and bias, where `reference` (the input itself, or grad_output)
-// has been checked to be floating point.
+// A layer's input, weight and bias, where input has been checked to be floating point.
 inline void check_layer(const OpName& op, const at::Tensor& input, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, const char* reference_arg,
-                        const at::Tensor& reference) {
-  if (&input != &reference) check_same_dtype_and_device(op, "input", input, reference_arg, reference);
-  check_same_dtype_and_device(op, "weight", weight, reference_arg, reference);
-  if (bias.has_value()) check_same_dtype_and_device(op, "bias", *bias, reference_arg, reference);
+                        const std::optional<at::Tensor>& bias) {
+  check_same_dtype_and_device(op, "weight", weight, "input", input);
+  if (bias.has_value()) check_same_dtype_and_device(op, "bias", *bias, "input", input);
   check_has_features(op, "input", input, "in_features");
   check_weight(op, "weight", weight, input.sym_size(-1), "input");
   if (bias.has_value()) check_bias(op, "bias", *bias, "weight", weight);
@@ -168,7 +165,7 @@ inline Activation check_linear_activation(const at::Tensor& input, const at::Ten
   const OpName op{"linear_", activation, ""};
   detail::check_negative_slope(op, negative_slope);
   detail::check_floating_dtype(op, "input", input);
-  detail::check_layer(op, input, weight, bias, "input", input);
+  detail::check_layer(op, input, weight, bias);
   return act;
 }
 
@@ -211,7 +208,8 @@ inline Activation check_linear_activation_backward(
   const OpName op{"linear_", activation, "_backward"};
   detail::check_negative_slope(op, negative_slope);
   detail::check_gradient_and_out_or_f(op, grad_output, out_or_f);
-  detail::check_layer(op, input, weight, std::nullopt, "grad_output", grad_output);
+  detail::check_same_dtype_and_device(op, "input", input, "grad_output", grad_output);
+  detail::check_layer(op, input, weight, std::nullopt);
   const auto expected = linear_output_sizes(input.sym_sizes(), weight.sym_size(0));
   TORCH_CHECK(out_or_f.sym_sizes() == c10::SymIntArrayRef(expected), op, ": out_or_f must have shape ",
               c10::SymIntArrayRef(expected),

@@ -75,6 +75,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("preactivation", &handgrad::ops::preactivation, "f = beta + Omega h",
         pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("bias"));
   m.def("as_matrix", &handgrad::as_matrix, "(*, n) as a (rows, n) matrix", pybind11::arg("t"));
+  // For the fake kernel of mlp_forward: which hidden outputs it stores.
+  m.def("is_stored_output", &handgrad::is_stored_output, "whether mlp_forward stores h_made",
+        pybind11::arg("made"), pybind11::arg("hidden"), pybind11::arg("checkpoint_every"));
   // The fake kernels' checks: each op's, as its C++ kernels make it.
   m.def("check_linear_activation", without_result(&handgrad::check_linear_activation));
   m.def("check_activation", without_result(&handgrad::check_activation));

@@ -17,15 +17,14 @@ def opcheck_samples():
     def add(name, op, make_args):
         samples[name] = lambda device: (op, make_args(device))
 
+    def t(*shape, device, dtype=torch.float64, grad=True):
+        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=grad)
+
+    def out_or_f(*shape, device, grad=True):
+        return torch.rand(*shape, dtype=torch.float64, device=device, requires_grad=grad)
+
     for activation, slope in [("relu", 0.0), ("leaky_relu", 0.2), ("leaky_relu", -0.5), ("sigmoid", 0.0)]:
         name = f"{activation}[{slope}]"
-
-        def t(*shape, device, dtype=torch.float64, grad=True):
-            return torch.randn(*shape, dtype=dtype, device=device, requires_grad=grad)
-
-        def out_or_f(*shape, device, grad=True):
-            return torch.rand(*shape, dtype=torch.float64, device=device, requires_grad=grad)
-
         a, s = activation, slope
         add(f"linear_{name}", ops.linear_activation.default,
             lambda d, a=a, s=s: (t(4, 5, device=d), t(3, 5, device=d), t(3, device=d), a, s))

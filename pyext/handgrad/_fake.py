@@ -70,10 +70,8 @@ def _mlp_forward_fake(input, weights, biases, activation, negative_slope, checkp
                  output_activation)
     rows = math.prod(input.shape[:-1])
     hidden = len(weights) - 1
-    # What csrc/shapes.h's is_stored_output keeps: every hidden output, or every k-th one
-    # below the last.
-    kept = [layer for layer in range(1, hidden + 1)
-            if checkpoint_every == 0 or (layer % checkpoint_every == 0 and layer < hidden)]
+    kept = [made for made in range(1, hidden + 1)
+            if _C.is_stored_output(made, hidden, checkpoint_every)]
     hidden_outputs = [input.new_empty((rows, weights[layer - 1].shape[0])) for layer in kept]
     return input.new_empty((*input.shape[:-1], weights[-1].shape[0])), hidden_outputs
 
