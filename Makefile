@@ -25,7 +25,7 @@ else
 endif
 PIP     := $(PYTHON) -m pip
 STAMP   := $(dir $(PYTHON)).handgrad-installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/autograd/* csrc/cpu/* csrc/cuda/*)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/autograd/* csrc/cpu/* csrc/cpu/kernels/* csrc/cuda/*)
 
 .PHONY: install demo test bench sanitize cuda-build clean
 
@@ -61,7 +61,7 @@ bench: install
 # PYTHON under ENVIRONMENT, in DIR, beside the editable install, for tests to import from there.
 define build_into
 	rm -rf $(1) && mkdir -p $(1)
-	cp -r pyext/handgrad $(1)/ && rm -f $(1)/handgrad/_C*.so
+	cp -r pyext/handgrad $(1)/ && rm -f $(1)/handgrad/*.so
 	$(3) $(2) setup.py -q build_ext --force --build-lib $(1) --build-temp $(1)/temp
 	cp pyext/handgrad/_build_config.py $(1)/handgrad/
 endef

@@ -5,14 +5,16 @@ Switches (environment variables):
                             has CUDA and a toolkit is found)
   TORCH_CUDA_ARCH_LIST      GPU architectures of the CUDA build (default "8.0;9.0+PTX":
                             A100, and H100/H200 with PTX for newer GPUs)
-  HANDGRAD_CPU_CAPABILITY   DEFAULT, AVX2 or AVX512: the SIMD level of the CPU kernels
-                            (default: what this machine supports, as PyTorch detects it)
+  HANDGRAD_BUILD_CAPABILITIES  comma-separated CPU capabilities to compile the CPU kernels
+                            for (default: DEFAULT,AVX2,AVX512 on x86-64, DEFAULT elsewhere);
+                            the one that runs is chosen at import (HANDGRAD_CPU_CAPABILITY)
   HANDGRAD_SANITIZE=1       AddressSanitizer and UndefinedBehaviorSanitizer (`make sanitize`)
   DEBUG=1                   -O0 -g
 """
 
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -65,7 +67,9 @@ SANITIZE = os.getenv("HANDGRAD_SANITIZE", "0") == "1"
 SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                    "-fno-omit-frame-pointer", "-g"]
 
-# Compiler flags and macros for each SIMD level of at::vec::Vectorized, as ATen uses them.
+# Compiler flags for each CPU capability, as ATen's CMake gives its kernels
+# (aten/src/ATen/native/cpu/README.md); torch.backends.cpu.get_cpu_capability() names the
+# level a CPU offers.
 CPU_CAPABILITY_FLAGS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
@@ -73,10 +77,22 @@ CPU_CAPABILITY_FLAGS = {
 }
 
 
-def cpu_capability():
-    chosen = os.getenv("HANDGRAD_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-    chosen = chosen.upper()
-    return chosen if chosen in CPU_CAPABILITY_FLAGS else "DEFAULT"
+def cpu_capabilities():
+    """The capabilities the CPU kernels are compiled for: every x86-64 level, else DEFAULT
+    (at::vec's NEON on aarch64)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    default = ["DEFAULT", "AVX2", "AVX512"] if x86 else ["DEFAULT"]
+    chosen = os.getenv("HANDGRAD_BUILD_CAPABILITIES")
+    if not chosen:
+        return default
+    chosen = [c.strip().upper() for c in chosen.split(",") if c.strip()]
+    for capability in chosen:
+        if capability not in default:
+            sys.exit(f"handgrad: HANDGRAD_BUILD_CAPABILITIES names {capability}, which this "
+                     f"{platform.machine()} build cannot compile; choose from {','.join(default)}")
+    if "DEFAULT" not in chosen:
+        sys.exit("handgrad: HANDGRAD_BUILD_CAPABILITIES must include DEFAULT, the path every CPU can run")
+    return [c for c in default if c in chosen]
 
 
 def use_cuda():
@@ -105,38 +121,30 @@ def cublas_include_dirs():
     return sorted({os.path.dirname(h) for h in headers})
 
 
-def write_build_config(capability):
-    # Read at import time, before the library is loaded: a library built for AVX-512
-    # must not be loaded on a CPU without it.
+def write_build_config(capabilities):
+    # Read at import, to choose among the capability libraries that were built.
     with open(os.path.join(ROOT, "pyext", "handgrad", "_build_config.py"), "w") as f:
-        f.write(
-            f"# Written by setup.py at build time.\nCPU_CAPABILITY = {capability!r}\n"
-        )
+        f.write(f"# Written by setup.py at build time.\nCPU_CAPABILITIES = {tuple(capabilities)!r}\n")
 
 
 def get_extensions():
-    capability = cpu_capability()
+    capabilities = cpu_capabilities()
     cuda = use_cuda()
-    write_build_config(capability)
+    write_build_config(capabilities)
 
-    cxx_flags = [
+    common_flags = [
         "-O0" if DEBUG else "-O3",
         "-fopenmp",
         # at::vec's partial loads leave unused lanes unset by design; GCC warns about it
         # hundreds of times inside its own AVX-512 headers.
         "-Wno-maybe-uninitialized",
-        f"-DCPU_CAPABILITY={capability}",
-        f"-DCPU_CAPABILITY_{capability}",
-        *CPU_CAPABILITY_FLAGS[capability],
-    ]
-    if DEBUG:
-        cxx_flags += ["-g"]
-    link_flags = ["-fopenmp"]
-    if SANITIZE:
-        cxx_flags += SANITIZER_FLAGS
-        link_flags += SANITIZER_FLAGS
+    ] + (["-g"] if DEBUG else []) + (SANITIZER_FLAGS if SANITIZE else [])
+    link_flags = ["-fopenmp"] + (SANITIZER_FLAGS if SANITIZE else [])
+
+    # The ops, autograd and bindings, compiled once for any CPU.
+    kernel_sources = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    extra_compile_args = {"cxx": cxx_flags}
+    extra_compile_args = {"cxx": common_flags}
     extension, include_dirs = cpp_extension.CppExtension, []
     if cuda:
         extension = cpp_extension.CUDAExtension
@@ -144,18 +152,33 @@ def get_extensions():
         extra_compile_args["nvcc"] = ["-O0" if DEBUG else "-O3", "-g" if DEBUG else "-lineinfo"]
         include_dirs = cublas_include_dirs()
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    return [
-        extension(
-            "handgrad._C",
-            sources,
-            include_dirs=include_dirs,
-            extra_compile_args=extra_compile_args,
-            extra_link_args=link_flags,
-        )
-    ]
+    extensions = [extension("handgrad._C", sources, include_dirs=include_dirs,
+                            extra_compile_args=extra_compile_args, extra_link_args=link_flags)]
+    # The CPU kernels, once per capability, each a library of its own with hidden symbols
+    # (csrc/cpu/kernels.h says why).
+    for capability in capabilities:
+        flags = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+                 *CPU_CAPABILITY_FLAGS[capability], "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+        extensions.append(cpp_extension.CppExtension(
+            f"handgrad._cpu_{capability}", kernel_sources,
+            extra_compile_args={"cxx": common_flags + flags}, extra_link_args=link_flags))
+    return extensions
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """Builds each library in a folder of its own: the capability libraries compile the same
+    sources with different flags, which must not share object files."""
+
+    def build_extension(self, ext):
+        build_temp = self.build_temp
+        self.build_temp = os.path.join(build_temp, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = build_temp
 
 
 setup(
     ext_modules=get_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

@@ -5,7 +5,7 @@
 //
 // Every formula is a template over a value type V, instantiated with
 //   - float or double: the CUDA kernels and the CPU loop tails;
-//   - at::vec::Vectorized<float or double>: the CPU main loops (csrc/cpu/vectorized.h
+//   - at::vec::Vectorized<float or double>: the CPU main loops (csrc/cpu/kernels/vectorized.h
 //     gives `where` and `exp` for those).
 // Half-precision types are widened to float before they reach these functions.
 #pragma once

@@ -7,7 +7,7 @@
 //             dl/dh_l = Omega_l^T g (7.6),  and below a hidden layer g = dl/dh_l * a'[f]
 //             with a' read off the stored h_{l+1} (7.7, 7.10).
 //
-// On the CPU the network runs in the fused engine (csrc/cpu/fused_mlp.cpp): blocks of rows
+// On the CPU the network runs in the fused engine (csrc/cpu/kernels/fused_mlp.cpp): blocks of rows
 // through every layer while they are in cache. On other devices each layer is one of the
 // per-layer ops (linear_activation and its fused backward), called through the dispatcher
 // below autograd, so each device's own kernels do the work.
@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/fused_mlp.h"
+#include "cpu/kernels.h"
 #include "ops.h"
 
 namespace handgrad {
@@ -47,7 +47,7 @@ at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorLi
                    OutputActivation output_activation) {
   check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
             output_activation);
-  return cpu::fused_forward(input, weights, biases,
+  return cpu::kernels().fused_forward(input, weights, biases,
                             network_activations(activation, negative_slope, output_activation),
                             checkpoint_every, nullptr);
 }
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
   check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
             output_activation);
   std::vector<at::Tensor> hidden_outputs;
-  at::Tensor out = cpu::fused_forward(
+  at::Tensor out = cpu::kernels().fused_forward(
       input, weights, biases, network_activations(activation, negative_slope, output_activation),
       checkpoint_every, &hidden_outputs);
   return {out, hidden_outputs};
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     OutputActivation output_activation) {
   check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope, checkpoint_every,
                      output_activation);
-  return cpu::fused_backward(grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
+  return cpu::kernels().fused_backward(grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
                              network_activations(activation, negative_slope, output_activation),
                              checkpoint_every, {input_requires_grad, true, !biases.empty()});
 }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 #include "ops.h"
 #include "shapes.h"
 
@@ -67,6 +68,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("mlp", &mlp, "torch.ops.handgrad.mlp", pybind11::arg("input"), pybind11::arg("weights"),
         pybind11::arg("biases"), pybind11::arg("activation"), pybind11::arg("negative_slope"),
         pybind11::arg("checkpoint_every"), pybind11::arg("output_activation"));
+
+  // The CPU kernels of one capability (csrc/cpu/kernels.h), loaded by handgrad's import.
+  m.def("load_cpu_kernels", &handgrad::cpu::load_kernels,
+        "loads a capability library of CPU kernels and runs them; returns its capability",
+        pybind11::arg("path"));
+  m.def("cpu_kernels", [] {
+    const auto& k = handgrad::cpu::kernels();
+    return std::make_pair(std::string(k.capability), std::string(k.micro_kernel));
+  }, "the capability and micro-kernel of the CPU kernels that run");
 
   // For the Python Functions (handgrad.autograd), the pieces the C++ autograd kernels use,
   // so that each is written once.

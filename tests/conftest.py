@@ -21,3 +21,21 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Each test that takes `device` runs on the CPU, and on CUDA where there is a GPU."""
     return request.param
+
+
+@pytest.fixture(params=["DEFAULT", "AVX2", "AVX512"])
+def cpu_capability(request):
+    """Each test that takes `cpu_capability` runs with the CPU kernels of every capability
+    this CPU offers and the build has (handgrad loads one library per capability), then
+    the capability chosen at import runs again."""
+    from handgrad import _capability
+
+    if request.param not in _capability.runnable():
+        pytest.skip(f"{request.param} kernels: this CPU offers {_capability.offered()}, the build "
+                    f"has {', '.join(_capability._build_config.CPU_CAPABILITIES)}")
+    chosen = _capability.running()[0]
+    _capability.load(request.param)
+    try:
+        yield request.param
+    finally:
+        _capability.load(chosen)

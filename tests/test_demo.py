@@ -45,15 +45,29 @@ def test_setup_under_build_isolation_says_so():
     assert "pip install --no-build-isolation ." in result.stderr
 
 
-def test_import_refuses_a_build_for_a_richer_cpu(monkeypatch):
+def test_the_cpu_kernels_are_chosen_for_the_cpu_and_lowered_by_the_environment(monkeypatch):
     import pytest
     import torch
 
-    import handgrad
+    from handgrad import _capability
 
-    monkeypatch.setattr(handgrad._build_config, "CPU_CAPABILITY", "AVX512")
+    monkeypatch.setattr(_capability._build_config, "CPU_CAPABILITIES", ("DEFAULT", "AVX2", "AVX512"))
+    monkeypatch.delenv("HANDGRAD_CPU_CAPABILITY", raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    with pytest.raises(ImportError, match="built for AVX512 CPUs but this CPU .* offers AVX2"):
-        handgrad._check_cpu_capability()
+    assert _capability.choose() == "AVX2"  # the best the CPU offers, never more
+    assert _capability.choose("default") == "DEFAULT"  # lowered on request
+    with pytest.warns(RuntimeWarning, match="AVX512 cannot run here .*offers AVX2.*running AVX2"):
+        assert _capability.choose("AVX512") == "AVX2"
+    with pytest.raises(ValueError, match="HANDGRAD_CPU_CAPABILITY='SSE9' is not a CPU capability"):
+        _capability.choose("SSE9")
+    monkeypatch.setenv("HANDGRAD_CPU_CAPABILITY", "DEFAULT")
+    assert _capability.choose() == "DEFAULT"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "SVE256")  # e.g. on Arm
+    monkeypatch.delenv("HANDGRAD_CPU_CAPABILITY")
+    assert _capability.choose() == "DEFAULT"
+    with pytest.raises(RuntimeError, match="this CPU offers DEFAULT, so the AVX2 kernels cannot run"):
+        _capability.load("AVX2")
+    monkeypatch.setattr(_capability._build_config, "CPU_CAPABILITIES", ("DEFAULT",))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    handgrad._check_cpu_capability()  # the same level is fine
+    assert _capability.choose() == "DEFAULT"  # a build for one capability runs it anywhere
+

@@ -3,7 +3,8 @@ through every layer, handgrad's own products, weight gradients summed in a fixed
 
 Its sums run in another order than eager's BLAS, so the tests hold it to a float64 truth
 (no farther from it than eager), to itself (the same bits on every run and thread count),
-and to the torch.nn twin for everything the new arguments (bias, output_activation) add."""
+and to the torch.nn twin for bias=False and output_activation. The engine's tests run with
+the kernels of every CPU capability the machine offers (the cpu_capability fixture)."""
 
 import pytest
 import torch
@@ -67,6 +68,7 @@ NETWORK_ACTIVATIONS = [("relu", 0.0), ("leaky_relu", 0.2), ("leaky_relu", -0.3),
 @pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=["relu", "leaky", "leaky_negative", "sigmoid"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.usefixtures("cpu_capability")
 def test_as_close_to_float64_as_eager(shape, dtype, activation, slope):
     sizes, rows = SHAPES[shape]
     x, weights, biases, grad_output = random_network(sizes, rows, dtype)
@@ -91,6 +93,7 @@ def test_as_close_to_float64_as_eager(shape, dtype, activation, slope):
 @pytest.mark.parametrize("every", [0, 2])
 @pytest.mark.parametrize("output_activation", [None, "sigmoid", "leaky_relu"])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("cpu_capability")
 def test_bias_and_output_activation_match_the_eager_network(bias, output_activation, every):
     x, weights, biases, grad_output = random_network([12, 40, 30, 20, 6], 300, torch.float64, bias=bias)
     ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
@@ -127,6 +130,7 @@ def same_bits_for_every_thread_count(fn, args, grad_output):
 @pytest.mark.parametrize("every", [0, 1])
 @pytest.mark.parametrize("sizes,rows", [([64, 64, 64, 64, 16], 3000), ([784, 256, 256, 10], 64),
                                         ([10, 40, 40, 5], 100)], ids=["thin", "mnist", "fig7.8"])
+@pytest.mark.usefixtures("cpu_capability")
 def test_the_network_gives_the_same_bits_on_every_run_and_thread_count(sizes, rows, every, dtype):
     x, weights, biases, grad_output = random_network(sizes, rows, dtype)
     n = len(weights)
@@ -138,6 +142,7 @@ def test_the_network_gives_the_same_bits_on_every_run_and_thread_count(sizes, ro
 @pytest.mark.parametrize("fn", [hf.linear_relu, hf.linear_sigmoid, lambda x, w, b: hf.linear_leaky_relu(x, w, b, -0.2)],
                          ids=["relu", "sigmoid", "leaky_negative"])
 @pytest.mark.parametrize("shape", [(65536, 64, 64), (3000, 256, 256), (10, 10, 40)], ids=str)
+@pytest.mark.usefixtures("cpu_capability")
 def test_the_layers_give_the_same_bits_on_every_run_and_thread_count(fn, shape):
     # The cache-blocked layer backward used to sum the weight gradient per thread, so its
     # bits changed with the thread count (2.4e-6 on the thin layer).
@@ -146,6 +151,7 @@ def test_the_layers_give_the_same_bits_on_every_run_and_thread_count(fn, shape):
     same_bits_for_every_thread_count(fn, [x, weight, bias], grad_output)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_nan_and_inf_propagate_as_in_eager():
     x, weights, biases, grad_output = random_network([8, 32, 32, 4], 50, torch.float32)
     x[3, 2], x[7, 0], x[9, 5] = float("nan"), float("inf"), -float("inf")
@@ -163,6 +169,7 @@ def test_nan_and_inf_propagate_as_in_eager():
             torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_non_contiguous_and_3d_inputs_and_expanded_gradients():
     _, weights, biases, _ = random_network([6, 20, 5], 0, torch.float64)
     base = torch.randn(4, 7, 12, dtype=torch.float64)
@@ -280,10 +287,12 @@ def test_compile_fullgraph_and_export_with_the_new_arguments():
     torch.testing.assert_close(program.module()(x.detach()), model(x.detach()))
 
 
-def test_build_info_names_the_micro_kernel_the_build_runs():
+def test_build_info_names_the_capability_and_micro_kernel_that_run(cpu_capability):
     import handgrad
 
     info = handgrad.build_info()
-    assert info["cpu_capability"] == handgrad._build_config.CPU_CAPABILITY
-    assert info["cpu_capability"] in info["cpu_micro_kernel"]
+    assert info["cpu_capability"] == cpu_capability
+    assert cpu_capability in info["cpu_micro_kernel"]
+    assert cpu_capability in info["cpu_capabilities_built"]
+    assert info["cpu_capability_offered"] == torch.backends.cpu.get_cpu_capability()
     assert info["cuda"] == handgrad.cuda_built()

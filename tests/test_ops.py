@@ -125,6 +125,7 @@ def test_fused_kinks_match_eager(fn, reference, dtype):
 @pytest.mark.parametrize("fn,reference", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 5), (3, 0, 4), (), (1000,), (2, 3, 37)], ids=str)
+@pytest.mark.usefixtures("cpu_capability")
 def test_activation_matches_eager(fn, reference, dtype, shape):
     x = torch.randn(shape, dtype=torch.float64).to(dtype).requires_grad_()
     out, expected = fn(x), reference(x)
@@ -171,6 +172,7 @@ def test_partial_requires_grad(fn, reference, requires):
 
 @pytest.mark.parametrize("rows,in_features,out_features", [(64, 96, 80), (513, 33, 257), (4096, 8, 3)])
 @pytest.mark.parametrize("fn,reference", ONE_LAYER_OF_EACH)
+@pytest.mark.usefixtures("cpu_capability")
 def test_larger_shapes_cross_thread_and_vector_boundaries(rows, in_features, out_features, fn, reference):
     torch.manual_seed(1)
     x = torch.randn(rows, in_features, requires_grad=True)
@@ -183,6 +185,7 @@ def test_larger_shapes_cross_thread_and_vector_boundaries(rows, in_features, out
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("cpu_capability")
 def test_bias_gradient_is_deterministic():
     torch.manual_seed(2)
     x = torch.randn(20000, 48)
@@ -238,6 +241,7 @@ def test_kinks_follow_pytorch():
 @pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("shape", [(10, 10, 40), (100, 40, 40), (7, 1, 5), (256, 512, 512), (3000, 64, 33)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("cpu_capability")
 def test_layers_are_as_close_to_float64_as_eager(fn, reference, shape, dtype):
     # handgrad's own products add in another order than eager's BLAS: not the same bits,
     # but no farther from the truth, output and every gradient.

@@ -7,26 +7,11 @@ The public API is in handgrad.functional, handgrad.nn and handgrad.autograd.
 
 import torch
 
-from . import _build_config
+from . import _C  # noqa: F401  (registers the ops)
+from . import _capability
 
+_capability.load(_capability.choose())  # the CPU kernels for this CPU
 
-def _check_cpu_capability():
-    # The CPU kernels are compiled for one SIMD level; loading them on a CPU without it
-    # would crash on the first illegal instruction, so refuse here with a way out.
-    levels = ["DEFAULT", "AVX2", "AVX512"]
-    built = _build_config.CPU_CAPABILITY
-    here = torch.backends.cpu.get_cpu_capability()
-    if built != "DEFAULT" and (here not in levels or levels.index(here) < levels.index(built)):
-        raise ImportError(
-            f"handgrad was built for {built} CPUs but this CPU (or ATEN_CPU_CAPABILITY) "
-            f"offers {here}; rebuild it here with "
-            "`HANDGRAD_CPU_CAPABILITY=DEFAULT pip install --no-build-isolation .`"
-        )
-
-
-_check_cpu_capability()
-
-from . import _C  # noqa: E402,F401  (registers the ops)
 from . import _fake  # noqa: E402,F401  (registers their fake kernels)
 from . import _vmap  # noqa: E402,F401  (and their vmap rules)
 from . import _distributed  # noqa: E402,F401  (and their DTensor rules, once DTensor loads)
@@ -46,12 +31,15 @@ def cuda_built() -> bool:
 
 
 def build_info() -> dict:
-    """What this build runs: the SIMD level its CPU kernels were compiled for, the CPU
+    """What this build has and what runs: the CPU capabilities its kernels were compiled
+    for, the one chosen for this CPU (lowered by HANDGRAD_CPU_CAPABILITY) and its
     micro-kernel, and whether it has the CUDA kernels."""
-    capability = _build_config.CPU_CAPABILITY
+    capability, micro_kernel = _capability.running()
     return {
+        "cpu_capabilities_built": list(_capability._build_config.CPU_CAPABILITIES),
+        "cpu_capability_offered": _capability.offered(),
         "cpu_capability": capability,
-        "cpu_micro_kernel": f"handgrad 6x4 registers on at::vec::Vectorized ({capability})",
+        "cpu_micro_kernel": micro_kernel,
         "cuda": cuda_built(),
     }
 

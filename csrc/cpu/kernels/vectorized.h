@@ -8,8 +8,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include "../activation.h"
-#include "../dispatch.h"
+#include "../../activation.h"
+#include "../../dispatch.h"
 
 namespace at::vec {
 inline namespace CPU_CAPABILITY {
@@ -29,6 +29,7 @@ inline Vectorized<T> exp(const Vectorized<T>& x) {
 }  // namespace at::vec
 
 namespace handgrad::cpu {
+inline namespace CPU_CAPABILITY {
 
 // parts[0 .. n) = the sum of `count` parts, `stride` apart, added pairwise in a fixed tree:
 // accurate, and the same bits however the parts were shared among threads.
@@ -43,4 +44,5 @@ void add_pairwise(T* parts, int64_t count, int64_t stride, int64_t n) {
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace handgrad::cpu

@@ -22,7 +22,7 @@
 // thread count. Everything is computed in the accumulation type (float for bfloat16 and
 // float16) and rounded once when written; hidden outputs are rounded to the tensor's dtype
 // before the next layer reads them, as eager stores them.
-#include "fused_mlp.h"
+#include "entry_points.h"
 
 #include <ATen/ceil_div.h>
 #include <ATen/Dispatch.h>
@@ -35,11 +35,12 @@
 #include <memory>
 #include <type_traits>
 
-#include "../checks.h"
+#include "../../checks.h"
 #include "gemm.h"
 #include "vectorized.h"
 
 namespace handgrad::cpu {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 // A block's widest layer (its input and output rows) in about this many bytes: a third of a
@@ -337,7 +338,7 @@ template <typename scalar_t>
 void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t checkpoint_every,
                      const scalar_t* x, const Weights<at::opmath_type<scalar_t>>& w,
                      const std::vector<const scalar_t*>& hidden_outputs, const scalar_t* grad_output,
-                     const scalar_t* output_source, const Gradients<scalar_t>& grads) {
+                     const scalar_t* out_or_f, const Gradients<scalar_t>& grads) {
   using T = at::opmath_type<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, T>;
   const size_t layers = p.layers(), hidden = p.hidden();
@@ -435,9 +436,9 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
         const auto output_layer = [&]() {
           const size_t l = layers - 1;
           const int64_t d = p.widths[layers];
-          if (output_source != nullptr && acts.output.has_value()) {
+          if (out_or_f != nullptr && acts.output.has_value()) {
             layer_backward(l, acts.output,
-                           as_accumulation_type<scalar_t, T>(output_source + row * d, n, d, source_space),
+                           as_accumulation_type<scalar_t, T>(out_or_f + row * d, n, d, source_space),
                            /*from_output=*/true);
           } else {
             layer_backward(l, acts.output, {nullptr, 0}, /*from_output=*/false);
@@ -535,17 +536,18 @@ at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weight_list,
-    at::TensorList bias_list, at::TensorList hidden_outputs, const at::Tensor& output_source,
-    const NetworkActivations& activations, int64_t checkpoint_every, std::array<bool, 3> needs) {
+NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                at::TensorList weight_list, at::TensorList bias_list,
+                                at::TensorList hidden_outputs, const at::Tensor& out_or_f,
+                                const NetworkActivations& activations, int64_t checkpoint_every,
+                                std::array<bool, 3> output_mask) {
   const at::Tensor x = contiguous(input);
   const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
   const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
   const at::Tensor grad = contiguous(grad_output);
-  const at::Tensor source = output_source.defined() ? contiguous(output_source) : at::Tensor();
+  const at::Tensor source = out_or_f.defined() ? contiguous(out_or_f) : at::Tensor();
   const std::vector<at::Tensor> stored = contiguous(hidden_outputs);
-  const auto [need_input, need_weights, need_biases] = needs;
+  const auto [need_input, need_weights, need_biases] = output_mask;
 
   at::Tensor grad_input = need_input ? at::empty({p.rows, p.widths[0]}, input.options()) : at::Tensor();
   std::vector<at::Tensor> grad_weights, grad_biases;
@@ -577,4 +579,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_b
   return {grad_input, grad_weights, grad_biases};
 }
 
+const char* micro_kernel_description() { return kMicroKernel; }
+
+}  // namespace CPU_CAPABILITY
 }  // namespace handgrad::cpu

@@ -23,14 +23,28 @@
 #include <utility>
 
 namespace handgrad::cpu {
+inline namespace CPU_CAPABILITY {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// 6 rows by 4 registers: 24 accumulators, 4 registers of B and one of A, within the 32
-// registers of AVX-512 (AVX2 has 16 and spills a few, as ATen's own kernels accept).
-constexpr int kTileRows = 6;
-constexpr int kTileVectors = 4;
+// The tile is sized for the register file of the capability it is compiled for: the
+// accumulators, one register of A and kTileVectors of B must fit, or every FMA waits on a
+// spill.
+#if defined(CPU_CAPABILITY_AVX512)
+// 6 rows by 4 zmm: 24 accumulators + 4 + 1 of AVX-512's 32 registers.
+constexpr int kTileRows = 6, kTileVectors = 4;
+constexpr const char* kMicroKernel = "6 rows x 4 zmm registers (AVX512: 29 of 32 registers)";
+#elif defined(CPU_CAPABILITY_AVX2)
+// 6 rows by 2 ymm: 12 accumulators + 2 + 1 of AVX2's 16 registers.
+constexpr int kTileRows = 6, kTileVectors = 2;
+constexpr const char* kMicroKernel = "6 rows x 2 ymm registers (AVX2: 15 of 16 registers)";
+#else
+// at::vec's portable vectors (8 floats: two SSE2 registers of 16, or NEON's own type): 4
+// rows by one vector.
+constexpr int kTileRows = 4, kTileVectors = 1;
+constexpr const char* kMicroKernel = "4 rows x 1 at::vec::Vectorized (DEFAULT)";
+#endif
 
 // What the product is added to: nothing, C's own values (accumulate), or a row of bias
 // values (F.linear's addmm: the bias inside the accumulation, rounded once). Either is added
@@ -77,23 +91,24 @@ template <typename T>
 using TileFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t,
                         int64_t, Init, const T*);
 
-// The tiles for 1, 2, 4 or 6 rows (a tail of rows takes at most two of them) by 1 to 4
-// registers, with the last register full or partial.
+// The tiles for kTileRows, 4, 2 or 1 rows (a tail of rows takes at most two of them) by 1
+// to kTileVectors registers, with the last register full or partial.
+constexpr std::array<int, 4> kRowTiles{kTileRows, 4, 2, 1};
+
 template <typename T>
 struct Tiles {
-  static constexpr std::array<int, 4> kRows{6, 4, 2, 1};
-  TileFn<T> fn[4][kTileVectors][2];
+  TileFn<T> fn[4][kTileVectors][2]{};
 
-  template <int R, int V>
-  void set(int row_index) {
-    fn[row_index][V - 1][0] = &tile<T, R, V, false>;
-    fn[row_index][V - 1][1] = &tile<T, R, V, true>;
+  constexpr Tiles() { set_rows(std::make_integer_sequence<int, 4>{}); }
+  template <int... R>
+  constexpr void set_rows(std::integer_sequence<int, R...>) {
+    (set_vectors<R>(std::make_integer_sequence<int, kTileVectors>{}), ...);
   }
-  template <int R>
-  void set_row(int row_index) {
-    set<R, 1>(row_index), set<R, 2>(row_index), set<R, 3>(row_index), set<R, 4>(row_index);
+  template <int R, int... V>
+  constexpr void set_vectors(std::integer_sequence<int, V...>) {
+    ((fn[R][V][0] = &tile<T, kRowTiles[R], V + 1, false>,
+      fn[R][V][1] = &tile<T, kRowTiles[R], V + 1, true>), ...);
   }
-  Tiles() { set_row<6>(0), set_row<4>(1), set_row<2>(2), set_row<1>(3); }
 };
 
 // C = init + A B on one thread, a panel of B's columns at a time.
@@ -101,7 +116,7 @@ template <typename T>
 void gemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row,
                          int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, Init init,
                          const T* bias) {
-  static const Tiles<T> tiles;
+  static constexpr Tiles<T> tiles{};
   constexpr int64_t L = Vec<T>::size(), kPanel = kTileVectors * L;
   // A panel of B's columns is reused by every tile of rows while it is in cache.
   for (int64_t col = 0; col < cols; col += kPanel) {
@@ -111,7 +126,7 @@ void gemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, 
     const T* bias_panel = bias == nullptr ? nullptr : bias + col;
     int64_t row = 0;
     for (int r = 0; r < 4; ++r) {
-      const int64_t tile_rows = Tiles<T>::kRows[r];
+      const int64_t tile_rows = kRowTiles[r];
       const TileFn<T> fn = tiles.fn[r][vectors - 1][partial];
       for (; row + tile_rows <= rows; row += tile_rows) {
         for (int64_t start = 0; start < std::max<int64_t>(depth, 1); start += kDepthPiece) {
@@ -146,4 +161,5 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, 
   gemm_on_this_thread<T>(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace handgrad::cpu

@@ -1,0 +1,156 @@
+// The elementwise CPU kernels: the standalone activations and their backward, and the pass
+// that makes dl/df and the bias gradient together. Each loop runs the formulas of
+// csrc/activation.h on at::vec::Vectorized registers, in the accumulation type (bfloat16
+// and float16 are widened to float), split across threads with at::parallel_for.
+#include <ATen/ceil_div.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../../dispatch.h"
+#include "../../shapes.h"
+#include "entry_points.h"
+#include "vectorized.h"
+
+namespace handgrad::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+// About this many elements per task: ATen's own grain size for elementwise kernels.
+constexpr int64_t kGrainElements = 32768;
+
+// out = a[input], elementwise over contiguous memory (out may be input).
+//
+// Each thread's share runs in pairs of SIMD registers and its last few elements one by one,
+// the way ATen's elementwise kernels (cpu_kernel_vec) walk memory: the vectorized and the
+// scalar exp can differ in the last bit, and so a sigmoid over the same elements gives
+// eager's values to the last bit.
+template <typename scalar_t, Activation A>
+void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel,
+                             double negative_slope) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  const Vec slope(negative_slope);
+  const auto scalar_slope = static_cast<opmath_t>(negative_slope);
+  constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
+  at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+    const int64_t vectorized_end = begin + (end - begin) / kStep * kStep;
+    at::vec::map([&](Vec f) { return activate<A>(f, slope); }, out + begin, input + begin,
+                 vectorized_end - begin);
+    for (int64_t i = vectorized_end; i < end; ++i) {
+      out[i] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(input[i]), scalar_slope));
+    }
+  });
+}
+
+// grad_pre = grad * a'[f], elementwise over contiguous memory.
+template <typename scalar_t, Activation A>
+void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, scalar_t* grad_pre,
+                              int64_t numel, double negative_slope) {
+  using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
+  const Vec slope(negative_slope);
+  at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+    at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, slope); },
+                  grad_pre + begin, grad + begin, out_or_f + begin, end - begin);
+  });
+}
+
+// The bias gradient is summed in a cascade, so that its error grows with log(rows), as in
+// eager's summation, not with rows: runs of kRunRows rows are summed one after another, a
+// block adds up its kSumRows / kRunRows runs, and the blocks' sums are added pairwise.
+constexpr int64_t kRunRows = 8, kSumRows = 64;
+
+// One pass over a contiguous (rows, cols) gradient: grad_pre = grad * a'[f], and
+// grad_bias[j] = sum_i grad_pre[i, j] accumulated in the accumulation type (the sums of the
+// rounded grad_pre, as eager's grad.sum(0)).
+//
+// The blocks of kSumRows rows and the tree that adds their sums depend on the shape alone,
+// never on the thread count, so the bias gradient is the same bit for bit on every run.
+template <typename scalar_t, Activation A>
+void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_f,
+                                   scalar_t* grad_pre, scalar_t* grad_bias, int64_t rows,
+                                   int64_t cols, double negative_slope) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  const Vec slope(negative_slope);
+  const int64_t num_blocks = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, kSumRows));
+  std::vector<opmath_t> block_sums(num_blocks * cols, opmath_t(0));
+  const int64_t grain_blocks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kSumRows * cols, 1));
+
+  at::parallel_for(0, num_blocks, grain_blocks, [&](int64_t first_block, int64_t last_block) {
+    std::vector<opmath_t> widened_row(std::is_same_v<scalar_t, opmath_t> ? 0 : cols);
+    std::vector<opmath_t> run(cols);
+    const auto add = [](Vec sum, Vec x) { return sum + x; };
+    for (int64_t block = first_block; block < last_block; ++block) {
+      opmath_t* sums = block_sums.data() + block * cols;
+      const int64_t row_end = std::min(rows, (block + 1) * kSumRows);
+      for (int64_t i = block * kSumRows; i < row_end; ++i) {
+        scalar_t* grad_pre_row = grad_pre + i * cols;
+        at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, slope); },
+                      grad_pre_row, grad + i * cols, out_or_f + i * cols, cols);
+        const opmath_t* row = nullptr;
+        if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+          row = grad_pre_row;
+        } else {
+          at::vec::convert(grad_pre_row, widened_row.data(), cols);
+          row = widened_row.data();
+        }
+        if (i % kRunRows == 0) {
+          std::copy_n(row, cols, run.data());
+        } else {
+          at::vec::map2(add, run.data(), run.data(), row, cols);
+        }
+        if (i % kRunRows == kRunRows - 1 || i == row_end - 1) {
+          at::vec::map2(add, sums, sums, run.data(), cols);
+        }
+      }
+    }
+  });
+
+  // The blocks' sums added pairwise (csrc/cpu/vectorized.h), rounded once.
+  add_pairwise(block_sums.data(), num_blocks, cols, cols);
+  at::vec::convert(block_sums.data(), grad_bias, cols);
+}
+
+}  // namespace
+
+void activation_kernel(const at::Tensor& input, const at::Tensor& out, Activation act,
+                double negative_slope) {
+  HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "activation_cpu", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      activation_forward_flat<scalar_t, decltype(tag)::value>(
+          input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), input.numel(), negative_slope);
+    });
+  });
+}
+
+void activation_backward_kernel(const at::Tensor& grad, const at::Tensor& out_or_f,
+                         const at::Tensor& grad_pre, Activation act, double negative_slope) {
+  HANDGRAD_DISPATCH_FLOATING_TYPES(out_or_f.scalar_type(), "activation_backward_cpu", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      activation_backward_flat<scalar_t, decltype(tag)::value>(
+          grad.const_data_ptr<scalar_t>(), out_or_f.const_data_ptr<scalar_t>(),
+          grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), negative_slope);
+    });
+  });
+}
+
+void bias_activation_backward_kernel(const at::Tensor& grad, const at::Tensor& out_or_f,
+                              const at::Tensor& grad_pre, const at::Tensor& grad_bias,
+                              Activation act, double negative_slope) {
+  const int64_t rows = leading_rows(out_or_f.sizes()), cols = out_or_f.size(-1);
+  HANDGRAD_DISPATCH_FLOATING_TYPES(out_or_f.scalar_type(), "bias_activation_backward_cpu", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      bias_activation_backward_rows<scalar_t, decltype(tag)::value>(
+          grad.const_data_ptr<scalar_t>(), out_or_f.const_data_ptr<scalar_t>(),
+          grad_pre.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(), rows, cols,
+          negative_slope);
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace handgrad::cpu

@@ -1,0 +1,108 @@
+// The CPU implementations of the handgrad ops (TORCH_LIBRARY_IMPL CPU): each checks its
+// arguments (csrc/checks.h), lays out its tensors, and calls the kernels of the capability
+// chosen at import (csrc/cpu/kernels.h). The fused layers and their backward are networks
+// of one layer for the fused engine.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "../checks.h"
+#include "kernels.h"
+
+namespace handgrad {
+namespace {
+
+// A fused layer is a network of one layer whose output layer has the activation: the fused
+// engine (csrc/cpu/kernels/fused_mlp.cpp) runs it, the bias inside the accumulation, a[.] while each
+// block of rows is in cache.
+at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 c10::string_view activation, double negative_slope) {
+  const Activation act = check_linear_activation(input, weight, bias, activation, negative_slope);
+  const at::Tensor biases[1] = {bias.has_value() ? *bias : at::Tensor()};
+  return cpu::kernels().fused_forward(input, weight, bias.has_value() ? at::TensorList(biases) : at::TensorList(),
+                            {act, act, negative_slope}, 0, nullptr);
+}
+
+at::Tensor activation_cpu(const at::Tensor& input, c10::string_view activation,
+                          double negative_slope) {
+  const Activation act = check_activation(input, activation, negative_slope);
+
+  const at::Tensor x = dense_or_contiguous(input);
+  at::Tensor out = at::empty_like(x);  // x's strides: the same memory order
+  cpu::kernels().activation(x, out, act, negative_slope);
+  return out;
+}
+
+void activation_inplace_cpu(const at::Tensor& input, c10::string_view activation,
+                            double negative_slope) {
+  const Activation act = check_activation(input, activation, negative_slope, /*inplace=*/true);
+  if (!input.is_non_overlapping_and_dense()) {
+    // A strided view: compute aside and copy back; copy_ refuses overlapping memory.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    input.copy_(activation_cpu(input, activation, negative_slope));
+    return;
+  }
+  cpu::kernels().activation(input, input, act, negative_slope);
+}
+
+at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tensor& out_or_f,
+                                   c10::string_view activation, double negative_slope) {
+  const Activation act = check_activation_backward(grad_output, out_or_f, activation, negative_slope);
+
+  // dl/df in out_or_f's memory format; grad_output is copied only if its strides differ.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor s = dense_or_contiguous(out_or_f);
+  const at::Tensor grad =
+      grad_output.strides() == s.strides() ? grad_output : at::empty_like(s).copy_(grad_output);
+  at::Tensor grad_pre = at::empty_like(s);
+  cpu::kernels().activation_backward(grad, s, grad_pre, act, negative_slope);
+  return grad_pre;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
+    double negative_slope) {
+  const Activation act =
+      check_bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
+
+  const int64_t cols = out_or_f.size(-1);
+  const at::Tensor grad = grad_output.contiguous(), saved_contiguous = out_or_f.contiguous();
+  at::Tensor grad_pre = at::empty(out_or_f.sizes(), out_or_f.options());
+  at::Tensor grad_bias = at::empty({cols}, out_or_f.options());
+  cpu::kernels().bias_activation_backward(grad, saved_contiguous, grad_pre, grad_bias, act,
+                                          negative_slope);
+  return {grad_pre, grad_bias};
+}
+
+// dl/dh (7.6), dl/dOmega (7.9) and dl/dbeta of a fused layer, by the fused engine: a' read
+// off out_or_f in cache, the weight gradient accumulated in a fixed order (deterministic).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  const Activation act = check_linear_activation_backward(grad_output, input, weight, out_or_f,
+                                                          activation, negative_slope);
+  auto [grad_input, grad_weights, grad_biases] =
+      cpu::kernels().fused_backward(grad_output, input, weight, {}, {}, out_or_f, {act, act, negative_slope},
+                          0, output_mask);
+  return {grad_input, output_mask[1] ? grad_weights[0] : at::Tensor(),
+          output_mask[2] ? grad_biases[0] : at::Tensor()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
+  m.impl("linear_activation", &linear_activation_cpu);
+  m.impl("activation", &activation_cpu);
+  m.impl("activation_", &activation_inplace_cpu);
+  m.impl("activation_backward", &activation_backward_cpu);
+  m.impl("bias_activation_backward", &bias_activation_backward_cpu);
+  m.impl("linear_activation_backward", &linear_activation_backward_cpu);
+}
+
+}  // namespace handgrad
