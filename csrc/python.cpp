@@ -77,6 +77,17 @@ PYBIND11_MODULE(_C, m) {
     const auto& k = handgrad::cpu::kernels();
     return std::make_pair(std::string(k.capability), std::string(k.micro_kernel));
   }, "the capability and micro-kernel of the CPU kernels that run");
+  m.def("cpu_products_go_to_blas", [](int64_t rows, const std::vector<at::Tensor>& weights,
+                                      c10::string_view activation, double negative_slope,
+                                      int64_t checkpoint_every,
+                                      std::optional<c10::string_view> output_activation,
+                                      bool output_layer_source) {
+    std::optional<handgrad::Activation> output;
+    if (output_activation.has_value()) output = handgrad::parse_activation(*output_activation);
+    return handgrad::cpu::kernels().blas_pays(
+        rows, weights, {handgrad::parse_activation(activation), output, negative_slope},
+        checkpoint_every, output_layer_source);
+  }, "whether the CPU engine gives this network's products to BLAS (by their shapes)");
 
   // For the Python Functions (handgrad.autograd), the pieces the C++ autograd kernels use,
   // so that each is written once.

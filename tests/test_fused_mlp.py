@@ -13,6 +13,7 @@ from samples import DTYPES, assert_as_accurate_as_eager, tolerances
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
+import handgrad
 import handgrad.functional as hf
 import handgrad.nn as hnn
 
@@ -114,16 +115,48 @@ def gradients(fn, args, grad_output):
     return [out.detach(), *torch.autograd.grad(out, args, grad_output)]
 
 
-def same_bits_for_every_thread_count(fn, args, grad_output):
+def same_bits_for_every_thread_count(fn, args, grad_output, blas=False):
+    """The engine's own kernel: the same bits on every run and thread count. Where the
+    products go to BLAS (blas=True), eager's guarantee: the same bits on every run."""
     reference = gradients(fn, args, grad_output)
     threads = torch.get_num_threads()
     try:
         for count in (1, 2, 3, 4, 1):
-            torch.set_num_threads(count)
+            torch.set_num_threads(threads if blas else count)
             for got, want in zip(gradients(fn, args, grad_output), reference):
                 assert torch.equal(got, want), f"different bits with {count} threads"
     finally:
         torch.set_num_threads(threads)
+
+
+def goes_to_blas(weights, rows, activation="relu", slope=0.0, every=0, output_activation=None):
+    return handgrad._C.cpu_products_go_to_blas(rows, weights, activation, slope, every, output_activation, True)
+
+
+@pytest.mark.usefixtures("cpu_capability")
+@pytest.mark.parametrize("sizes,rows,expected", [
+    ([784, 256, 256, 10], 64, True), ([512, 512], 256, True), ([1024, 1024], 4096, True),  # deep products
+    ([64, 64, 64, 64, 16], 3000, False), ([63, 256, 256, 4], 4096, False), ([256, 256], 16384, False),
+    ([784, 256, 256, 10], 16, False),  # too few rows for BLAS to pay
+])
+def test_products_go_to_blas_where_fusion_saves_nothing(sizes, rows, expected):
+    x, weights, biases, grad_output = random_network(sizes, rows, torch.float32)
+    assert goes_to_blas(weights, rows) == expected
+    assert not goes_to_blas(weights, rows, every=1)  # checkpointing recomputes in the engine
+    if len(weights) > 1:  # the engine recomputes f where the output hides its sign
+        assert not goes_to_blas(weights, rows, "leaky_relu", -0.5)
+    # Either way, eager's results, and the float64 truth's within eager's error.
+    truth_args = leaves([x.double(), *[w.double() for w in weights], *[b.double() for b in biases]])
+    ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
+    n = len(weights)
+    out = hf.mlp(ours_args[0], ours_args[1:n + 1], ours_args[n + 1:], "relu")
+    expected_out = eager_network(eager_args[0], eager_args[1:n + 1], eager_args[n + 1:], "relu", 0.0)
+    truth = eager_network(truth_args[0], truth_args[1:n + 1], truth_args[n + 1:], "relu", 0.0)
+    assert_as_accurate_as_eager(out, expected_out, truth)
+    for got, want, true in zip(torch.autograd.grad(out, ours_args, grad_output),
+                               torch.autograd.grad(expected_out, eager_args, grad_output),
+                               torch.autograd.grad(truth, truth_args, grad_output.double())):
+        assert_as_accurate_as_eager(got, want, true)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,7 +169,7 @@ def test_the_network_gives_the_same_bits_on_every_run_and_thread_count(sizes, ro
     n = len(weights)
     same_bits_for_every_thread_count(
         lambda x, *p: hf.mlp(x, list(p[:n]), list(p[n:]), "relu", checkpoint_every=every or None),
-        [x, *weights, *biases], grad_output)
+        [x, *weights, *biases], grad_output, blas=goes_to_blas(weights, rows, every=every))
 
 
 @pytest.mark.parametrize("fn", [hf.linear_relu, hf.linear_sigmoid, lambda x, w, b: hf.linear_leaky_relu(x, w, b, -0.2)],
@@ -148,7 +181,7 @@ def test_the_layers_give_the_same_bits_on_every_run_and_thread_count(fn, shape):
     # bits changed with the thread count (2.4e-6 on the thin layer).
     rows, k, m = shape
     x, (weight,), (bias,), grad_output = random_network([k, m], rows, torch.float32)
-    same_bits_for_every_thread_count(fn, [x, weight, bias], grad_output)
+    same_bits_for_every_thread_count(fn, [x, weight, bias], grad_output, blas=goes_to_blas([weight], rows))
 
 
 @pytest.mark.usefixtures("cpu_capability")

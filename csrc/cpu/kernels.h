@@ -36,7 +36,7 @@ struct NetworkActivations {
 using NetworkGradients = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 // Bumped whenever this table changes, so that a library left from another build is refused.
-constexpr int kKernelsVersion = 1;
+constexpr int kKernelsVersion = 2;
 
 struct Kernels {
   int version;             // kKernelsVersion of the sources it was built from
@@ -59,6 +59,12 @@ struct Kernels {
                                      at::TensorList hidden_outputs, const at::Tensor& out_or_f,
                                      const NetworkActivations& activations,
                                      int64_t checkpoint_every, std::array<bool, 3> output_mask);
+
+  // Whether the engine gives this network's products to BLAS, layer by layer over all rows
+  // (csrc/cpu/kernels/blas_network.cpp), rather than run it in blocks with its own kernel.
+  // output_layer_source: the backward is given the output layer's out_or_f.
+  bool (*blas_pays)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                    int64_t checkpoint_every, bool output_layer_source);
 
   // Elementwise (csrc/cpu/kernels/elementwise.cpp), over the memory of tensors that are
   // non-overlapping and dense in the same order: out = a[input] (out may be input), and

@@ -1,4 +1,6 @@
 // The fused CPU engine: the backpropagation algorithm of section 7.4 in blocks of rows.
+// (Networks whose products are large enough that fusion saves nothing go to BLAS instead,
+// layer by layer: blas_network.cpp.)
 //
 // Forward. A block of rows, sized so that its widest layer's input and output stay in L2,
 // goes through every layer before the next block starts: f = beta + h Omega^T with the
@@ -22,6 +24,7 @@
 // thread count. Everything is computed in the accumulation type (float for bfloat16 and
 // float16) and rounded once when written; hidden outputs are rounded to the tensor's dtype
 // before the next layer reads them, as eager stores them.
+#include "blas_network.h"
 #include "entry_points.h"
 
 #include <ATen/ceil_div.h>
@@ -513,6 +516,9 @@ std::vector<at::Tensor> contiguous(at::TensorList tensors) {
 at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
                          at::TensorList bias_list, const NetworkActivations& activations,
                          int64_t checkpoint_every, std::vector<at::Tensor>* hidden_outputs) {
+  if (blas_pays(leading_rows(input.sizes()), weight_list, activations, checkpoint_every, true)) {
+    return blas_forward(input, weight_list, bias_list, activations, hidden_outputs);
+  }
   const at::Tensor x = contiguous(input);
   const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
   const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
@@ -541,6 +547,11 @@ NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor&
                                 at::TensorList hidden_outputs, const at::Tensor& out_or_f,
                                 const NetworkActivations& activations, int64_t checkpoint_every,
                                 std::array<bool, 3> output_mask) {
+  if (blas_pays(leading_rows(input.sizes()), weight_list, activations, checkpoint_every,
+                out_or_f.defined() || !activations.output.has_value())) {
+    return blas_backward(grad_output, input, weight_list, bias_list, contiguous(hidden_outputs),
+                         out_or_f, activations, output_mask);
+  }
   const at::Tensor x = contiguous(input);
   const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
   const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));

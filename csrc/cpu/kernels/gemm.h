@@ -15,12 +15,15 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace handgrad::cpu {
 inline namespace CPU_CAPABILITY {
@@ -35,15 +38,18 @@ using Vec = at::vec::Vectorized<T>;
 // 6 rows by 4 zmm: 24 accumulators + 4 + 1 of AVX-512's 32 registers.
 constexpr int kTileRows = 6, kTileVectors = 4;
 constexpr const char* kMicroKernel = "6 rows x 4 zmm registers (AVX512: 29 of 32 registers)";
+constexpr bool kUseBrgemm = true;
 #elif defined(CPU_CAPABILITY_AVX2)
 // 6 rows by 2 ymm: 12 accumulators + 2 + 1 of AVX2's 16 registers.
 constexpr int kTileRows = 6, kTileVectors = 2;
 constexpr const char* kMicroKernel = "6 rows x 2 ymm registers (AVX2: 15 of 16 registers)";
+constexpr bool kUseBrgemm = true;
 #else
 // at::vec's portable vectors (8 floats: two SSE2 registers of 16, or NEON's own type): 4
 // rows by one vector.
 constexpr int kTileRows = 4, kTileVectors = 1;
 constexpr const char* kMicroKernel = "4 rows x 1 at::vec::Vectorized (DEFAULT)";
+constexpr bool kUseBrgemm = false;  // the portable path; aarch64 too
 #endif
 
 // What the product is added to: nothing, C's own values (accumulate), or a row of bias
@@ -111,11 +117,49 @@ struct Tiles {
   }
 };
 
+// Measured with benchmarks/bench_networks.py: transposing g for brgemm costs a 64-wide
+// weight gradient more than it saves; from 256 columns brgemm wins (AVX2 path: 1.35 -> 1.00
+// of eager on a 256-wide layer).
+constexpr int64_t kBrgemmTransposedMinCols = 256;
+
+// C = init + A B by oneDNN's brgemm (at::native::cpublas, JIT-compiled for the CPU it runs
+// on), where it measured faster inside the engine (kUseBrgemm; RESULTS.md). A that is
+// stored by columns (g^T, for the weight gradient) is transposed first, in cache, which
+// pays only where each of its elements serves many columns (kBrgemmTransposedMinCols). The
+// bias is added to the finished product, as the tile adds it. Each call runs on one thread
+// on a block whose shape follows from the problem's alone: the same bits for every thread
+// count.
+inline void brgemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const float* a,
+                                  int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                                  float* c, int64_t ldc, Init init, const float* bias) {
+  int64_t lda = a_row;
+  if (a_col != 1) {
+    thread_local std::vector<float> transposed;
+    transposed.resize(rows * depth);
+    at::vec::transpose_mxn<float>(a, a_col, transposed.data(), depth, static_cast<int>(depth),
+                                  static_cast<int>(rows));
+    a = transposed.data(), lda = depth;
+  }
+  at::native::cpublas::brgemm(rows, cols, depth, lda, ldb, ldc, init == Init::AddToC, a, b, c);
+  if (init == Init::BiasRow) {
+    for (int64_t i = 0; i < rows; ++i) {
+      at::vec::map2([](Vec<float> x, Vec<float> y) { return x + y; }, c + i * ldc, c + i * ldc, bias, cols);
+    }
+  }
+}
+
 // C = init + A B on one thread, a panel of B's columns at a time.
 template <typename T>
 void gemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row,
                          int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, Init init,
                          const T* bias) {
+  if constexpr (kUseBrgemm && std::is_same_v<T, float>) {
+    if (rows > 0 && cols > 0 && depth > 0 &&
+        (a_col == 1 || (a_row == 1 && cols >= kBrgemmTransposedMinCols))) {
+      brgemm_on_this_thread(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
+      return;
+    }
+  }
   static constexpr Tiles<T> tiles{};
   constexpr int64_t L = Vec<T>::size(), kPanel = kTileVectors * L;
   // A panel of B's columns is reused by every tile of rows while it is in cache.

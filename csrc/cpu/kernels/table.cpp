@@ -3,6 +3,7 @@
 // library loads (no static initializer in a file compiled for a capability, pytorch#37577).
 #include <c10/macros/Export.h>
 
+#include "blas_network.h"
 #include "entry_points.h"
 
 #define HANDGRAD_NAME_OF(capability) #capability
@@ -16,6 +17,7 @@ extern "C" C10_EXPORT const handgrad::cpu::Kernels* handgrad_cpu_kernels() {
       k::micro_kernel_description(),
       &k::fused_forward,
       &k::fused_backward,
+      &k::blas_pays,
       &k::activation_kernel,
       &k::activation_backward_kernel,
       &k::bias_activation_backward_kernel,

@@ -1,0 +1,88 @@
+// The network layer by layer over all rows with BLAS's products, for networks whose
+// products are large enough that fusion saves nothing (blas_pays): what eager's F.linear
+// runs (addmm, the bias inside the product; mm for the gradients), with the activation in
+// one pass over each output and, in the backward, a' and the bias gradient in one pass.
+// Results are eager's, bit for bit in the products; so is the determinism (BLAS's).
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+
+#include "../../shapes.h"
+#include "blas_network.h"
+#include "entry_points.h"
+
+namespace handgrad::cpu {
+inline namespace CPU_CAPABILITY {
+
+bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+               int64_t checkpoint_every, bool output_layer_source) {
+  // What the engine saves is memory traffic, about d_out per row and layer; what a product
+  // costs is d_in d_out per row. Where the products' mean depth (weighted by their work) is
+  // large, BLAS's faster products win; below, the engine's fewer passes (measured:
+  // benchmarks/bench_layers.py, bench_networks.py; RESULTS.md).
+  if (checkpoint_every > 0 || rows < kBlasMinRows) return false;
+  // The engine recomputes f where a' cannot be read off what is stored; this path does not.
+  if (output_hides_sign(activations.hidden, activations.negative_slope) && weights.size() > 1) return false;
+  if (activations.output.has_value() && !output_layer_source) return false;
+  double work = 0, depth_work = 0;
+  for (const auto& w : weights) {
+    const double layer = static_cast<double>(w.size(0)) * w.size(1);
+    work += layer;
+    depth_work += layer * w.size(1);
+  }
+  return work > 0 && depth_work >= kBlasMinDepth * work;
+}
+
+at::Tensor blas_forward(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                        const NetworkActivations& activations, std::vector<at::Tensor>* hidden_outputs) {
+  at::Tensor h = as_matrix(input).contiguous();
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const bool is_output = l + 1 == weights.size();
+    const at::Tensor f = biases.empty() ? at::mm(h, weights[l].t()) : at::addmm(biases[l], h, weights[l].t());
+    const std::optional<Activation> a = is_output ? activations.output : std::optional(activations.hidden);
+    if (a.has_value()) activation_kernel(f, f, *a, activations.negative_slope);
+    if (!is_output && hidden_outputs != nullptr) hidden_outputs->push_back(f);
+    h = f;
+  }
+  at::DimVector sizes(input.sizes());
+  sizes.back() = h.size(1);
+  return h.view(sizes);
+}
+
+NetworkGradients blas_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                               at::TensorList weights, at::TensorList biases,
+                               at::TensorList hidden_outputs, const at::Tensor& out_or_f,
+                               const NetworkActivations& activations, std::array<bool, 3> output_mask) {
+  const auto [need_input, need_weights, need_biases] = output_mask;
+  const size_t layers = weights.size();
+  const at::Tensor x = as_matrix(input).contiguous();
+  at::Tensor g = as_matrix(grad_output).contiguous();
+  std::vector<at::Tensor> grad_weights(need_weights ? layers : 0), grad_biases(need_biases ? layers : 0);
+  at::Tensor grad_input;
+  for (size_t l = layers; l-- > 0;) {
+    const bool is_output = l + 1 == layers;
+    const std::optional<Activation> a = is_output ? activations.output : std::optional(activations.hidden);
+    if (a.has_value()) {  // dl/df = dl/dh * a'[.], read off the layer's output (7.7, 7.10)
+      const at::Tensor source = is_output ? as_matrix(out_or_f).contiguous() : hidden_outputs[l];
+      const at::Tensor grad_pre = at::empty(source.sizes(), source.options());
+      if (need_biases) {
+        grad_biases[l] = at::empty({source.size(1)}, source.options());
+        bias_activation_backward_kernel(g, source, grad_pre, grad_biases[l], *a, activations.negative_slope);
+      } else {
+        activation_backward_kernel(g, source, grad_pre, *a, activations.negative_slope);
+      }
+      g = grad_pre;
+    } else if (need_biases) {
+      grad_biases[l] = g.sum(0);
+    }
+    const at::Tensor& h = l == 0 ? x : hidden_outputs[l - 1];
+    if (need_weights) grad_weights[l] = at::mm(g.t(), h);  // dl/dOmega = g^T h  (7.9)
+    if (l > 0 || need_input) g = at::mm(g, weights[l]);    // dl/dh = g Omega  (7.6)
+  }
+  if (need_input) grad_input = g.view(input.sizes());
+  return {grad_input, grad_weights, grad_biases};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace handgrad::cpu
