@@ -4,7 +4,10 @@
 #                    and the tools, build the extension (does nothing when nothing changed)
 #   make demo        train the figure 7.8 network with torch.nn and with handgrad (problem 7.16)
 #   make test        the test suite
-#   make bench       the CPU benchmark tables: layers and whole networks (benchmarks/RESULTS.md)
+#   make test-capabilities  the CPU parity tests again with each lower CPU capability this CPU
+#                    offers (torch's kernels lowered with handgrad's: ATEN_CPU_CAPABILITY)
+#   make bench       the CPU benchmark tables: layers and whole networks (benchmarks/RESULTS.md),
+#                    for each CPU capability this CPU offers
 #   make sanitize    build with AddressSanitizer + UBSan into build/sanitize, run the tests there
 #   make cuda-build  compile and link the CUDA build on a machine with nvcc (no GPU needed)
 
@@ -27,7 +30,7 @@ PIP     := $(PYTHON) -m pip
 STAMP   := $(dir $(PYTHON)).handgrad-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/autograd/* csrc/cpu/* csrc/cpu/kernels/* csrc/cuda/*)
 
-.PHONY: install demo test bench sanitize cuda-build clean
+.PHONY: install demo test test-capabilities bench sanitize cuda-build clean
 
 install: $(STAMP)
 
@@ -53,9 +56,24 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q tests
 
+# A lower capability: torch's kernels (ATEN_CPU_CAPABILITY, which handgrad follows), oneDNN's
+# JIT and MKL are all held to it, as on a CPU that has no more.
+LOWER_CPUS = $$($(PYTHON) -c "from handgrad import _capability as c; print(' '.join(c.runnable()[:-1]))")
+define as_capability
+ATEN_CPU_CAPABILITY=$$(echo $(1) | tr A-Z a-z) ONEDNN_MAX_CPU_ISA=$$([ $(1) = DEFAULT ] && echo SSE41 || echo $(1) | sed 's/AVX512/AVX512_CORE/') \
+	MKL_ENABLE_INSTRUCTIONS=$$([ $(1) = DEFAULT ] && echo SSE4_2 || echo $(1))
+endef
+CAPABILITY_TESTS = tests/test_ops.py tests/test_fused_mlp.py tests/test_mlp.py tests/test_gradcheck.py
+
+test-capabilities: install
+	@for c in $(LOWER_CPUS); do echo "== the CPU parity tests with the $$c kernels"; \
+	  $(call as_capability,$$c) $(PYTHON) -m pytest -q -p no:cacheprovider $(CAPABILITY_TESTS) || exit 1; done
+
 bench: install
-	$(PYTHON) benchmarks/bench_layers.py
-	$(PYTHON) benchmarks/bench_networks.py
+	@for c in $$($(PYTHON) -c "from handgrad import _capability as c; print(' '.join(reversed(c.runnable())))"); do \
+	  echo "== CPU capability $$c"; \
+	  $(call as_capability,$$c) $(PYTHON) benchmarks/bench_layers.py --out benchmarks/out/$$c || exit 1; \
+	  $(call as_capability,$$c) $(PYTHON) benchmarks/bench_networks.py --out benchmarks/out/$$c || exit 1; done
 
 # $(call build_into,DIR,PYTHON,ENVIRONMENT): the package, with its library freshly built by
 # PYTHON under ENVIRONMENT, in DIR, beside the editable install, for tests to import from there.

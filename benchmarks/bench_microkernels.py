@@ -1,4 +1,4 @@
-"""The matrix-product micro-kernel, chosen by measurement: handgrad's own (csrc/cpu/gemm.h)
+"""The matrix-product micro-kernel, chosen by measurement: handgrad's tiles (csrc/cpu/kernels/gemm.h)
 against oneDNN's through ATen (at::native::cpublas::brgemm, the kernel Inductor's CPU GEMM
 template uses) and BLAS (at::mm_out, MKL or OpenBLAS as torch was built), on one thread, on
 the block shapes the fused engine multiplies: C (m x n) = A (m x k) B (k x n), float32.
@@ -25,7 +25,7 @@ SOURCE = r"""
 #include <ATen/ops/mm.h>
 #include <torch/extension.h>
 #include <chrono>
-#include "cpu/gemm.h"
+#include "cpu/kernels/gemm.h"
 
 // Seconds per call of kernel(m, n, k) on float32 buffers, the best of 5 runs of `repeats`.
 double seconds(const std::string& kernel, int64_t m, int64_t n, int64_t k, int64_t repeats) {
@@ -34,7 +34,7 @@ double seconds(const std::string& kernel, int64_t m, int64_t n, int64_t k, int64
   float* pc = c.data_ptr<float>();
   const auto call = [&] {
     if (kernel == "handgrad") {
-      handgrad::cpu::gemm<float>(m, n, k, pa, k, 1, pb, n, pc, n, handgrad::cpu::Init::Zero);
+      handgrad::cpu::tiles_on_this_thread<float>(m, n, k, pa, k, 1, pb, n, pc, n, handgrad::cpu::Init::Zero, nullptr);
     } else if (kernel == "brgemm") {
       at::native::cpublas::brgemm(m, n, k, k, n, n, false, pa, pb, pc);
     } else {
@@ -69,13 +69,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from machine import fma_limit, machine_description
 
-    capability = torch.backends.cpu.get_cpu_capability()
+    from machine import running_capability
+
+    # handgrad's tiles as compiled for the capability handgrad runs (HANDGRAD_CPU_CAPABILITY
+    # lowers it), with setup.py's flags for it.
+    capability = running_capability()
+    flags = {"DEFAULT": [], "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+             "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]}[capability]
     module = cpp_extension.load_inline(
-        "handgrad_microkernels", cpp_sources=SOURCE, extra_include_paths=[os.path.join(ROOT, "csrc")],
-        extra_cflags=["-O3", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
-                      "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-        if capability == "AVX512" else ["-O3", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-        + (["-mavx2", "-mfma", "-mf16c"] if capability == "AVX2" else []),
+        f"handgrad_microkernels_{capability}", cpp_sources=SOURCE, extra_include_paths=[os.path.join(ROOT, "csrc")],
+        extra_cflags=["-O3", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *flags],
         verbose=False)
     limit = fma_limit(1)
     print(f"# Micro-kernels, one thread\n\n{machine_description('cpu')}\n")

@@ -2,8 +2,9 @@
 
 Every benchmark table starts with machine_description(), so that a reader can tell how close
 each figure is to what the machine can do:
-  - the FMA limit: benchmarks/fma_peak.c, independent float32 FMAs on registers, built here
-    with the system compiler (cc -O3 -march=native) and run on 1 thread and on all of torch's;
+  - the FMA limit of each CPU capability this machine offers: benchmarks/fma_peak.c,
+    independent float32 FMAs on registers, built here with the system compiler for that
+    capability (its flags, vector width and chains), run on 1 thread and on all of torch's;
   - BLAS: torch.mm of two 1024x1024 float32 matrices (MKL or OpenBLAS, as torch was built),
     on all of torch's threads.
 """
@@ -31,15 +32,32 @@ def cpu_model():
         return platform.processor() or platform.machine()
 
 
+# Per capability: compiler flags, vector bytes and chains that fit the register file.
+FMA_PROBES = {
+    "DEFAULT": ([], 16, 12),
+    "AVX2": (["-mavx2", "-mfma"], 32, 12),
+    "AVX512": (["-mavx512f", "-mfma"], 64, 16),
+}
+
+
+def running_capability():
+    """The CPU capability whose kernels handgrad runs now."""
+    return handgrad.build_info()["cpu_capability"]
+
+
 @functools.lru_cache(maxsize=None)
-def fma_limit(threads):
-    """GFLOP/s of float32 FMAs on `threads` threads, or None where no C compiler is found."""
+def fma_limit(threads, capability=None):
+    """GFLOP/s of float32 FMAs on `threads` threads with the vectors of `capability` (default:
+    the one handgrad runs), or None where no C compiler is found."""
+    capability = capability or running_capability()
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    if compiler is None or capability not in FMA_PROBES:
         return None
+    flags, vector_bytes, chains = FMA_PROBES[capability]
     with tempfile.TemporaryDirectory() as folder:
         program = os.path.join(folder, "fma_peak")
-        built = subprocess.run([compiler, "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp",
+        built = subprocess.run([compiler, "-O3", *flags, "-ffp-contract=fast", "-fopenmp",
+                                f"-DVECTOR_BYTES={vector_bytes}", f"-DCHAINS={chains}",
                                 os.path.join(HERE, "fma_peak.c"), "-o", program], capture_output=True)
         if built.returncode != 0:
             return None
@@ -63,15 +81,18 @@ def blas_gflops(size=1024):
 
 
 def machine_description(device="cpu"):
-    """One paragraph: the machine, and its measured limits on the CPU."""
+    """One paragraph: the machine, and its measured limits on the CPU, per capability."""
     if device == "cuda":
         return (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}; Python "
                 f"{platform.python_version()}, torch {torch.__version__}, handgrad {handgrad.__version__}")
     threads = torch.get_num_threads()
-    one, all_threads = fma_limit(1), fma_limit(threads)
-    limit = ("FMA limit not measured (no C compiler)" if one is None else
-             f"FMA limit {one:.0f} GFLOP/s on 1 thread, {all_threads:.0f} on {threads}")
-    return (f"{cpu_model()}, {os.cpu_count()} cores, {threads} torch threads, capability "
-            f"{torch.backends.cpu.get_cpu_capability()}; {limit}; BLAS sgemm (torch.mm 1024^3) "
-            f"{blas_gflops():.0f} GFLOP/s; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"handgrad {handgrad.__version__}")
+    limits = []
+    for capability in handgrad._capability.runnable():
+        one, all_threads = fma_limit(1, capability), fma_limit(threads, capability)
+        limits.append(f"{capability} {one:.0f} on 1 thread, {all_threads:.0f} on {threads}"
+                      if one is not None else f"{capability} not measured (no C compiler)")
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {threads} torch threads; CPU capability offered "
+            f"{handgrad._capability.offered()}, handgrad runs **{running_capability()}** "
+            f"({handgrad.build_info()['cpu_micro_kernel']}); FMA limit GFLOP/s: {'; '.join(limits)}; "
+            f"BLAS sgemm (torch.mm 1024^3) {blas_gflops():.0f} GFLOP/s on {threads} threads; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, handgrad {handgrad.__version__}")

@@ -148,18 +148,11 @@ inline void brgemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, con
   }
 }
 
-// C = init + A B on one thread, a panel of B's columns at a time.
+// C = init + A B on one thread by handgrad's tiles, a panel of B's columns at a time.
 template <typename T>
-void gemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row,
+void tiles_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row,
                          int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, Init init,
                          const T* bias) {
-  if constexpr (kUseBrgemm && std::is_same_v<T, float>) {
-    if (rows > 0 && cols > 0 && depth > 0 &&
-        (a_col == 1 || (a_row == 1 && cols >= kBrgemmTransposedMinCols))) {
-      brgemm_on_this_thread(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
-      return;
-    }
-  }
   static constexpr Tiles<T> tiles{};
   constexpr int64_t L = Vec<T>::size(), kPanel = kTileVectors * L;
   // A panel of B's columns is reused by every tile of rows while it is in cache.
@@ -181,6 +174,21 @@ void gemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, 
       }
     }
   }
+}
+
+// C = init + A B on one thread: brgemm where it measured faster, else handgrad's tiles.
+template <typename T>
+void gemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row,
+                         int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, Init init,
+                         const T* bias) {
+  if constexpr (kUseBrgemm && std::is_same_v<T, float>) {
+    if (rows > 0 && cols > 0 && depth > 0 &&
+        (a_col == 1 || (a_row == 1 && cols >= kBrgemmTransposedMinCols))) {
+      brgemm_on_this_thread(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
+      return;
+    }
+  }
+  tiles_on_this_thread<T>(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
 }
 
 // A product of at least this many multiply-adds, called outside a parallel region, shares
