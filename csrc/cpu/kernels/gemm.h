@@ -140,7 +140,12 @@ inline void brgemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, con
                                   static_cast<int>(rows));
     a = transposed.data(), lda = depth;
   }
-  at::native::cpublas::brgemm(rows, cols, depth, lda, ldb, ldc, init == Init::AddToC, a, b, c);
+  // In pieces of the depth, as the tiles sum it: one chain over a long depth (700 terms)
+  // measured 3x eager's error on the AVX2 path.
+  for (int64_t start = 0; start < depth; start += kDepthPiece) {
+    at::native::cpublas::brgemm(rows, cols, std::min(kDepthPiece, depth - start), lda, ldb, ldc,
+                                start > 0 || init == Init::AddToC, a + start, b + start * ldb, c);
+  }
   if (init == Init::BiasRow) {
     for (int64_t i = 0; i < rows; ++i) {
       at::vec::map2([](Vec<float> x, Vec<float> y) { return x + y; }, c + i * ldc, c + i * ldc, bias, cols);
