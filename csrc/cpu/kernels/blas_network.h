@@ -8,8 +8,14 @@ namespace handgrad::cpu {
 inline namespace CPU_CAPABILITY {
 
 // The products go to BLAS where their mean depth, weighted by their work, is at least this
-// (in_features), and there are this many rows.
+// (in_features), and there are this many rows. On the DEFAULT path handgrad's tiles are
+// scalar code while BLAS picks the CPU's own vectors (measured: thin64 12x eager's time),
+// so every network of 32 rows or more goes to BLAS there.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 constexpr double kBlasMinDepth = 384;
+#else
+constexpr double kBlasMinDepth = 0;
+#endif
 constexpr int64_t kBlasMinRows = 32;
 
 // Whether BLAS runs this network. output_layer_source: a' of the output layer can be read
