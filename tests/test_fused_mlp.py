@@ -162,7 +162,8 @@ def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, r
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("every", [0, 1])
 @pytest.mark.parametrize("sizes,rows", [([64, 64, 64, 64, 16], 3000), ([784, 256, 256, 10], 64),
-                                        ([10, 40, 40, 5], 100)], ids=["thin", "mnist", "fig7.8"])
+                                        ([10, 40, 40, 5], 100), ([300, 256, 256, 10], 40)],
+                         ids=["thin", "mnist", "fig7.8", "columns_shared"])  # one block: products' columns shared among threads
 @pytest.mark.usefixtures("cpu_capability")
 def test_the_network_gives_the_same_bits_on_every_run_and_thread_count(sizes, rows, every, dtype):
     x, weights, biases, grad_output = random_network(sizes, rows, dtype)
