@@ -121,10 +121,18 @@ def cublas_include_dirs():
     return sorted({os.path.dirname(h) for h in headers})
 
 
+def capability_flags(capability):
+    """The macros and flags that compile csrc/cpu/kernels/ for one capability."""
+    return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *CPU_CAPABILITY_FLAGS[capability]]
+
+
 def write_build_config(capabilities):
-    # Read at import, to choose among the capability libraries that were built.
+    # Read at import, to choose among the capability libraries that were built; the flags
+    # serve benchmarks/bench_microkernels.py, which compiles gemm.h as the build does.
+    flags = {capability: capability_flags(capability) for capability in capabilities}
     with open(os.path.join(ROOT, "pyext", "handgrad", "_build_config.py"), "w") as f:
-        f.write(f"# Written by setup.py at build time.\nCPU_CAPABILITIES = {tuple(capabilities)!r}\n")
+        f.write(f"# Written by setup.py at build time.\nCPU_CAPABILITIES = {tuple(capabilities)!r}\n"
+                f"CPU_CAPABILITY_FLAGS = {flags!r}\n")
 
 
 def get_extensions():
@@ -142,7 +150,6 @@ def get_extensions():
     link_flags = ["-fopenmp"] + (SANITIZER_FLAGS if SANITIZE else [])
 
     # The ops, autograd and bindings, compiled once for any CPU.
-    kernel_sources = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra_compile_args = {"cxx": common_flags}
     extension, include_dirs = cpp_extension.CppExtension, []
@@ -156,9 +163,9 @@ def get_extensions():
                             extra_compile_args=extra_compile_args, extra_link_args=link_flags)]
     # The CPU kernels, once per capability, each a library of its own with hidden symbols
     # (csrc/cpu/kernels.h says why).
+    kernel_sources = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
     for capability in capabilities:
-        flags = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
-                 *CPU_CAPABILITY_FLAGS[capability], "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+        flags = [*capability_flags(capability), "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
         extensions.append(cpp_extension.CppExtension(
             f"handgrad._cpu_{capability}", kernel_sources,
             extra_compile_args={"cxx": common_flags + flags}, extra_link_args=link_flags))

@@ -14,6 +14,8 @@ import os
 import sys
 
 import torch
+
+import handgrad
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,18 +69,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2000)
     args = parser.parse_args(argv)
-    from machine import fma_limit, machine_description
+    from machine import fma_limit, machine_description, running_capability
 
-    from machine import running_capability
-
-    # handgrad's tiles as compiled for the capability handgrad runs (HANDGRAD_CPU_CAPABILITY
-    # lowers it), with setup.py's flags for it.
+    # handgrad's tiles as the build compiled them for the capability handgrad runs
+    # (HANDGRAD_CPU_CAPABILITY lowers it).
     capability = running_capability()
-    flags = {"DEFAULT": [], "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
-             "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]}[capability]
     module = cpp_extension.load_inline(
         f"handgrad_microkernels_{capability}", cpp_sources=SOURCE, extra_include_paths=[os.path.join(ROOT, "csrc")],
-        extra_cflags=["-O3", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *flags],
+        extra_cflags=["-O3", *handgrad._build_config.CPU_CAPABILITY_FLAGS[capability]],
         verbose=False)
     limit = fma_limit(1)
     print(f"# Micro-kernels, one thread\n\n{machine_description('cpu')}\n")

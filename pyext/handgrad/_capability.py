@@ -30,16 +30,15 @@ def choose(requested=None):
     (default: $HANDGRAD_CPU_CAPABILITY)."""
     if requested is None:
         requested = os.environ.get(ENVIRONMENT_VARIABLE) or None
-    cpu = LEVELS.index(offered())
-    runnable = [c for c in _build_config.CPU_CAPABILITIES if LEVELS.index(c) <= cpu]
+    can_run = runnable()
     if requested is None:
-        return runnable[-1]
+        return can_run[-1]
     requested = requested.strip().upper()
     if requested not in LEVELS:
         raise ValueError(f"handgrad: {ENVIRONMENT_VARIABLE}={requested!r} is not a CPU capability; "
                          f"expected one of {', '.join(LEVELS)}")
-    if requested not in runnable:
-        lower = [c for c in runnable if LEVELS.index(c) < LEVELS.index(requested)]
+    if requested not in can_run:
+        lower = [c for c in can_run if LEVELS.index(c) < LEVELS.index(requested)]
         warnings.warn(f"handgrad: {ENVIRONMENT_VARIABLE}={requested} cannot run here (this CPU offers "
                       f"{offered()}, this build has {', '.join(_build_config.CPU_CAPABILITIES)}); "
                       f"running {lower[-1]}", RuntimeWarning, stacklevel=3)
