@@ -7,6 +7,8 @@ after RUN_SECONDS. Each case is then reported as its own test.
 """
 
 import datetime
+import faulthandler
+import gc
 import json
 import os
 import subprocess
@@ -361,6 +363,7 @@ def mlp_with_per_layer_activation_checkpointing(rank, m, tmp):
 # --- The harness ---
 
 def _worker(rank, store, tmp, names):
+    faulthandler.enable()  # a crash in the teardown prints where each thread was
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
@@ -376,6 +379,7 @@ def _worker(rank, store, tmp, names):
         dist.barrier()
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(outcomes, f)
+    gc.collect()  # the cases' models, so that destroy_process_group ends the groups they held
     dist.destroy_process_group()
 
 

@@ -1,6 +1,8 @@
 """What nn.Linear + activation gives users keeps working: autocast, torch.export,
 DistributedDataParallel, threads, and long runs without leaks."""
 
+import faulthandler
+import gc
 import io
 import os
 import threading
@@ -121,6 +123,7 @@ def test_ten_thousand_steps_do_not_grow_memory():
 
 
 def _ddp_worker(rank, world_size, store_path, x, y, out_path):
+    faulthandler.enable()  # a crash in the teardown prints where each thread was
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=world_size)
     torch.set_num_threads(1)
@@ -129,6 +132,8 @@ def _ddp_worker(rank, world_size, store_path, x, y, out_path):
     F.mse_loss(model(x[shard]), y[shard]).backward()
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], out_path)
+    del model  # so that destroy_process_group, not the interpreter's teardown, ends the group
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

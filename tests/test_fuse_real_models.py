@@ -7,6 +7,8 @@ their checkpoints built before fusing (nerf-pytorch's resume path).
 Every test compares the fused model with an unfused deep copy of itself."""
 
 import copy
+import faulthandler
+import gc
 import io
 import pickle
 
@@ -286,6 +288,7 @@ def test_fusing_twice_is_the_same_as_once():
 def _ddp_worker(rank, world_size, store_path, x, out_path):
     import torch.distributed as dist
 
+    faulthandler.enable()  # a crash in the teardown prints where each thread was
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -294,6 +297,10 @@ def _ddp_worker(rank, world_size, store_path, x, out_path):
     (model(x[shard]).square().sum() * world_size / len(x)).backward()
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], out_path)
+    # The process group must die inside destroy_process_group, not in the interpreter's
+    # teardown, where gloo's threads can abort: nothing may still hold it (DDP does).
+    del model
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

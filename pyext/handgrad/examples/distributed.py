@@ -14,6 +14,7 @@ batch, and the largest difference is printed.
 
 import argparse
 import datetime
+import gc
 import os
 import tempfile
 
@@ -123,6 +124,9 @@ def worker(rank, world, store, steps):
                   f"single process {want[0].item():.6f} .. {want[-1].item():.6f}; "
                   f"largest difference {difference:.1e}: {'match' if match else 'DIFFERENT'}",
                   flush=True)
+    # Free the models first: a process group still held (DDP holds one) ends in the interpreter's
+    # teardown instead, where gloo's threads can abort the process.
+    gc.collect()
     dist.destroy_process_group()
     if not all_match:
         raise SystemExit(1)
