@@ -301,6 +301,15 @@ def test_7_11_checkpointing_lowers_the_peak_memory_of_the_backward():
     assert difference == 0.0
 
 
+def test_7_11_the_backward_packs_weights_for_one_stretch_at_a_time():
+    # The example's network: packing Omega^T of every layer at once held 12.5 MiB more, a
+    # peak of 81 % of the unchecked backward's; one stretch at a time gives 55 %.
+    results, difference = checkpoint.compare(choices=(None, 5), repeats=1)
+    (_, plain_peak, _), (_, peak, _) = results[None], results[5]
+    assert peak <= 0.56 * plain_peak, f"peak {peak / plain_peak:.0%} of the unchecked backward's"
+    assert difference == 0.0
+
+
 GC_CHECK = """
 import gc
 import torch

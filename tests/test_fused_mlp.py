@@ -173,6 +173,30 @@ def test_the_network_gives_the_same_bits_on_every_run_and_thread_count(sizes, ro
         [x, *weights, *biases], grad_output, blas=goes_to_blas(weights, rows, every=every))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation,slope,output_activation",
+                         [("relu", 0.0, None), ("leaky_relu", -0.2, "sigmoid")],
+                         ids=["relu", "leaky_negative_sigmoid_out"])  # the latter recomputes f everywhere
+@pytest.mark.parametrize("rows", [3000, 100], ids=["slots", "one_block"])
+@pytest.mark.usefixtures("cpu_capability")
+def test_checkpointing_changes_no_bit(rows, activation, slope, output_activation, dtype):
+    # The backward goes stretch by stretch, dl/dh carried between them for all rows; an
+    # uneven last stretch (6 hidden layers, k = 4) and k = 1 too.
+    x, weights, biases, grad_output = random_network([24, 32, 40, 32, 28, 32, 36, 8], rows, dtype)
+    n = len(weights)
+
+    def network(every):
+        return lambda x, *p: hf.mlp(x, list(p[:n]), list(p[n:]), activation, slope, checkpoint_every=every,
+                                    output_activation=output_activation)
+
+    # Where BLAS runs the plain network (the DEFAULT path), one stretch of 6 is the reference.
+    plain = 6 if goes_to_blas(weights, rows, activation, slope, 0, output_activation) else None
+    reference = gradients(network(plain), [x, *weights, *biases], grad_output)
+    for every in (1, 2, 4, 6):
+        for got, want in zip(gradients(network(every), [x, *weights, *biases], grad_output), reference):
+            assert torch.equal(got, want), f"checkpoint_every={every} changed the bits"
+
+
 @pytest.mark.parametrize("fn", [hf.linear_relu, hf.linear_sigmoid, lambda x, w, b: hf.linear_leaky_relu(x, w, b, -0.2)],
                          ids=["relu", "sigmoid", "leaky_negative"])
 @pytest.mark.parametrize("shape", [(65536, 64, 64), (3000, 256, 256), (10, 10, 40)], ids=str)

@@ -15,7 +15,9 @@
 //   g = g Omega                          dl/dh of the layer below (7.6)
 // a' is read off the stored output, or off f recomputed in cache where the output hides
 // its sign (leaky_relu with a negative slope) or is not stored (the output layer). With
-// checkpoint_every = k the block recomputes each stretch of k layers from its stored input.
+// checkpoint_every = k the backward goes stretch by stretch from the top: each block
+// recomputes the stretch's k layers from its stored input, with Omega^T packed for that
+// stretch's layers only, and dl/dh at the stretch's input is carried down for all rows.
 //
 // Determinism. dl/dOmega is accumulated in a fixed number of slots, each the sum of a fixed,
 // contiguous run of blocks in order, and the slots are added pairwise; dl/dbeta is summed
@@ -147,6 +149,26 @@ struct Weights {
   Scratch<T> storage;
 };
 
+// t = Omega^T (d_in, d_out) in T, from Omega in scalar_t, or from natural (Omega in T) where
+// it is at hand. Rows of Omega are shared among threads: for a wide layer and a few rows,
+// packing costs as much as a product. Without Omega in T, the packing converts as it goes.
+template <typename scalar_t, typename T>
+void transpose_weight(const at::Tensor& weight, const T* natural, T* t) {
+  const scalar_t* data = weight.const_data_ptr<scalar_t>();
+  const int64_t d_out = weight.size(0), d_in = weight.size(1);
+  const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(d_in, 1));
+  at::parallel_for(0, d_out, grain, [&](int64_t first, int64_t last) {
+    if (natural != nullptr) {
+      at::vec::transpose_mxn<T>(natural + first * d_in, d_in, t + first, d_out,
+                                static_cast<int>(last - first), static_cast<int>(d_in));
+      return;
+    }
+    for (int64_t i = first; i < last; ++i) {
+      for (int64_t j = 0; j < d_in; ++j) t[j * d_out + i] = static_cast<T>(data[i * d_in + j]);
+    }
+  });
+}
+
 template <typename scalar_t, typename T>
 Weights<T> prepare(at::TensorList weights, at::TensorList biases, bool natural, bool transposed) {
   constexpr bool same = std::is_same_v<scalar_t, T>;
@@ -159,7 +181,7 @@ Weights<T> prepare(at::TensorList weights, at::TensorList biases, bool natural, 
   T* next = w.storage.get();
   for (size_t l = 0; l < weights.size(); ++l) {
     const scalar_t* data = weights[l].const_data_ptr<scalar_t>();
-    const int64_t d_out = weights[l].size(0), d_in = weights[l].size(1), n = weights[l].numel();
+    const int64_t d_out = weights[l].size(0), n = weights[l].numel();
     const T* natural_data = nullptr;  // Omega in T, where it is at hand
     if constexpr (same) {
       natural_data = data;
@@ -172,21 +194,8 @@ Weights<T> prepare(at::TensorList weights, at::TensorList biases, bool natural, 
     }
     w.natural.push_back(natural ? natural_data : nullptr);
     if (transposed) {
-      // Rows of Omega shared among threads: for a wide layer and a few rows, packing costs
-      // as much as a product. Without Omega in T, the packing converts as it goes.
-      T* t = next;
-      const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(d_in, 1));
-      at::parallel_for(0, d_out, grain, [&](int64_t first, int64_t last) {
-        if (natural_data != nullptr) {
-          at::vec::transpose_mxn<T>(natural_data + first * d_in, d_in, t + first, d_out,
-                                    static_cast<int>(last - first), static_cast<int>(d_in));
-          return;
-        }
-        for (int64_t i = first; i < last; ++i) {
-          for (int64_t j = 0; j < d_in; ++j) t[j * d_out + i] = static_cast<T>(data[i * d_in + j]);
-        }
-      });
-      w.transposed.push_back(t);
+      transpose_weight<scalar_t, T>(weights[l], natural_data, next);
+      w.transposed.push_back(next);
       next += n;
     } else {
       w.transposed.push_back(nullptr);
@@ -339,7 +348,7 @@ struct Gradients {
 
 template <typename scalar_t>
 void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t checkpoint_every,
-                     const scalar_t* x, const Weights<at::opmath_type<scalar_t>>& w,
+                     const scalar_t* x, at::TensorList weights, Weights<at::opmath_type<scalar_t>>& w,
                      const std::vector<const scalar_t*>& hidden_outputs, const scalar_t* grad_output,
                      const scalar_t* out_or_f, const Gradients<scalar_t>& grads) {
   using T = at::opmath_type<scalar_t>;
@@ -379,81 +388,99 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
     }
   }
 
+  // Stretch by stretch, from the top, so that Omega^T (for recomputing f) is packed for one
+  // stretch's layers at a time: dl/dh at a stretch's input is carried to the one below for
+  // all rows. Without checkpointing the hidden layers are one stretch.
+  const bool recomputes_output = acts.output.has_value() && out_or_f == nullptr;
+  const size_t passes = std::max<size_t>(stretches, 1);
+  const auto first_of = [&](size_t s) { return s * stretch; };
+  const auto last_of = [&](size_t s) { return std::min(hidden, s * stretch + stretch); };
+  // Layer l's product is recomputed in stretch s: to rebuild its output, or to read a' off f.
+  const auto packs = [&](size_t s, size_t l) {
+    if (l == layers - 1) return recomputes_output && last_of(s) == hidden;
+    return l >= first_of(s) && l < last_of(s) && (checkpointing || hides_sign);
+  };
+  int64_t packed_size = 0, carried_width = 0;
+  for (size_t s = 0; s < passes; ++s) {
+    int64_t size = 0;
+    for (size_t l = 0; l < layers; ++l) size += packs(s, l) ? weights[l].numel() : 0;
+    packed_size = std::max(packed_size, size);
+    if (s > 0) carried_width = std::max(carried_width, p.widths[first_of(s)]);
+  }
+  // Two, one read and one written by each stretch: their blocks' rows of different widths
+  // would overlap in one.
+  const Scratch<T> packed(packed_size), carried(2 * p.rows * carried_width);
+  const auto carried_into = [&](size_t s) { return carried.get() + (s % 2) * p.rows * carried_width; };
+
   const int64_t n_max = p.block_size;
   const int64_t per_thread = per_thread_elements(n_max * (5 * width + held_width) + width, sizeof(T));
   const Scratch<T> scratch(sharing_threads(p.slots) * per_thread);
-  share(p.slots, [&](int64_t first_slot, int64_t last_slot) {
-    T* space = thread_space(scratch, per_thread);
-    T* g_space[2] = {space, space + n_max * width};
-    T* f_space = space + 2 * n_max * width;
-    T* source_space = space + 3 * n_max * width;
-    T* held_space = space + 4 * n_max * width;
-    T* input_space = held_space + n_max * held_width;  // a stretch's input
-    T* run = input_space + n_max * width;
+  for (size_t s = passes; s-- > 0;) {
+    const size_t first = first_of(s), last = last_of(s);
+    T* next = packed.get();
+    for (size_t l = 0; l < layers; ++l) {
+      w.transposed[l] = nullptr;
+      if (!packs(s, l)) continue;
+      transpose_weight<scalar_t, T>(weights[l], w.natural[l], next);
+      w.transposed[l] = next;
+      next += weights[l].numel();
+    }
+    share(p.slots, [&](int64_t first_slot, int64_t last_slot) {
+      T* space = thread_space(scratch, per_thread);
+      T* g_space[2] = {space, space + n_max * width};
+      T* f_space = space + 2 * n_max * width;
+      T* source_space = space + 3 * n_max * width;
+      T* held_space = space + 4 * n_max * width;
+      T* input_space = held_space + n_max * held_width;  // a stretch's input
+      T* run = input_space + n_max * width;
 
-    for (int64_t slot = first_slot; slot < last_slot; ++slot) {
-      for (int64_t block = p.first_block(slot); block < p.first_block(slot + 1); ++block) {
-        const bool first_in_slot = block == p.first_block(slot);
-        const int64_t row = p.first_row(block), n = p.rows_in(block);
-        std::vector<Rows<const T>> h(layers);  // h[l]: the input of layer l, in this block
-        int current = 0;
-        // g starts as dl/d(out) of the block.
-        Rows<const T> g = as_accumulation_type<scalar_t, T>(
-            grad_output + row * p.widths[layers], n, p.widths[layers], g_space[current]);
+      for (int64_t slot = first_slot; slot < last_slot; ++slot) {
+        for (int64_t block = p.first_block(slot); block < p.first_block(slot + 1); ++block) {
+          const bool first_in_slot = block == p.first_block(slot);
+          const int64_t row = p.first_row(block), n = p.rows_in(block);
+          std::vector<Rows<const T>> h(layers);  // h[l]: the input of layer l, in this block
+          int current = 0;
+          // g starts as dl/d(out) of the block, or dl/dh[last] carried from the stretch above.
+          Rows<const T> g = last == hidden
+              ? as_accumulation_type<scalar_t, T>(grad_output + row * p.widths[layers], n,
+                                                  p.widths[layers], g_space[current])
+              : Rows<const T>{carried_into(s + 1) + row * p.widths[last], p.widths[last]};
 
-        // The backward of layer l, from its input h[l]: g is dl/d(its output) on entry and
-        // dl/dh[l] on exit. source: its output (for a'), if at hand.
-        const auto layer_backward = [&](size_t l, std::optional<Activation> a,
-                                        Rows<const T> source, bool from_output) {
-          const int64_t d_in = p.widths[l], d_out = p.widths[l + 1];
-          if (a.has_value()) {
-            if (!from_output) {  // f = beta + Omega h, recomputed in cache
-              layer_product<scalar_t, T>(p, l, w, h[l], n, {f_space, d_out});
-              source = {f_space, d_out};
+          // The backward of layer l, from its input h[l]: g is dl/d(its output) on entry and
+          // dl/dh[l] on exit. source: its output (for a'), if at hand.
+          const auto layer_backward = [&](size_t l, std::optional<Activation> a,
+                                          Rows<const T> source, bool from_output) {
+            const int64_t d_in = p.widths[l], d_out = p.widths[l + 1];
+            if (a.has_value()) {
+              if (!from_output) {  // f = beta + Omega h, recomputed in cache
+                layer_product<scalar_t, T>(p, l, w, h[l], n, {f_space, d_out});
+                source = {f_space, d_out};
+              }
+              Rows<T> dst{g_space[current], d_out};
+              activation_backward_rows<T>(*a, acts.negative_slope, from_output, g, source, dst, n, d_out);
+              round_to_dtype<scalar_t, T>(dst.data, n * d_out);  // dl/df as eager stores it
+              g = {dst.data, dst.ld};
             }
-            Rows<T> dst{g_space[current], d_out};
-            activation_backward_rows<T>(*a, acts.negative_slope, from_output, g, source, dst, n, d_out);
-            round_to_dtype<scalar_t, T>(dst.data, n * d_out);  // dl/df as eager stores it
-            g = {dst.data, dst.ld};
-          }
-          if (need_biases) column_sums<T>(g, n, d_out, bias_space.get() + block * bias_offset[layers] + bias_offset[l], run);
-          if (need_weights) {  // dl/dOmega += g^T h  (7.9)
-            gemm<T>(d_out, d_in, n, g.data, 1, g.ld, h[l].data, h[l].ld, slot_weights(slot, l), d_in,
-                    first_in_slot ? Init::Zero : Init::AddToC);
-          }
-          if (l > 0 || grads.input != nullptr) {  // dl/dh = g Omega  (7.6)
-            current = 1 - current;
-            T* dst = g_space[current];
-            if constexpr (same) {
-              if (l == 0) dst = grads.input + row * d0;
+            if (need_biases) column_sums<T>(g, n, d_out, bias_space.get() + block * bias_offset[layers] + bias_offset[l], run);
+            if (need_weights) {  // dl/dOmega += g^T h  (7.9)
+              gemm<T>(d_out, d_in, n, g.data, 1, g.ld, h[l].data, h[l].ld, slot_weights(slot, l), d_in,
+                      first_in_slot ? Init::Zero : Init::AddToC);
             }
-            gemm<T>(n, d_in, d_out, g.data, g.ld, 1, w.natural[l], d_in, dst, d_in, Init::Zero);
-            if constexpr (!same) {
-              if (l == 0) at::vec::convert(dst, grads.input + row * d0, n * d0);
-              round_to_dtype<scalar_t, T>(dst, n * d_in);  // dl/dh as eager stores it
+            if (l > 0 || grads.input != nullptr) {  // dl/dh = g Omega  (7.6)
+              current = 1 - current;
+              T* dst = g_space[current];
+              if constexpr (same) {
+                if (l == 0) dst = grads.input + row * d0;
+              }
+              gemm<T>(n, d_in, d_out, g.data, g.ld, 1, w.natural[l], d_in, dst, d_in, Init::Zero);
+              if constexpr (!same) {
+                if (l == 0) at::vec::convert(dst, grads.input + row * d0, n * d0);
+                round_to_dtype<scalar_t, T>(dst, n * d_in);  // dl/dh as eager stores it
+              }
+              g = {dst, d_in};
             }
-            g = {dst, d_in};
-          }
-        };
+          };
 
-        const auto output_layer = [&]() {
-          const size_t l = layers - 1;
-          const int64_t d = p.widths[layers];
-          if (out_or_f != nullptr && acts.output.has_value()) {
-            layer_backward(l, acts.output,
-                           as_accumulation_type<scalar_t, T>(out_or_f + row * d, n, d, source_space),
-                           /*from_output=*/true);
-          } else {
-            layer_backward(l, acts.output, {nullptr, 0}, /*from_output=*/false);
-          }
-        };
-
-        if (stretches == 0) {  // a single layer
-          h[0] = as_accumulation_type<scalar_t, T>(x + row * d0, n, d0, input_space);
-          output_layer();
-        }
-        for (size_t s = stretches; s-- > 0;) {
-          const size_t first = s * stretch, last = std::min(hidden, first + stretch);
           // The stretch's input: the network's, or stored (with checkpointing only).
           const int64_t d_first = p.widths[first];
           h[first] = as_accumulation_type<scalar_t, T>(
@@ -471,15 +498,26 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
             }
             held += n * d;
           }
-          if (last == hidden) output_layer();
+          if (last == hidden) {  // the output layer
+            const size_t l = layers - 1;
+            const int64_t d = p.widths[layers];
+            if (recomputes_output || !acts.output.has_value()) {
+              layer_backward(l, acts.output, {nullptr, 0}, /*from_output=*/false);
+            } else {
+              layer_backward(l, acts.output,
+                             as_accumulation_type<scalar_t, T>(out_or_f + row * d, n, d, source_space),
+                             /*from_output=*/true);
+            }
+          }
           for (size_t l = last; l-- > first;) {
             // a' of hidden layer l, read off its output h[l + 1] unless that hides the sign.
             layer_backward(l, acts.hidden, h[l + 1], /*from_output=*/!hides_sign);
           }
+          if (s > 0) std::copy_n(g.data, n * d_first, carried_into(s) + row * d_first);
         }
       }
-    }
-  });
+    });
+  }
 
   // The slots' and blocks' sums, added pairwise, rounded once into the gradients.
   for (size_t l = 0; l < layers && need_weights && !in_place; ++l) {
@@ -572,16 +610,14 @@ NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor&
   } else {
     HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad_fused_backward", [&] {
       using T = at::opmath_type<scalar_t>;
-      const bool recomputes = checkpoint_every > 0 ||
-                              (activations.output.has_value() && !source.defined()) ||
-                              output_hides_sign(activations.hidden, activations.negative_slope);
-      const Weights<T> w = prepare<scalar_t, T>(weights, biases, /*natural=*/true, recomputes);
+      // Omega^T, where f is recomputed, is packed by backward_blocks one stretch at a time.
+      Weights<T> w = prepare<scalar_t, T>(weights, biases, /*natural=*/true, /*transposed=*/false);
       std::vector<const scalar_t*> saved_data;
       for (const auto& t : stored) saved_data.push_back(t.const_data_ptr<scalar_t>());
       Gradients<scalar_t> g{need_input ? grad_input.data_ptr<scalar_t>() : nullptr, {}, {}};
       for (auto& t : grad_weights) g.weights.push_back(t.data_ptr<scalar_t>());
       for (auto& t : grad_biases) g.biases.push_back(t.data_ptr<scalar_t>());
-      backward_blocks<scalar_t>(p, activations, checkpoint_every, x.const_data_ptr<scalar_t>(), w,
+      backward_blocks<scalar_t>(p, activations, checkpoint_every, x.const_data_ptr<scalar_t>(), weights, w,
                                 saved_data, grad.const_data_ptr<scalar_t>(),
                                 source.defined() ? source.const_data_ptr<scalar_t>() : nullptr, g);
     });
