@@ -1,4 +1,5 @@
-"""Whole networks: handgrad.nn.MLP and fuse() against the same network in torch.nn, on the CPU.
+"""Whole networks: handgrad.nn.MLP and fuse() against the same network in torch.nn, and
+torch.compile of it, on the CPU.
 
 For each network it times, round-robin in one run (bench_layers.measure, every timer on all
 of torch's threads), from the same weights:
@@ -8,9 +9,10 @@ of torch's threads), from the same weights:
   - inference: the forward under torch.no_grad().
 It then times the MLP's own op, mlp_forward + mlp_backward, to give the GFLOP/s of its
 products against the machine's FMA limit, and counts the minor page faults of a training
-step (fresh memory for stored activations), and times fuse() of two models written as
-projects write them (NeRF-sized, an MNIST classifier with dropout). Tables are markdown; the
-raw figures go to JSON.
+step (fresh memory for stored activations), and times fuse() of the test suite's models of
+real projects' code (tests/real_models.py: a VAE, an STN classifier, an actor-critic, NeRF,
+torchvision's MLP with dropout, a GAN discriminator, an MNIST classifier, DeepSDF's decoder)
+at the projects' sizes. Tables are markdown; the raw figures go to JSON.
 
     python benchmarks/bench_networks.py [--networks thin64-16k,...] [--rounds 7] [--out DIR]
 """
@@ -36,71 +38,65 @@ NETWORKS = {  # name: (sizes, rows)
     "thin64 64k": ([64, 64, 64, 64, 64, 16], 65536),
     "thin128 16k": ([64, 128, 128, 128, 128, 16], 16384),
 }
-CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(Sequential)"]
+CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(Sequential)", "compile(torch.nn)"]
 
 
-class NeRF(nn.Module):
-    """nerf-pytorch's MLP: 8 layers of 256 ReLU units, the input concatenated after the 5th."""
+def real_model_cases():
+    """{name: (model, input)}: the test suite's models of real projects' code
+    (tests/real_models.py), at the projects' own sizes and batches."""
+    from real_models import (ActorCritic, DeepSDFDecoder, GANDiscriminator, MNISTClassifier, NeRF,
+                             STNClassifier, TorchvisionMLP, VAE)
 
-    def __init__(self, width=256, depth=8, skips=(4,), inputs=63):
-        super().__init__()
-        self.skips = skips
-        self.pts_linears = nn.ModuleList([nn.Linear(inputs, width)] + [
-            nn.Linear(width + (inputs if i in skips else 0), width) for i in range(depth - 1)])
-        self.output_linear = nn.Linear(width, 4)
-
-    def forward(self, x):
-        h = x
-        for i, layer in enumerate(self.pts_linears):
-            h = F.relu(layer(h))
-            if i in self.skips:
-                h = torch.cat([x, h], -1)
-        return self.output_linear(h)
-
-
-class MNISTClassifier(nn.Module):
-    """The PyTorch tutorials' style: activations and dropout as calls in forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 256), nn.Linear(256, 256), nn.Linear(256, 10)
-
-    def forward(self, x):
-        x = F.dropout(F.relu(self.fc1(x)), 0.2, training=self.training)
-        x = F.dropout(F.relu(self.fc2(x)), 0.2, training=self.training)
-        return F.log_softmax(self.fc3(x), dim=1)
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
+    return {
+        "VAE (pytorch/examples), batch 128": (VAE(784, 400, 20), torch.rand(128, 784, generator=g)),
+        "STN classifier (tutorial), batch 64": (STNClassifier(), torch.randn(64, 1, 28, 28, generator=g)),
+        "actor-critic (pytorch/examples), 1 state": (ActorCritic(), torch.randn(1, 4, generator=g)),
+        "NeRF-sized, 4096 rows": (NeRF(256, 8, (4,), 63), torch.randn(4096, 63, generator=g)),
+        "torchvision MLP, dropout 0.1, batch 256": (TorchvisionMLP(512, [512, 512, 10], dropout=0.1),
+                                                    torch.randn(256, 512, generator=g)),
+        "GAN discriminator (PyTorch-GAN), batch 64": (GANDiscriminator(),
+                                                      torch.randn(64, 1, 28, 28, generator=g)),
+        "MNIST classifier, batch 64": (MNISTClassifier(), torch.randn(64, 784, generator=g)),
+        "DeepSDF decoder 512x4, 2048 points": (
+            DeepSDFDecoder(torch.nn.utils.parametrizations.weight_norm, 512, 4, 259),
+            torch.randn(2048, 259, generator=g)),
+    }
 
 
-REAL_MODELS = {  # name: (model class, input features, rows)
-    "NeRF-sized, 4096 rows": (NeRF, 63, 4096),
-    "MNIST classifier, batch 64": (MNISTClassifier, 784, 64),
-}
+def first_output(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
-def real_models(rounds, min_time, measure):
+def real_models(rounds, min_time, measure, names=None):
     """fuse() of models written as projects write them, against the same model unfused:
     forward, a loss and loss.backward(), in training mode (dropout on)."""
     rows = []
-    for name, (make, features, batch) in REAL_MODELS.items():
-        torch.manual_seed(0)
-        model = make()
-        fused = hnn.fuse(copy.deepcopy(model))
-        x = torch.randn(batch, features)
+    for name, (model, x) in real_model_cases().items():
+        if names is not None and name not in names:
+            continue
+        # With an example input, as DeepSDF's branch on the input's shape needs.
+        fused = hnn.fuse(copy.deepcopy(model), example_inputs=(x,))
+        fused_layers = sum(d.fused for d in hnn.fusion_decisions(model, (x,)))
 
         def step(net):
             def run():
                 net.zero_grad(set_to_none=True)
-                net(x).square().mean().backward()
+                first_output(net(x)).square().mean().backward()
             return run
 
         seconds = measure({"unfused": step(model), "fused": step(fused)}, rounds, min_time)
-        rows.append({"model": name, **seconds})
+        rows.append({"model": name, "fused layers": fused_layers, **seconds})
     return rows
+
+
 MODES = ["step", "fwd+bwd", "inference"]
 
 
-def models(sizes, seed=0):
-    """The same network three ways, with identical weights."""
+def models(sizes, seed=0, compile=False):
+    """The same network three ways (four with torch.compile of the torch.nn one), with
+    identical weights."""
     torch.manual_seed(seed)
     mlp = hnn.MLP(sizes, activation="relu")
     layers = []
@@ -110,7 +106,11 @@ def models(sizes, seed=0):
         layers += [linear, nn.ReLU()]
     reference = nn.Sequential(*layers[:-1])  # no activation after the output layer
     fused = hnn.fuse(copy.deepcopy(reference))
-    return {"torch.nn": reference, "handgrad MLP": mlp, "fuse(Sequential)": fused}
+    candidates = {"torch.nn": reference, "handgrad MLP": mlp, "fuse(Sequential)": fused}
+    if compile:  # what a user would reach for instead
+        torch._dynamo.reset()
+        candidates["compile(torch.nn)"] = torch.compile(copy.deepcopy(reference), dynamic=False)
+    return candidates
 
 
 def training_step(model, x, y):
@@ -175,13 +175,17 @@ def page_faults(step, calls=5):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
-def ratio_table(rows, mode):
-    print("| network | sizes | rows | torch.nn ms | MLP ms | fuse ms | MLP/torch.nn | fuse/torch.nn |")
-    print("|---|---|---|---|---|---|---|---|")
+def ratio_table(rows, mode, candidates):
+    others = candidates[1:]
+    print("| network | sizes | rows | torch.nn ms | " + " | ".join(f"{c} ms" for c in others) + " | "
+          + " | ".join(f"{c}/torch.nn" for c in others) + " |")
+    print("|---" * (4 + 2 * len(others)) + "|")
     for r in rows:
-        base, mlp, fused = (r[f"{c} {mode}"] for c in CANDIDATES)
-        print(f"| {r['network']} | {'-'.join(map(str, r['sizes']))} | {r['rows']} | {base * 1e3:.3f} "
-              f"| {mlp * 1e3:.3f} | {fused * 1e3:.3f} | **{mlp / base:.2f}** | **{fused / base:.2f}** |")
+        base = r[f"torch.nn {mode}"]
+        times = [r[f"{c} {mode}"] for c in others]
+        print(f"| {r['network']} | {'-'.join(map(str, r['sizes']))} | {r['rows']} | {base * 1e3:.3f} | "
+              + " | ".join(f"{t * 1e3:.3f}" for t in times) + " | "
+              + " | ".join(f"**{t / base:.2f}**" for t in times) + " |")
 
 
 def main(argv=None):
@@ -192,7 +196,9 @@ def main(argv=None):
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per sample")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--real-models", choices=["yes", "no"], default="yes",
-                        help="also time fuse() of a NeRF-sized model and an MNIST classifier")
+                        help="also time fuse() of the test suite's models of real projects' code")
+    parser.add_argument("--compile", choices=["yes", "no"], default="yes",
+                        help="time torch.compile of the torch.nn network too (compiling takes a while)")
     args = parser.parse_args(argv)
     names = args.networks.split(",")
     for name in names:
@@ -209,7 +215,7 @@ def main(argv=None):
         sizes, batch = NETWORKS[name]
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(batch, sizes[0], generator=g), torch.randn(batch, sizes[-1], generator=g)
-        candidates = models(sizes)
+        candidates = models(sizes, compile=args.compile == "yes")
         steps = {}
         for c, model in candidates.items():
             steps[f"{c} step"] = training_step(model, x, y)
@@ -217,16 +223,16 @@ def main(argv=None):
             steps[f"{c} inference"] = inference(model, x)
         row = {"network": name, "sizes": sizes, "rows": batch, **measure(steps, args.rounds, args.min_time)}
         row["op"] = op_gflops(candidates["handgrad MLP"], x, y, args.rounds, args.min_time, measure)
-        row["page faults"] = {c: page_faults(steps[f"{c} step"]) for c in CANDIDATES}
+        row["page faults"] = {c: page_faults(steps[f"{c} step"]) for c in candidates}
         rows.append(row)
-        print(f"  {name}: " + ", ".join(f"{c} {row[f'{c} fwd+bwd'] * 1e3:.3f} ms" for c in CANDIDATES),
+        print(f"  {name}: " + ", ".join(f"{c} {row[f'{c} fwd+bwd'] * 1e3:.3f} ms" for c in candidates),
               file=sys.stderr, flush=True)
 
     for mode, title in (("fwd+bwd", "Forward, MSE loss and `loss.backward()`"),
                         ("inference", "Inference: the forward under `torch.no_grad()`"),
                         ("step", "A training step: zero_grad, forward, MSE, backward, SGD step")):
         print(f"\n{title}; medians, and ratios of medians from the same run.\n")
-        ratio_table(rows, mode)
+        ratio_table(rows, mode, list(candidates))
     limit = fma_limit(torch.get_num_threads())
     print(f"\nInside the MLP op: the GFLOP/s of its products (mlp_forward, storing activations; "
           f"mlp_backward), against the FMA limit ({limit:.0f} GFLOP/s on {torch.get_num_threads()} "
@@ -244,10 +250,10 @@ def main(argv=None):
     if real:
         print("\nfuse() of real model code (forward, loss, loss.backward(), training mode), against "
               "the same model unfused.\n")
-        print("| model | unfused ms | fused ms | fused/unfused |")
-        print("|---|---|---|---|")
+        print("| model | layers fused | unfused ms | fused ms | fused/unfused |")
+        print("|---|---|---|---|---|")
         for r in real:
-            print(f"| {r['model']} | {r['unfused'] * 1e3:.3f} | {r['fused'] * 1e3:.3f} | "
+            print(f"| {r['model']} | {r['fused layers']} | {r['unfused'] * 1e3:.3f} | {r['fused'] * 1e3:.3f} | "
                   f"**{r['fused'] / r['unfused']:.2f}** |")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_networks.json"), "w") as f:
@@ -256,5 +262,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [here, os.path.join(os.path.dirname(here), "tests")]  # real_models.py
     main()

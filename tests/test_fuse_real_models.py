@@ -1,8 +1,10 @@
-"""fuse() on models written the ways real projects write them: dropout called with
-training=self.training and `if self.training:` branches (the MNIST tutorial), methods and
-attributes of their own (pytorch/examples' VAE and actor-critic), skip connections by
-concatenation (nerf-pytorch), weight norm and branches on shapes (DeepSDF), optimizers and
-their checkpoints built before fusing (nerf-pytorch's resume path).
+"""fuse() on models written the ways real projects write them (tests/real_models.py): dropout
+called with training=self.training and `if self.training:` branches (the MNIST tutorial),
+methods and attributes of their own (pytorch/examples' VAE and actor-critic), skip
+connections by concatenation (nerf-pytorch), weight norm and branches on shapes (DeepSDF),
+Sequentials with in-place activations and dropout (torchvision's MLP, PyTorch-GAN, the
+spatial transformer tutorial), optimizers and their checkpoints built before fusing
+(nerf-pytorch's resume path).
 
 Every test compares the fused model with an unfused deep copy of itself."""
 
@@ -14,11 +16,12 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
 import handgrad.nn as hnn
+from real_models import (ActorCritic, DeepSDFDecoder, GANDiscriminator, MNISTNet, NeRF, STNClassifier,
+                         TorchvisionMLP, VAE)
 
 
 def fused_names(model, example_inputs=None):
@@ -35,22 +38,6 @@ def same_outputs_and_grads(fused, reference, *inputs, seed=0):
     want = torch.autograd.grad(expected.square().sum(), list(reference.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
-
-
-class MNISTNet(nn.Module):
-    """The PyTorch tutorials' style: dropout as a call with the module's training flag."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(20, 50), nn.Linear(50, 30), nn.Linear(30, 10)
-
-    def forward(self, x):
-        x = F.relu(self.fc1(x))
-        x = F.dropout(x, p=0.5, training=self.training)
-        x = torch.sigmoid(self.fc2(x))
-        if self.training:  # a branch on the mode, not on data
-            x = x * 0.5
-        return F.log_softmax(self.fc3(x), dim=1)
 
 
 @pytest.mark.parametrize("fused_in", ["train", "eval"])
@@ -72,28 +59,6 @@ def test_train_and_eval_behaviour_is_never_frozen(fused_in):
     assert not torch.equal(first, model(x))  # dropout in training mode
 
 
-class VAE(nn.Module):
-    """pytorch/examples' VAE: methods the project's own scripts call."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc21, self.fc22 = nn.Linear(40, 20), nn.Linear(20, 4), nn.Linear(20, 4)
-        self.fc3, self.fc4 = nn.Linear(4, 20), nn.Linear(20, 40)
-        self.rewards = []
-
-    def encode(self, x):
-        h1 = F.relu(self.fc1(x))
-        return self.fc21(h1), self.fc22(h1)
-
-    def decode(self, z):
-        h3 = F.relu(self.fc3(z))
-        return torch.sigmoid(self.fc4(h3))
-
-    def forward(self, x):
-        mu, logvar = self.encode(x.view(-1, 40))
-        return self.decode(mu + 0 * logvar), mu, logvar
-
-
 def test_the_models_own_methods_and_attributes_survive():
     torch.manual_seed(0)
     model = VAE()
@@ -103,30 +68,63 @@ def test_the_models_own_methods_and_attributes_survive():
     assert fused_names(reference) == {"fc1", "fc3", "fc4"}
     fused.rewards.append(1.0)  # a plain attribute
     x, z = torch.randn(8, 40), torch.randn(8, 4)
-    for a, b in zip(fused(x), reference(x)):
+    torch.manual_seed(0)  # the reparameterisation draws noise in training mode
+    got = fused(x)
+    torch.manual_seed(0)
+    for a, b in zip(got, reference(x)):
         torch.testing.assert_close(a, b)
     # The project's own scripts call decode() directly: it computes what it always did.
     torch.testing.assert_close(fused.decode(z), reference.decode(z))
     torch.testing.assert_close(fused.encode(x)[0], reference.encode(x)[0])
 
 
-class NeRF(nn.Module):
-    """nerf-pytorch's MLP: layers in a ModuleList, a skip connection by concatenation."""
+def test_an_actor_critic_keeps_its_record_and_both_heads():
+    torch.manual_seed(0)
+    model = ActorCritic()
+    reference = copy.deepcopy(model)
+    hnn.fuse(model)
+    assert fused_names(reference) == {"affine1"}
+    model.saved_actions.append((0, 1.0))  # the project's training loop writes these
+    state = torch.randn(1, 4)  # one observation at a time, as the example steps CartPole
+    (probs, value), (want_probs, want_value) = model(state), reference(state)
+    torch.testing.assert_close(probs, want_probs)
+    torch.testing.assert_close(value, want_value)
+    grads = torch.autograd.grad(probs.log()[0, 1] * value.sum(), list(model.parameters()))
+    wanted = torch.autograd.grad(want_probs.log()[0, 1] * want_value.sum(), list(reference.parameters()))
+    for a, b in zip(grads, wanted):
+        torch.testing.assert_close(a, b)
 
-    def __init__(self, width=64, depth=6, skips=(3,)):
-        super().__init__()
-        self.skips = skips
-        self.pts_linears = nn.ModuleList(
-            [nn.Linear(3, width)] + [nn.Linear(width + (3 if i in skips else 0), width) for i in range(depth - 1)])
-        self.output_linear = nn.Linear(width, 4)
 
-    def forward(self, x):
-        h = x
-        for i, layer in enumerate(self.pts_linears):
-            h = F.relu(layer(h))
-            if i in self.skips:
-                h = torch.cat([x, h], -1)
-        return self.output_linear(h)
+@pytest.mark.parametrize("make,x,expected", [
+    (lambda: TorchvisionMLP(12, [16, 16, 3], dropout=0.1), torch.randn(9, 12), {"0", "3"}),
+    (lambda: GANDiscriminator(features=48), torch.randn(6, 3, 4, 4), {"model.0", "model.2", "model.4"}),
+    (STNClassifier, torch.randn(4, 1, 28, 28), {"fc_loc.0", "fc1"}),
+], ids=["torchvision_mlp", "gan_discriminator", "stn"])
+def test_sequentials_with_inplace_activations_and_dropout_fuse(make, x, expected):
+    torch.manual_seed(0)
+    model = make()
+    reference = copy.deepcopy(model)
+    hnn.fuse(model)
+    assert fused_names(reference) == expected
+    for mode in ("train", "eval"):
+        model.train(mode == "train"), reference.train(mode == "train")
+        same_outputs_and_grads(model, reference, x, seed=4)
+
+
+def test_inplace_dropout_after_an_activation_fails_in_training_as_in_eager():
+    # torchvision's MLP(inplace=True): the in-place dropout overwrites the activation's output,
+    # which its backward needs. Eager raises in the backward; the fused layer must too.
+    torch.manual_seed(0)
+    model = TorchvisionMLP(12, [16, 3], dropout=0.1, inplace=True)
+    reference = copy.deepcopy(model)
+    hnn.fuse(model)
+    assert fused_names(reference) == {"0"}
+    x = torch.randn(9, 12)
+    for net in (reference, model):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            net(x).sum().backward()
+    model.eval(), reference.eval()  # dropout is then the identity: both work
+    same_outputs_and_grads(model, reference, x)
 
 
 def test_skip_connections_and_parameter_order_and_an_optimizer_checkpoint_by_position():
@@ -172,24 +170,6 @@ def test_an_optimizer_built_before_fusing_keeps_working():
             opt.step()
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b)
-
-
-class DeepSDFDecoder(nn.Module):
-    """DeepSDF's decoder: weight-normed layers, dropout with the training flag, a branch on
-    the input's shape."""
-
-    def __init__(self, weight_norm):
-        super().__init__()
-        layers = [nn.Linear(7, 32), nn.Linear(32, 32), nn.Linear(32, 32)]
-        self.layers = nn.ModuleList(weight_norm(layer) for layer in layers)
-        self.last = nn.Linear(32, 1)
-
-    def forward(self, input):
-        x = input if input.shape[1] > 3 else F.pad(input, (0, 4))  # a branch on a shape
-        for layer in self.layers:
-            x = F.relu(layer(x))
-            x = F.dropout(x, p=0.2, training=self.training)
-        return torch.tanh(self.last(x))
 
 
 WEIGHT_NORMS = {
