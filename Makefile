@@ -71,11 +71,11 @@ test-capabilities: install
 	  $(call as_capability,$$c) $(PYTHON) -m pytest -q -p no:cacheprovider $(CAPABILITY_TESTS) || exit 1; done
 
 bench: install
-	@for c in $$($(PYTHON) -c "from handgrad import _capability as c; print(' '.join(reversed(c.runnable())))"); do \
-	  echo "== CPU capability $$c"; \
-	  $(call as_capability,$$c) $(PYTHON) benchmarks/bench_layers.py --out benchmarks/out/$$c \
-	    --compile $$([ $$c = "$$($(PYTHON) -c 'import handgrad; print(handgrad.build_info()["cpu_capability"])')" ] && echo yes || echo no) || exit 1; \
-	  $(call as_capability,$$c) $(PYTHON) benchmarks/bench_networks.py --out benchmarks/out/$$c || exit 1; done
+	@own=$$($(PYTHON) -c 'import handgrad; print(handgrad.build_info()["cpu_capability"])'); \
+	for c in $$($(PYTHON) -c "from handgrad import _capability as c; print(' '.join(reversed(c.runnable())))"); do \
+	  echo "== CPU capability $$c"; compile=$$([ $$c = $$own ] && echo yes || echo no); \
+	  $(call as_capability,$$c) $(PYTHON) benchmarks/bench_layers.py --out benchmarks/out/$$c --compile $$compile || exit 1; \
+	  $(call as_capability,$$c) $(PYTHON) benchmarks/bench_networks.py --out benchmarks/out/$$c --compile $$compile || exit 1; done
 
 # $(call build_into,DIR,PYTHON,ENVIRONMENT): the package, with its library freshly built by
 # PYTHON under ENVIRONMENT, in DIR, beside the editable install, for tests to import from there.
