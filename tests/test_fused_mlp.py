@@ -135,12 +135,14 @@ def goes_to_blas(weights, rows, activation="relu", slope=0.0, every=0, output_ac
 
 @pytest.mark.parametrize("sizes,rows,expected", [
     ([784, 256, 256, 10], 64, True), ([512, 512], 256, True), ([1024, 1024], 4096, True),  # deep products
+    ([784, 256, 256, 10], 16, True), ([256, 256], 512, True),  # few rows for wide weights
+    ([40, 40, 40], 4096, True),  # too shallow for the streaming regime
     ([64, 64, 64, 64, 16], 3000, False), ([63, 256, 256, 4], 4096, False), ([256, 256], 16384, False),
-    ([784, 256, 256, 10], 16, False),  # too few rows for BLAS to pay
+    ([10, 40, 40, 5], 100, False), ([64, 64], 512, False), ([10, 40, 40, 5], 16, False),  # small weights
 ])
 def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, rows, expected):
     x, weights, biases, grad_output = random_network(sizes, rows, torch.float32)
-    # DEFAULT's tiles are scalar code: BLAS runs every network of 32 rows or more there.
+    # DEFAULT's tiles are scalar code: there the engine keeps small weights and fewer than 32 rows.
     assert goes_to_blas(weights, rows) == (expected or (cpu_capability == "DEFAULT" and rows >= 32))
     assert not goes_to_blas(weights, rows, every=1)  # checkpointing recomputes in the engine
     if len(weights) > 1:  # the engine recomputes f where the output hides its sign

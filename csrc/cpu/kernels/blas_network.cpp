@@ -1,5 +1,5 @@
-// The network layer by layer over all rows with BLAS's products, for networks whose
-// products are large enough that fusion saves nothing (blas_pays): what eager's F.linear
+// The network layer by layer over all rows with BLAS's products, for networks where fusion
+// saves nothing (blas_pays): what eager's F.linear
 // runs (addmm, the bias inside the product; mm for the gradients), with the activation in
 // one pass over each output and, in the backward, a' and the bias gradient in one pass.
 // Results are eager's, bit for bit in the products; so is the determinism (BLAS's).
@@ -17,12 +17,9 @@ inline namespace CPU_CAPABILITY {
 
 bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                int64_t checkpoint_every, bool output_layer_source) {
-  // What the engine saves is memory traffic, about d_out per row and layer; what a product
-  // costs is d_in d_out per row. Where the products' mean depth (weighted by their work) is
-  // large, BLAS's faster products win; below, the engine's fewer passes (measured:
-  // benchmarks/bench_layers.py, bench_networks.py; RESULTS.md).
-  if (checkpoint_every > 0 || rows < kBlasMinRows) return false;
-  // The engine recomputes f where a' cannot be read off what is stored; this path does not.
+  // The engine alone recomputes: with checkpointing, and f where a' cannot be read off what
+  // is stored.
+  if (checkpoint_every > 0) return false;
   if (output_hides_sign(activations.hidden, activations.negative_slope) && weights.size() > 1) return false;
   if (activations.output.has_value() && !output_layer_source) return false;
   double work = 0, depth_work = 0;
@@ -31,7 +28,13 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
     work += layer;
     depth_work += layer * w.size(1);
   }
-  return work > 0 && depth_work >= kBlasMinDepth * work;
+  if (work == 0) return false;
+  const bool overhead = work <= kEngineMaxWeights * static_cast<double>(weights.size()) &&
+                        rows <= kEngineMaxRowsSmallWeights;
+  const double depth = depth_work / work;
+  const bool streaming = depth >= kEngineMinDepth && depth < kEngineMaxDepth &&
+                         static_cast<double>(rows) >= kEngineRowsPerDepth * depth;
+  return !overhead && !streaming;
 }
 
 at::Tensor blas_forward(const at::Tensor& input, at::TensorList weights, at::TensorList biases,

@@ -7,16 +7,25 @@
 namespace handgrad::cpu {
 inline namespace CPU_CAPABILITY {
 
-// The products go to BLAS where their mean depth, weighted by their work, is at least this
-// (in_features), and there are this many rows. On the DEFAULT path handgrad's tiles are
-// scalar code while BLAS picks the CPU's own vectors (measured: thin64 12x eager's time),
-// so every network of 32 rows or more goes to BLAS there.
+// The engine runs a network in two regimes only, BLAS every other (measured, single layers
+// and networks against eager, rows 8 to 16384, widths 40 to 784: RESULTS.md):
+//  - overhead: small weights (mean d_in d_out at most kEngineMaxWeights) and at most
+//    kEngineMaxRowsSmallWeights rows, where a BLAS call's fixed cost is most of the time;
+//  - streaming: many rows for the depth (rows >= kEngineRowsPerDepth times the products'
+//    mean depth, weighted by their work; that depth in [kEngineMinDepth, kEngineMaxDepth)),
+//    where blocks in cache save passes over memory and enough blocks run in parallel.
+// Elsewhere the engine loses: few rows pay for packing Omega^T on every call (up to 3x eager
+// at 32 x 256 x 256), and fewer blocks than threads share columns inside each product.
+// On the DEFAULT path handgrad's tiles are scalar code while BLAS picks the CPU's own
+// vectors (measured: thin64 12x eager's time), so only the overhead regime is left there.
+constexpr double kEngineMaxWeights = 64 * 64;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-constexpr double kBlasMinDepth = 384;
+constexpr int64_t kEngineMaxRowsSmallWeights = 512;
+constexpr double kEngineRowsPerDepth = 16, kEngineMinDepth = 64, kEngineMaxDepth = 384;
 #else
-constexpr double kBlasMinDepth = 0;
+constexpr int64_t kEngineMaxRowsSmallWeights = 31;
+constexpr double kEngineRowsPerDepth = 0, kEngineMinDepth = 0, kEngineMaxDepth = 0;  // none
 #endif
-constexpr int64_t kBlasMinRows = 32;
 
 // Whether BLAS runs this network. output_layer_source: a' of the output layer can be read
 // off a tensor the backward is given.
