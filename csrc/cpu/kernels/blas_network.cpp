@@ -33,6 +33,7 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
                         rows <= kEngineMaxRowsSmallWeights;
   const double depth = depth_work / work;
   const bool streaming = depth >= kEngineMinDepth && depth < kEngineMaxDepth &&
+                         rows >= kEngineMinRowsStreaming &&
                          static_cast<double>(rows) >= kEngineRowsPerDepth * depth;
   return !overhead && !streaming;
 }

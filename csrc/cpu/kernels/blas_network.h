@@ -12,18 +12,20 @@ inline namespace CPU_CAPABILITY {
 //  - overhead: small weights (mean d_in d_out at most kEngineMaxWeights) and at most
 //    kEngineMaxRowsSmallWeights rows, where a BLAS call's fixed cost is most of the time;
 //  - streaming: many rows for the depth (rows >= kEngineRowsPerDepth times the products'
-//    mean depth, weighted by their work; that depth in [kEngineMinDepth, kEngineMaxDepth)),
-//    where blocks in cache save passes over memory and enough blocks run in parallel.
+//    mean depth, weighted by their work, and >= kEngineMinRowsStreaming; that depth in
+//    [kEngineMinDepth, kEngineMaxDepth)), where blocks in cache save passes over memory and
+//    enough blocks run in parallel. (Both bounds depend on the shape alone, never on the
+//    thread count, so that the path, and so the bits, do not either.)
 // Elsewhere the engine loses: few rows pay for packing Omega^T on every call (up to 3x eager
 // at 32 x 256 x 256), and fewer blocks than threads share columns inside each product.
 // On the DEFAULT path handgrad's tiles are scalar code while BLAS picks the CPU's own
 // vectors (measured: thin64 12x eager's time), so only the overhead regime is left there.
 constexpr double kEngineMaxWeights = 64 * 64;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kEngineMaxRowsSmallWeights = 512;
+constexpr int64_t kEngineMaxRowsSmallWeights = 256, kEngineMinRowsStreaming = 2048;
 constexpr double kEngineRowsPerDepth = 16, kEngineMinDepth = 64, kEngineMaxDepth = 384;
 #else
-constexpr int64_t kEngineMaxRowsSmallWeights = 31;
+constexpr int64_t kEngineMaxRowsSmallWeights = 31, kEngineMinRowsStreaming = 0;
 constexpr double kEngineRowsPerDepth = 0, kEngineMinDepth = 0, kEngineMaxDepth = 0;  // none
 #endif
 
