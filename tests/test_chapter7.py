@@ -298,7 +298,9 @@ def test_7_11_checkpointing_lowers_the_peak_memory_of_the_backward():
     assert plain_stored >= 20 * one_layer  # every hidden output
     assert stored <= 4 * one_layer  # h_5, h_10, h_15 (and small change)
     assert peak < plain_peak - 5 * one_layer  # the recomputed stretch needs room, but less
-    assert difference == 0.0
+    # The plain network's products run in BLAS (too few rows for the engine to pay), the
+    # checkpointed one's in the engine: the same gradients up to the order of the sums.
+    assert difference < 1e-6
 
 
 def test_7_11_the_backward_packs_weights_for_one_stretch_at_a_time():
@@ -307,7 +309,7 @@ def test_7_11_the_backward_packs_weights_for_one_stretch_at_a_time():
     results, difference = checkpoint.compare(choices=(None, 5), repeats=1)
     (_, plain_peak, _), (_, peak, _) = results[None], results[5]
     assert peak <= 0.56 * plain_peak, f"peak {peak / plain_peak:.0%} of the unchecked backward's"
-    assert difference == 0.0
+    assert difference < 1e-6  # BLAS runs the plain network's products (test_fused_mlp: bit for bit otherwise)
 
 
 GC_CHECK = """
@@ -376,13 +378,13 @@ def test_examples_run_without_matplotlib(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     results, difference = checkpoint.main(["--depth", "4", "--out", str(tmp_path)])
-    assert difference == 0.0 and set(results) == {None, 5, 10}
+    assert difference < 1e-6 and set(results) == {None, 5, 10}
     assert "no figure checkpoint.png: matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "checkpoint.png").exists()
 
 
 def test_example_checkpoint(tmp_path):
     results, difference = checkpoint.main(["--depth", "20", "--out", str(tmp_path)])
-    assert set(results) == {None, 5, 10} and difference == 0.0
+    assert set(results) == {None, 5, 10} and difference < 1e-6
     assert results[10][0] < results[None][0] and results[10][1] < results[None][1]
     assert (tmp_path / "checkpoint.png").stat().st_size > 1000
