@@ -8,6 +8,9 @@ Switches (environment variables):
   HANDGRAD_BUILD_CAPABILITIES  comma-separated CPU capabilities to compile the CPU kernels
                             for (default: DEFAULT,AVX2,AVX512 on x86-64, DEFAULT elsewhere);
                             the one that runs is chosen at import (HANDGRAD_CPU_CAPABILITY)
+  HANDGRAD_OPENMP=0|1       build without or with OpenMP (default: with it where the C++
+                            compiler accepts -fopenmp; without, the CPU kernels run on one
+                            thread, as Apple's clang gives)
   HANDGRAD_SANITIZE=1       AddressSanitizer and UndefinedBehaviorSanitizer (`make sanitize`)
   DEBUG=1                   -O0 -g
 """
@@ -121,33 +124,70 @@ def cublas_include_dirs():
     return sorted({os.path.dirname(h) for h in headers})
 
 
+def compiler_accepts_openmp():
+    """Whether the C++ compiler compiles and links an OpenMP program with -fopenmp: checked
+    once, by doing it."""
+    import tempfile
+
+    compiler = os.getenv("CXX", "c++")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "openmp.cpp")
+        with open(source, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            result = subprocess.run([compiler, "-fopenmp", source, "-o", os.path.join(folder, "openmp")],
+                                    capture_output=True)
+        except OSError:
+            return False
+        return result.returncode == 0
+
+
+def use_openmp():
+    forced = os.getenv("HANDGRAD_OPENMP")
+    if forced not in (None, "", "0", "1"):
+        sys.exit(f"handgrad: HANDGRAD_OPENMP must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return False
+    accepted = compiler_accepts_openmp()
+    if forced == "1" and not accepted:
+        sys.exit(f"handgrad: HANDGRAD_OPENMP=1, but the C++ compiler ({os.getenv('CXX', 'c++')}) "
+                 "cannot compile and link with -fopenmp; install an OpenMP runtime for it, or "
+                 "build with HANDGRAD_OPENMP=0 (the CPU kernels then run on one thread)")
+    if not accepted:
+        print("handgrad: the C++ compiler rejects -fopenmp: building without OpenMP, so the CPU "
+              "kernels will run on one thread (HANDGRAD_OPENMP=1 to insist)", file=sys.stderr)
+    return accepted
+
+
 def capability_flags(capability):
     """The macros and flags that compile csrc/cpu/kernels/ for one capability."""
     return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *CPU_CAPABILITY_FLAGS[capability]]
 
 
-def write_build_config(capabilities):
+def write_build_config(capabilities, openmp):
     # Read at import, to choose among the capability libraries that were built; the flags
     # serve benchmarks/bench_microkernels.py, which compiles gemm.h as the build does.
     flags = {capability: capability_flags(capability) for capability in capabilities}
     with open(os.path.join(ROOT, "pyext", "handgrad", "_build_config.py"), "w") as f:
         f.write(f"# Written by setup.py at build time.\nCPU_CAPABILITIES = {tuple(capabilities)!r}\n"
-                f"CPU_CAPABILITY_FLAGS = {flags!r}\n")
+                f"CPU_CAPABILITY_FLAGS = {flags!r}\nOPENMP = {openmp!r}\n")
 
 
 def get_extensions():
     capabilities = cpu_capabilities()
     cuda = use_cuda()
-    write_build_config(capabilities)
+    # Without OpenMP, at::parallel_for compiles to a plain call (ATen/Parallel-inl.h).
+    openmp = ["-fopenmp"] if use_openmp() else []
+    write_build_config(capabilities, bool(openmp))
 
     common_flags = [
         "-O0" if DEBUG else "-O3",
-        "-fopenmp",
+        *openmp,
         # at::vec's partial loads leave unused lanes unset by design; GCC warns about it
         # hundreds of times inside its own AVX-512 headers.
         "-Wno-maybe-uninitialized",
     ] + (["-g"] if DEBUG else []) + (SANITIZER_FLAGS if SANITIZE else [])
-    link_flags = ["-fopenmp"] + (SANITIZER_FLAGS if SANITIZE else [])
+    link_flags = openmp + (SANITIZER_FLAGS if SANITIZE else [])
 
     # The ops, autograd and bindings, compiled once for any CPU.
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))

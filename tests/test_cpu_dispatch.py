@@ -124,3 +124,18 @@ def test_every_runnable_capability_loads_and_says_what_it_runs(cpu_capability):
     info = handgrad.build_info()
     assert info["cpu_capability"] == cpu_capability
     assert _capability.running()[0] == cpu_capability
+
+
+def test_build_info_says_whether_the_kernels_were_built_with_openmp():
+    # A build without OpenMP (HANDGRAD_OPENMP=0, or a compiler that rejects -fopenmp) runs
+    # at::parallel_for as a plain call; its libraries then need no OpenMP runtime.
+    if shutil.which("objdump") is None:
+        pytest.skip("needs binutils' objdump")
+    info = handgrad.build_info()
+    for name, path in libraries().items():
+        if not name.startswith("_cpu_"):
+            continue
+        headers = subprocess.run(["objdump", "-p", path], capture_output=True, text=True, check=True).stdout
+        needed = re.findall(r"NEEDED\s+(\S+)", headers)
+        assert any(re.match(r"lib(g|i)?omp", n) for n in needed) == info["openmp"], (name, needed)
+    assert info["cpu_kernel_threads"] == ("torch's intra-op threads" if info["openmp"] else "one (built without OpenMP)")

@@ -33,13 +33,17 @@ def cuda_built() -> bool:
 def build_info() -> dict:
     """What this build has and what runs: the CPU capabilities its kernels were compiled
     for, the one chosen for this CPU (lowered by HANDGRAD_CPU_CAPABILITY) and its
-    micro-kernel, and whether it has the CUDA kernels."""
+    micro-kernel, whether the CPU kernels were built with OpenMP (without it they run on
+    one thread), and whether it has the CUDA kernels."""
     capability, micro_kernel = _capability.running()
+    openmp = _capability._build_config.OPENMP
     return {
         "cpu_capabilities_built": list(_capability._build_config.CPU_CAPABILITIES),
         "cpu_capability_offered": _capability.offered(),
         "cpu_capability": capability,
         "cpu_micro_kernel": micro_kernel,
+        "openmp": openmp,
+        "cpu_kernel_threads": "torch's intra-op threads" if openmp else "one (built without OpenMP)",
         "cuda": cuda_built(),
     }
 
