@@ -10,6 +10,7 @@
 #                    for each CPU capability this CPU offers
 #   make sanitize    build with AddressSanitizer + UBSan into build/sanitize, run the tests there
 #   make cuda-build  compile and link the CUDA build on a machine with nvcc (no GPU needed)
+#   make no-openmp-build  build without OpenMP (as on macOS) and run the suite on it
 
 # torch is installed only where none is: an active virtual environment keeps its own.
 #   TORCH_SPEC   what to install where torch is missing
@@ -30,7 +31,7 @@ PIP     := $(PYTHON) -m pip
 STAMP   := $(dir $(PYTHON)).handgrad-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/autograd/* csrc/cpu/* csrc/cpu/kernels/* csrc/cuda/*)
 
-.PHONY: install demo test test-capabilities bench sanitize cuda-build clean
+.PHONY: install demo test test-capabilities bench sanitize cuda-build no-openmp-build clean
 
 install: $(STAMP)
 
@@ -79,11 +80,14 @@ bench: install
 
 # $(call build_into,DIR,PYTHON,ENVIRONMENT): the package, with its library freshly built by
 # PYTHON under ENVIRONMENT, in DIR, beside the editable install, for tests to import from there.
+# setup.py writes _build_config.py into the checkout; the checkout's own is put back after.
 define build_into
 	rm -rf $(1) && mkdir -p $(1)
 	cp -r pyext/handgrad $(1)/ && rm -f $(1)/handgrad/*.so
+	if [ -f pyext/handgrad/_build_config.py ]; then cp pyext/handgrad/_build_config.py $(1)/checkout_config.py; fi
 	$(3) $(2) setup.py -q build_ext --force --build-lib $(1) --build-temp $(1)/temp
 	cp pyext/handgrad/_build_config.py $(1)/handgrad/
+	if [ -f $(1)/checkout_config.py ]; then mv $(1)/checkout_config.py pyext/handgrad/_build_config.py; fi
 endef
 
 # Python itself is not instrumented, so the sanitizer runtimes are preloaded; leak checking
@@ -110,6 +114,15 @@ cuda-build:
 	PYTHONPATH=$(CURDIR)/$(CUDA_DIR) $(CUDA_VENV)/bin/python -c \
 		"import handgrad; assert handgrad.cuda_built(), 'no CUDA kernels'; print('CUDA build:', handgrad._C.__file__)"
 	PYTHONPATH=$(CURDIR)/$(CUDA_DIR) $(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# Without OpenMP, as Apple's clang builds it: the CPU kernels on one thread; the suite must
+# pass all the same.
+NO_OPENMP_DIR := build/no-openmp
+no-openmp-build: install
+	$(call build_into,$(NO_OPENMP_DIR),$(PYTHON),HANDGRAD_OPENMP=0)
+	PYTHONPATH=$(CURDIR)/$(NO_OPENMP_DIR) $(PYTHON) -c \
+		"import handgrad; i = handgrad.build_info(); assert not i['openmp'], i; print('no-OpenMP build:', handgrad._C.__file__, i['cpu_kernel_threads'])"
+	PYTHONPATH=$(CURDIR)/$(NO_OPENMP_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf build pyext/*.egg-info pyext/handgrad/_C*.so pyext/handgrad/_build_config.py $(STAMP)

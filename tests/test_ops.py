@@ -282,6 +282,21 @@ def test_activations_are_eagers_to_the_last_bit(fn, reference, dtype, numel):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_activations_are_eagers_to_the_last_bit_on_any_thread_count(threads):
+    # Eager's threads each walk their own piece, pairs of registers then a scalar tail;
+    # handgrad cuts the same pieces (and keeps them without OpenMP), so the tails match.
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x = 4 * torch.randn(100_003, generator=torch.Generator().manual_seed(threads))
+        for name in ("sigmoid", "relu"):
+            fn, reference = ACTIVATION[name]
+            assert torch.equal(fn(x), reference(x)), f"{name} on {threads} threads"
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 12), (2, 3, 16), (12,), (0, 12), (1000, 64)], ids=str)

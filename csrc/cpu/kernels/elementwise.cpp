@@ -1,7 +1,7 @@
 // The elementwise CPU kernels: the standalone activations and their backward, and the pass
 // that makes dl/df and the bias gradient together. Each loop runs the formulas of
 // csrc/activation.h on at::vec::Vectorized registers, in the accumulation type (bfloat16
-// and float16 are widened to float), split across threads with at::parallel_for.
+// and float16 are widened to float), split across threads as ATen splits its own.
 #include <ATen/ceil_div.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,6 +22,26 @@ namespace {
 // About this many elements per task: ATen's own grain size for elementwise kernels.
 constexpr int64_t kGrainElements = 32768;
 
+// body(begin, end) over [0, numel) in the pieces ATen's at::parallel_for gives its threads
+// (ATen/ParallelOpenMP.h: as many pieces as threads, at most one per grain, of equal size),
+// run on those threads, or one after another where this library was built without OpenMP:
+// the pieces, and so the bits, are eager's either way.
+template <typename Body>
+void in_atens_pieces(int64_t numel, int64_t grain, const Body& body) {
+  const int64_t threads = at::get_num_threads();
+  if (numel <= grain || threads == 1 || at::in_parallel_region()) {
+    body(int64_t{0}, numel);
+    return;
+  }
+  const int64_t pieces = std::min(threads, at::ceil_div(numel, grain));
+  const int64_t size = at::ceil_div(numel, pieces);
+  at::parallel_for(0, pieces, 1, [&](int64_t first, int64_t last) {
+    for (int64_t piece = first; piece < last; ++piece) {
+      body(piece * size, std::min(numel, (piece + 1) * size));
+    }
+  });
+}
+
 // out = a[input], elementwise over contiguous memory (out may be input).
 //
 // Each thread's share runs in pairs of SIMD registers and its last few elements one by one,
@@ -36,7 +56,7 @@ void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel
   const Vec slope(negative_slope);
   const auto scalar_slope = static_cast<opmath_t>(negative_slope);
   constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
-  at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+  in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
     const int64_t vectorized_end = begin + (end - begin) / kStep * kStep;
     at::vec::map([&](Vec f) { return activate<A>(f, slope); }, out + begin, input + begin,
                  vectorized_end - begin);
@@ -52,7 +72,7 @@ void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, sc
                               int64_t numel, double negative_slope) {
   using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
   const Vec slope(negative_slope);
-  at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+  in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
     at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, slope); },
                   grad_pre + begin, grad + begin, out_or_f + begin, end - begin);
   });
