@@ -139,6 +139,7 @@ def goes_to_blas(weights, rows, activation="relu", slope=0.0, every=0, output_ac
     ([40, 40, 40], 4096, True),  # too shallow for the streaming regime
     ([64, 64, 64, 64, 16], 3000, False), ([63, 256, 256, 4], 4096, False), ([256, 256], 16384, False),
     ([64, 64], 1024, True), ([64, 64], 512, True),  # fewer blocks than to keep threads busy
+    ([256, 1], 64, True), ([64, 8], 64, True),  # a single layer of few outputs: mostly masked vectors
     ([10, 40, 40, 5], 100, False), ([64, 64], 256, False), ([10, 40, 40, 5], 16, False),  # small weights
 ])
 def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, rows, expected):

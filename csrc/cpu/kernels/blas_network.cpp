@@ -29,8 +29,9 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
     depth_work += layer * w.size(1);
   }
   if (work == 0) return false;
+  const bool narrow_layer = weights.size() == 1 && weights[0].size(0) < kEngineMinLayerOutputs;
   const bool overhead = work <= kEngineMaxWeights * static_cast<double>(weights.size()) &&
-                        rows <= kEngineMaxRowsSmallWeights;
+                        rows <= kEngineMaxRowsSmallWeights && !narrow_layer;
   const double depth = depth_work / work;
   const bool streaming = depth >= kEngineMinDepth && depth < kEngineMaxDepth &&
                          rows >= kEngineMinRowsStreaming &&

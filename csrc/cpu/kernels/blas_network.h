@@ -21,6 +21,10 @@ inline namespace CPU_CAPABILITY {
 // On the DEFAULT path handgrad's tiles are scalar code while BLAS picks the CPU's own
 // vectors (measured: thin64 12x eager's time), so only the overhead regime is left there.
 constexpr double kEngineMaxWeights = 64 * 64;
+// A single layer with fewer outputs than this goes to BLAS even with small weights: the
+// tiles' vectors run across the outputs, mostly masked off (a 256 -> 1 layer at 64 rows took
+// 2.1x eager's forward, 256 -> 8 1.08x).
+constexpr int64_t kEngineMinLayerOutputs = 16;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kEngineMaxRowsSmallWeights = 256, kEngineMinRowsStreaming = 2048;
 constexpr double kEngineRowsPerDepth = 16, kEngineMinDepth = 64, kEngineMaxDepth = 384;
