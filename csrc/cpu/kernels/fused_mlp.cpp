@@ -377,24 +377,22 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
     return slot_space.get() + slot * weight_offset[layers] + weight_offset[l];
   };
   const Scratch<T> bias_space(need_biases ? p.blocks * bias_offset[layers] : 0);
-  // The hidden outputs a block holds in T: a stretch of them where they are recomputed or
-  // converted, none where they are read where they lie.
-  int64_t held_width = 0;
-  if (checkpointing || !same) {
-    for (size_t s = 0; s < stretches; ++s) {
-      int64_t sum = 0;
-      for (size_t j = s * stretch + 1; j <= std::min(hidden, (s + 1) * stretch); ++j) sum += p.widths[j];
-      held_width = std::max(held_width, sum);
-    }
-  }
-
   // Stretch by stretch, from the top, so that Omega^T (for recomputing f) is packed for one
   // stretch's layers at a time: dl/dh at a stretch's input is carried to the one below for
-  // all rows. Without checkpointing the hidden layers are one stretch.
+  // all rows. Without checkpointing the hidden layers are one stretch. Stretch s holds the
+  // hidden layers [first_of(s), last_of(s)).
   const bool recomputes_output = acts.output.has_value() && out_or_f == nullptr;
   const size_t passes = std::max<size_t>(stretches, 1);
   const auto first_of = [&](size_t s) { return s * stretch; };
   const auto last_of = [&](size_t s) { return std::min(hidden, s * stretch + stretch); };
+  // The hidden outputs a block holds in T: a stretch of them where they are recomputed or
+  // converted, none where they are read where they lie.
+  int64_t held_width = 0;
+  for (size_t s = 0; s < stretches && (checkpointing || !same); ++s) {
+    int64_t sum = 0;
+    for (size_t j = first_of(s) + 1; j <= last_of(s); ++j) sum += p.widths[j];
+    held_width = std::max(held_width, sum);
+  }
   // Layer l's product is recomputed in stretch s: to rebuild its output, or to read a' off f.
   const auto packs = [&](size_t s, size_t l) {
     if (l == layers - 1) return recomputes_output && last_of(s) == hidden;
@@ -469,6 +467,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
             if (l > 0 || grads.input != nullptr) {  // dl/dh = g Omega  (7.6)
               current = 1 - current;
               T* dst = g_space[current];
+              if (s > 0 && l == first) dst = carried_into(s) + row * d_in;  // for the stretch below
               if constexpr (same) {
                 if (l == 0) dst = grads.input + row * d0;
               }
@@ -513,7 +512,6 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
             // a' of hidden layer l, read off its output h[l + 1] unless that hides the sign.
             layer_backward(l, acts.hidden, h[l + 1], /*from_output=*/!hides_sign);
           }
-          if (s > 0) std::copy_n(g.data, n * d_first, carried_into(s) + row * d_first);
         }
       }
     });

@@ -181,14 +181,21 @@ void tiles_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a,
   }
 }
 
-// C = init + A B on one thread: brgemm where it measured faster, else handgrad's tiles.
+// Whether brgemm runs C = A B, where it measured faster. The whole product's shape decides,
+// never the share of its columns one thread gets, so the thread count changes nothing.
 template <typename T>
-void gemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row,
-                         int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, Init init,
-                         const T* bias) {
-  if constexpr (kUseBrgemm && std::is_same_v<T, float>) {
-    if (rows > 0 && cols > 0 && depth > 0 &&
-        (a_col == 1 || (a_row == 1 && cols >= kBrgemmTransposedMinCols))) {
+bool brgemm_runs(int64_t rows, int64_t cols, int64_t depth, int64_t a_row, int64_t a_col) {
+  return kUseBrgemm && std::is_same_v<T, float> && rows > 0 && cols > 0 && depth > 0 &&
+         (a_col == 1 || (a_row == 1 && cols >= kBrgemmTransposedMinCols));
+}
+
+// C = init + A B on one thread: brgemm (where brgemm_runs), else handgrad's tiles.
+template <typename T>
+void gemm_on_this_thread(bool brgemm, int64_t rows, int64_t cols, int64_t depth, const T* a,
+                         int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
+                         Init init, const T* bias) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (brgemm) {
       brgemm_on_this_thread(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
       return;
     }
@@ -206,16 +213,17 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, 
           const T* b, int64_t ldb, T* c, int64_t ldc, Init init, const T* bias = nullptr) {
   constexpr int64_t kPanel = kTileVectors * Vec<T>::size();
   const int64_t panels = (cols + kPanel - 1) / kPanel;
+  const bool brgemm = brgemm_runs<T>(rows, cols, depth, a_row, a_col);
   if (panels > 1 && rows * cols * depth >= kShareProduct && at::get_num_threads() > 1 &&
       !at::in_parallel_region()) {
     at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
       const int64_t col = first * kPanel, width = std::min(cols, last * kPanel) - col;
-      gemm_on_this_thread<T>(rows, width, depth, a, a_row, a_col, b + col, ldb, c + col, ldc,
-                             init, bias == nullptr ? nullptr : bias + col);
+      gemm_on_this_thread<T>(brgemm, rows, width, depth, a, a_row, a_col, b + col, ldb, c + col,
+                             ldc, init, bias == nullptr ? nullptr : bias + col);
     });
     return;
   }
-  gemm_on_this_thread<T>(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
+  gemm_on_this_thread<T>(brgemm, rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
 }
 
 }  // namespace CPU_CAPABILITY
