@@ -11,6 +11,8 @@
 #   make sanitize    build with AddressSanitizer + UBSan into build/sanitize, run the tests there
 #   make cuda-build  compile and link the CUDA build on a machine with nvcc (no GPU needed)
 #   make no-openmp-build  build without OpenMP (as on macOS) and run the suite on it
+#   make check-aarch64  cross-compile for Linux aarch64 and run part of the suite under
+#                    qemu-aarch64-static (benchmarks/check_aarch64.sh sets it all up)
 
 # torch is installed only where none is: an active virtual environment keeps its own.
 #   TORCH_SPEC   what to install where torch is missing
@@ -31,7 +33,7 @@ PIP     := $(PYTHON) -m pip
 STAMP   := $(dir $(PYTHON)).handgrad-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/autograd/* csrc/cpu/* csrc/cpu/kernels/* csrc/cuda/*)
 
-.PHONY: install demo test test-capabilities bench sanitize cuda-build no-openmp-build clean
+.PHONY: install demo test test-capabilities bench sanitize cuda-build no-openmp-build check-aarch64 aarch64-build clean
 
 install: $(STAMP)
 
@@ -123,6 +125,16 @@ no-openmp-build: install
 	PYTHONPATH=$(CURDIR)/$(NO_OPENMP_DIR) $(PYTHON) -c \
 		"import handgrad; i = handgrad.build_info(); assert not i['openmp'], i; print('no-OpenMP build:', handgrad._C.__file__, i['cpu_kernel_threads'])"
 	PYTHONPATH=$(CURDIR)/$(NO_OPENMP_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# Linux aarch64 on this x86-64 machine: the script installs the cross compiler, qemu, an
+# arm64 Python and torch's aarch64 wheel, then has that Python (emulated) build here through
+# aarch64-build, and runs a part of the suite. AARCH64_OPTIONAL=1 skips, with the reason,
+# where the packages cannot be had.
+check-aarch64:
+	benchmarks/check_aarch64.sh
+
+aarch64-build:
+	$(call build_into,build/aarch64,$(AARCH64_PYTHON),$(AARCH64_ENV))
 
 clean:
 	rm -rf build pyext/*.egg-info pyext/handgrad/_C*.so pyext/handgrad/_build_config.py $(STAMP)

@@ -159,9 +159,18 @@ def use_openmp():
     return accepted
 
 
+def torch_vec_flags():
+    """The at::vec macros torch's own build defines: on Arm, AT_BUILD_ARM_VEC256_WITH_SLEEF
+    makes Vectorized's exp call Sleef (libtorch_cpu exports it) as ATen's kernels do; without
+    it every lane calls std::exp, which is slower and not eager's bits."""
+    sleef = "-DAT_BUILD_ARM_VEC256_WITH_SLEEF"
+    return [sleef] if sleef in torch.__config__.show() else []
+
+
 def capability_flags(capability):
     """The macros and flags that compile csrc/cpu/kernels/ for one capability."""
-    return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *CPU_CAPABILITY_FLAGS[capability]]
+    return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+            *CPU_CAPABILITY_FLAGS[capability], *torch_vec_flags()]
 
 
 def write_build_config(capabilities, openmp):
