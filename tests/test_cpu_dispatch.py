@@ -139,3 +139,16 @@ def test_build_info_says_whether_the_kernels_were_built_with_openmp():
         needed = re.findall(r"NEEDED\s+(\S+)", headers)
         assert any(re.match(r"lib(g|i)?omp", n) for n in needed) == info["openmp"], (name, needed)
     assert info["cpu_kernel_threads"] == ("torch's intra-op threads" if info["openmp"] else "one (built without OpenMP)")
+
+
+def test_a_capability_this_cpu_lacks_is_named_and_the_best_it_offers_runs():
+    # On Arm (make check-aarch64) and on CPUs without AVX-512, asking for an x86 level the
+    # CPU lacks warns, naming it and what runs instead; a name that is no level is an error.
+    lacking = [c for c in _capability.LEVELS if _capability.LEVELS.index(c) > _capability.LEVELS.index(_capability.offered())]
+    with pytest.raises(ValueError, match=r"HANDGRAD_CPU_CAPABILITY='SSE9' is not a CPU capability; expected one of DEFAULT, AVX2, AVX512"):
+        _capability.choose("sse9")
+    if not lacking:
+        pytest.skip(f"this CPU offers {_capability.offered()}, the highest level")
+    best = _capability.runnable()[-1]
+    with pytest.warns(RuntimeWarning, match=rf"{lacking[-1]} cannot run here \(this CPU offers {_capability.offered()}.*running {best}"):
+        assert _capability.choose(lacking[-1]) == best
