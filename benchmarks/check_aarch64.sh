@@ -83,7 +83,7 @@ if [ ! -f "$SITE/.installed" ] || [ "$(cat "$SITE/.installed")" != "$TORCH_SPEC"
       "$TORCH_SPEC" numpy markupsafe hypothesis \
     || unavailable "pip could not fetch $TORCH_SPEC for manylinux_2_28_aarch64 and the test tools"
   if grep -q "^cuda: Optional\[str\] = '" "$SITE/torch/version.py"; then
-    say "$TORCH_SPEC for aarch64 is a CUDA build ($(grep __version__ "$SITE/torch/version.py")): its"
+    say "$TORCH_SPEC for aarch64 is a CUDA build ($(grep "^__version__" "$SITE/torch/version.py")): its"
     say "libtorch_cpu cannot load without NVIDIA's aarch64 libraries; choose a CPU wheel (AARCH64_TORCH_SPEC)"
     exit 1
   fi
