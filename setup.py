@@ -167,10 +167,13 @@ def torch_vec_flags():
     return [sleef] if sleef in torch.__config__.show() else []
 
 
+TORCH_VEC_FLAGS = torch_vec_flags()  # asked of torch once, for every capability
+
+
 def capability_flags(capability):
     """The macros and flags that compile csrc/cpu/kernels/ for one capability."""
     return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
-            *CPU_CAPABILITY_FLAGS[capability], *torch_vec_flags()]
+            *CPU_CAPABILITY_FLAGS[capability], *TORCH_VEC_FLAGS]
 
 
 def write_build_config(capabilities, openmp):

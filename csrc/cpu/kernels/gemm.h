@@ -194,7 +194,7 @@ template <typename T>
 void gemm_on_this_thread(bool brgemm, int64_t rows, int64_t cols, int64_t depth, const T* a,
                          int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
                          Init init, const T* bias) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (kUseBrgemm && std::is_same_v<T, float>) {  // no brgemm call compiled elsewhere
     if (brgemm) {
       brgemm_on_this_thread(rows, cols, depth, a, a_row, a_col, b, ldb, c, ldc, init, bias);
       return;
