@@ -18,7 +18,7 @@
 
 namespace handgrad {
 
-enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid };
+enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid, Tanh };
 
 template <Activation A>
 using ActivationTag = std::integral_constant<Activation, A>;
@@ -31,6 +31,7 @@ void dispatch_activation(Activation activation, const Body& body) {
     case Activation::ReLU: return body(ActivationTag<Activation::ReLU>{});
     case Activation::LeakyReLU: return body(ActivationTag<Activation::LeakyReLU>{});
     case Activation::Sigmoid: return body(ActivationTag<Activation::Sigmoid>{});
+    case Activation::Tanh: return body(ActivationTag<Activation::Tanh>{});
   }
 }
 
@@ -45,6 +46,11 @@ C10_HOST_DEVICE inline T exp(T x) {
   return std::exp(x);
 }
 
+template <typename T>
+C10_HOST_DEVICE inline T tanh(T x) {
+  return std::tanh(x);
+}
+
 // Forward: out = a[f].
 template <Activation A, typename V>
 C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
@@ -52,8 +58,10 @@ C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
     return where(f < V(0), V(0), f);  // max(0, f); written so that NaN propagates
   } else if constexpr (A == Activation::LeakyReLU) {
     return where(f > V(0), f, f * negative_slope);
-  } else {
+  } else if constexpr (A == Activation::Sigmoid) {
     return V(1) / (V(1) + exp(-f));  // sig[f]; saturates to 0 or 1, never NaN
+  } else {
+    return tanh(f);  // saturates to -1 or 1
   }
 }
 
@@ -72,29 +80,36 @@ C10_HOST_DEVICE inline V activation_backward(V grad, V out_or_f, V negative_slop
     return where(out_or_f <= V(0), V(0), grad);  // a' = I[out > 0]
   } else if constexpr (A == Activation::LeakyReLU) {
     return where(out_or_f > V(0), grad, grad * negative_slope);  // a' = I[out > 0] + alpha I[out <= 0]  (7.10)
-  } else {
+  } else if constexpr (A == Activation::Sigmoid) {
     return grad * (V(1) - out_or_f) * out_or_f;  // a' = sig[f] (1 - sig[f]) = out (1 - out)  (7.7)
+  } else {
+    return grad * (V(1) - out_or_f * out_or_f);  // a' = 1 - tanh[f]^2 = 1 - out^2, as eager's tanh_backward
   }
 }
 
 // The same dl/df with a' read off f itself, where the output is not at hand (the fused
 // MLP recomputes f in cache rather than store it). ReLU's and LeakyReLU's a' need only the
-// sign of f, which f tells for every slope; sigmoid's needs sig[f].
+// sign of f, which f tells for every slope; sigmoid's and tanh's need a[f].
 template <Activation A, typename V>
 C10_HOST_DEVICE inline V activation_backward_from_preactivation(V grad, V f, V negative_slope) {
-  if constexpr (A == Activation::Sigmoid) {
+  if constexpr (A == Activation::Sigmoid || A == Activation::Tanh) {
     return activation_backward<A>(grad, activate<A>(f, negative_slope), negative_slope);
   } else {
     return activation_backward<A>(grad, f, negative_slope);
   }
 }
 
-// Double backward: d/d(out) of the sigmoid's a' = out (1 - out), which is 1 - 2 out.
-// (ReLU's and LeakyReLU's a' are constant wherever they are differentiable: a'' = 0.) V is
+// Double backward: whether a' varies with the output (sigmoid's, tanh's), and then its
+// derivative by the output: d/d(out) of out (1 - out) is 1 - 2 out, of 1 - out^2 is -2 out.
+// ReLU's and LeakyReLU's a' are constant wherever they are differentiable: a'' = 0. V is
 // also at::Tensor here, for the autograd kernels and, through handgrad._C, the Python ones.
+inline bool derivative_varies_with_output(Activation activation) {
+  return activation == Activation::Sigmoid || activation == Activation::Tanh;
+}
+
 template <typename V>
-inline V sigmoid_derivative_by_output(const V& out) {
-  return 1 - 2 * out;
+inline V derivative_by_output(Activation activation, const V& out) {
+  return activation == Activation::Sigmoid ? 1 - 2 * out : -2 * out;
 }
 
 // Whether a' cannot be read off the output: leaky_relu with a negative slope gives

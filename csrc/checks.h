@@ -30,9 +30,10 @@ inline Activation parse_activation(c10::string_view name) {
   if (name == "relu") return Activation::ReLU;
   if (name == "leaky_relu") return Activation::LeakyReLU;
   if (name == "sigmoid") return Activation::Sigmoid;
+  if (name == "tanh") return Activation::Tanh;
   TORCH_CHECK_VALUE(
       false, "handgrad: unknown activation '", name,
-      "'; expected 'relu', 'leaky_relu' or 'sigmoid'");
+      "'; expected 'relu', 'leaky_relu', 'sigmoid' or 'tanh'");
 }
 
 // The inverse of parse_activation.
@@ -41,6 +42,7 @@ inline c10::string_view activation_name(Activation activation) {
     case Activation::ReLU: return "relu";
     case Activation::LeakyReLU: return "leaky_relu";
     case Activation::Sigmoid: return "sigmoid";
+    case Activation::Tanh: return "tanh";
   }
   return "";
 }

@@ -167,10 +167,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   // dl/dh_L = Omega_L^T g (7.6) where it is wanted.
   const auto output_layer_backward = [&](const at::Tensor& h_last, bool need_input) {
     if (output_activation.has_value()) {
-      // a' off the output for sigmoid, off f (whose sign is all they need) for the others.
+      // a' off the output for sigmoid and tanh, off f (whose sign is all they need) for the others.
       const auto bias = bias_of(biases, hidden);
-      const at::Tensor source = *output_activation == "sigmoid"
-          ? ops::linear_activation(h_last, weights[hidden], bias, "sigmoid", negative_slope)
+      const at::Tensor source = derivative_varies_with_output(parse_activation(*output_activation))
+          ? ops::linear_activation(h_last, weights[hidden], bias, *output_activation, negative_slope)
           : ops::preactivation(h_last, weights[hidden], bias);
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[hidden], grad_bias) = ops::linear_activation_backward(

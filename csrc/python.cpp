@@ -91,8 +91,13 @@ PYBIND11_MODULE(_C, m) {
 
   // For the Python Functions (handgrad.autograd), the pieces the C++ autograd kernels use,
   // so that each is written once.
-  m.def("sigmoid_derivative_by_output", &handgrad::sigmoid_derivative_by_output<at::Tensor>,
-        "1 - 2 out: d/d(out) of the sigmoid's a' = out (1 - out)", pybind11::arg("out"));
+  m.def("derivative_varies_with_output", [](c10::string_view activation) {
+    return handgrad::derivative_varies_with_output(handgrad::parse_activation(activation));
+  }, "whether a' varies with the output (sigmoid, tanh): a double backward through it", pybind11::arg("activation"));
+  m.def("derivative_by_output", [](c10::string_view activation, const at::Tensor& out) {
+    return handgrad::derivative_by_output(handgrad::parse_activation(activation), out);
+  }, "d/d(out) of a' read off the output: 1 - 2 out for sigmoid, -2 out for tanh",
+        pybind11::arg("activation"), pybind11::arg("out"));
   m.def("preactivation", &handgrad::ops::preactivation, "f = beta + Omega h",
         pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("bias"));
   m.def("as_matrix", &handgrad::as_matrix, "(*, n) as a (rows, n) matrix", pybind11::arg("t"));

@@ -27,6 +27,7 @@ def _fused_cases():
         pytest.param(
             hf.linear_sigmoid, lambda x, w, b: torch.sigmoid(F.linear(x, w, b)), id="linear_sigmoid"
         ),
+        pytest.param(hf.linear_tanh, lambda x, w, b: torch.tanh(F.linear(x, w, b)), id="linear_tanh"),
     ]
     for slope in SLOPES:
         cases.append(
@@ -43,6 +44,7 @@ def _activation_cases():
     cases = [
         pytest.param(hf.relu, F.relu, id="relu"),
         pytest.param(hf.sigmoid, torch.sigmoid, id="sigmoid"),
+        pytest.param(hf.tanh, torch.tanh, id="tanh"),
     ]
     for slope in SLOPES:
         cases.append(

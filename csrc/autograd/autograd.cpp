@@ -241,9 +241,9 @@ variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable&
   if (ctx->needs_input_grad(0)) {
     grad_grad_output = ops::activation_backward(grad_grad_pre, out_or_f, a.name, a.negative_slope);
   }
-  if (ctx->needs_input_grad(1) && a.activation == Activation::Sigmoid) {
+  if (ctx->needs_input_grad(1) && derivative_varies_with_output(a.activation)) {
     // ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through out_or_f.
-    grad_out_or_f = grad_grad_pre.mul(grad_output).mul(sigmoid_derivative_by_output(out_or_f));
+    grad_out_or_f = grad_grad_pre.mul(grad_output).mul(derivative_by_output(a.activation, out_or_f));
   }
   return {grad_grad_output, grad_out_or_f, Variable(), Variable()};
 }

@@ -45,9 +45,10 @@ class _Function(torch.autograd.Function):
 
 
 # What the C++ autograd kernels use too, written once in csrc (shapes.h, activation.h, ops.h):
-# (*, n) as a (rows, n) matrix; the sigmoid's a'' by its output, 1 - 2 out; f = beta + Omega h.
+# (*, n) as a (rows, n) matrix; d(a')/d(out) for sigmoid and tanh; f = beta + Omega h.
 _as_matrix = _C.as_matrix
-_sigmoid_derivative_by_output = _C.sigmoid_derivative_by_output
+_derivative_varies_with_output = _C.derivative_varies_with_output
+_derivative_by_output = _C.derivative_by_output
 _preactivation = _C.preactivation
 
 
@@ -66,9 +67,9 @@ def _grads_of_activation_backward(ctx, grad_grad_pre):
         grad_grad_output = _ActivationBackward.apply(
             grad_grad_pre, out_or_f, ctx.activation, ctx.negative_slope
         )
-    if ctx.needs_input_grad[1] and ctx.activation == "sigmoid":
+    if ctx.needs_input_grad[1] and _derivative_varies_with_output(ctx.activation):
         # ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through out_or_f.
-        grad_out_or_f = grad_grad_pre * grad_output * _sigmoid_derivative_by_output(out_or_f)
+        grad_out_or_f = grad_grad_pre * grad_output * _derivative_by_output(ctx.activation, out_or_f)
     return grad_grad_output, grad_out_or_f, None, None
 
 
@@ -98,13 +99,13 @@ class _ActivationBackward(_Function):
 
     @staticmethod
     def jvp(ctx, grad_output_tangent, out_or_f_tangent, *_):
-        # Linear in grad_output; the sigmoid's also depends on out_or_f.
+        # Linear in grad_output; sigmoid's and tanh's also depend on out_or_f.
         grad_output, out_or_f = ctx.saved_tensors
         tangent = torch.zeros_like(out_or_f)
         if grad_output_tangent is not None:
             tangent = _activation_grad(grad_output_tangent, out_or_f, ctx.activation, ctx.negative_slope)
-        if out_or_f_tangent is not None and ctx.activation == "sigmoid":
-            tangent = tangent + grad_output * _sigmoid_derivative_by_output(out_or_f) * out_or_f_tangent
+        if out_or_f_tangent is not None and _derivative_varies_with_output(ctx.activation):
+            tangent = tangent + grad_output * _derivative_by_output(ctx.activation, out_or_f) * out_or_f_tangent
         return tangent
 
 
@@ -232,6 +233,18 @@ class LinearSigmoidFunction(_LinearActivationFunction):
         _setup_linear(ctx, inputs, output, "sigmoid", 0.0)
 
 
+class LinearTanhFunction(_LinearActivationFunction):
+    """tanh(input @ weight.T + bias)."""
+
+    @staticmethod
+    def forward(input, weight, bias=None):
+        return _linear_activation(input, weight, bias, "tanh", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, "tanh", 0.0)
+
+
 # --- The standalone activations: out = a[input] ---
 
 
@@ -294,11 +307,25 @@ class SigmoidFunction(_ActivationFunction):
         _setup_activation(ctx, inputs, output, "sigmoid", 0.0)
 
 
+class TanhFunction(_ActivationFunction):
+    """tanh(input)."""
+
+    @staticmethod
+    def forward(input):
+        return _activation(input, "tanh", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_activation(ctx, inputs, output, "tanh", 0.0)
+
+
 __all__ = [
     "LinearReLUFunction",
     "LinearLeakyReLUFunction",
     "LinearSigmoidFunction",
+    "LinearTanhFunction",
     "ReLUFunction",
     "LeakyReLUFunction",
     "SigmoidFunction",
+    "TanhFunction",
 ]

@@ -26,8 +26,10 @@ from .autograd import (
     LinearLeakyReLUFunction,
     LinearReLUFunction,
     LinearSigmoidFunction,
+    LinearTanhFunction,
     ReLUFunction,
     SigmoidFunction,
+    TanhFunction,
 )
 
 _ops = torch.ops.handgrad
@@ -87,8 +89,9 @@ def _autocast(input, weight, bias):
 
 # The Python Functions, by activation: the way forward-mode AD and torch.func go.
 _LINEAR_FUNCTIONS = {"relu": LinearReLUFunction, "leaky_relu": LinearLeakyReLUFunction,
-                     "sigmoid": LinearSigmoidFunction}
-_FUNCTIONS = {"relu": ReLUFunction, "leaky_relu": LeakyReLUFunction, "sigmoid": SigmoidFunction}
+                     "sigmoid": LinearSigmoidFunction, "tanh": LinearTanhFunction}
+_FUNCTIONS = {"relu": ReLUFunction, "leaky_relu": LeakyReLUFunction, "sigmoid": SigmoidFunction,
+              "tanh": TanhFunction}
 
 
 def _slope_argument(activation, negative_slope):
@@ -130,6 +133,13 @@ def linear_sigmoid(input, weight, bias=None):
     return _linear(input, weight, bias, "sigmoid", 0.0)
 
 
+def linear_tanh(input, weight, bias=None):
+    """tanh(input @ weight.T + bias)."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(linear_tanh, (input, weight, bias), input, weight, bias)
+    return _linear(input, weight, bias, "tanh", 0.0)
+
+
 def _elementwise(input, activation, negative_slope, inplace):
     ops = _op_namespace()
     if ops is None:
@@ -169,6 +179,13 @@ def sigmoid(input):
     return _elementwise(input, "sigmoid", 0.0, False)
 
 
+def tanh(input):
+    """tanh(input), elementwise."""
+    if has_torch_function((input,)):
+        return handle_torch_function(tanh, (input,), input)
+    return _elementwise(input, "tanh", 0.0, False)
+
+
 def check_checkpoint_every(checkpoint_every):
     """Return checkpoint_every as the op takes it (0: none), or raise if it is not None or a
     positive integer."""
@@ -182,16 +199,16 @@ def check_checkpoint_every(checkpoint_every):
 def check_activation(activation):
     """Return activation, or raise the ops' error (csrc/checks.h) if it is not one of the
     activations: for arguments checked before any tensor exists (handgrad.nn.MLP)."""
-    if activation not in _LINEAR_FUNCTIONS:
-        raise ValueError(f"handgrad: unknown activation '{activation}'; "
-                         "expected 'relu', 'leaky_relu' or 'sigmoid'")
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a string, got {type(activation).__name__}")
+    _C.derivative_varies_with_output(activation)  # parses it, or raises the ops' ValueError
     return activation
 
 
 def check_output_activation(output_activation):
     """Return output_activation, or raise if it is not None or one of the activations."""
     if output_activation is not None and output_activation not in _LINEAR_FUNCTIONS:
-        raise ValueError("output_activation must be None, 'relu', 'leaky_relu' or 'sigmoid', "
+        raise ValueError("output_activation must be None, 'relu', 'leaky_relu', 'sigmoid' or 'tanh', "
                          f"got {output_activation!r}")
     return output_activation
 
@@ -247,7 +264,9 @@ __all__ = [
     "linear_relu",
     "linear_leaky_relu",
     "linear_sigmoid",
+    "linear_tanh",
     "relu",
     "leaky_relu",
     "sigmoid",
+    "tanh",
 ]

@@ -38,8 +38,10 @@ from .nn import (
     LinearLeakyReLU,
     LinearReLU,
     LinearSigmoid,
+    LinearTanh,
     ReLU,
     Sigmoid,
+    Tanh,
     _has_hooks,
 )
 
@@ -48,14 +50,16 @@ _ACTIVATION_FUNCTIONS = {
     torch.nn.functional.relu_: "relu", F.relu: "relu",
     torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid",
+    torch.tanh: "tanh", torch.tanh_: "tanh", torch.nn.functional.tanh: "tanh", F.tanh: "tanh",
     torch.nn.functional.leaky_relu: "leaky_relu", torch.nn.functional.leaky_relu_: "leaky_relu",
     F.leaky_relu: "leaky_relu",
 }
-_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+                       "tanh": "tanh", "tanh_": "tanh"}
 _DEFAULT_SLOPE = 0.01
-_FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid)
-_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid)
-_LINEAR_FUNCTIONS = {"relu": F.linear_relu, "sigmoid": F.linear_sigmoid}
+_FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh)
+_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh)
+_LINEAR_FUNCTIONS = {"relu": F.linear_relu, "sigmoid": F.linear_sigmoid, "tanh": F.linear_tanh}
 _MAX_SHAPES = 16  # traced programs kept per training mode, for a forward that branches on shapes
 
 _log = logging.getLogger("handgrad.fuse")
@@ -410,7 +414,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
 
 
 def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
-    """Fuse every nn.Linear followed by ReLU, LeakyReLU or Sigmoid in model, in place, and
+    """Fuse every nn.Linear followed by ReLU, LeakyReLU, Sigmoid or Tanh in model, in place, and
     return model (with inplace=False, a deep copy, fused).
 
     The activation may be a module (nn.ReLU(inplace=True) included) or a call in forward:

@@ -43,6 +43,13 @@ class LinearSigmoid(nn.Linear):
         return F.linear_sigmoid(input, self.weight, self.bias)
 
 
+class LinearTanh(nn.Linear):
+    """tanh(input @ weight.T + bias), initialised exactly as nn.Linear."""
+
+    def forward(self, input):
+        return F.linear_tanh(input, self.weight, self.bias)
+
+
 class ReLU(nn.Module):
     """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
 
@@ -83,7 +90,15 @@ class Sigmoid(nn.Module):
         return F.sigmoid(input)
 
 
-_FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": LinearSigmoid}
+class Tanh(nn.Module):
+    """tanh(input), elementwise."""
+
+    def forward(self, input):
+        return F.tanh(input)
+
+
+_FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": LinearSigmoid,
+                 "tanh": LinearTanh}
 
 
 def _has_hooks(module):
@@ -92,7 +107,7 @@ def _has_hooks(module):
                 or module._backward_pre_hooks)
 
 
-_BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, nn.Linear)
+_BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, nn.Linear)
 
 
 def _runs_in_the_op(layer):
@@ -178,7 +193,8 @@ class MLP(nn.Module):
 
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", ReLU: "relu", nn.LeakyReLU: "leaky_relu",
-                       LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", Sigmoid: "sigmoid"}
+                       LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", Sigmoid: "sigmoid",
+                       nn.Tanh: "tanh", Tanh: "tanh"}
 
 from .fuse import FusionDecision, fuse, fusion_decisions  # noqa: E402  (fuse.py builds on the modules above)
 
@@ -186,9 +202,11 @@ __all__ = [
     "LinearReLU",
     "LinearLeakyReLU",
     "LinearSigmoid",
+    "LinearTanh",
     "ReLU",
     "LeakyReLU",
     "Sigmoid",
+    "Tanh",
     "MLP",
     "fuse",
     "fusion_decisions",

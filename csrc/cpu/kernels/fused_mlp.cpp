@@ -220,9 +220,8 @@ void activate_rows(Activation activation, double negative_slope, Rows<T> x, int6
                    int64_t cols) {
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    const Vec<T> slope(negative_slope);
     for (int64_t i = 0; i < rows; ++i) {
-      at::vec::map([&](Vec<T> f) { return activate<A>(f, slope); }, x.row(i), x.row(i), cols);
+      activate_span<A, T, T>(x.row(i), x.row(i), cols, negative_slope);
     }
   });
 }

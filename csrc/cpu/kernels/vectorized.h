@@ -1,4 +1,4 @@
-// The two primitives that csrc/activation.h needs, for at::vec::Vectorized, so that the
+// The primitives that csrc/activation.h needs, for at::vec::Vectorized, so that the
 // CPU kernels run the very same formulas on whole SIMD registers.
 //
 // They live in Vectorized's own namespace, where argument-dependent lookup finds them from
@@ -8,8 +8,22 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
 #include "../../activation.h"
 #include "../../dispatch.h"
+
+// Eager's float and double tanh on x86-64 is MKL's VML (ATen/cpu/vml.h: vmsTanh/vmdTanh),
+// which differs from Sleef's in the last bit. libtorch_cpu exports both, but torch ships no
+// mkl.h, so they are declared here, weak: where torch was built without MKL (aarch64, a
+// source build) they stay null, and Vectorized::tanh runs, as eager's fallback does. The
+// count is declared 64 bits wide: MKL's LP64 interface reads its low 32 bits, ILP64 all 64.
+extern "C" {
+__attribute__((weak)) void vmsTanh(long long n, const float* a, float* r, long long mode);
+__attribute__((weak)) void vmdTanh(long long n, const double* a, double* r, long long mode);
+}
 
 namespace at::vec {
 inline namespace CPU_CAPABILITY {
@@ -25,11 +39,46 @@ inline Vectorized<T> exp(const Vectorized<T>& x) {
   return x.exp();
 }
 
+template <typename T>
+inline Vectorized<T> tanh(const Vectorized<T>& x) {
+  return x.tanh();
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace at::vec
 
 namespace handgrad::cpu {
 inline namespace CPU_CAPABILITY {
+
+// out[0 .. n) = tanh(in[0 .. n)) by eager's own VML call, in its mode (high accuracy,
+// denormals kept, errors ignored), in chunks an int counts; false where there is no MKL.
+template <typename T>
+bool tanh_as_eager(const T* in, T* out, int64_t n) {
+  constexpr long long kMode = 0x2 | 0x140000 | 0x100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
+  constexpr int64_t kChunk = int64_t{1} << 30;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    const auto vml = [] {
+      if constexpr (std::is_same_v<T, float>) return &vmsTanh; else return &vmdTanh;
+    }();
+    if (vml == nullptr) return false;
+    for (int64_t begin = 0; begin < n; begin += kChunk) {
+      vml(std::min(kChunk, n - begin), in + begin, out + begin, kMode);
+    }
+    return true;
+  }
+  return false;
+}
+
+// out[0 .. n) = a[in[0 .. n)] over contiguous memory (out may be in), in SIMD registers of
+// the accumulation type, by eager's VML where eager's tanh uses it.
+template <Activation A, typename T, typename opmath_t>
+void activate_span(const T* in, T* out, int64_t n, double negative_slope) {
+  if constexpr (A == Activation::Tanh) {
+    if (tanh_as_eager(in, out, n)) return;
+  }
+  const at::vec::Vectorized<opmath_t> slope(negative_slope);
+  at::vec::map([&](at::vec::Vectorized<opmath_t> f) { return activate<A>(f, slope); }, out, in, n);
+}
 
 // parts[0 .. n) = the sum of `count` parts, `stride` apart, added pairwise in a fixed tree:
 // accurate, and the same bits however the parts were shared among threads.
