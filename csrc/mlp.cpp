@@ -69,12 +69,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
-    OutputActivation output_activation) {
+    OutputActivation output_activation, bool parameters_require_grad) {
   check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope, checkpoint_every,
                      output_activation);
-  return cpu::kernels().fused_backward(grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
-                             network_activations(activation, negative_slope, output_activation),
-                             checkpoint_every, {input_requires_grad, true, !biases.empty()});
+  auto grads = cpu::kernels().fused_backward(
+      grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
+      network_activations(activation, negative_slope, output_activation), checkpoint_every,
+      {input_requires_grad, parameters_require_grad, parameters_require_grad && !biases.empty()});
+  if (!parameters_require_grad) {
+    std::get<1>(grads).clear();
+    std::get<2>(grads).clear();
+  }
+  return grads;
 }
 
 // --- Other devices: the per-layer ops ---
@@ -149,7 +155,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
-    OutputActivation output_activation) {
+    OutputActivation output_activation, bool parameters_require_grad) {
   const Activation act = check_mlp_backward(input, weights, biases, hidden_outputs, activation,
                                             negative_slope, checkpoint_every, output_activation);
   const size_t layers = weights.size(), hidden = layers - 1;
@@ -175,13 +181,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[hidden], grad_bias) = ops::linear_activation_backward(
           g, h_last, weights[hidden], source, *output_activation, negative_slope,
-          {need_input, true, has_bias});
+          {need_input, parameters_require_grad, parameters_require_grad && has_bias});
       if (has_bias) grad_biases[hidden] = grad_bias;
       g = grad_h;
       return;
     }
-    grad_weights[hidden] = at::mm(g.t(), h_last);
-    if (has_bias) grad_biases[hidden] = at::sum(g, 0);
+    if (parameters_require_grad) {
+      grad_weights[hidden] = at::mm(g.t(), h_last);
+      if (has_bias) grad_biases[hidden] = at::sum(g, 0);
+    }
     g = need_input ? at::mm(g, weights[hidden]) : at::Tensor();
   };
   // The stretches of hidden layers, last first; without checkpointing, one stretch of all.
@@ -207,13 +215,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       const bool need_input = l > 0 || input_requires_grad;
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[l], grad_bias) = ops::linear_activation_backward(
-          g, h, weights[l], sign_source, activation, negative_slope, {need_input, true, has_bias});
+          g, h, weights[l], sign_source, activation, negative_slope,
+          {need_input, parameters_require_grad, parameters_require_grad && has_bias});
       if (has_bias) grad_biases[l] = grad_bias;
       g = grad_h;
     }
   }
   if (hidden == 0) output_layer_backward(x, input_requires_grad);  // a single layer
   at::Tensor grad_input = input_requires_grad ? g.reshape(input.sizes()) : at::Tensor();
+  if (!parameters_require_grad) return {grad_input, {}, {}};
   return {grad_input, grad_weights, grad_biases};
 }
 

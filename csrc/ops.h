@@ -97,14 +97,15 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> 
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
-    std::optional<c10::string_view> output_activation) {
+    std::optional<c10::string_view> output_activation, bool parameters_require_grad = true) {
   static const auto handle =
       op<std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
           const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
-          c10::string_view, double, int64_t, bool, std::optional<c10::string_view>)>(
+          c10::string_view, double, int64_t, bool, std::optional<c10::string_view>, bool)>(
           "handgrad::mlp_backward");
   return handle.call(grad_output, input, weights, biases, hidden_outputs, activation, negative_slope,
-                     checkpoint_every, input_requires_grad, output_activation);
+                     checkpoint_every, input_requires_grad, output_activation,
+                     parameters_require_grad);
 }
 
 // f = beta + Omega h, by the fused layer with the identity for an activation (leaky_relu of

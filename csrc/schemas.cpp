@@ -49,11 +49,12 @@ TORCH_LIBRARY(handgrad, m) {
       "float negative_slope, int checkpoint_every, str? output_activation=None) "
       "-> (Tensor output, Tensor[] hidden_outputs)");
   // The backward pass, from the output layer down: dl/dOmega (7.9), dl/dbeta and dl/dh (7.6)
-  // through a' (7.7, 7.10); dl/d(input) only if input_requires_grad; grad_biases is empty
-  // for a network without biases.
+  // through a' (7.7, 7.10); dl/d(input) only if input_requires_grad; grad_weights and
+  // grad_biases only if parameters_require_grad (else empty, as grad_biases is for a network
+  // without biases): a gradient penalty asks for dl/d(input) alone.
   m.def(
       "mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
       "Tensor[] hidden_outputs, str activation, float negative_slope, int checkpoint_every, "
-      "bool input_requires_grad, str? output_activation=None) -> (Tensor grad_input, "
-      "Tensor[] grad_weights, Tensor[] grad_biases)");
+      "bool input_requires_grad, str? output_activation=None, bool parameters_require_grad=True) "
+      "-> (Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
 }

@@ -222,3 +222,24 @@ def check_layer(fn, reference, shape, out_features, dtype, layout, bias, device,
         truth = (exact_out, *torch.autograd.grad(exact_out, exact_leaves, g.double()))
         for mine, eagers, exact in zip((out, *got), (expected, *want), truth):
             assert relative_error(mine, exact) <= 1.05 * relative_error(eagers, exact) + slack(dtype)
+
+
+# The torch.nn module of each activation a network can have.
+TORCH_ACTIVATION_MODULE = {"relu": lambda slope: torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU,
+                           "sigmoid": lambda slope: torch.nn.Sigmoid(), "tanh": lambda slope: torch.nn.Tanh()}
+
+
+def twin(model):
+    """The same network as handgrad.nn.MLP `model` in torch.nn (Linear, activation, ...), with
+    the same weights: with or without biases, with its output activation if it has one."""
+    layers = []
+    make = lambda name: TORCH_ACTIVATION_MODULE[name](model.negative_slope)  # noqa: E731
+    for layer in [*model.hidden, model.output]:
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                 dtype=layer.weight.dtype, device=layer.weight.device)
+        linear.load_state_dict(layer.state_dict())
+        layers += [linear, make(model.activation)]
+    layers.pop()
+    if model.output_activation is not None:
+        layers.append(make(model.output_activation))
+    return torch.nn.Sequential(*layers)

@@ -9,7 +9,7 @@ the kernels of every CPU capability the machine offers (the cpu_capability fixtu
 import pytest
 import torch
 import torch.nn.functional as F
-from samples import DTYPES, assert_as_accurate_as_eager, tolerances
+from samples import DTYPES, assert_as_accurate_as_eager, tolerances, twin
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -276,22 +276,6 @@ def test_opcheck_of_the_new_arguments():
         _, saved = ops.mlp_forward(*args)
         torch.library.opcheck(ops.mlp_backward.default, (t(7, 3, grad=False), x, plain_w, plain_b, saved,
                                                          "relu", 0.1, 0, True, output_activation))
-
-
-def twin(model):
-    """The same network in torch.nn, with the same weights."""
-    layers = []
-    make = {"relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(model.negative_slope),
-            "sigmoid": lambda: nn.Sigmoid()}
-    for layer in [*model.hidden, model.output]:
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           dtype=layer.weight.dtype)
-        linear.load_state_dict(layer.state_dict())
-        layers += [linear, make[model.activation]()]
-    layers.pop()
-    if model.output_activation is not None:
-        layers.append(make[model.output_activation]())
-    return nn.Sequential(*layers)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

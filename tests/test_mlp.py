@@ -15,6 +15,7 @@ from samples import (
     assert_close_to_eager_gradient,
     summation_order_tolerances,
     tolerances,
+    twin,
 )
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
@@ -25,17 +26,6 @@ import handgrad.nn as hnn
 ops = torch.ops.handgrad
 NETWORK_ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.01)]
 IDS = ["relu", "leaky_relu", "leaky_relu_negative", "sigmoid"]
-TORCH_ACTIVATION = {"relu": lambda s: nn.ReLU(), "leaky_relu": nn.LeakyReLU, "sigmoid": lambda s: nn.Sigmoid()}
-
-
-def twin(model):
-    """The same network in torch.nn, with the same weights."""
-    layers = []
-    for layer in [*model.hidden, model.output]:
-        linear = nn.Linear(layer.in_features, layer.out_features, dtype=layer.weight.dtype)
-        linear.load_state_dict(layer.state_dict())
-        layers += [linear, TORCH_ACTIVATION[model.activation](model.negative_slope)]
-    return nn.Sequential(*layers[:-1])
 
 
 def parameters(model):

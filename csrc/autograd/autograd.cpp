@@ -24,57 +24,12 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "function.h"
 
 namespace handgrad {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::Variable;
-using torch::autograd::variable_list;
-
-// The activation in the context, and its slope only for leaky_relu: each entry costs a tiny
-// layer measurable time. Keys of at most 15 characters are stored without an allocation.
-void save_activation(AutogradContext* ctx, Activation activation, double negative_slope) {
-  ctx->saved_data["activation"] = static_cast<int64_t>(activation);
-  if (activation == Activation::LeakyReLU) ctx->saved_data["negative_slope"] = negative_slope;
-}
-
-struct SavedActivation {
-  Activation activation;
-  c10::string_view name;
-  double negative_slope;
-};
-
-SavedActivation saved_activation(AutogradContext* ctx) {
-  const auto activation = static_cast<Activation>(ctx->saved_data["activation"].toInt());
-  const double slope = activation == Activation::LeakyReLU
-      ? ctx->saved_data["negative_slope"].toDouble() : 0.0;
-  return {activation, activation_name(activation), slope};
-}
-
-bool defined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined();
-}
-
-// Whether a call must go through its Function: autograd will record it, or an input carries
-// a forward-mode tangent (which the Function then refuses with PyTorch's own message rather
-// than dropping it). Any other call runs the op below autograd directly, which is cheaper.
-bool needs_function(std::initializer_list<const at::Tensor*> tensors) {
-  const bool grad_mode = c10::GradMode::is_enabled();
-  for (const at::Tensor* t : tensors) {
-    if (t->defined() && ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined())) {
-      return true;
-    }
-  }
-  return false;
-}
-
-// Every Function here turns off the materialization of undefined output gradients: autograd
-// would fill them with plain zeros, which a tensor subclass (DTensor) cannot be mixed
-// with under create_graph. An undefined gradient in gives undefined gradients out.
-variable_list no_gradients(size_t count) {
-  return variable_list(count);
-}
+using namespace handgrad::autograd;
 
 // --- The fused layer: out = a[beta + Omega h] ---
 
@@ -385,6 +340,10 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     const size_t first_hidden = 1 + layers + bias_count;
     const at::TensorList hidden(saved_vars.data() + first_hidden, saved_vars.size() - first_hidden);
     const bool need_input = ctx->needs_input_grad(0);
+    bool need_parameters = false;  // a gradient penalty's autograd.grad(out, input) asks for none
+    for (size_t i = 1; i < 1 + layers + bias_count; ++i) {
+      need_parameters = need_parameters || ctx->needs_input_grad(i);
+    }
 
     variable_list grads;  // one per forward argument, the lists flattened
     if (!c10::GradMode::is_enabled()) {
@@ -395,31 +354,13 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
       grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());
       grads.insert(grads.end(), grad_biases.begin(), grad_biases.end());
     } else {
-      // create_graph: the network recomputed from the per-layer ops, which record their
-      // own differentiable backward, and differentiated with the graph kept.
-      const auto bias = [&](size_t l) {
-        return bias_count == 0 ? std::nullopt : std::optional<at::Tensor>(biases[l]);
-      };
-      at::Tensor h = input;
-      for (size_t l = 0; l + 1 < layers; ++l) {
-        h = ops::linear_activation(h, weights[l], bias(l), a.name, a.negative_slope);
-      }
-      const at::Tensor out = output_activation.has_value()
-          ? ops::linear_activation(h, weights[layers - 1], bias(layers - 1), *output_activation,
-                                   a.negative_slope)
-          : at::linear(h, weights[layers - 1], bias(layers - 1));
-      variable_list wanted, all{input};
-      all.insert(all.end(), weights.begin(), weights.end());
-      all.insert(all.end(), biases.begin(), biases.end());
-      for (const auto& t : all) {
-        if (t.requires_grad()) wanted.push_back(t);
-      }
-      const variable_list found = torch::autograd::grad({out}, wanted, {grad_outputs[0]},
-                                                        /*retain_graph=*/true,
-                                                        /*create_graph=*/true, /*allow_unused=*/true);
-      size_t next = 0;
-      for (const auto& t : all) grads.push_back(t.requires_grad() ? found[next++] : Variable());
-      if (!need_input) grads[0] = Variable();
+      // create_graph: the same fused backward, recorded as a Function whose own backward
+      // is the network's double backward (csrc/autograd/mlp_second_order.cpp).
+      const std::optional<Activation> output_act = output < 0
+          ? std::nullopt : std::optional<Activation>(static_cast<Activation>(output));
+      grads = mlp_backward_recorded(grad_outputs[0], input, weights, biases, hidden,
+                                    {a.activation, output_act, a.negative_slope, checkpoint_every},
+                                    need_input, need_parameters);
     }
     grads.resize(argument_count);  // undefined for activation, ..., output_activation
     return grads;

@@ -78,8 +78,11 @@ def _mlp_forward_fake(input, weights, biases, activation, negative_slope, checkp
 
 @torch.library.register_fake("handgrad::mlp_backward")
 def _mlp_backward_fake(grad_output, input, weights, biases, hidden_outputs, activation, negative_slope,
-                       checkpoint_every, input_requires_grad, output_activation=None):
+                       checkpoint_every, input_requires_grad, output_activation=None,
+                       parameters_require_grad=True):
     _C.check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope,
                           checkpoint_every, output_activation)
+    if not parameters_require_grad:
+        weights, biases = [], []
     return (input.new_empty(input.shape) if input_requires_grad else None,
             [w.new_empty(w.shape) for w in weights], [b.new_empty(b.shape) for b in biases])

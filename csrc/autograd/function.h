@@ -1,0 +1,81 @@
+// What the Autograd kernels (csrc/autograd/*.cpp) share: the activation kept in a
+// Function's context, and when a call must go through its Function at all.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <initializer_list>
+#include <optional>
+
+#include "../checks.h"
+
+namespace handgrad::autograd {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Variable;
+using torch::autograd::variable_list;
+
+// The activation in the context, and its slope only for leaky_relu: each entry costs a tiny
+// layer measurable time. Keys of at most 15 characters are stored without an allocation.
+inline void save_activation(AutogradContext* ctx, Activation activation, double negative_slope) {
+  ctx->saved_data["activation"] = static_cast<int64_t>(activation);
+  if (activation == Activation::LeakyReLU) ctx->saved_data["negative_slope"] = negative_slope;
+}
+
+struct SavedActivation {
+  Activation activation;
+  c10::string_view name;
+  double negative_slope;
+};
+
+inline SavedActivation saved_activation(AutogradContext* ctx) {
+  const auto activation = static_cast<Activation>(ctx->saved_data["activation"].toInt());
+  const double slope = activation == Activation::LeakyReLU
+      ? ctx->saved_data["negative_slope"].toDouble() : 0.0;
+  return {activation, activation_name(activation), slope};
+}
+
+inline bool defined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// Whether a call must go through its Function: autograd will record it, or an input carries
+// a forward-mode tangent (which the Function then refuses with PyTorch's own message rather
+// than dropping it). Any other call runs the op below autograd directly, which is cheaper.
+inline bool needs_function(std::initializer_list<const at::Tensor*> tensors) {
+  const bool grad_mode = c10::GradMode::is_enabled();
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined())) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Every Function here turns off the materialization of undefined output gradients: autograd
+// would fill them with plain zeros, which a tensor subclass (DTensor) cannot be mixed
+// with under create_graph. An undefined gradient in gives undefined gradients out.
+inline variable_list no_gradients(size_t count) {
+  return variable_list(count);
+}
+
+// The whole network's configuration, as the mlp ops take it.
+struct Network {
+  Activation hidden;
+  std::optional<Activation> output;  // none: a linear output layer
+  double negative_slope;
+  int64_t checkpoint_every;
+};
+
+// The MLP's backward under create_graph=True (csrc/autograd/mlp_second_order.cpp): the fused
+// backward, recorded as one Function whose own backward is the network's double backward.
+// Returns one gradient per MLP argument, the lists flattened: input, weights, biases;
+// undefined where not required.
+variable_list mlp_backward_recorded(const Variable& grad_output, const Variable& input,
+                                    at::TensorList weights, at::TensorList biases,
+                                    at::TensorList hidden_outputs, const Network& network,
+                                    bool input_requires_grad, bool parameters_require_grad);
+
+}  // namespace handgrad::autograd

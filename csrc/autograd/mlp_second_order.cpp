@@ -1,0 +1,289 @@
+// The whole network's backward as a Function of its own, for create_graph=True: gradient
+// penalties (WGAN-GP), eikonal losses (neural SDFs) and PINNs differentiate the gradient.
+//
+// Its forward is the fused backward op (mlp_backward), as in a plain backward. Its backward,
+// the double backward, is the derivative of the chapter's backward pass (section 7.4) with
+// respect to everything that pass reads, written out (docs/second_order.md): an upward pass
+// for the cotangents of the backward's own values, then an ordinary backward of what they
+// leave on f and h through the forward network. No layer is recomputed through the per-layer
+// ops and no autograd call is made; ReLU's and LeakyReLU's a'' = 0 makes the second pass
+// vanish for a cotangent on the input gradient alone (the gradient penalty).
+//
+// Each piece is a differentiable op, so a third order (a PINN's u_xx, then its loss's
+// backward) differentiates this double backward in turn: the hidden outputs are then
+// recomputed with their history, since the stored ones have none.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "../ops.h"
+#include "../shapes.h"
+#include "function.h"
+
+namespace handgrad::autograd {
+namespace {
+
+// a + b, where either may be undefined (a zero that was never made).
+at::Tensor sum_of_defined(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a + b;
+}
+
+// The network's layers as the double backward reads them. Layer l (0-based) computes
+// f_l = h_l Omega_l^T + beta_l from its input h_l and gives h_{l+1} = a_l[f_l]; the output
+// layer's a_l is the output activation, or none. All tensors are (rows, features) matrices.
+struct Layers {
+  at::TensorList weights, biases;
+  const Network& network;
+  std::vector<at::Tensor> inputs;   // h_0 (the network's input) ... h_{L-1}
+  std::vector<at::Tensor> sources;  // what a_l' is read off: h_{l+1}, or f_l where it hides the sign
+
+  size_t count() const { return weights.size(); }
+  std::optional<at::Tensor> bias(size_t l) const {
+    return biases.empty() ? std::nullopt : std::optional<at::Tensor>(biases[l]);
+  }
+  std::optional<Activation> activation(size_t l) const {
+    return l + 1 < count() ? std::optional<Activation>(network.hidden) : network.output;
+  }
+  // grad * a_l'[f_l] (7.7, 7.10): dl/df_l from dl/dh_{l+1}.
+  at::Tensor times_derivative(const at::Tensor& grad, size_t l) const {
+    const auto a = activation(l);
+    if (!a.has_value()) return grad;
+    return ops::activation_backward(grad, sources[l], activation_name(*a), network.negative_slope);
+  }
+};
+
+// Every layer's input and a' source. The stored hidden outputs serve where they are all
+// stored and have no history to keep; otherwise (checkpointing, or a third order under
+// grad mode, where they must carry their dependence on the input and the parameters) the
+// hidden layers are run again through the per-layer op.
+Layers layers_of(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                 at::TensorList hidden_outputs, const Network& network) {
+  Layers layers{weights, biases, network, {as_matrix(input)}, {}};
+  const size_t count = weights.size();
+  const c10::string_view hidden_name = activation_name(network.hidden);
+  const bool stored = network.checkpoint_every == 0 && !c10::GradMode::is_enabled();
+  for (size_t l = 0; l + 1 < count; ++l) {
+    layers.inputs.push_back(stored ? hidden_outputs[l]
+                                   : ops::linear_activation(layers.inputs[l], weights[l], layers.bias(l),
+                                                            hidden_name, network.negative_slope));
+  }
+  layers.sources.resize(count);
+  for (size_t l = 0; l < count; ++l) {
+    const auto a = layers.activation(l);
+    if (!a.has_value()) continue;
+    if (output_hides_sign(*a, network.negative_slope)) {
+      layers.sources[l] = ops::preactivation(layers.inputs[l], weights[l], layers.bias(l));
+    } else if (l + 1 < count) {
+      layers.sources[l] = layers.inputs[l + 1];
+    } else {
+      layers.sources[l] = ops::linear_activation(layers.inputs[l], weights[l], layers.bias(l),
+                                                 activation_name(*a), network.negative_slope);
+    }
+  }
+  return layers;
+}
+
+struct SecondOrderGradients {
+  at::Tensor grad_output, input;
+  std::vector<at::Tensor> weights, biases;
+};
+
+// The derivative of the backward pass (grad_input, grad_weights, grad_biases) =
+// B(grad_output, input, weights, biases), given the cotangents of its results: v of
+// grad_input, V_l of grad_weights[l], u_l of grad_biases[l] (each undefined where none).
+// Notation: e_l = dl/df_l, g_l = dl/dh_l of the first backward; a bar is a cotangent.
+SecondOrderGradients double_backward(const at::Tensor& grad_output, const Layers& layers,
+                                     const at::Tensor& v, at::TensorList V, at::TensorList u,
+                                     bool need_input, bool need_parameters) {
+  const size_t count = layers.count();
+  const at::TensorList weights = layers.weights;
+  const int64_t rows = layers.inputs[0].size(0);
+
+  // The first backward again, for its e_l: g_L = grad_output, e_l = g_{l+1} * a_l',
+  // g_l = e_l Omega_l (7.6).
+  std::vector<at::Tensor> e(count);
+  at::Tensor g = grad_output.reshape({rows, weights[count - 1].size(0)});
+  for (size_t l = count; l-- > 0;) {
+    e[l] = layers.times_derivative(g, l);
+    if (l > 0) g = e[l].mm(weights[l]);
+  }
+
+  // Upward, the reverse of the backward: g_bar is the cotangent of g_l (v for g_0).
+  SecondOrderGradients out;
+  out.weights.resize(count);
+  out.biases.resize(layers.biases.empty() ? 0 : count);
+  std::vector<at::Tensor> f_bar(count), h_bar(count);  // what is left on f_l and on h_l
+  at::Tensor g_bar = v.defined() ? v.reshape({rows, weights[0].size(1)}) : at::Tensor();
+  for (size_t l = 0; l < count; ++l) {
+    at::Tensor e_bar;
+    if (g_bar.defined()) {  // g_l = e_l Omega_l
+      e_bar = g_bar.mm(weights[l].t());
+      if (need_parameters) out.weights[l] = e[l].t().mm(g_bar);
+    }
+    if (V.size() > l && V[l].defined()) {  // grad_weights[l] = e_l^T h_l (7.9)
+      e_bar = sum_of_defined(e_bar, layers.inputs[l].mm(V[l].t()));
+      h_bar[l] = e[l].mm(V[l]);
+    }
+    if (u.size() > l && u[l].defined()) {  // grad_biases[l] = the sum of e_l over the rows
+      e_bar = e_bar.defined() ? e_bar + u[l] : u[l].expand({rows, u[l].size(0)});
+    }
+    if (!e_bar.defined()) {
+      g_bar = at::Tensor();
+      continue;
+    }
+    // e_l = g_{l+1} * a_l'[f_l]: g_{l+1}'s cotangent, and f_l's where a_l' varies, through
+    // a_l'' = d(a_l')/d(out) * a_l' (csrc/activation.h), so that g * a'' = e * d(a')/d(out).
+    const auto a = layers.activation(l);
+    if (a.has_value() && derivative_varies_with_output(*a)) {
+      f_bar[l] = e_bar.mul(e[l]).mul(derivative_by_output(*a, layers.sources[l]));
+    }
+    g_bar = layers.times_derivative(e_bar, l);
+  }
+  if (g_bar.defined()) out.grad_output = g_bar.reshape(grad_output.sizes());
+
+  // Downward: an ordinary backward of f_bar and h_bar through the forward network. h_cot
+  // is the cotangent of the current layer's output, from the layers above.
+  if (!need_input && !need_parameters) return out;
+  at::Tensor h_cot;
+  for (size_t l = count; l-- > 0;) {
+    at::Tensor f_cot = f_bar[l];
+    if (h_cot.defined()) f_cot = sum_of_defined(f_cot, layers.times_derivative(h_cot, l));
+    if (!f_cot.defined()) {
+      h_cot = h_bar[l];
+      continue;
+    }
+    if (need_parameters) {
+      out.weights[l] = sum_of_defined(out.weights[l], f_cot.t().mm(layers.inputs[l]));  // (7.9)
+      if (!out.biases.empty()) out.biases[l] = f_cot.sum(0);
+    }
+    h_cot = (l > 0 || need_input) ? sum_of_defined(f_cot.mm(weights[l]), h_bar[l]) : at::Tensor();  // (7.6)
+  }
+  if (need_input && h_cot.defined()) out.input = h_cot;
+  return out;
+}
+
+class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Variable& grad_output,
+                               const Variable& input, at::TensorList weights,
+                               at::TensorList biases, at::TensorList hidden_outputs,
+                               const Network& network, bool input_requires_grad,
+                               bool parameters_require_grad) {
+    const auto output = network.output.has_value()
+        ? std::optional<c10::string_view>(activation_name(*network.output)) : std::nullopt;
+    at::Tensor grad_input;
+    std::vector<at::Tensor> grad_weights, grad_biases;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(grad_input, grad_weights, grad_biases) = ops::mlp_backward(
+          grad_output, input, weights, biases, hidden_outputs, activation_name(network.hidden),
+          network.negative_slope, network.checkpoint_every, input_requires_grad, output,
+          parameters_require_grad);
+    }
+    ctx->set_materialize_grads(false);
+    save_activation(ctx, network.hidden, network.negative_slope);
+    ctx->saved_data["negative_slope"] = network.negative_slope;
+    ctx->saved_data["checkpoint"] = network.checkpoint_every;
+    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["has_bias"] = !biases.empty();
+    ctx->saved_data["out_activation"] = network.output.has_value()
+        ? static_cast<int64_t>(*network.output) : int64_t{-1};
+    variable_list to_save{grad_output, input};
+    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    to_save.insert(to_save.end(), biases.begin(), biases.end());
+    to_save.insert(to_save.end(), hidden_outputs.begin(), hidden_outputs.end());
+    ctx->save_for_backward(std::move(to_save));
+
+    // The gradients made, in order (a Function's outputs must be defined): grad_input if
+    // asked, then the parameters' if asked.
+    ctx->saved_data["input_grad"] = input_requires_grad;
+    ctx->saved_data["parameter_grads"] = parameters_require_grad;
+    variable_list grads;
+    if (input_requires_grad) grads.push_back(grad_input);
+    grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());
+    grads.insert(grads.end(), grad_biases.begin(), grad_biases.end());
+    return grads;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list cotangents) {
+    const auto count = static_cast<size_t>(ctx->saved_data["layers"].toInt());
+    const size_t bias_count = ctx->saved_data["has_bias"].toBool() ? count : 0;
+    const variable_list saved = ctx->get_saved_variables();
+    const size_t hidden_count = saved.size() - 2 - count - bias_count;
+    const size_t argument_count = 2 + count + bias_count + hidden_count + 3;
+    bool any = false;
+    for (const auto& c : cotangents) any = any || c.defined();
+    if (!any) return no_gradients(argument_count);
+
+    const int64_t output = ctx->saved_data["out_activation"].toInt();
+    const Network network{saved_activation(ctx).activation,
+                          output < 0 ? std::nullopt
+                                     : std::optional<Activation>(static_cast<Activation>(output)),
+                          ctx->saved_data["negative_slope"].toDouble(),
+                          ctx->saved_data["checkpoint"].toInt()};
+    const Variable &grad_output = saved[0], &input = saved[1];
+    const at::TensorList weights(saved.data() + 2, count);
+    const at::TensorList biases(saved.data() + 2 + count, bias_count);
+    const at::TensorList hidden(saved.data() + 2 + count + bias_count, hidden_count);
+    // The cotangents of grad_input, grad_weights and grad_biases, where they were made.
+    const bool made_input = ctx->saved_data["input_grad"].toBool();
+    const bool made_parameters = ctx->saved_data["parameter_grads"].toBool();
+    const at::Tensor v = made_input ? cotangents[0] : at::Tensor();
+    const Variable* parameter_cotangents = cotangents.data() + (made_input ? 1 : 0);
+    const at::TensorList V(parameter_cotangents, made_parameters ? count : 0);
+    const at::TensorList u(parameter_cotangents + count, made_parameters ? bias_count : 0);
+
+    bool need_parameters = false;
+    for (size_t i = 2; i < 2 + count + bias_count; ++i) {
+      need_parameters = need_parameters || ctx->needs_input_grad(i);
+    }
+    const Layers layers = layers_of(input, weights, biases, hidden, network);
+    SecondOrderGradients found = double_backward(grad_output, layers, v, V, u,
+                                                 ctx->needs_input_grad(1), need_parameters);
+
+    // One gradient per argument. Where one is asked for and nothing reached it, a zero
+    // tensor, as eager's double backward gives (ReLU's biases under a gradient penalty: the
+    // backward reads a'[f], whose derivative is zero); but none for the bias of a linear
+    // output layer, which the backward never reads, as in eager.
+    variable_list grads(argument_count);
+    const auto give = [&](size_t i, at::Tensor grad, const at::Tensor& like) {
+      if (!ctx->needs_input_grad(i)) return;
+      grads[i] = grad.defined() ? std::move(grad) : at::zeros_like(like);
+    };
+    give(0, found.grad_output, grad_output);
+    give(1, found.input.defined() ? found.input.reshape(input.sizes()) : at::Tensor(), input);
+    for (size_t l = 0; l < count; ++l) give(2 + l, found.weights[l], weights[l]);
+    for (size_t l = 0; l < bias_count; ++l) {
+      if (l + 1 < count || network.output.has_value() || found.biases[l].defined()) {
+        give(2 + count + l, found.biases[l], biases[l]);
+      }
+    }
+    return grads;
+  }
+};
+
+}  // namespace
+
+variable_list mlp_backward_recorded(const Variable& grad_output, const Variable& input,
+                                    at::TensorList weights, at::TensorList biases,
+                                    at::TensorList hidden_outputs, const Network& network,
+                                    bool input_requires_grad, bool parameters_require_grad) {
+  variable_list grads =
+      MLPBackwardFunction::apply(grad_output, input, weights, biases, hidden_outputs, network,
+                                 input_requires_grad, parameters_require_grad);
+  variable_list all(1 + weights.size() + biases.size());  // one per MLP argument
+  size_t next = 0;
+  if (input_requires_grad) all[0] = grads[next++];
+  if (parameters_require_grad) std::copy(grads.begin() + next, grads.end(), all.begin() + 1);
+  return all;
+}
+
+}  // namespace handgrad::autograd

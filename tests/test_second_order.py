@@ -1,0 +1,191 @@
+"""The whole network's double backward (csrc/autograd/mlp_second_order.cpp, derived in
+docs/second_order.md): gradcheck and gradgradcheck for every activation, with and without
+biases, checkpointing and an output activation; the three kinds of second-order training
+(a gradient penalty, an eikonal loss, a PINN's residual with u_xx, a third order) against
+torch.nn and the per-layer path in float64; repeatability; torch.func."""
+
+import pytest
+import torch
+from samples import twin
+from torch.autograd import gradcheck, gradgradcheck
+
+import handgrad.nn as hnn
+
+ops = torch.ops.handgrad
+NETWORK_ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.01),
+                       ("tanh", 0.01)]
+IDS = ["relu", "leaky_relu", "leaky_relu_negative", "sigmoid", "tanh"]
+
+
+def network_args(sizes, bias, seed=0, rows=3):
+    g = torch.Generator().manual_seed(seed)
+    leaf = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    weights = [leaf(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [leaf(o) for o in sizes[1:]] if bias else []
+    return leaf(rows, sizes[0]), weights, biases
+
+
+def network(activation, slope, every, output_activation, layers):
+    def run(x, *parameters):
+        return ops.mlp(x, list(parameters[:layers]), list(parameters[layers:]), activation, slope, every,
+                       output_activation)
+    return run
+
+
+@pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("output_activation", [None, "sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("every", [0, 2], ids=["all_stored", "checkpoint_every_2"])
+def test_gradgradcheck(activation, slope, output_activation, bias, every):
+    sizes = [4, 5, 6, 3]
+    x, weights, biases = network_args(sizes, bias)
+    run = network(activation, slope, every, output_activation, len(weights))
+    assert gradgradcheck(run, (x, *weights, *biases))
+
+    def input_gradient(x, *parameters):  # a gradient penalty's: the cotangent on dl/dx alone
+        (grad,) = torch.autograd.grad(run(x, *parameters).sum(), x, create_graph=True)
+        return grad
+    assert gradcheck(input_gradient, (x, *weights, *biases))
+
+
+@pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("sizes", [[4, 3], [4, 5, 6, 3]], ids=["one_layer", "three_layers"])
+def test_third_order(activation, slope, sizes):
+    # A PINN's u_xx, differentiated once more: the double backward is itself differentiable.
+    x, weights, biases = network_args(sizes, bias=True, seed=1)
+    run = network(activation, slope, 0, "tanh", len(weights))
+
+    def second_derivative(x, *parameters):
+        (grad,) = torch.autograd.grad(run(x, *parameters).sum(), x, create_graph=True)
+        (grad2,) = torch.autograd.grad(grad[:, 0].sum(), x, create_graph=True)
+        return grad2
+    assert gradcheck(second_derivative, (x, *weights, *biases))
+
+
+def test_second_order_without_an_input_gradient():
+    # Meta-learning differentiates the parameters' gradients, the input needing none.
+    x, weights, biases = network_args([4, 5, 3], bias=True, seed=2)
+    x = x.detach()
+    run = network("tanh", 0.01, 0, None, len(weights))
+
+    def parameter_gradients(*parameters):
+        grads = torch.autograd.grad(run(x, *parameters).pow(2).sum(), parameters, create_graph=True)
+        return sum(g.pow(2).sum() for g in grads)
+    assert gradcheck(parameter_gradients, (*weights, *biases))
+
+
+# The three kinds of second-order training, as small float64 networks.
+
+def wgan_gp(model, g):
+    real, fake = torch.randn(16, 12, generator=g, dtype=torch.float64), torch.randn(16, 12, generator=g,
+                                                                                    dtype=torch.float64)
+    alpha = torch.rand(16, 1, generator=g, dtype=torch.float64)
+    interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_()
+    out = model(interpolates)
+    (gradients,) = torch.autograd.grad(out, interpolates, torch.ones_like(out), create_graph=True)
+    return model(fake).mean() - model(real).mean() + 10 * ((gradients.norm(2, dim=1) - 1) ** 2).mean()
+
+
+def eikonal(model, g):
+    points = torch.randn(40, 3, generator=g, dtype=torch.float64).requires_grad_()
+    sdf = model(points)
+    (gradients,) = torch.autograd.grad(sdf, points, torch.ones_like(sdf), create_graph=True)
+    return sdf[:30].abs().mean() + 0.1 * ((gradients[30:].norm(2, dim=1) - 1) ** 2).mean()
+
+
+def burgers(model, g):
+    xt = torch.rand(32, 2, generator=g, dtype=torch.float64).requires_grad_()
+    u = model(xt)
+    (du,) = torch.autograd.grad(u, xt, torch.ones_like(u), create_graph=True)
+    (ddu,) = torch.autograd.grad(du[:, :1], xt, torch.ones_like(u), create_graph=True)
+    residual = du[:, 1:] + u * du[:, :1] - (0.01 / torch.pi) * ddu[:, :1]
+    return (residual ** 2).mean() + (model(xt.detach()) ** 2).mean()
+
+
+KINDS = [  # loss, sizes, activation, slope, output activation
+    pytest.param(wgan_gp, [12, 10, 8, 1], "leaky_relu", 0.2, None, id="wgan_gp_leaky_relu"),
+    pytest.param(eikonal, [3, 16, 16, 16, 1], "relu", 0.01, None, id="eikonal_relu"),
+    pytest.param(burgers, [2, 8, 8, 8, 1], "tanh", 0.01, None, id="burgers_tanh"),
+    pytest.param(burgers, [2, 8, 8, 1], "sigmoid", 0.01, "tanh", id="burgers_sigmoid_tanh_output"),
+    pytest.param(eikonal, [3, 16, 16, 1], "leaky_relu", -0.3, None, id="eikonal_leaky_relu_negative"),
+]
+
+
+@pytest.mark.parametrize("loss,sizes,activation,slope,output_activation", KINDS)
+@pytest.mark.parametrize("every", [None, 2], ids=["all_stored", "checkpoint_every_2"])
+def test_training_steps_match_torch_nn_and_the_per_layer_path(loss, sizes, activation, slope,
+                                                              output_activation, every):
+    torch.manual_seed(0)
+    mlp = hnn.MLP(sizes, activation, slope, every, output_activation=output_activation, dtype=torch.float64)
+    reference = twin(mlp)
+    per_layer = hnn.fuse(twin(mlp))  # the fused layers one by one, each with its own double backward
+    found = {}
+    for name, model in (("mlp", mlp), ("torch.nn", reference), ("per-layer", per_layer)):
+        loss(model, torch.Generator().manual_seed(1)).backward()
+        found[name] = [p.grad for p in model.parameters()]
+    assert len(found["mlp"]) == len(found["torch.nn"]) == len(found["per-layer"])
+    for got, per_layer_grad, want in zip(found["mlp"], found["per-layer"], found["torch.nn"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(per_layer_grad, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "tanh"])
+def test_a_gradient_penalty_is_the_same_bits_on_every_run_and_thread_count(activation):
+    torch.manual_seed(0)
+    mlp = hnn.MLP([20, 64, 64, 1], activation, 0.2)
+    x = torch.randn(300, 20)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 1, 2):
+            torch.set_num_threads(count)
+            mlp.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            out = mlp(xi)
+            (grad,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+            ((grad.norm(dim=1) - 1) ** 2).mean().backward()
+            results.append((count, grad.detach(), [p.grad for p in mlp.parameters() if p.grad is not None]))
+    finally:
+        torch.set_num_threads(threads)
+    for count, grad, parameter_grads in results[2:]:
+        first_count, first_grad, first_parameter_grads = results[0 if count == 1 else 1]
+        assert torch.equal(grad, first_grad)  # the same runs give the same bits
+        assert all(torch.equal(a, b) for a, b in zip(parameter_grads, first_parameter_grads))
+    # The input gradient is the engine's fused backward: the same bits on any thread count.
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_a_penalty_leaves_zero_gradients_where_torch_nn_does():
+    # ReLU's a'' = 0: a penalty alone gives the biases zero gradients, as eager does (not
+    # None, which an optimizer would treat as "no step").
+    torch.manual_seed(0)
+    mlp = hnn.MLP([5, 7, 1], dtype=torch.float64)
+    reference = twin(mlp)
+    for model in (mlp, reference):
+        x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        grad.pow(2).sum().backward()
+    for got, want in zip(mlp.parameters(), reference.parameters()):
+        assert (got.grad is None) == (want.grad is None)  # the linear output layer's bias: None
+        if want.grad is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-14)
+    assert torch.count_nonzero(mlp.hidden[0].bias.grad) == 0 and torch.count_nonzero(mlp.hidden[0].weight.grad) > 0
+    assert mlp.output.bias.grad is None
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_torch_func_hessian_and_vmap_jacrev_agree_with_torch_nn(activation):
+    torch.manual_seed(0)
+    mlp = hnn.MLP([3, 6, 6, 1], activation, dtype=torch.float64)
+    reference = twin(mlp)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    params = dict(mlp.named_parameters())
+    params_ref = dict(reference.named_parameters())
+
+    def scalar(model, p):
+        return lambda xi: torch.func.functional_call(model, p, (xi,)).squeeze()
+    for xi in x:
+        torch.testing.assert_close(torch.func.hessian(scalar(mlp, params))(xi),
+                                   torch.func.hessian(scalar(reference, params_ref))(xi))
+    jac = torch.func.vmap(torch.func.jacrev(scalar(mlp, params)))(x)
+    torch.testing.assert_close(jac, torch.func.vmap(torch.func.jacrev(scalar(reference, params_ref)))(x))
