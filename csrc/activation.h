@@ -7,7 +7,9 @@
 //   - float or double: the CUDA kernels and the CPU loop tails;
 //   - at::vec::Vectorized<float or double>: the CPU main loops (csrc/cpu/kernels/vectorized.h
 //     gives `where` and `exp` for those).
-// Half-precision types are widened to float before they reach these functions.
+// Half-precision types are widened to float before they reach these functions. The
+// constants and the order of operations are eager PyTorch's (ATen/native/cpu/Activation.cpp,
+// GeluKernel.cpp), so that the values are eager's.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -18,7 +20,7 @@
 
 namespace handgrad {
 
-enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid, Tanh };
+enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, GELUTanh };
 
 template <Activation A>
 using ActivationTag = std::integral_constant<Activation, A>;
@@ -32,6 +34,9 @@ void dispatch_activation(Activation activation, const Body& body) {
     case Activation::LeakyReLU: return body(ActivationTag<Activation::LeakyReLU>{});
     case Activation::Sigmoid: return body(ActivationTag<Activation::Sigmoid>{});
     case Activation::Tanh: return body(ActivationTag<Activation::Tanh>{});
+    case Activation::SiLU: return body(ActivationTag<Activation::SiLU>{});
+    case Activation::GELU: return body(ActivationTag<Activation::GELU>{});
+    case Activation::GELUTanh: return body(ActivationTag<Activation::GELUTanh>{});
   }
 }
 
@@ -51,6 +56,18 @@ C10_HOST_DEVICE inline T tanh(T x) {
   return std::tanh(x);
 }
 
+template <typename T>
+C10_HOST_DEVICE inline T erf(T x) {
+  return std::erf(x);
+}
+
+// GELU's constants: 1/sqrt(2); 1/sqrt(2 pi), the normal density's; sqrt(2/pi) and 0.044715
+// of the tanh approximation.
+constexpr double kGeluAlpha = M_SQRT1_2;
+constexpr double kGeluDensity = M_2_SQRTPI * M_SQRT1_2 * 0.5;
+constexpr double kGeluTanhBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+constexpr double kGeluTanhKappa = 0.044715;
+
 // Forward: out = a[f].
 template <Activation A, typename V>
 C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
@@ -60,16 +77,24 @@ C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
     return where(f > V(0), f, f * negative_slope);
   } else if constexpr (A == Activation::Sigmoid) {
     return V(1) / (V(1) + exp(-f));  // sig[f]; saturates to 0 or 1, never NaN
-  } else {
+  } else if constexpr (A == Activation::Tanh) {
     return tanh(f);  // saturates to -1 or 1
+  } else if constexpr (A == Activation::SiLU) {
+    return f / (V(1) + exp(-f));  // f sig[f]
+  } else if constexpr (A == Activation::GELU) {
+    return f * V(0.5) * (V(1) + erf(f * V(kGeluAlpha)));  // f Phi[f]
+  } else {
+    const V inner = V(kGeluTanhBeta) * (f + V(kGeluTanhKappa) * (f * f * f));
+    return V(0.5) * f * (V(1) + tanh(inner));
   }
 }
 
 // Backward: dl/df = dl/d(out) * a'[f], with a'[f] read off `out_or_f`.
 //
-// `out_or_f` is the output out = a[f], except for LeakyReLU with a negative slope, where
-// the output no longer tells the sign of f and the caller passes f itself. For slopes
-// >= 0, out > 0 exactly when f > 0, so one sign test serves both.
+// `out_or_f` is the output out = a[f] where a' is a function of it (ReLU, sigmoid, tanh,
+// LeakyReLU with a slope >= 0, for which out > 0 exactly when f > 0), and f itself where it
+// is not (derivative_needs_preactivation below: SiLU, GELU, and LeakyReLU with a negative
+// slope, whose output no longer tells the sign of f).
 //
 // At the kink f = 0 we follow PyTorch: ReLU'(0) = 0 and LeakyReLU'(0) = negative_slope.
 // Each branch selects rather than multiplies, so that a NaN gradient on the flat side of
@@ -82,14 +107,28 @@ C10_HOST_DEVICE inline V activation_backward(V grad, V out_or_f, V negative_slop
     return where(out_or_f > V(0), grad, grad * negative_slope);  // a' = I[out > 0] + alpha I[out <= 0]  (7.10)
   } else if constexpr (A == Activation::Sigmoid) {
     return grad * (V(1) - out_or_f) * out_or_f;  // a' = sig[f] (1 - sig[f]) = out (1 - out)  (7.7)
-  } else {
+  } else if constexpr (A == Activation::Tanh) {
     return grad * (V(1) - out_or_f * out_or_f);  // a' = 1 - tanh[f]^2 = 1 - out^2, as eager's tanh_backward
+  } else if constexpr (A == Activation::SiLU) {
+    const V f = out_or_f, sig = V(1) / (V(1) + exp(-f));
+    return grad * sig * (V(1) + f * (V(1) - sig));  // a' = sig[f] (1 + f (1 - sig[f]))
+  } else if constexpr (A == Activation::GELU) {
+    const V f = out_or_f;
+    const V cdf = V(0.5) * (V(1) + erf(f * V(kGeluAlpha)));
+    const V pdf = V(kGeluDensity) * exp(f * f * V(-0.5));
+    return grad * (cdf + f * pdf);  // a' = Phi[f] + f phi[f]
+  } else {
+    const V f = out_or_f, f_squared = f * f;
+    const V t = tanh(V(kGeluTanhBeta) * (f + V(kGeluTanhKappa) * (f_squared * f)));
+    const V inner_derivative = V(kGeluTanhBeta) * (V(1) + V(3) * V(kGeluTanhKappa) * f_squared);
+    const V left = V(0.5) * f, right = V(1) + t;
+    return grad * (V(0.5) * right + left * (V(1) - t * t) * inner_derivative);
   }
 }
 
 // The same dl/df with a' read off f itself, where the output is not at hand (the fused
-// MLP recomputes f in cache rather than store it). ReLU's and LeakyReLU's a' need only the
-// sign of f, which f tells for every slope; sigmoid's and tanh's need a[f].
+// MLP recomputes f in cache rather than store it). ReLU's, LeakyReLU's, SiLU's and GELU's
+// a' are read off f; sigmoid's and tanh's need a[f].
 template <Activation A, typename V>
 C10_HOST_DEVICE inline V activation_backward_from_preactivation(V grad, V f, V negative_slope) {
   if constexpr (A == Activation::Sigmoid || A == Activation::Tanh) {
@@ -99,23 +138,43 @@ C10_HOST_DEVICE inline V activation_backward_from_preactivation(V grad, V f, V n
   }
 }
 
-// Double backward: whether a' varies with the output (sigmoid's, tanh's), and then its
-// derivative by the output: d/d(out) of out (1 - out) is 1 - 2 out, of 1 - out^2 is -2 out.
-// ReLU's and LeakyReLU's a' are constant wherever they are differentiable: a'' = 0. V is
-// also at::Tensor here, for the autograd kernels and, through handgrad._C, the Python ones.
-inline bool derivative_varies_with_output(Activation activation) {
-  return activation == Activation::Sigmoid || activation == Activation::Tanh;
+// Whether a' is read off f rather than the output (see activation_backward): SiLU's and
+// GELU's are functions of f alone; leaky_relu with a negative slope gives out >= 0 on both
+// sides of f = 0.
+inline bool derivative_needs_preactivation(Activation activation, double negative_slope) {
+  return activation == Activation::SiLU || activation == Activation::GELU ||
+         activation == Activation::GELUTanh ||
+         (activation == Activation::LeakyReLU && negative_slope < 0);
+}
+
+// Double backward: whether a'' is not zero (ReLU's and LeakyReLU's a' is constant wherever
+// it is defined), and then d(a')/d(source) for the tensor a' is read off: by the output for
+// sigmoid (d/d(out) of out (1 - out) = 1 - 2 out) and tanh (-2 out), a''[f] for the others.
+// V is at::Tensor (with at::exp and at::tanh found by argument-dependent lookup), for the
+// autograd kernels and, through handgrad._C, the Python ones.
+inline bool has_second_derivative(Activation activation) {
+  return activation != Activation::ReLU && activation != Activation::LeakyReLU;
 }
 
 template <typename V>
-inline V derivative_by_output(Activation activation, const V& out) {
-  return activation == Activation::Sigmoid ? 1 - 2 * out : -2 * out;
-}
-
-// Whether a' cannot be read off the output: leaky_relu with a negative slope gives
-// out >= 0 on both sides of f = 0, so its backward needs f itself.
-inline bool output_hides_sign(Activation activation, double negative_slope) {
-  return activation == Activation::LeakyReLU && negative_slope < 0;
+inline V derivative_of_derivative(Activation activation, const V& source) {
+  switch (activation) {
+    case Activation::Sigmoid: return 1 - 2 * source;
+    case Activation::Tanh: return -2 * source;
+    case Activation::SiLU: {  // sig' (2 + f (1 - 2 sig))
+      const V sig = 1 / (1 + exp(-source));
+      return sig * (1 - sig) * (2 + source * (1 - 2 * sig));
+    }
+    case Activation::GELU:  // phi[f] (2 - f^2)
+      return kGeluDensity * exp(-0.5 * source * source) * (2 - source * source);
+    case Activation::GELUTanh: {  // (1 - t^2) (u' + f/2 (u'' - 2 t u'^2)), t = tanh[u]
+      const V u_prime = kGeluTanhBeta * (1 + 3 * kGeluTanhKappa * source * source);
+      const V t = tanh(kGeluTanhBeta * (source + kGeluTanhKappa * source * source * source));
+      const V u_second = (6 * kGeluTanhBeta * kGeluTanhKappa) * source;
+      return (1 - t * t) * (u_prime + 0.5 * source * (u_second - 2 * t * u_prime * u_prime));
+    }
+    default: return 0 * source;  // not reached: has_second_derivative is false
+  }
 }
 
 }  // namespace handgrad

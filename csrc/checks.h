@@ -31,9 +31,12 @@ inline Activation parse_activation(c10::string_view name) {
   if (name == "leaky_relu") return Activation::LeakyReLU;
   if (name == "sigmoid") return Activation::Sigmoid;
   if (name == "tanh") return Activation::Tanh;
+  if (name == "silu") return Activation::SiLU;
+  if (name == "gelu") return Activation::GELU;
+  if (name == "gelu_tanh") return Activation::GELUTanh;
   TORCH_CHECK_VALUE(
       false, "handgrad: unknown activation '", name,
-      "'; expected 'relu', 'leaky_relu', 'sigmoid' or 'tanh'");
+      "'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu' or 'gelu_tanh'");
 }
 
 // The inverse of parse_activation.
@@ -43,6 +46,9 @@ inline c10::string_view activation_name(Activation activation) {
     case Activation::LeakyReLU: return "leaky_relu";
     case Activation::Sigmoid: return "sigmoid";
     case Activation::Tanh: return "tanh";
+    case Activation::SiLU: return "silu";
+    case Activation::GELU: return "gelu";
+    case Activation::GELUTanh: return "gelu_tanh";
   }
   return "";
 }

@@ -173,9 +173,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   // dl/dh_L = Omega_L^T g (7.6) where it is wanted.
   const auto output_layer_backward = [&](const at::Tensor& h_last, bool need_input) {
     if (output_activation.has_value()) {
-      // a' off the output for sigmoid and tanh, off f (whose sign is all they need) for the others.
+      // a' off the output for sigmoid and tanh, off f for the others (ReLU's and LeakyReLU's
+      // need its sign alone).
+      const Activation out_act = parse_activation(*output_activation);
       const auto bias = bias_of(biases, hidden);
-      const at::Tensor source = derivative_varies_with_output(parse_activation(*output_activation))
+      const at::Tensor source = has_second_derivative(out_act) && !derivative_needs_preactivation(out_act, negative_slope)
           ? ops::linear_activation(h_last, weights[hidden], bias, *output_activation, negative_slope)
           : ops::preactivation(h_last, weights[hidden], bias);
       at::Tensor grad_h, grad_bias;
@@ -209,7 +211,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       // dl/df = dl/dh_{l+1} * a' (read off h_{l+1}, or off f recomputed where h_{l+1} hides
       // its sign), dl/dbeta_l, dl/dOmega_l (7.9) and dl/dh_l (7.6).
       const at::Tensor& h = l == first ? stretch_input : outputs[l - first - 1];
-      const at::Tensor sign_source = output_hides_sign(act, negative_slope)
+      const at::Tensor sign_source = derivative_needs_preactivation(act, negative_slope)
           ? ops::preactivation(h, weights[l], bias_of(biases, l))
           : outputs[l - first];
       const bool need_input = l > 0 || input_requires_grad;

@@ -1,4 +1,6 @@
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/tanh.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
@@ -91,13 +93,17 @@ PYBIND11_MODULE(_C, m) {
 
   // For the Python Functions (handgrad.autograd), the pieces the C++ autograd kernels use,
   // so that each is written once.
-  m.def("derivative_varies_with_output", [](c10::string_view activation) {
-    return handgrad::derivative_varies_with_output(handgrad::parse_activation(activation));
-  }, "whether a' varies with the output (sigmoid, tanh): a double backward through it", pybind11::arg("activation"));
-  m.def("derivative_by_output", [](c10::string_view activation, const at::Tensor& out) {
-    return handgrad::derivative_by_output(handgrad::parse_activation(activation), out);
-  }, "d/d(out) of a' read off the output: 1 - 2 out for sigmoid, -2 out for tanh",
-        pybind11::arg("activation"), pybind11::arg("out"));
+  m.def("derivative_needs_preactivation", [](c10::string_view activation, double negative_slope) {
+    return handgrad::derivative_needs_preactivation(handgrad::parse_activation(activation), negative_slope);
+  }, "whether a' is read off f rather than the output (silu, gelu, leaky_relu with a negative slope)",
+        pybind11::arg("activation"), pybind11::arg("negative_slope"));
+  m.def("has_second_derivative", [](c10::string_view activation) {
+    return handgrad::has_second_derivative(handgrad::parse_activation(activation));
+  }, "whether a'' is not zero (all but relu and leaky_relu): a double backward through a'", pybind11::arg("activation"));
+  m.def("derivative_of_derivative", [](c10::string_view activation, const at::Tensor& source) {
+    return handgrad::derivative_of_derivative(handgrad::parse_activation(activation), source);
+  }, "d(a')/d(source), source the tensor a' is read off: 1 - 2 out for sigmoid, -2 out for tanh, a''[f] for silu and gelu",
+        pybind11::arg("activation"), pybind11::arg("source"));
   m.def("preactivation", &handgrad::ops::preactivation, "f = beta + Omega h",
         pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("bias"));
   m.def("as_matrix", &handgrad::as_matrix, "(*, n) as a (rows, n) matrix", pybind11::arg("t"));

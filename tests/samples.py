@@ -28,6 +28,10 @@ def _fused_cases():
             hf.linear_sigmoid, lambda x, w, b: torch.sigmoid(F.linear(x, w, b)), id="linear_sigmoid"
         ),
         pytest.param(hf.linear_tanh, lambda x, w, b: torch.tanh(F.linear(x, w, b)), id="linear_tanh"),
+        pytest.param(hf.linear_silu, lambda x, w, b: F.silu(F.linear(x, w, b)), id="linear_silu"),
+        pytest.param(hf.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b)), id="linear_gelu"),
+        pytest.param(lambda x, w, b: hf.linear_gelu(x, w, b, approximate="tanh"),
+                     lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"), id="linear_gelu_tanh"),
     ]
     for slope in SLOPES:
         cases.append(
@@ -45,6 +49,10 @@ def _activation_cases():
         pytest.param(hf.relu, F.relu, id="relu"),
         pytest.param(hf.sigmoid, torch.sigmoid, id="sigmoid"),
         pytest.param(hf.tanh, torch.tanh, id="tanh"),
+        pytest.param(hf.silu, F.silu, id="silu"),
+        pytest.param(hf.gelu, F.gelu, id="gelu"),
+        pytest.param(lambda x: hf.gelu(x, approximate="tanh"), lambda x: F.gelu(x, approximate="tanh"),
+                     id="gelu_tanh"),
     ]
     for slope in SLOPES:
         cases.append(
@@ -57,11 +65,17 @@ def _activation_cases():
     return cases
 
 
+# Activations held to eager's accuracy against a float64 truth rather than to its bits:
+# eager's float32 GELU is oneDNN's (another erf, and NaN at +inf where eager's float64 and
+# strided paths give +inf), and its SiLU backward rounds in another order on some shapes.
+NOT_EAGERS_BITS = {"silu", "gelu", "gelu_tanh", "linear_silu", "linear_gelu", "linear_gelu_tanh"}
+
 # The cases as pytest parameters (fn, reference), each with its name as id; and by name.
 FUSED_LAYERS = _fused_cases()
 ACTIVATIONS = _activation_cases()
 FUSED_LAYER = {case.id: case.values for case in FUSED_LAYERS}
 ACTIVATION = {case.id: case.values for case in ACTIVATIONS}
+NAME = {case.values[0]: case.id for case in (*FUSED_LAYERS, *ACTIVATIONS)}  # a case's function: its name
 
 
 def pick(cases, *names):
@@ -226,7 +240,9 @@ def check_layer(fn, reference, shape, out_features, dtype, layout, bias, device,
 
 # The torch.nn module of each activation a network can have.
 TORCH_ACTIVATION_MODULE = {"relu": lambda slope: torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU,
-                           "sigmoid": lambda slope: torch.nn.Sigmoid(), "tanh": lambda slope: torch.nn.Tanh()}
+                           "sigmoid": lambda slope: torch.nn.Sigmoid(), "tanh": lambda slope: torch.nn.Tanh(),
+                           "silu": lambda slope: torch.nn.SiLU(), "gelu": lambda slope: torch.nn.GELU(),
+                           "gelu_tanh": lambda slope: torch.nn.GELU(approximate="tanh")}
 
 
 def twin(model):

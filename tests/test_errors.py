@@ -117,8 +117,8 @@ def test_slope_must_be_a_number():
 
 def test_unknown_activation():
     x, w, b = x_w_b()
-    with pytest.raises(ValueError, match=r"unknown activation 'gelu'; expected 'relu', 'leaky_relu', 'sigmoid' or 'tanh'"):
-        ops.linear_activation(x, w, b, "gelu", 0.0)
+    with pytest.raises(ValueError, match=r"unknown activation 'elu'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu' or 'gelu_tanh'"):
+        ops.linear_activation(x, w, b, "elu", 0.0)
 
 
 def test_backward_ops_check_shapes():
@@ -134,7 +134,7 @@ def _t(*shape, dtype=torch.float32):
 
 # Every bad-argument case of every op, as (op, arguments) built from CPU tensors.
 BAD_ARGUMENTS = {
-    "unknown activation": (ops.linear_activation, (_t(4, 5), _t(3, 5), None, "gelu", 0.0)),
+    "unknown activation": (ops.linear_activation, (_t(4, 5), _t(3, 5), None, "elu", 0.0)),
     "non-finite slope": (ops.linear_activation, (_t(4, 5), _t(3, 5), None, "leaky_relu", math.nan)),
     "integer input": (ops.linear_activation, (_t(4, 5, dtype=torch.int64), _t(3, 5, dtype=torch.int64), None, "relu", 0.0)),
     "weight dtype": (ops.linear_activation, (_t(4, 5), _t(3, 5, dtype=torch.float64), None, "relu", 0.0)),
@@ -146,7 +146,7 @@ BAD_ARGUMENTS = {
     "activation dtype": (ops.activation, (_t(3, dtype=torch.bool), "sigmoid", 0.0)),
     "activation slope": (ops.activation, (_t(3), "leaky_relu", math.inf)),
     "activation_ dtype": (ops.activation_, (_t(3, dtype=torch.int32), "relu", 0.0)),
-    "activation_ name": (ops.activation_, (_t(3), "gelu", 0.0)),
+    "activation_ name": (ops.activation_, (_t(3), "elu", 0.0)),
     "backward shapes": (ops.activation_backward, (_t(2, 3), _t(3, 2), "relu", 0.0)),
     "backward saved dtype": (ops.activation_backward, (_t(2, 3), _t(2, 3, dtype=torch.float64), "sigmoid", 0.0)),
     "backward gradient dtype": (ops.activation_backward, (_t(2, 3, dtype=torch.int64), _t(2, 3), "relu", 0.0)),

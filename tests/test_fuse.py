@@ -181,3 +181,26 @@ def test_train_and_eval_mode_are_kept():
     model = FunctionalNet().eval()
     fused = hnn.fuse(model)
     assert not fused.training and not fused.fc1.training
+
+
+def test_silu_and_both_gelus_fuse_as_modules_and_calls():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(approximate="tanh"), nn.Linear(7, 6), nn.SiLU(),
+                          nn.Linear(6, 4), nn.GELU(), nn.Linear(4, 2))
+    x = torch.randn(3, 5)
+    fused = hnn.fuse(model, inplace=False)
+    assert [type(m) for m in fused][::2] == [hnn.LinearGELU, hnn.LinearSiLU, hnn.LinearGELU, nn.Linear]
+    assert fused[0].approximate == "tanh" and fused[4].approximate == "none"
+    torch.testing.assert_close(fused(x), model(x))
+
+    class Calls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.c(torch.nn.functional.silu(self.b(torch.nn.functional.gelu(self.a(x), approximate="tanh"))))
+    model = Calls()
+    fused = hnn.fuse(model, inplace=False)
+    assert [d.fused for d in hnn.fusion_decisions(fused)][:2] == [True, True]
+    torch.testing.assert_close(fused(x), model(x))

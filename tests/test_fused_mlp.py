@@ -308,14 +308,14 @@ def test_functional_mlp_takes_biases_none_and_output_activation():
                                eager_network(x, weights, [], "relu", 0.0, "relu"))
     torch.testing.assert_close(hf.mlp(x, weights, biases, "sigmoid", output_activation="sigmoid"),
                                eager_network(x, weights, biases, "sigmoid", 0.0, "sigmoid"))
-    with pytest.raises(ValueError, match="output_activation must be None, 'relu', 'leaky_relu', 'sigmoid' or 'tanh', got 'gelu'"):
-        hf.mlp(x, weights, biases, output_activation="gelu")
+    with pytest.raises(ValueError, match="output_activation must be None, 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu' or 'gelu_tanh', got 'elu'"):
+        hf.mlp(x, weights, biases, output_activation="elu")
     with pytest.raises(ValueError, match="output_activation must be None"):
         hnn.MLP([4, 2], output_activation="softmax")
     with pytest.raises(RuntimeError, match=r"mlp: got 2 weights but 1 biases; give one bias per layer, or none"):
         hf.mlp(x, weights, biases[:1])
-    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
-        ops.mlp(x, weights, biases, "relu", 0.0, 0, "gelu")
+    with pytest.raises(ValueError, match="unknown activation 'elu'"):
+        ops.mlp(x, weights, biases, "relu", 0.0, 0, "elu")
 
 
 def test_compile_fullgraph_and_export_with_the_new_arguments():

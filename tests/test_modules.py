@@ -79,7 +79,7 @@ def make_model():
         nn.Linear(8, 16), nn.ReLU(),
         nn.Sequential(nn.Linear(16, 16), nn.LeakyReLU(0.1), nn.Linear(16, 12), nn.Sigmoid()),
         nn.Linear(12, 10, bias=False), nn.ReLU(inplace=True),
-        nn.Linear(10, 4), nn.GELU(),  # not fusable
+        nn.Linear(10, 4), nn.ELU(),  # not fusable
         nn.Linear(4, 4),
     )
 
@@ -94,7 +94,7 @@ def test_fuse_replaces_pairs_shares_parameters_and_keeps_outputs():
     assert kinds[:2] == [hnn.LinearReLU, nn.Identity]
     assert [type(m) for m in fused[2]] == [hnn.LinearLeakyReLU, nn.Identity, hnn.LinearSigmoid, nn.Identity]
     assert fused[2][0].negative_slope == 0.1
-    assert kinds[3:] == [hnn.LinearReLU, nn.Identity, nn.Linear, nn.GELU, nn.Linear]
+    assert kinds[3:] == [hnn.LinearReLU, nn.Identity, nn.Linear, nn.ELU, nn.Linear]
     assert fused[3].bias is None
     # Same Parameter objects, so optimizers built before fusing keep working.
     assert all(a is b for a, b in zip(fused.parameters(), parameters_before))
@@ -109,9 +109,9 @@ def test_fuse_replaces_pairs_shares_parameters_and_keeps_outputs():
 
 
 def test_fuse_leaves_other_models_alone():
-    model = nn.Sequential(nn.ReLU(), nn.Linear(3, 3), nn.GELU())
+    model = nn.Sequential(nn.ReLU(), nn.Linear(3, 3), nn.ELU())
     hnn.fuse(model)
-    assert [type(m) for m in model] == [nn.ReLU, nn.Linear, nn.GELU]
+    assert [type(m) for m in model] == [nn.ReLU, nn.Linear, nn.ELU]
     already = nn.Sequential(hnn.LinearReLU(3, 3), nn.ReLU())
     hnn.fuse(already)
     assert [type(m) for m in already] == [hnn.LinearReLU, nn.ReLU]

@@ -13,8 +13,8 @@ import handgrad.nn as hnn
 
 ops = torch.ops.handgrad
 NETWORK_ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.01),
-                       ("tanh", 0.01)]
-IDS = ["relu", "leaky_relu", "leaky_relu_negative", "sigmoid", "tanh"]
+                       ("tanh", 0.01), ("silu", 0.01), ("gelu", 0.01), ("gelu_tanh", 0.01)]
+IDS = ["relu", "leaky_relu", "leaky_relu_negative", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh"]
 
 
 def network_args(sizes, bias, seed=0, rows=3):
@@ -33,7 +33,7 @@ def network(activation, slope, every, output_activation, layers):
 
 
 @pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=IDS)
-@pytest.mark.parametrize("output_activation", [None, "sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("output_activation", [None, "sigmoid", "tanh", "relu", "silu"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("every", [0, 2], ids=["all_stored", "checkpoint_every_2"])
 def test_gradgradcheck(activation, slope, output_activation, bias, every):
@@ -108,6 +108,8 @@ KINDS = [  # loss, sizes, activation, slope, output activation
     pytest.param(burgers, [2, 8, 8, 8, 1], "tanh", 0.01, None, id="burgers_tanh"),
     pytest.param(burgers, [2, 8, 8, 1], "sigmoid", 0.01, "tanh", id="burgers_sigmoid_tanh_output"),
     pytest.param(eikonal, [3, 16, 16, 1], "leaky_relu", -0.3, None, id="eikonal_leaky_relu_negative"),
+    pytest.param(burgers, [2, 12, 12, 1], "silu", 0.01, None, id="burgers_silu"),  # Modulus's
+    pytest.param(eikonal, [3, 16, 16, 1], "gelu", 0.01, "gelu_tanh", id="eikonal_gelu_gelu_tanh_output"),
 ]
 
 

@@ -11,7 +11,9 @@
 // sends those calls to the Python Functions of handgrad.autograd instead.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/exp.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/tanh.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -50,7 +52,7 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     // to be asked.
     ctx->saved_data["has_bias"] = defined(bias);
     // The bias is needed only to recompute f where out hides its sign.
-    const bool keep_bias = defined(bias) && output_hides_sign(act, negative_slope);
+    const bool keep_bias = defined(bias) && derivative_needs_preactivation(act, negative_slope);
     ctx->save_for_backward({input, weight, keep_bias ? *bias : Variable(), out});
     return out;
   }
@@ -65,12 +67,17 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     const Variable& grad_output = grad_outputs[0];
 
-    // a' is read off out, or off f recomputed where out hides its sign.
+    // a' is read off out, or off f recomputed where it must be: with its history where a
+    // recorded backward differentiates a' in turn (SiLU, GELU), else below autograd.
     Variable out_or_f = out;
-    if (output_hides_sign(act, negative_slope)) {
-      c10::NoGradGuard no_grad;
+    if (derivative_needs_preactivation(act, negative_slope)) {
       const auto saved_bias = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-      out_or_f = ops::preactivation(input, weight, saved_bias);
+      if (has_second_derivative(act) && c10::GradMode::is_enabled()) {
+        out_or_f = at::linear(input, weight, saved_bias);
+      } else {
+        c10::NoGradGuard no_grad;
+        out_or_f = ops::preactivation(input, weight, saved_bias);
+      }
     }
     Variable grad_input, grad_weight, grad_bias;
     if (!c10::GradMode::is_enabled()) {
@@ -119,7 +126,7 @@ class ActivationFunction : public torch::autograd::Function<ActivationFunction> 
     }
     ctx->set_materialize_grads(false);
     save_activation(ctx, act, negative_slope);
-    ctx->save_for_backward({output_hides_sign(act, negative_slope) ? input : out});
+    ctx->save_for_backward({derivative_needs_preactivation(act, negative_slope) ? input : out});
     return out;
   }
 
@@ -145,14 +152,20 @@ class InplaceActivationFunction : public torch::autograd::Function<InplaceActiva
  public:
   static Variable forward(AutogradContext* ctx, const Variable& input,
                           c10::string_view activation, double negative_slope) {
+    const Activation act = parse_activation(activation);
+    at::Tensor input_copy;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
+      if (derivative_needs_preactivation(act, negative_slope) && has_second_derivative(act)) {
+        input_copy = input.clone();
+      }
       ops::activation_(input, activation, negative_slope);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, parse_activation(activation), negative_slope);
-    ctx->mark_dirty({input});         // apply() bumps its version and rebases its history
-    ctx->save_for_backward({input});  // the output: a' is read off it
+    save_activation(ctx, act, negative_slope);
+    ctx->mark_dirty({input});  // apply() bumps its version and rebases its history
+    // The output, which a' is read off; for SiLU and GELU, a copy of the input, as eager keeps.
+    ctx->save_for_backward({input_copy.defined() ? input_copy : input});
     return input;
   }
 
@@ -161,7 +174,7 @@ class InplaceActivationFunction : public torch::autograd::Function<InplaceActiva
     const SavedActivation a = saved_activation(ctx);
     // As eager's leaky_relu_: the input is gone, and the output cannot tell the sign of f.
     TORCH_CHECK(
-        !output_hides_sign(a.activation, a.negative_slope),
+        !(a.activation == Activation::LeakyReLU && derivative_needs_preactivation(a.activation, a.negative_slope)),
         "leaky_relu_: the backward of the in-place leaky_relu with a negative slope (",
         a.negative_slope, ") is not supported, because the output no longer tells the sign "
         "of the input; use the out-of-place leaky_relu (inplace=False)");
@@ -196,9 +209,9 @@ variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable&
   if (ctx->needs_input_grad(0)) {
     grad_grad_output = ops::activation_backward(grad_grad_pre, out_or_f, a.name, a.negative_slope);
   }
-  if (ctx->needs_input_grad(1) && derivative_varies_with_output(a.activation)) {
+  if (ctx->needs_input_grad(1) && has_second_derivative(a.activation)) {
     // ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through out_or_f.
-    grad_out_or_f = grad_grad_pre.mul(grad_output).mul(derivative_by_output(a.activation, out_or_f));
+    grad_out_or_f = grad_grad_pre.mul(grad_output).mul(derivative_of_derivative(a.activation, out_or_f));
   }
   return {grad_grad_output, grad_out_or_f, Variable(), Variable()};
 }

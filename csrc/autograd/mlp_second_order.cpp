@@ -14,6 +14,9 @@
 // recomputed with their history, since the stored ones have none.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/tanh.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -79,7 +82,7 @@ Layers layers_of(const at::Tensor& input, at::TensorList weights, at::TensorList
   for (size_t l = 0; l < count; ++l) {
     const auto a = layers.activation(l);
     if (!a.has_value()) continue;
-    if (output_hides_sign(*a, network.negative_slope)) {
+    if (derivative_needs_preactivation(*a, network.negative_slope)) {
       layers.sources[l] = ops::preactivation(layers.inputs[l], weights[l], layers.bias(l));
     } else if (l + 1 < count) {
       layers.sources[l] = layers.inputs[l + 1];
@@ -109,11 +112,11 @@ SecondOrderGradients double_backward(const at::Tensor& grad_output, const Layers
 
   // The first backward again, for its e_l: g_L = grad_output, e_l = g_{l+1} * a_l',
   // g_l = e_l Omega_l (7.6).
-  std::vector<at::Tensor> e(count);
-  at::Tensor g = grad_output.reshape({rows, weights[count - 1].size(0)});
+  std::vector<at::Tensor> e(count), g(count);  // g[l]: dl/dh_{l+1}, layer l's output's
+  g[count - 1] = grad_output.reshape({rows, weights[count - 1].size(0)});
   for (size_t l = count; l-- > 0;) {
-    e[l] = layers.times_derivative(g, l);
-    if (l > 0) g = e[l].mm(weights[l]);
+    e[l] = layers.times_derivative(g[l], l);
+    if (l > 0) g[l - 1] = e[l].mm(weights[l]);
   }
 
   // Upward, the reverse of the backward: g_bar is the cotangent of g_l (v for g_0).
@@ -139,11 +142,13 @@ SecondOrderGradients double_backward(const at::Tensor& grad_output, const Layers
       g_bar = at::Tensor();
       continue;
     }
-    // e_l = g_{l+1} * a_l'[f_l]: g_{l+1}'s cotangent, and f_l's where a_l' varies, through
-    // a_l'' = d(a_l')/d(out) * a_l' (csrc/activation.h), so that g * a'' = e * d(a')/d(out).
+    // e_l = g_{l+1} * a_l'[f_l]: g_{l+1}'s cotangent, and f_l's where a_l' varies, g * a''[f]:
+    // read off f (SiLU, GELU), or for sigmoid and tanh through a'' = d(a')/d(out) * a', so
+    // that g * a'' = e * d(a')/d(out) (csrc/activation.h).
     const auto a = layers.activation(l);
-    if (a.has_value() && derivative_varies_with_output(*a)) {
-      f_bar[l] = e_bar.mul(e[l]).mul(derivative_by_output(*a, layers.sources[l]));
+    if (a.has_value() && has_second_derivative(*a)) {
+      const bool off_f = derivative_needs_preactivation(*a, layers.network.negative_slope);
+      f_bar[l] = e_bar.mul(off_f ? g[l] : e[l]).mul(derivative_of_derivative(*a, layers.sources[l]));
     }
     g_bar = layers.times_derivative(e_bar, l);
   }

@@ -45,15 +45,12 @@ class _Function(torch.autograd.Function):
 
 
 # What the C++ autograd kernels use too, written once in csrc (shapes.h, activation.h, ops.h):
-# (*, n) as a (rows, n) matrix; d(a')/d(out) for sigmoid and tanh; f = beta + Omega h.
+# (*, n) as a (rows, n) matrix; whether a' is read off f; a'' and d(a')/d(source); f = beta + Omega h.
 _as_matrix = _C.as_matrix
-_derivative_varies_with_output = _C.derivative_varies_with_output
-_derivative_by_output = _C.derivative_by_output
+_derivative_needs_preactivation = _C.derivative_needs_preactivation
+_has_second_derivative = _C.has_second_derivative
+_derivative_of_derivative = _C.derivative_of_derivative
 _preactivation = _C.preactivation
-
-
-def _output_hides_sign(activation, negative_slope):
-    return activation == "leaky_relu" and negative_slope < 0
 
 
 # --- dl/df = dl/d(out) * a'[f] as Functions of their own: a differentiable backward ---
@@ -67,9 +64,9 @@ def _grads_of_activation_backward(ctx, grad_grad_pre):
         grad_grad_output = _ActivationBackward.apply(
             grad_grad_pre, out_or_f, ctx.activation, ctx.negative_slope
         )
-    if ctx.needs_input_grad[1] and _derivative_varies_with_output(ctx.activation):
+    if ctx.needs_input_grad[1] and _has_second_derivative(ctx.activation):
         # ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through out_or_f.
-        grad_out_or_f = grad_grad_pre * grad_output * _derivative_by_output(ctx.activation, out_or_f)
+        grad_out_or_f = grad_grad_pre * grad_output * _derivative_of_derivative(ctx.activation, out_or_f)
     return grad_grad_output, grad_out_or_f, None, None
 
 
@@ -104,8 +101,8 @@ class _ActivationBackward(_Function):
         tangent = torch.zeros_like(out_or_f)
         if grad_output_tangent is not None:
             tangent = _activation_grad(grad_output_tangent, out_or_f, ctx.activation, ctx.negative_slope)
-        if out_or_f_tangent is not None and _derivative_varies_with_output(ctx.activation):
-            tangent = tangent + grad_output * _derivative_by_output(ctx.activation, out_or_f) * out_or_f_tangent
+        if out_or_f_tangent is not None and _has_second_derivative(ctx.activation):
+            tangent = tangent + grad_output * _derivative_of_derivative(ctx.activation, out_or_f) * out_or_f_tangent
         return tangent
 
 
@@ -137,7 +134,7 @@ def _setup_linear(ctx, inputs, output, activation, negative_slope):
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.num_inputs = len(inputs)
     # The bias is needed only to recompute f where the output hides its sign.
-    if not _output_hides_sign(activation, negative_slope):
+    if not _derivative_needs_preactivation(activation, negative_slope):
         bias = None
     ctx.save_for_backward(input, weight, bias, output)
     ctx.save_for_forward(input, weight, bias, output)
@@ -145,8 +142,11 @@ def _setup_linear(ctx, inputs, output, activation, negative_slope):
 
 def _out_or_f(ctx, input, weight, bias, output):
     """The tensor a'[f] is read off: out, or a recomputed f where out hides the sign."""
-    if not _output_hides_sign(ctx.activation, ctx.negative_slope):
+    if not _derivative_needs_preactivation(ctx.activation, ctx.negative_slope):
         return output
+    if _has_second_derivative(ctx.activation):
+        # SiLU's and GELU's a' vary with f: f with its history and tangents, by ATen's linear.
+        return torch.nn.functional.linear(input, weight, bias)
     # Detached, as f only selects a' (a'' = 0), so no tangent either.
     bias = None if bias is None else bias.detach()
     return _preactivation(input.detach(), weight.detach(), bias)
@@ -245,13 +245,49 @@ class LinearTanhFunction(_LinearActivationFunction):
         _setup_linear(ctx, inputs, output, "tanh", 0.0)
 
 
+class LinearSiLUFunction(_LinearActivationFunction):
+    """silu(input @ weight.T + bias)."""
+
+    @staticmethod
+    def forward(input, weight, bias=None):
+        return _linear_activation(input, weight, bias, "silu", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, "silu", 0.0)
+
+
+class LinearGELUFunction(_LinearActivationFunction):
+    """gelu(input @ weight.T + bias)."""
+
+    @staticmethod
+    def forward(input, weight, bias=None):
+        return _linear_activation(input, weight, bias, "gelu", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, "gelu", 0.0)
+
+
+class LinearGELUTanhFunction(_LinearActivationFunction):
+    """gelu (tanh approximation)(input @ weight.T + bias)."""
+
+    @staticmethod
+    def forward(input, weight, bias=None):
+        return _linear_activation(input, weight, bias, "gelu_tanh", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, "gelu_tanh", 0.0)
+
+
 # --- The standalone activations: out = a[input] ---
 
 
 def _setup_activation(ctx, inputs, output, activation, negative_slope):
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.num_inputs = len(inputs)
-    out_or_f = inputs[0] if _output_hides_sign(activation, negative_slope) else output
+    out_or_f = inputs[0] if _derivative_needs_preactivation(activation, negative_slope) else output
     ctx.save_for_backward(out_or_f)
     ctx.save_for_forward(out_or_f)
 
@@ -319,6 +355,42 @@ class TanhFunction(_ActivationFunction):
         _setup_activation(ctx, inputs, output, "tanh", 0.0)
 
 
+class SiLUFunction(_ActivationFunction):
+    """silu(input)."""
+
+    @staticmethod
+    def forward(input):
+        return _activation(input, "silu", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_activation(ctx, inputs, output, "silu", 0.0)
+
+
+class GELUFunction(_ActivationFunction):
+    """gelu(input)."""
+
+    @staticmethod
+    def forward(input):
+        return _activation(input, "gelu", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_activation(ctx, inputs, output, "gelu", 0.0)
+
+
+class GELUTanhFunction(_ActivationFunction):
+    """gelu (tanh approximation)(input)."""
+
+    @staticmethod
+    def forward(input):
+        return _activation(input, "gelu_tanh", 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_activation(ctx, inputs, output, "gelu_tanh", 0.0)
+
+
 __all__ = [
     "LinearReLUFunction",
     "LinearLeakyReLUFunction",
@@ -328,4 +400,10 @@ __all__ = [
     "LeakyReLUFunction",
     "SigmoidFunction",
     "TanhFunction",
+    "LinearSiLUFunction",
+    "LinearGELUFunction",
+    "LinearGELUTanhFunction",
+    "SiLUFunction",
+    "GELUFunction",
+    "GELUTanhFunction",
 ]

@@ -27,9 +27,15 @@ from .autograd import (
     LinearReLUFunction,
     LinearSigmoidFunction,
     LinearTanhFunction,
+    LinearSiLUFunction,
+    LinearGELUFunction,
+    LinearGELUTanhFunction,
     ReLUFunction,
     SigmoidFunction,
     TanhFunction,
+    SiLUFunction,
+    GELUFunction,
+    GELUTanhFunction,
 )
 
 _ops = torch.ops.handgrad
@@ -89,9 +95,21 @@ def _autocast(input, weight, bias):
 
 # The Python Functions, by activation: the way forward-mode AD and torch.func go.
 _LINEAR_FUNCTIONS = {"relu": LinearReLUFunction, "leaky_relu": LinearLeakyReLUFunction,
-                     "sigmoid": LinearSigmoidFunction, "tanh": LinearTanhFunction}
+                     "sigmoid": LinearSigmoidFunction, "tanh": LinearTanhFunction,
+                     "silu": LinearSiLUFunction, "gelu": LinearGELUFunction,
+                     "gelu_tanh": LinearGELUTanhFunction}
 _FUNCTIONS = {"relu": ReLUFunction, "leaky_relu": LeakyReLUFunction, "sigmoid": SigmoidFunction,
-              "tanh": TanhFunction}
+              "tanh": TanhFunction, "silu": SiLUFunction, "gelu": GELUFunction, "gelu_tanh": GELUTanhFunction}
+
+
+def gelu_activation(approximate):
+    """The activation name of GELU with `approximate` as torch.nn.GELU takes it: "none"
+    (x Phi[x], with erf) is "gelu", "tanh" is "gelu_tanh"; anything else is refused."""
+    if approximate == "none":
+        return "gelu"
+    if approximate == "tanh":
+        return "gelu_tanh"
+    raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def _slope_argument(activation, negative_slope):
@@ -140,6 +158,21 @@ def linear_tanh(input, weight, bias=None):
     return _linear(input, weight, bias, "tanh", 0.0)
 
 
+def linear_silu(input, weight, bias=None):
+    """silu(input @ weight.T + bias): x sigmoid(x) of the layer's pre-activation."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(linear_silu, (input, weight, bias), input, weight, bias)
+    return _linear(input, weight, bias, "silu", 0.0)
+
+
+def linear_gelu(input, weight, bias=None, approximate="none"):
+    """gelu(input @ weight.T + bias, approximate), approximate "none" or "tanh" as F.gelu."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(linear_gelu, (input, weight, bias), input, weight, bias,
+                                     approximate=approximate)
+    return _linear(input, weight, bias, gelu_activation(approximate), 0.0)
+
+
 def _elementwise(input, activation, negative_slope, inplace):
     ops = _op_namespace()
     if ops is None:
@@ -186,6 +219,20 @@ def tanh(input):
     return _elementwise(input, "tanh", 0.0, False)
 
 
+def silu(input, inplace=False):
+    """silu(input) = input * sigmoid(input), elementwise; the signature of F.silu."""
+    if has_torch_function((input,)):
+        return handle_torch_function(silu, (input,), input, inplace=inplace)
+    return _elementwise(input, "silu", 0.0, inplace)
+
+
+def gelu(input, approximate="none"):
+    """gelu(input), elementwise: input * Phi(input), or its tanh approximation; as F.gelu."""
+    if has_torch_function((input,)):
+        return handle_torch_function(gelu, (input,), input, approximate=approximate)
+    return _elementwise(input, gelu_activation(approximate), 0.0, False)
+
+
 def check_checkpoint_every(checkpoint_every):
     """Return checkpoint_every as the op takes it (0: none), or raise if it is not None or a
     positive integer."""
@@ -201,15 +248,15 @@ def check_activation(activation):
     activations: for arguments checked before any tensor exists (handgrad.nn.MLP)."""
     if not isinstance(activation, str):
         raise TypeError(f"activation must be a string, got {type(activation).__name__}")
-    _C.derivative_varies_with_output(activation)  # parses it, or raises the ops' ValueError
+    _C.has_second_derivative(activation)  # parses it, or raises the ops' ValueError
     return activation
 
 
 def check_output_activation(output_activation):
     """Return output_activation, or raise if it is not None or one of the activations."""
     if output_activation is not None and output_activation not in _LINEAR_FUNCTIONS:
-        raise ValueError("output_activation must be None, 'relu', 'leaky_relu', 'sigmoid' or 'tanh', "
-                         f"got {output_activation!r}")
+        raise ValueError("output_activation must be None, 'relu', 'leaky_relu', 'sigmoid', 'tanh', "
+                         f"'silu', 'gelu' or 'gelu_tanh', got {output_activation!r}")
     return output_activation
 
 
@@ -269,4 +316,8 @@ __all__ = [
     "leaky_relu",
     "sigmoid",
     "tanh",
+    "linear_silu",
+    "linear_gelu",
+    "silu",
+    "gelu",
 ]

@@ -32,17 +32,21 @@ from torch.nn.utils import parametrize
 
 from . import functional as F
 from .nn import (
-    _ACTIVATION_MODULES,
     _FUSED_LAYERS,
     LeakyReLU,
     LinearLeakyReLU,
     LinearReLU,
     LinearSigmoid,
     LinearTanh,
+    LinearSiLU,
+    LinearGELU,
     ReLU,
     Sigmoid,
     Tanh,
+    SiLU,
+    GELU,
     _has_hooks,
+    _module_activation,
 )
 
 _ACTIVATION_FUNCTIONS = {
@@ -51,15 +55,18 @@ _ACTIVATION_FUNCTIONS = {
     torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid",
     torch.tanh: "tanh", torch.tanh_: "tanh", torch.nn.functional.tanh: "tanh", F.tanh: "tanh",
+    torch.nn.functional.silu: "silu", F.silu: "silu", torch.nn.functional.gelu: "gelu", F.gelu: "gelu",
     torch.nn.functional.leaky_relu: "leaky_relu", torch.nn.functional.leaky_relu_: "leaky_relu",
     F.leaky_relu: "leaky_relu",
 }
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                        "tanh": "tanh", "tanh_": "tanh"}
 _DEFAULT_SLOPE = 0.01
-_FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh)
-_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh)
-_LINEAR_FUNCTIONS = {"relu": F.linear_relu, "sigmoid": F.linear_sigmoid, "tanh": F.linear_tanh}
+_FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU)
+_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU)
+_LINEAR_FUNCTIONS = {"relu": F.linear_relu, "sigmoid": F.linear_sigmoid, "tanh": F.linear_tanh,
+                     "silu": F.linear_silu, "gelu": F.linear_gelu,
+                     "gelu_tanh": lambda x, w, b: F.linear_gelu(x, w, b, approximate="tanh")}
 _MAX_SHAPES = 16  # traced programs kept per training mode, for a forward that branches on shapes
 
 _log = logging.getLogger("handgrad.fuse")
@@ -124,13 +131,15 @@ def _become_fused(linear, activation, negative_slope):
     linear.__class__ = _fused_class(type(linear), activation)
     if activation == "leaky_relu":
         linear.negative_slope = F.check_negative_slope(negative_slope)
+    if activation in ("gelu", "gelu_tanh"):
+        linear.approximate = "tanh" if activation == "gelu_tanh" else "none"
 
 
 def _fuse_sequentials(module, prefix, decisions, apply=True):
     if isinstance(module, nn.Sequential):
         for index in range(len(module) - 1):
             linear, activation = module[index], module[index + 1]
-            name = _ACTIVATION_MODULES.get(type(activation))
+            name = _module_activation(activation)
             if not _is_linear(linear) or name is None:
                 continue
             qualified = f"{prefix}{index}"
@@ -225,7 +234,7 @@ def _activation_of(node, modules):
     """(activation, negative_slope) that node applies to its first argument, or (None, why)."""
     if node.op == "call_module":
         module = modules[node.target]
-        name = _ACTIVATION_MODULES.get(type(module))
+        name = _module_activation(module)
         if name is None:
             return None, f"{type(module).__name__} follows it"
         if _has_hooks(module):
@@ -233,6 +242,11 @@ def _activation_of(node, modules):
         return name, getattr(module, "negative_slope", _DEFAULT_SLOPE)
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         name = _ACTIVATION_FUNCTIONS[node.target]
+        if name == "gelu":  # F.gelu(x, approximate=...)
+            approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
+            if approximate not in ("none", "tanh"):
+                return None, "its gelu's approximate is computed at run time or unknown"
+            return F.gelu_activation(approximate), None
         if name != "leaky_relu":
             return name, None
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", _DEFAULT_SLOPE)

@@ -50,6 +50,30 @@ class LinearTanh(nn.Linear):
         return F.linear_tanh(input, self.weight, self.bias)
 
 
+class LinearSiLU(nn.Linear):
+    """silu(input @ weight.T + bias), initialised exactly as nn.Linear."""
+
+    def forward(self, input):
+        return F.linear_silu(input, self.weight, self.bias)
+
+
+class LinearGELU(nn.Linear):
+    """gelu(input @ weight.T + bias, approximate), approximate "none" or "tanh" as nn.GELU;
+    initialised exactly as nn.Linear, with nn.Linear's state_dict."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
+                 approximate="none"):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        F.gelu_activation(approximate)  # checks it
+        self.approximate = approximate
+
+    def forward(self, input):
+        return F.linear_gelu(input, self.weight, self.bias, self.approximate)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", approximate={self.approximate!r}" if self.approximate != "none" else "")
+
+
 class ReLU(nn.Module):
     """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
 
@@ -97,8 +121,41 @@ class Tanh(nn.Module):
         return F.tanh(input)
 
 
+class SiLU(nn.Module):
+    """silu(input), elementwise; the signature of nn.SiLU."""
+
+    __constants__ = ["inplace"]
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, input):
+        return F.silu(input, inplace=self.inplace)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
+
+
+class GELU(nn.Module):
+    """gelu(input, approximate), elementwise; the signature of nn.GELU."""
+
+    __constants__ = ["approximate"]
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        F.gelu_activation(approximate)
+        self.approximate = approximate
+
+    def forward(self, input):
+        return F.gelu(input, approximate=self.approximate)
+
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
+
+
 _FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": LinearSigmoid,
-                 "tanh": LinearTanh}
+                 "tanh": LinearTanh, "silu": LinearSiLU, "gelu": LinearGELU, "gelu_tanh": LinearGELU}
 
 
 def _has_hooks(module):
@@ -107,7 +164,7 @@ def _has_hooks(module):
                 or module._backward_pre_hooks)
 
 
-_BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, nn.Linear)
+_BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU, nn.Linear)
 
 
 def _runs_in_the_op(layer):
@@ -128,15 +185,17 @@ class MLP(nn.Module):
     """A network of fused hidden layers and a plain nn.Linear output layer, run as one op.
 
     sizes = [D_i, D_1, ..., D_K, D_o] gives K hidden layers, `hidden[k]` (LinearReLU,
-    LinearLeakyReLU or LinearSigmoid), and the output layer `output`. The forward and the
+    LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU or LinearGELU, by activation:
+    "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu" or "gelu_tanh", GELU's tanh
+    approximation), and the output layer `output`. The forward and the
     backward of the whole network are one hand-written op, torch.ops.handgrad.mlp: the
     backpropagation algorithm of section 7.4, one call and one autograd node for the network.
     On the CPU it runs as one fused kernel, blocks of rows through every layer while they are
     in cache.
 
     bias=False gives layers without a bias (the parameters of the same stack of
-    nn.Linear(bias=False)). output_activation ("relu", "leaky_relu" with the same slope,
-    "sigmoid", or None) follows the output layer.
+    nn.Linear(bias=False)). output_activation (one of the activations, leaky_relu with the
+    same slope, or None) follows the output layer.
 
     With checkpoint_every=k (problem 7.11) the op stores the output of every k-th hidden layer
     only and recomputes the others, a stretch of k layers at a time, during the backward:
@@ -159,7 +218,8 @@ class MLP(nn.Module):
         self.activation = F.check_activation(activation)
         self.negative_slope = F.check_negative_slope(negative_slope)
         self.output_activation = F.check_output_activation(output_activation)
-        extra = {"negative_slope": self.negative_slope} if activation == "leaky_relu" else {}
+        extra = ({"negative_slope": self.negative_slope} if activation == "leaky_relu" else
+                 {"approximate": "tanh"} if activation == "gelu_tanh" else {})
         self.hidden = nn.ModuleList(
             _FUSED_LAYERS[activation](d_in, d_out, bias=bias, device=device, dtype=dtype, **extra)
             for d_in, d_out in zip(sizes[:-2], sizes[1:-1])
@@ -194,7 +254,16 @@ class MLP(nn.Module):
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", ReLU: "relu", nn.LeakyReLU: "leaky_relu",
                        LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", Sigmoid: "sigmoid",
-                       nn.Tanh: "tanh", Tanh: "tanh"}
+                       nn.Tanh: "tanh", Tanh: "tanh", nn.SiLU: "silu", SiLU: "silu",
+                       nn.GELU: "gelu", GELU: "gelu"}
+
+
+def _module_activation(module):
+    """The activation name of an activation module (nn.GELU's by its approximate), or None."""
+    name = _ACTIVATION_MODULES.get(type(module))
+    if name == "gelu":
+        return F.gelu_activation(module.approximate)
+    return name
 
 from .fuse import FusionDecision, fuse, fusion_decisions  # noqa: E402  (fuse.py builds on the modules above)
 
@@ -207,6 +276,10 @@ __all__ = [
     "LeakyReLU",
     "Sigmoid",
     "Tanh",
+    "LinearSiLU",
+    "LinearGELU",
+    "SiLU",
+    "GELU",
     "MLP",
     "fuse",
     "fusion_decisions",

@@ -20,7 +20,7 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
   // The engine alone recomputes: with checkpointing, and f where a' cannot be read off what
   // is stored.
   if (checkpoint_every > 0) return false;
-  if (output_hides_sign(activations.hidden, activations.negative_slope) && weights.size() > 1) return false;
+  if (derivative_needs_preactivation(activations.hidden, activations.negative_slope) && weights.size() > 1) return false;
   if (activations.output.has_value() && !output_layer_source) return false;
   double work = 0, depth_work = 0;
   for (const auto& w : weights) {

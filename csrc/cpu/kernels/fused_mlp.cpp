@@ -357,7 +357,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
   const bool checkpointing = checkpoint_every > 0;
   const size_t stretch = checkpointing ? checkpoint_every : std::max<size_t>(hidden, 1);
   const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
-  const bool hides_sign = output_hides_sign(acts.hidden, acts.negative_slope);
+  const bool hides_sign = derivative_needs_preactivation(acts.hidden, acts.negative_slope);
 
   // Where each layer's weight gradient lies in a slot, and its bias gradient in a block's sums.
   std::vector<int64_t> weight_offset(layers + 1, 0), bias_offset(layers + 1, 0);

@@ -44,6 +44,11 @@ inline Vectorized<T> tanh(const Vectorized<T>& x) {
   return x.tanh();
 }
 
+template <typename T>
+inline Vectorized<T> erf(const Vectorized<T>& x) {
+  return x.erf();
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace at::vec
 
