@@ -4,7 +4,8 @@
 // backends), csrc/mlp.cpp (the whole network, on every backend), csrc/autograd (the C++
 // autograd kernels), csrc/autocast.cpp, csrc/layout.cpp (non-strided tensors); fake kernels
 // live in pyext/handgrad/_fake.py. The `activation` argument is one of "relu",
-// "leaky_relu", "sigmoid", "tanh"; `negative_slope` is used by leaky_relu only.
+// "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh" (GELU's tanh approximation);
+// `negative_slope` is used by leaky_relu only.
 #include <torch/library.h>
 
 TORCH_LIBRARY(handgrad, m) {

@@ -263,8 +263,9 @@ def check_output_activation(output_activation):
 def mlp(input, weights, biases=None, activation="relu", negative_slope=0.01,
         checkpoint_every=None, output_activation=None):
     """A whole network in one op: hidden layers h = activation(h @ W.T + b), then the output
-    layer h @ W.T + b, followed by output_activation if one is given ("relu", "leaky_relu"
-    with the same slope, or "sigmoid"). weights and biases list the layers in order, the
+    layer h @ W.T + b, followed by output_activation if one is given (any of the activations:
+    "relu", "leaky_relu" with the same slope, "sigmoid", "tanh", "silu", "gelu", "gelu_tanh").
+    weights and biases list the layers in order, the
     output layer last; biases=None (or []) gives layers without a bias.
 
     The forward stores each hidden layer's output, and the backward runs layer by layer from

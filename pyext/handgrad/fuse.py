@@ -428,7 +428,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
 
 
 def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
-    """Fuse every nn.Linear followed by ReLU, LeakyReLU, Sigmoid or Tanh in model, in place, and
+    """Fuse every nn.Linear followed by ReLU, LeakyReLU, Sigmoid, Tanh, SiLU or GELU in model, in place, and
     return model (with inplace=False, a deep copy, fused).
 
     The activation may be a module (nn.ReLU(inplace=True) included) or a call in forward:
