@@ -27,7 +27,7 @@ SITE="$CACHE/site-packages"
 # The layer ops, the MLP, gradcheck and gradgradcheck (the double backward), determinism over
 # 1-4 threads, and the error messages; less the float64-truth sweeps and the largest shapes,
 # which take most of an hour under emulation (x86-64 runs them natively).
-TESTS="${AARCH64_TESTS:-tests/test_ops.py tests/test_fused_mlp.py tests/test_mlp.py tests/test_gradcheck.py tests/test_errors.py tests/test_cpu_dispatch.py}"
+TESTS="${AARCH64_TESTS:-tests/test_ops.py tests/test_fused_mlp.py tests/test_mlp.py tests/test_gradcheck.py tests/test_second_order.py tests/test_errors.py tests/test_cpu_dispatch.py}"
 DESELECT="${AARCH64_DESELECT-not float64 and not larger_shapes and not products_go_to_blas and not slots and not 65536 and not 3000}"
 
 say() { echo "check-aarch64: $*"; }
