@@ -14,7 +14,8 @@ in float64. Tables are markdown; the raw figures go to JSON.
     (|grad f| - 1)^2 on 2,048 others;
   - Burgers PINN: Raissi's 2-(20)x8-1 tanh on 4,096 collocation points: u_t + u u_x -
     (0.01/pi) u_xx, which needs u_xx, a third order in the step's backward;
-  - DeepXDE's 2-20-20-20-1 tanh, the same residual.
+  - DeepXDE's 2-20-20-20-1 tanh, the same residual;
+  - an eikonal loss on a smooth network, 3-128x4-1 SiLU (second order only).
 
     python benchmarks/bench_second_order.py [--workloads wgan-gp,...] [--rounds 7] [--out DIR]
 """
@@ -36,11 +37,12 @@ WORKLOADS = {  # name: (sizes, activation, slope, loss, rows)
     "eikonal 3-256x4-1 relu, 8192+2048 points": ([3, 256, 256, 256, 256, 1], "relu", 0.01, "eikonal", 10240),
     "Burgers PINN 2-(20)x8-1 tanh, 4096 points": ([2] + [20] * 8 + [1], "tanh", 0.01, "burgers", 4096),
     "DeepXDE 2-20-20-20-1 tanh, 4096 points": ([2, 20, 20, 20, 1], "tanh", 0.01, "burgers", 4096),
+    "eikonal 3-128x4-1 silu, 8192+2048 points": ([3, 128, 128, 128, 128, 1], "silu", 0.01, "eikonal", 10240),
 }
-SHORT = {"wgan-gp": 0, "eikonal": 1, "burgers": 2, "deepxde": 3}
+SHORT = {"wgan-gp": 0, "eikonal": 1, "burgers": 2, "deepxde": 3, "eikonal-silu": 4}
 CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(torch.nn)"]
 TORCH_ACTIVATIONS = {"relu": lambda s: nn.ReLU(), "leaky_relu": lambda s: nn.LeakyReLU(s),
-                     "sigmoid": lambda s: nn.Sigmoid(), "tanh": lambda s: nn.Tanh()}
+                     "sigmoid": lambda s: nn.Sigmoid(), "tanh": lambda s: nn.Tanh(), "silu": lambda s: nn.SiLU()}
 
 
 def models(sizes, activation, slope, dtype=torch.float32, seed=0):
