@@ -166,6 +166,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "second_order.json"), "w") as f:
         json.dump({"machine": machine, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

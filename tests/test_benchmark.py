@@ -63,3 +63,15 @@ def test_real_models_of_the_network_harness_are_fused_and_timed():
     assert nerf["fused"] > 0 and actor_critic["unfused"] > 0
     # every hidden layer, the one shared layer, and the weight-normed layers behind a branch with the tanh output layer
     assert (nerf["fused layers"], actor_critic["fused layers"], deepsdf["fused layers"]) == (8, 1, 5)
+
+
+def test_second_order_harness_checks_gradients_prints_its_table_and_writes_json(tmp_path, capsys):
+    import bench_second_order
+
+    (row,) = bench_second_order.main(["--workloads", "deepxde", "--rounds", "1", "--min-time", "0.001",
+                                      "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| DeepXDE 2-20-20-20-1 tanh, 4096 points |" in printed and "FMA limit" in printed
+    assert row["float64 agreement"] < 1e-12  # every candidate's parameter gradients are torch.nn's
+    assert all(row[c] > 0 for c in bench_second_order.CANDIDATES)
+    assert json.loads((tmp_path / "second_order.json").read_text())["rows"][0]["workload"] == row["workload"]
