@@ -49,6 +49,13 @@ inline Vectorized<T> erf(const Vectorized<T>& x) {
   return x.erf();
 }
 
+// One rounding where the capability has FMA instructions; DEFAULT's is a * b + c, as the
+// compilers build eager's own DEFAULT kernels.
+template <typename T>
+inline Vectorized<T> multiply_add(const Vectorized<T>& a, const Vectorized<T>& b, const Vectorized<T>& c) {
+  return at::vec::fmadd(a, b, c);
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace at::vec
 
