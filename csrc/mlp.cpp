@@ -72,15 +72,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     OutputActivation output_activation, bool parameters_require_grad) {
   check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope, checkpoint_every,
                      output_activation);
-  auto grads = cpu::kernels().fused_backward(
+  // The engine returns no weight or bias gradients where the mask asks for none.
+  return cpu::kernels().fused_backward(
       grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
       network_activations(activation, negative_slope, output_activation), checkpoint_every,
       {input_requires_grad, parameters_require_grad, parameters_require_grad && !biases.empty()});
-  if (!parameters_require_grad) {
-    std::get<1>(grads).clear();
-    std::get<2>(grads).clear();
-  }
-  return grads;
 }
 
 // --- Other devices: the per-layer ops ---
@@ -93,22 +89,8 @@ at::Tensor output_shaped(const at::Tensor& out, const at::Tensor& input) {
   return out.view(sizes);  // below autograd: not a view to autograd
 }
 
-std::optional<at::Tensor> bias_of(at::TensorList biases, size_t l) {
-  return biases.empty() ? std::nullopt : std::optional<at::Tensor>(biases[l]);
-}
-
-// h_{l+1} = a[beta_l + Omega_l h_l] for the hidden layers first to last - 1; each h_made
-// for which keep(made) holds is appended to outputs.
-template <typename Keep>
-at::Tensor run_hidden(at::Tensor h, at::TensorList weights, at::TensorList biases, size_t first,
-                      size_t last, c10::string_view activation, double negative_slope,
-                      const Keep& keep, std::vector<at::Tensor>& outputs) {
-  for (size_t l = first; l < last; ++l) {
-    h = ops::linear_activation(h, weights[l], bias_of(biases, l), activation, negative_slope);
-    if (keep(l + 1)) outputs.push_back(h);
-  }
-  return h;
-}
+using ops::bias_of;
+using ops::run_hidden;
 
 // The output layer: linear, or with its own activation.
 at::Tensor output_layer(const at::Tensor& h, at::TensorList weights, at::TensorList biases,
@@ -173,13 +155,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   // dl/dh_L = Omega_L^T g (7.6) where it is wanted.
   const auto output_layer_backward = [&](const at::Tensor& h_last, bool need_input) {
     if (output_activation.has_value()) {
-      // a' off the output for sigmoid and tanh, off f for the others (ReLU's and LeakyReLU's
-      // need its sign alone).
-      const Activation out_act = parse_activation(*output_activation);
-      const auto bias = bias_of(biases, hidden);
-      const at::Tensor source = has_second_derivative(out_act) && !derivative_needs_preactivation(out_act, negative_slope)
-          ? ops::linear_activation(h_last, weights[hidden], bias, *output_activation, negative_slope)
-          : ops::preactivation(h_last, weights[hidden], bias);
+      const at::Tensor source = ops::derivative_source(h_last, weights[hidden], bias_of(biases, hidden),
+                                                       parse_activation(*output_activation), negative_slope);
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[hidden], grad_bias) = ops::linear_activation_backward(
           g, h_last, weights[hidden], source, *output_activation, negative_slope,

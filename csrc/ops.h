@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
+
 namespace handgrad::ops {
 
 // The op handgrad::<name> with the C++ signature Signature.
@@ -113,6 +115,36 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> 
 inline at::Tensor preactivation(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
   return linear_activation(input, weight, bias, "leaky_relu", 1.0);
+}
+
+// The tensor a layer's a' is read off, recomputed from the layer's input where it was not
+// stored: f where a' needs it, else the output a[f] (csrc/activation.h).
+inline at::Tensor derivative_source(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, Activation activation,
+                                    double negative_slope) {
+  if (derivative_needs_preactivation(activation, negative_slope)) {
+    return preactivation(input, weight, bias);
+  }
+  return linear_activation(input, weight, bias, activation_name(activation), negative_slope);
+}
+
+// The layer-by-layer network, written once: layer l's bias (none for a network without
+// biases), and h_{l+1} = a[beta_l + Omega_l h_l] for the hidden layers first to last - 1,
+// each h_made for which keep(made) holds appended to outputs. Through the per-layer op, so
+// under grad mode each layer records its own differentiable backward.
+inline std::optional<at::Tensor> bias_of(at::TensorList biases, size_t l) {
+  return biases.empty() ? std::nullopt : std::optional<at::Tensor>(biases[l]);
+}
+
+template <typename Keep>
+at::Tensor run_hidden(at::Tensor h, at::TensorList weights, at::TensorList biases, size_t first,
+                      size_t last, c10::string_view activation, double negative_slope,
+                      const Keep& keep, std::vector<at::Tensor>& outputs) {
+  for (size_t l = first; l < last; ++l) {
+    h = linear_activation(h, weights[l], bias_of(biases, l), activation, negative_slope);
+    if (keep(l + 1)) outputs.push_back(h);
+  }
+  return h;
 }
 
 }  // namespace handgrad::ops

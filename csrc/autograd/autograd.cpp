@@ -15,7 +15,6 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/tanh.h>
 #include <c10/core/GradMode.h>
-#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -71,13 +70,9 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     // recorded backward differentiates a' in turn (SiLU, GELU), else below autograd.
     Variable out_or_f = out;
     if (derivative_needs_preactivation(act, negative_slope)) {
-      const auto saved_bias = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-      if (has_second_derivative(act) && c10::GradMode::is_enabled()) {
-        out_or_f = at::linear(input, weight, saved_bias);
-      } else {
-        c10::NoGradGuard no_grad;
-        out_or_f = ops::preactivation(input, weight, saved_bias);
-      }
+      std::optional<c10::NoGradGuard> no_grad;
+      if (!has_second_derivative(act)) no_grad.emplace();
+      out_or_f = ops::preactivation(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
     }
     Variable grad_input, grad_weight, grad_bias;
     if (!c10::GradMode::is_enabled()) {
@@ -318,13 +313,10 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
                                               checkpoint_every, output_activation);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, parse_activation(activation), negative_slope);
-    ctx->saved_data["negative_slope"] = negative_slope;  // the output activation may take it too
-    ctx->saved_data["checkpoint"] = checkpoint_every;
-    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
-    ctx->saved_data["has_bias"] = !biases.empty();
-    ctx->saved_data["out_activation"] = output_activation.has_value()
-        ? static_cast<int64_t>(parse_activation(*output_activation)) : int64_t{-1};
+    const std::optional<Activation> output = output_activation.has_value()
+        ? std::optional<Activation>(parse_activation(*output_activation)) : std::nullopt;
+    save_network(ctx, {parse_activation(activation), output, negative_slope, checkpoint_every},
+                 weights.size(), !biases.empty());
     // h, the parameters (a recomputation needs them) and the stored hidden outputs.
     variable_list to_save{input};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
@@ -339,13 +331,7 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     const size_t bias_count = ctx->saved_data["has_bias"].toBool() ? layers : 0;
     const size_t argument_count = 1 + layers + bias_count + 4;  // the lists flattened
     if (!grad_outputs[0].defined()) return no_gradients(argument_count);
-    SavedActivation a = saved_activation(ctx);
-    a.negative_slope = ctx->saved_data["negative_slope"].toDouble();
-    const int64_t checkpoint_every = ctx->saved_data["checkpoint"].toInt();
-    const int64_t output = ctx->saved_data["out_activation"].toInt();
-    const std::optional<c10::string_view> output_activation =
-        output < 0 ? std::nullopt
-                   : std::optional<c10::string_view>(activation_name(static_cast<Activation>(output)));
+    const Network network = saved_network(ctx);
     const variable_list saved_vars = ctx->get_saved_variables();
     const Variable& input = saved_vars[0];
     const at::TensorList weights(saved_vars.data() + 1, layers);
@@ -360,19 +346,17 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
 
     variable_list grads;  // one per forward argument, the lists flattened
     if (!c10::GradMode::is_enabled()) {
-      auto [grad_input, grad_weights, grad_biases] =
-          ops::mlp_backward(grad_outputs[0], input, weights, biases, hidden, a.name,
-                            a.negative_slope, checkpoint_every, need_input, output_activation);
+      auto [grad_input, grad_weights, grad_biases] = ops::mlp_backward(
+          grad_outputs[0], input, weights, biases, hidden, activation_name(network.hidden),
+          network.negative_slope, network.checkpoint_every, need_input, network.output_name(),
+          need_parameters);
       grads.push_back(grad_input);
-      grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());
+      grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());  // none if not needed
       grads.insert(grads.end(), grad_biases.begin(), grad_biases.end());
     } else {
       // create_graph: the same fused backward, recorded as a Function whose own backward
       // is the network's double backward (csrc/autograd/mlp_second_order.cpp).
-      const std::optional<Activation> output_act = output < 0
-          ? std::nullopt : std::optional<Activation>(static_cast<Activation>(output));
-      grads = mlp_backward_recorded(grad_outputs[0], input, weights, biases, hidden,
-                                    {a.activation, output_act, a.negative_slope, checkpoint_every},
+      grads = mlp_backward_recorded(grad_outputs[0], input, weights, biases, hidden, network,
                                     need_input, need_parameters);
     }
     grads.resize(argument_count);  // undefined for activation, ..., output_activation

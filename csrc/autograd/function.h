@@ -67,7 +67,30 @@ struct Network {
   std::optional<Activation> output;  // none: a linear output layer
   double negative_slope;
   int64_t checkpoint_every;
+
+  std::optional<c10::string_view> output_name() const {
+    return output.has_value() ? std::optional<c10::string_view>(activation_name(*output)) : std::nullopt;
+  }
 };
+
+// A network's configuration and its count of layers in a Function's context (MLPFunction's
+// and MLPBackwardFunction's), and read back.
+inline void save_network(AutogradContext* ctx, const Network& network, size_t layers, bool has_bias) {
+  save_activation(ctx, network.hidden, network.negative_slope);
+  ctx->saved_data["negative_slope"] = network.negative_slope;  // the output activation may take it too
+  ctx->saved_data["checkpoint"] = network.checkpoint_every;
+  ctx->saved_data["layers"] = static_cast<int64_t>(layers);
+  ctx->saved_data["has_bias"] = has_bias;
+  ctx->saved_data["out_activation"] =
+      network.output.has_value() ? static_cast<int64_t>(*network.output) : int64_t{-1};
+}
+
+inline Network saved_network(AutogradContext* ctx) {
+  const int64_t output = ctx->saved_data["out_activation"].toInt();
+  return {saved_activation(ctx).activation,
+          output < 0 ? std::nullopt : std::optional<Activation>(static_cast<Activation>(output)),
+          ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["checkpoint"].toInt()};
+}
 
 // The MLP's backward under create_graph=True (csrc/autograd/mlp_second_order.cpp): the fused
 // backward, recorded as one Function whose own backward is the network's double backward.

@@ -49,9 +49,6 @@ struct Layers {
   std::vector<at::Tensor> sources;  // what a_l' is read off: h_{l+1}, or f_l where it hides the sign
 
   size_t count() const { return weights.size(); }
-  std::optional<at::Tensor> bias(size_t l) const {
-    return biases.empty() ? std::nullopt : std::optional<at::Tensor>(biases[l]);
-  }
   std::optional<Activation> activation(size_t l) const {
     return l + 1 < count() ? std::optional<Activation>(network.hidden) : network.output;
   }
@@ -71,25 +68,21 @@ Layers layers_of(const at::Tensor& input, at::TensorList weights, at::TensorList
                  at::TensorList hidden_outputs, const Network& network) {
   Layers layers{weights, biases, network, {as_matrix(input)}, {}};
   const size_t count = weights.size();
-  const c10::string_view hidden_name = activation_name(network.hidden);
-  const bool stored = network.checkpoint_every == 0 && !c10::GradMode::is_enabled();
-  for (size_t l = 0; l + 1 < count; ++l) {
-    layers.inputs.push_back(stored ? hidden_outputs[l]
-                                   : ops::linear_activation(layers.inputs[l], weights[l], layers.bias(l),
-                                                            hidden_name, network.negative_slope));
+  if (network.checkpoint_every == 0 && !c10::GradMode::is_enabled()) {
+    layers.inputs.insert(layers.inputs.end(), hidden_outputs.begin(), hidden_outputs.end());
+  } else {
+    ops::run_hidden(layers.inputs[0], weights, biases, 0, count - 1, activation_name(network.hidden),
+                    network.negative_slope, [](size_t) { return true; }, layers.inputs);
   }
   layers.sources.resize(count);
   for (size_t l = 0; l < count; ++l) {
     const auto a = layers.activation(l);
     if (!a.has_value()) continue;
-    if (derivative_needs_preactivation(*a, network.negative_slope)) {
-      layers.sources[l] = ops::preactivation(layers.inputs[l], weights[l], layers.bias(l));
-    } else if (l + 1 < count) {
-      layers.sources[l] = layers.inputs[l + 1];
-    } else {
-      layers.sources[l] = ops::linear_activation(layers.inputs[l], weights[l], layers.bias(l),
-                                                 activation_name(*a), network.negative_slope);
-    }
+    const bool stored_output = l + 1 < count && !derivative_needs_preactivation(*a, network.negative_slope);
+    layers.sources[l] = stored_output
+        ? layers.inputs[l + 1]
+        : ops::derivative_source(layers.inputs[l], weights[l], ops::bias_of(biases, l), *a,
+                                 network.negative_slope);
   }
   return layers;
 }
@@ -182,25 +175,17 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
                                at::TensorList biases, at::TensorList hidden_outputs,
                                const Network& network, bool input_requires_grad,
                                bool parameters_require_grad) {
-    const auto output = network.output.has_value()
-        ? std::optional<c10::string_view>(activation_name(*network.output)) : std::nullopt;
     at::Tensor grad_input;
     std::vector<at::Tensor> grad_weights, grad_biases;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(grad_input, grad_weights, grad_biases) = ops::mlp_backward(
           grad_output, input, weights, biases, hidden_outputs, activation_name(network.hidden),
-          network.negative_slope, network.checkpoint_every, input_requires_grad, output,
-          parameters_require_grad);
+          network.negative_slope, network.checkpoint_every, input_requires_grad,
+          network.output_name(), parameters_require_grad);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, network.hidden, network.negative_slope);
-    ctx->saved_data["negative_slope"] = network.negative_slope;
-    ctx->saved_data["checkpoint"] = network.checkpoint_every;
-    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
-    ctx->saved_data["has_bias"] = !biases.empty();
-    ctx->saved_data["out_activation"] = network.output.has_value()
-        ? static_cast<int64_t>(*network.output) : int64_t{-1};
+    save_network(ctx, network, weights.size(), !biases.empty());
     variable_list to_save{grad_output, input};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     to_save.insert(to_save.end(), biases.begin(), biases.end());
@@ -228,12 +213,7 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
     for (const auto& c : cotangents) any = any || c.defined();
     if (!any) return no_gradients(argument_count);
 
-    const int64_t output = ctx->saved_data["out_activation"].toInt();
-    const Network network{saved_activation(ctx).activation,
-                          output < 0 ? std::nullopt
-                                     : std::optional<Activation>(static_cast<Activation>(output)),
-                          ctx->saved_data["negative_slope"].toDouble(),
-                          ctx->saved_data["checkpoint"].toInt()};
+    const Network network = saved_network(ctx);
     const Variable &grad_output = saved[0], &input = saved[1];
     const at::TensorList weights(saved.data() + 2, count);
     const at::TensorList biases(saved.data() + 2 + count, bias_count);

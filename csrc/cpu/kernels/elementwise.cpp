@@ -52,15 +52,17 @@ template <typename scalar_t, Activation A>
 void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel,
                              double negative_slope) {
   using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  const Vec slope(negative_slope);
   const auto scalar_slope = static_cast<opmath_t>(negative_slope);
   constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
   in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
-    if constexpr (A == Activation::Tanh) {
+    if constexpr (A == Activation::Tanh) {  // eager's VML over the whole share, where it has one
       if (tanh_as_eager(input + begin, out + begin, end - begin)) return;
     }
     const int64_t vectorized_end = begin + (end - begin) / kStep * kStep;
-    activate_span<A, scalar_t, opmath_t>(input + begin, out + begin, vectorized_end - begin,
-                                         negative_slope);
+    at::vec::map([&](Vec f) { return activate<A>(f, slope); }, out + begin, input + begin,
+                 vectorized_end - begin);
     for (int64_t i = vectorized_end; i < end; ++i) {
       out[i] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(input[i]), scalar_slope));
     }

@@ -221,7 +221,7 @@ void activate_rows(Activation activation, double negative_slope, Rows<T> x, int6
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
     for (int64_t i = 0; i < rows; ++i) {
-      activate_span<A, T, T>(x.row(i), x.row(i), cols, negative_slope);
+      activate_span<A, T>(x.row(i), x.row(i), cols, negative_slope);
     }
   });
 }

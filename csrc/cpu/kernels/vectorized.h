@@ -81,15 +81,15 @@ bool tanh_as_eager(const T* in, T* out, int64_t n) {
   return false;
 }
 
-// out[0 .. n) = a[in[0 .. n)] over contiguous memory (out may be in), in SIMD registers of
-// the accumulation type, by eager's VML where eager's tanh uses it.
-template <Activation A, typename T, typename opmath_t>
+// out[0 .. n) = a[in[0 .. n)] over contiguous float or double memory (out may be in), in SIMD
+// registers, by eager's VML where eager's tanh uses it.
+template <Activation A, typename T>
 void activate_span(const T* in, T* out, int64_t n, double negative_slope) {
   if constexpr (A == Activation::Tanh) {
     if (tanh_as_eager(in, out, n)) return;
   }
-  const at::vec::Vectorized<opmath_t> slope(negative_slope);
-  at::vec::map([&](at::vec::Vectorized<opmath_t> f) { return activate<A>(f, slope); }, out, in, n);
+  const at::vec::Vectorized<T> slope(negative_slope);
+  at::vec::map([&](at::vec::Vectorized<T> f) { return activate<A>(f, slope); }, out, in, n);
 }
 
 // parts[0 .. n) = the sum of `count` parts, `stride` apart, added pairwise in a fixed tree:
