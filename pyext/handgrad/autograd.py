@@ -197,18 +197,6 @@ class _LinearActivationFunction(_Function):
         return _activation_grad(tangent_pre, out_or_f, ctx.activation, ctx.negative_slope)
 
 
-class LinearReLUFunction(_LinearActivationFunction):
-    """relu(input @ weight.T + bias)."""
-
-    @staticmethod
-    def forward(input, weight, bias=None):
-        return _linear_activation(input, weight, bias, "relu", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_linear(ctx, inputs, output, "relu", 0.0)
-
-
 class LinearLeakyReLUFunction(_LinearActivationFunction):
     """leaky_relu(input @ weight.T + bias, negative_slope)."""
 
@@ -219,66 +207,6 @@ class LinearLeakyReLUFunction(_LinearActivationFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_linear(ctx, inputs, output, "leaky_relu", inputs[3])
-
-
-class LinearSigmoidFunction(_LinearActivationFunction):
-    """sigmoid(input @ weight.T + bias)."""
-
-    @staticmethod
-    def forward(input, weight, bias=None):
-        return _linear_activation(input, weight, bias, "sigmoid", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_linear(ctx, inputs, output, "sigmoid", 0.0)
-
-
-class LinearTanhFunction(_LinearActivationFunction):
-    """tanh(input @ weight.T + bias)."""
-
-    @staticmethod
-    def forward(input, weight, bias=None):
-        return _linear_activation(input, weight, bias, "tanh", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_linear(ctx, inputs, output, "tanh", 0.0)
-
-
-class LinearSiLUFunction(_LinearActivationFunction):
-    """silu(input @ weight.T + bias)."""
-
-    @staticmethod
-    def forward(input, weight, bias=None):
-        return _linear_activation(input, weight, bias, "silu", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_linear(ctx, inputs, output, "silu", 0.0)
-
-
-class LinearGELUFunction(_LinearActivationFunction):
-    """gelu(input @ weight.T + bias)."""
-
-    @staticmethod
-    def forward(input, weight, bias=None):
-        return _linear_activation(input, weight, bias, "gelu", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_linear(ctx, inputs, output, "gelu", 0.0)
-
-
-class LinearGELUTanhFunction(_LinearActivationFunction):
-    """gelu (tanh approximation)(input @ weight.T + bias)."""
-
-    @staticmethod
-    def forward(input, weight, bias=None):
-        return _linear_activation(input, weight, bias, "gelu_tanh", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_linear(ctx, inputs, output, "gelu_tanh", 0.0)
 
 
 # --- The standalone activations: out = a[input] ---
@@ -307,18 +235,6 @@ class _ActivationFunction(_Function):
         return _activation_grad(input_tangent, out_or_f, ctx.activation, ctx.negative_slope)
 
 
-class ReLUFunction(_ActivationFunction):
-    """relu(input)."""
-
-    @staticmethod
-    def forward(input):
-        return _activation(input, "relu", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_activation(ctx, inputs, output, "relu", 0.0)
-
-
 class LeakyReLUFunction(_ActivationFunction):
     """leaky_relu(input, negative_slope)."""
 
@@ -331,64 +247,39 @@ class LeakyReLUFunction(_ActivationFunction):
         _setup_activation(ctx, inputs, output, "leaky_relu", inputs[1])
 
 
-class SigmoidFunction(_ActivationFunction):
-    """sigmoid(input)."""
+def _functions_of(activation, stem, formula):
+    """The fused layer's and the standalone activation's Functions of an activation without a
+    parameter: Linear<stem>Function (the fused layer) and <stem>Function (elementwise). Made
+    by type(), so that each has its name from the start (autograd names the grad_fn by it)."""
 
-    @staticmethod
+    def linear_forward(input, weight, bias=None):
+        return _linear_activation(input, weight, bias, activation, 0.0)
+
+    def linear_setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, activation, 0.0)
+
     def forward(input):
-        return _activation(input, "sigmoid", 0.0)
+        return _activation(input, activation, 0.0)
 
-    @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_activation(ctx, inputs, output, "sigmoid", 0.0)
+        _setup_activation(ctx, inputs, output, activation, 0.0)
+
+    def made(name, base, doc, forward, setup_context):
+        return type(name, (base,), {"__doc__": doc, "__module__": __name__, "forward": staticmethod(forward),
+                                    "setup_context": staticmethod(setup_context)})
+
+    return (made(f"Linear{stem}Function", _LinearActivationFunction, f"{formula} of input @ weight.T + bias.",
+                 linear_forward, linear_setup_context),
+            made(f"{stem}Function", _ActivationFunction, f"{formula} of input, elementwise.", forward,
+                 setup_context))
 
 
-class TanhFunction(_ActivationFunction):
-    """tanh(input)."""
-
-    @staticmethod
-    def forward(input):
-        return _activation(input, "tanh", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_activation(ctx, inputs, output, "tanh", 0.0)
-
-
-class SiLUFunction(_ActivationFunction):
-    """silu(input)."""
-
-    @staticmethod
-    def forward(input):
-        return _activation(input, "silu", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_activation(ctx, inputs, output, "silu", 0.0)
-
-
-class GELUFunction(_ActivationFunction):
-    """gelu(input)."""
-
-    @staticmethod
-    def forward(input):
-        return _activation(input, "gelu", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_activation(ctx, inputs, output, "gelu", 0.0)
-
-
-class GELUTanhFunction(_ActivationFunction):
-    """gelu (tanh approximation)(input)."""
-
-    @staticmethod
-    def forward(input):
-        return _activation(input, "gelu_tanh", 0.0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_activation(ctx, inputs, output, "gelu_tanh", 0.0)
+LinearReLUFunction, ReLUFunction = _functions_of("relu", "ReLU", "relu")
+LinearSigmoidFunction, SigmoidFunction = _functions_of("sigmoid", "Sigmoid", "sigmoid")
+LinearTanhFunction, TanhFunction = _functions_of("tanh", "Tanh", "tanh")
+LinearSiLUFunction, SiLUFunction = _functions_of("silu", "SiLU", "silu")
+LinearGELUFunction, GELUFunction = _functions_of("gelu", "GELU", "gelu")
+LinearGELUTanhFunction, GELUTanhFunction = _functions_of("gelu_tanh", "GELUTanh", "GELU's tanh approximation")
 
 
 __all__ = [

@@ -74,8 +74,9 @@ class LinearGELU(nn.Linear):
         return super().extra_repr() + (f", approximate={self.approximate!r}" if self.approximate != "none" else "")
 
 
-class ReLU(nn.Module):
-    """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
+class _InplaceActivation(nn.Module):
+    """An elementwise activation that takes inplace=, as torch.nn's do; subclasses name the
+    function of handgrad.functional that they call."""
 
     __constants__ = ["inplace"]
 
@@ -84,10 +85,16 @@ class ReLU(nn.Module):
         self.inplace = inplace
 
     def forward(self, input):
-        return F.relu(input, inplace=self.inplace)
+        return type(self)._function(input, inplace=self.inplace)
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""
+
+
+class ReLU(_InplaceActivation):
+    """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
+
+    _function = F.relu
 
 
 class LeakyReLU(nn.Module):
@@ -121,20 +128,10 @@ class Tanh(nn.Module):
         return F.tanh(input)
 
 
-class SiLU(nn.Module):
+class SiLU(_InplaceActivation):
     """silu(input), elementwise; the signature of nn.SiLU."""
 
-    __constants__ = ["inplace"]
-
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__()
-        self.inplace = inplace
-
-    def forward(self, input):
-        return F.silu(input, inplace=self.inplace)
-
-    def extra_repr(self):
-        return "inplace=True" if self.inplace else ""
+    _function = F.silu
 
 
 class GELU(nn.Module):
