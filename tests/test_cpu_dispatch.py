@@ -39,13 +39,19 @@ for dtype in (torch.float32, torch.float64):
     for ours, eager in [(hf.linear_relu, lambda x, w, b: F.relu(F.linear(x, w, b))),
                         (hf.linear_sigmoid, lambda x, w, b: torch.sigmoid(F.linear(x, w, b))),
                         (lambda x, w, b: hf.linear_leaky_relu(x, w, b, -0.2),
-                         lambda x, w, b: F.leaky_relu(F.linear(x, w, b), -0.2))]:
+                         lambda x, w, b: F.leaky_relu(F.linear(x, w, b), -0.2)),
+                        (hf.linear_tanh, lambda x, w, b: torch.tanh(F.linear(x, w, b))),
+                        (hf.linear_silu, lambda x, w, b: F.silu(F.linear(x, w, b))),
+                        (lambda x, w, b: hf.linear_gelu(x, w, b, approximate="tanh"),
+                         lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"))]:
         out, want = ours(x, w, b), eager(x, w, b)
         torch.testing.assert_close(out, want, **tol)
         g = torch.randn_like(out)
         for a, e in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)):
             torch.testing.assert_close(a, e, **tol)
     torch.testing.assert_close(hf.sigmoid(x), torch.sigmoid(x), **tol)
+    torch.testing.assert_close(hf.tanh(x), torch.tanh(x), **tol)
+    torch.testing.assert_close(hf.gelu(x), F.gelu(x), **tol)
     sizes = [29, 40, 33, 40, 5]
     ws = [(torch.randn(o, i, dtype=dtype) / i ** 0.5).requires_grad_() for i, o in zip(sizes, sizes[1:])]
     bs = [torch.randn(o, dtype=dtype, requires_grad=True) for o in sizes[1:]]
@@ -57,6 +63,16 @@ for dtype in (torch.float32, torch.float64):
     torch.testing.assert_close(out, h, **tol)
     g = torch.randn_like(out)
     for a, e in zip(torch.autograd.grad(out, [x, *ws, *bs], g), torch.autograd.grad(h, [x, *ws, *bs], g)):
+        torch.testing.assert_close(a, e, **tol)
+    # The double backward (a gradient penalty) of a tanh network against eager's.
+    penalties = []
+    for network in (lambda x: hf.mlp(x, ws, bs, "tanh"),
+                    lambda x: F.linear(torch.tanh(F.linear(torch.tanh(F.linear(torch.tanh(F.linear(
+                        x, ws[0], bs[0])), ws[1], bs[1])), ws[2], bs[2])), ws[3], bs[3])):
+        xi = x.detach().requires_grad_()
+        (gx,) = torch.autograd.grad(network(xi).sum(), xi, create_graph=True)
+        penalties.append(torch.autograd.grad(gx.pow(2).sum(), [*ws, *bs[:-1]]))  # not the output bias: unused
+    for a, e in zip(*penalties):
         torch.testing.assert_close(a, e, **tol)
 print("ok")
 """
