@@ -20,7 +20,33 @@
 
 namespace handgrad {
 
-enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, GELUTanh };
+enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, GELUTanh, Softplus };
+
+// The activations' parameters, named and defaulted as torch.nn names them: LeakyReLU's
+// negative_slope, Softplus's beta and threshold. The others take none.
+struct ActivationParameters {
+  double negative_slope = 0.01;
+  double beta = 1.0;
+  double threshold = 20.0;
+};
+
+// The value type of V: V itself, or T for at::vec::Vectorized<T>.
+template <typename V, typename = void>
+struct scalar_of { using type = V; };
+template <typename V>
+struct scalar_of<V, std::void_t<typename V::value_type>> { using type = typename V::value_type; };
+
+// The parameters as values of V, made once outside a kernel's loop (a SIMD register each).
+template <typename V>
+struct ActivationConstants {
+  V negative_slope, beta, threshold;
+
+  explicit ActivationConstants(const ActivationParameters& p)
+      : negative_slope(of(p.negative_slope)), beta(of(p.beta)), threshold(of(p.threshold)) {}
+
+ private:
+  static V of(double x) { return V(static_cast<typename scalar_of<V>::type>(x)); }
+};
 
 template <Activation A>
 using ActivationTag = std::integral_constant<Activation, A>;
@@ -37,6 +63,7 @@ void dispatch_activation(Activation activation, const Body& body) {
     case Activation::SiLU: return body(ActivationTag<Activation::SiLU>{});
     case Activation::GELU: return body(ActivationTag<Activation::GELU>{});
     case Activation::GELUTanh: return body(ActivationTag<Activation::GELUTanh>{});
+    case Activation::Softplus: return body(ActivationTag<Activation::Softplus>{});
   }
 }
 
@@ -61,12 +88,22 @@ C10_HOST_DEVICE inline T erf(T x) {
   return std::erf(x);
 }
 
+template <typename T>
+C10_HOST_DEVICE inline T log1p(T x) {
+  return std::log1p(x);
+}
+
 // a * b + c, rounded once where the hardware fuses it: GCC and nvcc contract eager's
 // `1 - out * out` so, and writing it out gives the same bits in every build of ours (a
-// sanitizer's instrumentation, for one, stops the compiler from contracting).
+// sanitizer's instrumentation, for one, stops the compiler from contracting). Where the
+// CPU capability has no FMA instruction (DEFAULT on x86-64), eager's is two roundings.
 template <typename T>
 C10_HOST_DEVICE inline T multiply_add(T a, T b, T c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(__aarch64__)
   return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
 }
 
 // GELU's constants: 1/sqrt(2); 1/sqrt(2 pi), the normal density's; sqrt(2/pi) and 0.044715
@@ -78,11 +115,11 @@ constexpr double kGeluTanhKappa = 0.044715;
 
 // Forward: out = a[f].
 template <Activation A, typename V>
-C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
+C10_HOST_DEVICE inline V activate(V f, const ActivationConstants<V>& k) {
   if constexpr (A == Activation::ReLU) {
     return where(f < V(0), V(0), f);  // max(0, f); written so that NaN propagates
   } else if constexpr (A == Activation::LeakyReLU) {
-    return where(f > V(0), f, f * negative_slope);
+    return where(f > V(0), f, f * k.negative_slope);
   } else if constexpr (A == Activation::Sigmoid) {
     return V(1) / (V(1) + exp(-f));  // sig[f]; saturates to 0 or 1, never NaN
   } else if constexpr (A == Activation::Tanh) {
@@ -91,9 +128,12 @@ C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
     return f / (V(1) + exp(-f));  // f sig[f]
   } else if constexpr (A == Activation::GELU) {
     return f * V(0.5) * (V(1) + erf(f * V(kGeluAlpha)));  // f Phi[f]
-  } else {
+  } else if constexpr (A == Activation::GELUTanh) {
     const V inner = V(kGeluTanhBeta) * (f + V(kGeluTanhKappa) * (f * f * f));
     return V(0.5) * f * (V(1) + tanh(inner));
+  } else {  // log(1 + exp(beta f)) / beta, and f itself once beta f passes the threshold
+    const V scaled = f * k.beta;
+    return where(scaled > k.threshold, f, log1p(exp(scaled)) / k.beta);
   }
 }
 
@@ -108,11 +148,11 @@ C10_HOST_DEVICE inline V activate(V f, V negative_slope) {
 // Each branch selects rather than multiplies, so that a NaN gradient on the flat side of
 // ReLU gives 0, exactly as eager PyTorch does.
 template <Activation A, typename V>
-C10_HOST_DEVICE inline V activation_backward(V grad, V out_or_f, V negative_slope) {
+C10_HOST_DEVICE inline V activation_backward(V grad, V out_or_f, const ActivationConstants<V>& k) {
   if constexpr (A == Activation::ReLU) {
     return where(out_or_f <= V(0), V(0), grad);  // a' = I[out > 0]
   } else if constexpr (A == Activation::LeakyReLU) {
-    return where(out_or_f > V(0), grad, grad * negative_slope);  // a' = I[out > 0] + alpha I[out <= 0]  (7.10)
+    return where(out_or_f > V(0), grad, grad * k.negative_slope);  // a' = I[out > 0] + alpha I[out <= 0]  (7.10)
   } else if constexpr (A == Activation::Sigmoid) {
     return grad * (V(1) - out_or_f) * out_or_f;  // a' = sig[f] (1 - sig[f]) = out (1 - out)  (7.7)
   } else if constexpr (A == Activation::Tanh) {
@@ -125,34 +165,38 @@ C10_HOST_DEVICE inline V activation_backward(V grad, V out_or_f, V negative_slop
     const V cdf = V(0.5) * (V(1) + erf(f * V(kGeluAlpha)));
     const V pdf = V(kGeluDensity) * exp(f * f * V(-0.5));
     return grad * (cdf + f * pdf);  // a' = Phi[f] + f phi[f]
-  } else {
+  } else if constexpr (A == Activation::GELUTanh) {
     const V f = out_or_f, f_squared = f * f;
     const V t = tanh(V(kGeluTanhBeta) * (f + V(kGeluTanhKappa) * (f_squared * f)));
     const V inner_derivative = V(kGeluTanhBeta) * (V(1) + V(3) * V(kGeluTanhKappa) * f_squared);
     const V left = V(0.5) * f, right = V(1) + t;
     return grad * (V(0.5) * right + left * (V(1) - t * t) * inner_derivative);
+  } else {  // a' = sig[beta f] = z / (z + 1), z = exp(beta f); 1 past the threshold
+    const V scaled = out_or_f * k.beta, z = exp(scaled);
+    return where(scaled > k.threshold, grad, grad * z / (z + V(1)));
   }
 }
 
 // The same dl/df with a' read off f itself, where the output is not at hand (the fused
-// MLP recomputes f in cache rather than store it). ReLU's, LeakyReLU's, SiLU's and GELU's
-// a' are read off f; sigmoid's and tanh's need a[f].
+// MLP recomputes f in cache rather than store it). sigmoid's and tanh's a' need a[f]; the
+// others' are read off f.
 template <Activation A, typename V>
-C10_HOST_DEVICE inline V activation_backward_from_preactivation(V grad, V f, V negative_slope) {
+C10_HOST_DEVICE inline V activation_backward_from_preactivation(V grad, V f, const ActivationConstants<V>& k) {
   if constexpr (A == Activation::Sigmoid || A == Activation::Tanh) {
-    return activation_backward<A>(grad, activate<A>(f, negative_slope), negative_slope);
+    return activation_backward<A>(grad, activate<A>(f, k), k);
   } else {
-    return activation_backward<A>(grad, f, negative_slope);
+    return activation_backward<A>(grad, f, k);
   }
 }
 
-// Whether a' is read off f rather than the output (see activation_backward): SiLU's and
-// GELU's are functions of f alone; leaky_relu with a negative slope gives out >= 0 on both
-// sides of f = 0.
-inline bool derivative_needs_preactivation(Activation activation, double negative_slope) {
+// Whether a' is read off f rather than the output (see activation_backward): SiLU's,
+// GELU's and softplus's are functions of f alone (softplus's, as eager's, so that it keeps
+// its accuracy where out is near 0 or large); leaky_relu with a negative slope gives
+// out >= 0 on both sides of f = 0.
+inline bool derivative_needs_preactivation(Activation activation, const ActivationParameters& params) {
   return activation == Activation::SiLU || activation == Activation::GELU ||
-         activation == Activation::GELUTanh ||
-         (activation == Activation::LeakyReLU && negative_slope < 0);
+         activation == Activation::GELUTanh || activation == Activation::Softplus ||
+         (activation == Activation::LeakyReLU && params.negative_slope < 0);
 }
 
 // Double backward: whether a'' is not zero (ReLU's and LeakyReLU's a' is constant wherever
@@ -165,7 +209,8 @@ inline bool has_second_derivative(Activation activation) {
 }
 
 template <typename V>
-inline V derivative_of_derivative(Activation activation, const V& source) {
+inline V derivative_of_derivative(Activation activation, const V& source,
+                                  const ActivationParameters& params) {
   switch (activation) {
     case Activation::Sigmoid: return 1 - 2 * source;
     case Activation::Tanh: return -2 * source;
@@ -180,6 +225,11 @@ inline V derivative_of_derivative(Activation activation, const V& source) {
       const V t = tanh(kGeluTanhBeta * (source + kGeluTanhKappa * source * source * source));
       const V u_second = (6 * kGeluTanhBeta * kGeluTanhKappa) * source;
       return (1 - t * t) * (u_prime + 0.5 * source * (u_second - 2 * t * u_prime * u_prime));
+    }
+    case Activation::Softplus: {  // beta sig' [beta f], 0 from the threshold on (as eager's)
+      const V scaled = params.beta * source;
+      const V sig = 1 / (1 + exp(-scaled));
+      return (params.beta * sig * (1 - sig)) * (scaled < params.threshold);
     }
     default: return 0 * source;  // not reached: has_second_derivative is false
   }

@@ -17,26 +17,28 @@ namespace {
 template <c10::DeviceType device>
 at::Tensor linear_activation_autocast(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias,
-                                      c10::string_view activation, double negative_slope) {
+                                      c10::string_view activation, double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
   return ops::linear_activation(at::autocast::cached_cast(dtype, input, device),
                                 at::autocast::cached_cast(dtype, weight, device),
                                 at::autocast::cached_cast(dtype, bias, device), activation,
-                                negative_slope);
+                                params);
 }
 
 template <c10::DeviceType device>
 at::Tensor mlp_autocast(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                         c10::string_view activation, double negative_slope,
-                        int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
+                        int64_t checkpoint_every, std::optional<c10::string_view> output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
   return ops::mlp(at::autocast::cached_cast(dtype, input, device),
                   at::autocast::cached_cast(dtype, weights, device),
-                  at::autocast::cached_cast(dtype, biases, device), activation, negative_slope,
+                  at::autocast::cached_cast(dtype, biases, device), activation, params,
                   checkpoint_every, output_activation);
 }
 

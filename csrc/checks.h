@@ -34,9 +34,11 @@ inline Activation parse_activation(c10::string_view name) {
   if (name == "silu") return Activation::SiLU;
   if (name == "gelu") return Activation::GELU;
   if (name == "gelu_tanh") return Activation::GELUTanh;
+  if (name == "softplus") return Activation::Softplus;
   TORCH_CHECK_VALUE(
       false, "handgrad: unknown activation '", name,
-      "'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu' or 'gelu_tanh'");
+      "'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu', 'gelu_tanh' or "
+      "'softplus'");
 }
 
 // The inverse of parse_activation.
@@ -49,6 +51,7 @@ inline c10::string_view activation_name(Activation activation) {
     case Activation::SiLU: return "silu";
     case Activation::GELU: return "gelu";
     case Activation::GELUTanh: return "gelu_tanh";
+    case Activation::Softplus: return "softplus";
   }
   return "";
 }
@@ -91,10 +94,13 @@ inline std::string dtype_name(const at::Tensor& t) {
 
 namespace detail {
 
-inline void check_negative_slope(const OpName& op, double negative_slope) {
-  TORCH_CHECK_VALUE(
-      std::isfinite(negative_slope), op, ": negative_slope must be a finite number, got ",
-      negative_slope);
+// Every activation's parameters, whichever activation runs: their defaults pass.
+inline void check_parameters(const OpName& op, const ActivationParameters& params) {
+  TORCH_CHECK_VALUE(std::isfinite(params.negative_slope), op,
+                    ": negative_slope must be a finite number, got ", params.negative_slope);
+  TORCH_CHECK_VALUE(std::isfinite(params.beta) && params.beta > 0, op,
+                    ": beta must be a positive finite number, got ", params.beta);
+  TORCH_CHECK_VALUE(!std::isnan(params.threshold), op, ": threshold must be a number, got nan");
 }
 
 inline void check_floating_dtype(const OpName& op, const char* arg, const at::Tensor& t) {
@@ -168,10 +174,10 @@ inline void check_gradient_and_out_or_f(const OpName& op, const at::Tensor& grad
 
 inline Activation check_linear_activation(const at::Tensor& input, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& bias,
-                                          c10::string_view activation, double negative_slope) {
+                                          c10::string_view activation, const ActivationParameters& params) {
   const Activation act = parse_activation(activation);
   const OpName op{"linear_", activation, ""};
-  detail::check_negative_slope(op, negative_slope);
+  detail::check_parameters(op, params);
   detail::check_floating_dtype(op, "input", input);
   detail::check_layer(op, input, weight, bias);
   return act;
@@ -179,20 +185,20 @@ inline Activation check_linear_activation(const at::Tensor& input, const at::Ten
 
 // activation and activation_ (in place, `inplace`).
 inline Activation check_activation(const at::Tensor& input, c10::string_view activation,
-                                   double negative_slope, bool inplace = false) {
+                                   const ActivationParameters& params, bool inplace = false) {
   const Activation act = parse_activation(activation);
   const OpName op{"", activation, inplace ? "_" : ""};
-  detail::check_negative_slope(op, negative_slope);
+  detail::check_parameters(op, params);
   detail::check_floating_dtype(op, "input", input);
   return act;
 }
 
 inline Activation check_activation_backward(const at::Tensor& grad_output,
                                             const at::Tensor& out_or_f, c10::string_view activation,
-                                            double negative_slope) {
+                                            const ActivationParameters& params) {
   const Activation act = parse_activation(activation);
   const OpName op{"", activation, "_backward"};
-  detail::check_negative_slope(op, negative_slope);
+  detail::check_parameters(op, params);
   detail::check_gradient_and_out_or_f(op, grad_output, out_or_f);
   return act;
 }
@@ -200,10 +206,10 @@ inline Activation check_activation_backward(const at::Tensor& grad_output,
 inline Activation check_bias_activation_backward(const at::Tensor& grad_output,
                                                  const at::Tensor& out_or_f,
                                                  c10::string_view activation,
-                                                 double negative_slope) {
+                                                 const ActivationParameters& params) {
   const Activation act = parse_activation(activation);
   const OpName op{"bias_", activation, "_backward"};
-  detail::check_negative_slope(op, negative_slope);
+  detail::check_parameters(op, params);
   detail::check_gradient_and_out_or_f(op, grad_output, out_or_f);
   detail::check_has_features(op, "out_or_f", out_or_f, "out_features");
   return act;
@@ -211,10 +217,10 @@ inline Activation check_bias_activation_backward(const at::Tensor& grad_output,
 
 inline Activation check_linear_activation_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& out_or_f, c10::string_view activation, double negative_slope) {
+    const at::Tensor& out_or_f, c10::string_view activation, const ActivationParameters& params) {
   const Activation act = parse_activation(activation);
   const OpName op{"linear_", activation, "_backward"};
-  detail::check_negative_slope(op, negative_slope);
+  detail::check_parameters(op, params);
   detail::check_gradient_and_out_or_f(op, grad_output, out_or_f);
   detail::check_same_dtype_and_device(op, "input", input, "grad_output", grad_output);
   detail::check_layer(op, input, weight, std::nullopt);
@@ -229,12 +235,12 @@ inline Activation check_linear_activation_backward(
 // lists one per layer, or none for a network without biases.
 inline Activation check_mlp(const at::Tensor& input, at::TensorList weights,
                             at::TensorList biases, c10::string_view activation,
-                            double negative_slope, int64_t checkpoint_every,
+                            const ActivationParameters& params, int64_t checkpoint_every,
                             std::optional<c10::string_view> output_activation) {
   const OpName op{"mlp", "", ""};
   const Activation act = parse_activation(activation);
   if (output_activation.has_value()) parse_activation(*output_activation);
-  detail::check_negative_slope(op, negative_slope);
+  detail::check_parameters(op, params);
   detail::check_floating_dtype(op, "input", input);
   TORCH_CHECK_VALUE(checkpoint_every >= 0, op, ": checkpoint_every must be 0 (none) or a ",
                     "positive number of layers, got ", checkpoint_every);
@@ -260,10 +266,10 @@ inline Activation check_mlp(const at::Tensor& input, at::TensorList weights,
 // mlp_backward: also what mlp_forward stored.
 inline Activation check_mlp_backward(const at::Tensor& input, at::TensorList weights,
                                      at::TensorList biases, at::TensorList hidden_outputs,
-                                     c10::string_view activation, double negative_slope,
+                                     c10::string_view activation, const ActivationParameters& params,
                                      int64_t checkpoint_every,
                                      std::optional<c10::string_view> output_activation) {
-  const Activation act = check_mlp(input, weights, biases, activation, negative_slope,
+  const Activation act = check_mlp(input, weights, biases, activation, params,
                                    checkpoint_every, output_activation);
   const size_t hidden = weights.size() - 1;
   TORCH_CHECK(hidden_outputs.size() == stored_output_count(hidden, checkpoint_every),

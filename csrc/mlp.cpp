@@ -35,32 +35,34 @@ using OutputActivation = std::optional<c10::string_view>;
 
 // --- CPU: the fused engine ---
 
-cpu::NetworkActivations network_activations(c10::string_view activation, double negative_slope,
+cpu::NetworkActivations network_activations(c10::string_view activation, const ActivationParameters& params,
                                             OutputActivation output_activation) {
   std::optional<Activation> output;
   if (output_activation.has_value()) output = parse_activation(*output_activation);
-  return {parse_activation(activation), output, negative_slope};
+  return {parse_activation(activation), output, params};
 }
 
 at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
-                   OutputActivation output_activation) {
-  check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+                   OutputActivation output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp(input, weights, biases, activation, params, checkpoint_every,
             output_activation);
   return cpu::kernels().fused_forward(input, weights, biases,
-                            network_activations(activation, negative_slope, output_activation),
+                            network_activations(activation, params, output_activation),
                             checkpoint_every, nullptr);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
     c10::string_view activation, double negative_slope, int64_t checkpoint_every,
-    OutputActivation output_activation) {
-  check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+    OutputActivation output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp(input, weights, biases, activation, params, checkpoint_every,
             output_activation);
   std::vector<at::Tensor> hidden_outputs;
   at::Tensor out = cpu::kernels().fused_forward(
-      input, weights, biases, network_activations(activation, negative_slope, output_activation),
+      input, weights, biases, network_activations(activation, params, output_activation),
       checkpoint_every, &hidden_outputs);
   return {out, hidden_outputs};
 }
@@ -69,13 +71,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
-    OutputActivation output_activation, bool parameters_require_grad) {
-  check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope, checkpoint_every,
+    OutputActivation output_activation, bool parameters_require_grad, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp_backward(input, weights, biases, hidden_outputs, activation, params, checkpoint_every,
                      output_activation);
   // The engine returns no weight or bias gradients where the mask asks for none.
   return cpu::kernels().fused_backward(
       grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
-      network_activations(activation, negative_slope, output_activation), checkpoint_every,
+      network_activations(activation, params, output_activation), checkpoint_every,
       {input_requires_grad, parameters_require_grad, parameters_require_grad && !biases.empty()});
 }
 
@@ -94,42 +97,44 @@ using ops::run_hidden;
 
 // The output layer: linear, or with its own activation.
 at::Tensor output_layer(const at::Tensor& h, at::TensorList weights, at::TensorList biases,
-                        double negative_slope, OutputActivation output_activation) {
+                        const ActivationParameters& params, OutputActivation output_activation) {
   const size_t l = weights.size() - 1;
   if (output_activation.has_value()) {
     return ops::linear_activation(h, weights[l], bias_of(biases, l), *output_activation,
-                                  negative_slope);
+                                  params);
   }
   return at::linear(h, weights[l], bias_of(biases, l));
 }
 
 at::Tensor mlp_per_layer(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                          c10::string_view activation, double negative_slope,
-                         int64_t checkpoint_every, OutputActivation output_activation) {
-  check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+                         int64_t checkpoint_every, OutputActivation output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp(input, weights, biases, activation, params, checkpoint_every,
             output_activation);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
   // Nothing is kept: each layer's output is freed once the next has used it.
   std::vector<at::Tensor> none;
   const at::Tensor h = run_hidden(as_matrix(input), weights, biases, 0, hidden, activation,
-                                  negative_slope, [](size_t) { return false; }, none);
-  return output_shaped(output_layer(h, weights, biases, negative_slope, output_activation), input);
+                                  params, [](size_t) { return false; }, none);
+  return output_shaped(output_layer(h, weights, biases, params, output_activation), input);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_per_layer(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
     c10::string_view activation, double negative_slope, int64_t checkpoint_every,
-    OutputActivation output_activation) {
-  check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+    OutputActivation output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp(input, weights, biases, activation, params, checkpoint_every,
             output_activation);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const size_t hidden = weights.size() - 1;
   std::vector<at::Tensor> hidden_outputs;  // h_1 ... h_L, or with checkpointing h_k, h_2k, ... < h_L
   const at::Tensor h = run_hidden(
-      as_matrix(input), weights, biases, 0, hidden, activation, negative_slope,
+      as_matrix(input), weights, biases, 0, hidden, activation, params,
       [&](size_t made) { return is_stored_output(made, hidden, checkpoint_every); }, hidden_outputs);
-  return {output_shaped(output_layer(h, weights, biases, negative_slope, output_activation), input),
+  return {output_shaped(output_layer(h, weights, biases, params, output_activation), input),
           hidden_outputs};
 }
 
@@ -137,9 +142,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
     double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
-    OutputActivation output_activation, bool parameters_require_grad) {
+    OutputActivation output_activation, bool parameters_require_grad, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   const Activation act = check_mlp_backward(input, weights, biases, hidden_outputs, activation,
-                                            negative_slope, checkpoint_every, output_activation);
+                                            params, checkpoint_every, output_activation);
   const size_t layers = weights.size(), hidden = layers - 1;
   const size_t stretch = checkpoint_every > 0 ? checkpoint_every : std::max<size_t>(hidden, 1);
   const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
@@ -156,10 +162,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   const auto output_layer_backward = [&](const at::Tensor& h_last, bool need_input) {
     if (output_activation.has_value()) {
       const at::Tensor source = ops::derivative_source(h_last, weights[hidden], bias_of(biases, hidden),
-                                                       parse_activation(*output_activation), negative_slope);
+                                                       parse_activation(*output_activation), params);
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[hidden], grad_bias) = ops::linear_activation_backward(
-          g, h_last, weights[hidden], source, *output_activation, negative_slope,
+          g, h_last, weights[hidden], source, *output_activation, params,
           {need_input, parameters_require_grad, parameters_require_grad && has_bias});
       if (has_bias) grad_biases[hidden] = grad_bias;
       g = grad_h;
@@ -177,7 +183,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     const at::Tensor stretch_input = first == 0 ? x : hidden_outputs[s - 1];
     std::vector<at::Tensor> outputs;  // h_{first+1} ... h_last
     if (checkpoint_every > 0) {
-      run_hidden(stretch_input, weights, biases, first, last, activation, negative_slope,
+      run_hidden(stretch_input, weights, biases, first, last, activation, params,
                  [](size_t) { return true; }, outputs);
     } else {
       outputs.assign(hidden_outputs.begin() + first, hidden_outputs.begin() + last);
@@ -188,13 +194,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       // dl/df = dl/dh_{l+1} * a' (read off h_{l+1}, or off f recomputed where h_{l+1} hides
       // its sign), dl/dbeta_l, dl/dOmega_l (7.9) and dl/dh_l (7.6).
       const at::Tensor& h = l == first ? stretch_input : outputs[l - first - 1];
-      const at::Tensor sign_source = derivative_needs_preactivation(act, negative_slope)
+      const at::Tensor sign_source = derivative_needs_preactivation(act, params)
           ? ops::preactivation(h, weights[l], bias_of(biases, l))
           : outputs[l - first];
       const bool need_input = l > 0 || input_requires_grad;
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[l], grad_bias) = ops::linear_activation_backward(
-          g, h, weights[l], sign_source, activation, negative_slope,
+          g, h, weights[l], sign_source, activation, params,
           {need_input, parameters_require_grad, parameters_require_grad && has_bias});
       if (has_bias) grad_biases[l] = grad_bias;
       g = grad_h;

@@ -26,106 +26,108 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 inline at::Tensor linear_activation(const at::Tensor& input, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias,
-                                    c10::string_view activation, double negative_slope) {
+                                    c10::string_view activation, const ActivationParameters& params) {
   static const auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&,
                                            const std::optional<at::Tensor>&, c10::string_view,
-                                           double)>("handgrad::linear_activation");
-  return handle.call(input, weight, bias, activation, negative_slope);
+                                           double, double, double)>("handgrad::linear_activation");
+  return handle.call(input, weight, bias, activation, params.negative_slope, params.beta, params.threshold);
 }
 
 inline at::Tensor activation(const at::Tensor& input, c10::string_view activation,
-                             double negative_slope) {
+                             const ActivationParameters& params) {
   static const auto handle =
-      op<at::Tensor(const at::Tensor&, c10::string_view, double)>("handgrad::activation");
-  return handle.call(input, activation, negative_slope);
+      op<at::Tensor(const at::Tensor&, c10::string_view, double, double, double)>("handgrad::activation");
+  return handle.call(input, activation, params.negative_slope, params.beta, params.threshold);
 }
 
 inline void activation_(const at::Tensor& input, c10::string_view activation,
-                        double negative_slope) {
+                        const ActivationParameters& params) {
   static const auto handle =
-      op<void(const at::Tensor&, c10::string_view, double)>("handgrad::activation_");
-  handle.call(input, activation, negative_slope);
+      op<void(const at::Tensor&, c10::string_view, double, double, double)>("handgrad::activation_");
+  handle.call(input, activation, params.negative_slope, params.beta, params.threshold);
 }
 
 inline at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& out_or_f,
-                                      c10::string_view activation, double negative_slope) {
+                                      c10::string_view activation, const ActivationParameters& params) {
   static const auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>(
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double, double, double)>(
           "handgrad::activation_backward");
-  return handle.call(grad_output, out_or_f, activation, negative_slope);
+  return handle.call(grad_output, out_or_f, activation, params.negative_slope, params.beta, params.threshold);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> bias_activation_backward(
     const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
-    double negative_slope) {
+    const ActivationParameters& params) {
   static const auto handle = op<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, c10::string_view, double)>(
+      const at::Tensor&, const at::Tensor&, c10::string_view, double, double, double)>(
       "handgrad::bias_activation_backward");
-  return handle.call(grad_output, out_or_f, activation, negative_slope);
+  return handle.call(grad_output, out_or_f, activation, params.negative_slope, params.beta, params.threshold);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
+    const at::Tensor& out_or_f, c10::string_view activation, const ActivationParameters& params,
     std::array<bool, 3> output_mask) {
   static const auto handle = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      c10::string_view, double, std::array<bool, 3>)>("handgrad::linear_activation_backward");
-  return handle.call(grad_output, input, weight, out_or_f, activation, negative_slope, output_mask);
+      c10::string_view, double, std::array<bool, 3>, double, double)>(
+      "handgrad::linear_activation_backward");
+  return handle.call(grad_output, input, weight, out_or_f, activation, params.negative_slope,
+                     output_mask, params.beta, params.threshold);
 }
 
 inline at::Tensor mlp(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-                      c10::string_view activation, double negative_slope,
+                      c10::string_view activation, const ActivationParameters& params,
                       int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
   static const auto handle =
       op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, c10::string_view, double,
-                    int64_t, std::optional<c10::string_view>)>("handgrad::mlp");
-  return handle.call(input, weights, biases, activation, negative_slope, checkpoint_every,
-                     output_activation);
+                    int64_t, std::optional<c10::string_view>, double, double)>("handgrad::mlp");
+  return handle.call(input, weights, biases, activation, params.negative_slope, checkpoint_every,
+                     output_activation, params.beta, params.threshold);
 }
 
 inline std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+    c10::string_view activation, const ActivationParameters& params, int64_t checkpoint_every,
     std::optional<c10::string_view> output_activation) {
   static const auto handle = op<std::tuple<at::Tensor, std::vector<at::Tensor>>(
       const at::Tensor&, at::TensorList, at::TensorList, c10::string_view, double, int64_t,
-      std::optional<c10::string_view>)>("handgrad::mlp_forward");
-  return handle.call(input, weights, biases, activation, negative_slope, checkpoint_every,
-                     output_activation);
+      std::optional<c10::string_view>, double, double)>("handgrad::mlp_forward");
+  return handle.call(input, weights, biases, activation, params.negative_slope, checkpoint_every,
+                     output_activation, params.beta, params.threshold);
 }
 
 inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
-    double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
+    const ActivationParameters& params, int64_t checkpoint_every, bool input_requires_grad,
     std::optional<c10::string_view> output_activation, bool parameters_require_grad = true) {
   static const auto handle =
       op<std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
           const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
-          c10::string_view, double, int64_t, bool, std::optional<c10::string_view>, bool)>(
-          "handgrad::mlp_backward");
-  return handle.call(grad_output, input, weights, biases, hidden_outputs, activation, negative_slope,
-                     checkpoint_every, input_requires_grad, output_activation,
-                     parameters_require_grad);
+          c10::string_view, double, int64_t, bool, std::optional<c10::string_view>, bool, double,
+          double)>("handgrad::mlp_backward");
+  return handle.call(grad_output, input, weights, biases, hidden_outputs, activation,
+                     params.negative_slope, checkpoint_every, input_requires_grad,
+                     output_activation, parameters_require_grad, params.beta, params.threshold);
 }
 
 // f = beta + Omega h, by the fused layer with the identity for an activation (leaky_relu of
 // slope 1): for the backward where a' must be read off f itself (csrc/activation.h).
 inline at::Tensor preactivation(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
-  return linear_activation(input, weight, bias, "leaky_relu", 1.0);
+  return linear_activation(input, weight, bias, "leaky_relu", ActivationParameters{1.0});
 }
 
 // The tensor a layer's a' is read off, recomputed from the layer's input where it was not
 // stored: f where a' needs it, else the output a[f] (csrc/activation.h).
 inline at::Tensor derivative_source(const at::Tensor& input, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, Activation activation,
-                                    double negative_slope) {
-  if (derivative_needs_preactivation(activation, negative_slope)) {
+                                    const ActivationParameters& params) {
+  if (derivative_needs_preactivation(activation, params)) {
     return preactivation(input, weight, bias);
   }
-  return linear_activation(input, weight, bias, activation_name(activation), negative_slope);
+  return linear_activation(input, weight, bias, activation_name(activation), params);
 }
 
 // The layer-by-layer network, written once: layer l's bias (none for a network without
@@ -138,10 +140,10 @@ inline std::optional<at::Tensor> bias_of(at::TensorList biases, size_t l) {
 
 template <typename Keep>
 at::Tensor run_hidden(at::Tensor h, at::TensorList weights, at::TensorList biases, size_t first,
-                      size_t last, c10::string_view activation, double negative_slope,
+                      size_t last, c10::string_view activation, const ActivationParameters& params,
                       const Keep& keep, std::vector<at::Tensor>& outputs) {
   for (size_t l = first; l < last; ++l) {
-    h = linear_activation(h, weights[l], bias_of(biases, l), activation, negative_slope);
+    h = linear_activation(h, weights[l], bias_of(biases, l), activation, params);
     if (keep(l + 1)) outputs.push_back(h);
   }
   return h;

@@ -23,53 +23,46 @@
 // which Dynamo can trace.
 namespace {
 
+using handgrad::ActivationParameters;
+
 // Without the GIL, as PyTorch's own bindings: other Python threads run meanwhile.
 at::Tensor linear_activation(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, c10::string_view activation,
-                             double negative_slope) {
+                             double negative_slope, double beta, double threshold) {
   pybind11::gil_scoped_release no_gil;
-  return handgrad::ops::linear_activation(input, weight, bias, activation, negative_slope);
+  return handgrad::ops::linear_activation(input, weight, bias, activation,
+                                          {negative_slope, beta, threshold});
 }
 
-at::Tensor activation(const at::Tensor& input, c10::string_view activation, double negative_slope) {
+at::Tensor activation(const at::Tensor& input, c10::string_view activation, double negative_slope,
+                      double beta, double threshold) {
   pybind11::gil_scoped_release no_gil;
-  return handgrad::ops::activation(input, activation, negative_slope);
+  return handgrad::ops::activation(input, activation, {negative_slope, beta, threshold});
 }
 
-void activation_(const at::Tensor& input, c10::string_view activation, double negative_slope) {
+void activation_(const at::Tensor& input, c10::string_view activation, double negative_slope,
+                 double beta, double threshold) {
   pybind11::gil_scoped_release no_gil;
-  handgrad::ops::activation_(input, activation, negative_slope);
+  handgrad::ops::activation_(input, activation, {negative_slope, beta, threshold});
 }
 
 at::Tensor mlp(const at::Tensor& input, const std::vector<at::Tensor>& weights,
                const std::vector<at::Tensor>& biases, c10::string_view activation,
                double negative_slope, int64_t checkpoint_every,
-               std::optional<c10::string_view> output_activation) {
+               std::optional<c10::string_view> output_activation, double beta, double threshold) {
   pybind11::gil_scoped_release no_gil;
-  return handgrad::ops::mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
-                            output_activation);
-}
-
-// A check for Python: the same function, its result (the parsed activation) dropped.
-template <typename... Args>
-auto without_result(handgrad::Activation (*check)(Args...)) {
-  return [check](Args... args) { check(args...); };
+  return handgrad::ops::mlp(input, weights, biases, activation, {negative_slope, beta, threshold},
+                            checkpoint_every, output_activation);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "handgrad's operator library; the ops are torch.ops.handgrad.*";
-  m.def("linear_activation", &linear_activation, "torch.ops.handgrad.linear_activation",
-        pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("bias"),
-        pybind11::arg("activation"), pybind11::arg("negative_slope"));
-  m.def("activation", &activation, "torch.ops.handgrad.activation", pybind11::arg("input"),
-        pybind11::arg("activation"), pybind11::arg("negative_slope"));
-  m.def("activation_", &activation_, "torch.ops.handgrad.activation_", pybind11::arg("input"),
-        pybind11::arg("activation"), pybind11::arg("negative_slope"));
-  m.def("mlp", &mlp, "torch.ops.handgrad.mlp", pybind11::arg("input"), pybind11::arg("weights"),
-        pybind11::arg("biases"), pybind11::arg("activation"), pybind11::arg("negative_slope"),
-        pybind11::arg("checkpoint_every"), pybind11::arg("output_activation"));
+  m.def("linear_activation", &linear_activation, "torch.ops.handgrad.linear_activation");
+  m.def("activation", &activation, "torch.ops.handgrad.activation");
+  m.def("activation_", &activation_, "torch.ops.handgrad.activation_");
+  m.def("mlp", &mlp, "torch.ops.handgrad.mlp");
 
   // The CPU kernels of one capability (csrc/cpu/kernels.h), loaded by handgrad's import.
   m.def("load_cpu_kernels", &handgrad::cpu::load_kernels,
@@ -83,27 +76,33 @@ PYBIND11_MODULE(_C, m) {
                                       c10::string_view activation, double negative_slope,
                                       int64_t checkpoint_every,
                                       std::optional<c10::string_view> output_activation,
-                                      bool output_layer_source) {
+                                      bool output_layer_source, double beta, double threshold) {
     std::optional<handgrad::Activation> output;
     if (output_activation.has_value()) output = handgrad::parse_activation(*output_activation);
     return handgrad::cpu::kernels().blas_pays(
-        rows, weights, {handgrad::parse_activation(activation), output, negative_slope},
+        rows, weights, {handgrad::parse_activation(activation), output, {negative_slope, beta, threshold}},
         checkpoint_every, output_layer_source);
-  }, "whether the CPU engine gives this network's products to BLAS (by their shapes)");
+  }, "whether the CPU engine gives this network's products to BLAS (by their shapes)",
+        pybind11::arg("rows"), pybind11::arg("weights"), pybind11::arg("activation"),
+        pybind11::arg("negative_slope"), pybind11::arg("checkpoint_every"),
+        pybind11::arg("output_activation"), pybind11::arg("output_layer_source"),
+        pybind11::arg("beta") = 1.0, pybind11::arg("threshold") = 20.0);
 
   // For the Python Functions (handgrad.autograd), the pieces the C++ autograd kernels use,
   // so that each is written once.
-  m.def("derivative_needs_preactivation", [](c10::string_view activation, double negative_slope) {
-    return handgrad::derivative_needs_preactivation(handgrad::parse_activation(activation), negative_slope);
-  }, "whether a' is read off f rather than the output (silu, gelu, leaky_relu with a negative slope)",
-        pybind11::arg("activation"), pybind11::arg("negative_slope"));
+  m.def("derivative_needs_preactivation", [](c10::string_view activation, double negative_slope,
+                                             double beta, double threshold) {
+    return handgrad::derivative_needs_preactivation(handgrad::parse_activation(activation),
+                                                    {negative_slope, beta, threshold});
+  }, "whether a' is read off f rather than the output (silu, gelu, softplus, leaky_relu with a negative slope)");
   m.def("has_second_derivative", [](c10::string_view activation) {
     return handgrad::has_second_derivative(handgrad::parse_activation(activation));
   }, "whether a'' is not zero (all but relu and leaky_relu): a double backward through a'", pybind11::arg("activation"));
-  m.def("derivative_of_derivative", [](c10::string_view activation, const at::Tensor& source) {
-    return handgrad::derivative_of_derivative(handgrad::parse_activation(activation), source);
-  }, "d(a')/d(source), source the tensor a' is read off: 1 - 2 out for sigmoid, -2 out for tanh, a''[f] for silu and gelu",
-        pybind11::arg("activation"), pybind11::arg("source"));
+  m.def("derivative_of_derivative", [](c10::string_view activation, const at::Tensor& source,
+                                       double negative_slope, double beta, double threshold) {
+    return handgrad::derivative_of_derivative(handgrad::parse_activation(activation), source,
+                                              {negative_slope, beta, threshold});
+  }, "d(a')/d(source), source the tensor a' is read off: 1 - 2 out for sigmoid, -2 out for tanh, a''[f] for the others");
   m.def("preactivation", &handgrad::ops::preactivation, "f = beta + Omega h",
         pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("bias"));
   m.def("as_matrix", &handgrad::as_matrix, "(*, n) as a (rows, n) matrix", pybind11::arg("t"));
@@ -111,26 +110,43 @@ PYBIND11_MODULE(_C, m) {
   m.def("is_stored_output", &handgrad::is_stored_output, "whether mlp_forward stores h_made",
         pybind11::arg("made"), pybind11::arg("hidden"), pybind11::arg("checkpoint_every"));
   // The fake kernels' checks: each op's, as its C++ kernels make it.
-  m.def("check_linear_activation", without_result(&handgrad::check_linear_activation));
-  m.def("check_activation", without_result(&handgrad::check_activation));
-  m.def("check_activation_backward", without_result(&handgrad::check_activation_backward));
-  m.def("check_bias_activation_backward",
-        without_result(&handgrad::check_bias_activation_backward));
-  m.def("check_linear_activation_backward",
-        without_result(&handgrad::check_linear_activation_backward));
-  m.def("check_mlp", [](const at::Tensor& input, const std::vector<at::Tensor>& weights,
-                        const std::vector<at::Tensor>& biases, c10::string_view activation,
-                        double negative_slope, int64_t checkpoint_every,
-                        std::optional<c10::string_view> output_activation) {
-    handgrad::check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
-                        output_activation);
+  using Tensor = const at::Tensor&;
+  using Tensors = const std::vector<at::Tensor>&;
+  using Name = c10::string_view;
+  using OptionalName = std::optional<c10::string_view>;
+  m.def("check_linear_activation", [](Tensor input, Tensor weight, const std::optional<at::Tensor>& bias,
+                                      Name activation, double negative_slope, double beta, double threshold) {
+    handgrad::check_linear_activation(input, weight, bias, activation, {negative_slope, beta, threshold});
   });
-  m.def("check_mlp_backward", [](const at::Tensor& input, const std::vector<at::Tensor>& weights,
-                                 const std::vector<at::Tensor>& biases,
-                                 const std::vector<at::Tensor>& hidden_outputs, c10::string_view activation,
-                                 double negative_slope, int64_t checkpoint_every,
-                                 std::optional<c10::string_view> output_activation) {
-    handgrad::check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope,
-                                 checkpoint_every, output_activation);
+  m.def("check_activation", [](Tensor input, Name activation, double negative_slope, double beta,
+                               double threshold, bool inplace) {
+    handgrad::check_activation(input, activation, {negative_slope, beta, threshold}, inplace);
+  });
+  m.def("check_activation_backward", [](Tensor grad_output, Tensor out_or_f, Name activation,
+                                        double negative_slope, double beta, double threshold) {
+    handgrad::check_activation_backward(grad_output, out_or_f, activation, {negative_slope, beta, threshold});
+  });
+  m.def("check_bias_activation_backward", [](Tensor grad_output, Tensor out_or_f, Name activation,
+                                             double negative_slope, double beta, double threshold) {
+    handgrad::check_bias_activation_backward(grad_output, out_or_f, activation,
+                                             {negative_slope, beta, threshold});
+  });
+  m.def("check_linear_activation_backward", [](Tensor grad_output, Tensor input, Tensor weight,
+                                               Tensor out_or_f, Name activation, double negative_slope,
+                                               double beta, double threshold) {
+    handgrad::check_linear_activation_backward(grad_output, input, weight, out_or_f, activation,
+                                               {negative_slope, beta, threshold});
+  });
+  m.def("check_mlp", [](Tensor input, Tensors weights, Tensors biases, Name activation,
+                        double negative_slope, int64_t checkpoint_every, OptionalName output_activation,
+                        double beta, double threshold) {
+    handgrad::check_mlp(input, weights, biases, activation, {negative_slope, beta, threshold},
+                        checkpoint_every, output_activation);
+  });
+  m.def("check_mlp_backward", [](Tensor input, Tensors weights, Tensors biases, Tensors hidden_outputs,
+                                 Name activation, double negative_slope, int64_t checkpoint_every,
+                                 OptionalName output_activation, double beta, double threshold) {
+    handgrad::check_mlp_backward(input, weights, biases, hidden_outputs, activation,
+                                 {negative_slope, beta, threshold}, checkpoint_every, output_activation);
   });
 }

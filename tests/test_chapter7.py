@@ -344,7 +344,7 @@ def test_mlp_rejects_bad_arguments():
     for every in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
             MLP([2, 3, 1], checkpoint_every=every)
-    with pytest.raises(ValueError, match="unknown activation 'elu'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu' or 'gelu_tanh'"):
+    with pytest.raises(ValueError, match="unknown activation 'elu'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu', 'gelu_tanh' or 'softplus'"):
         MLP([2, 3, 1], activation="elu")
 
 

@@ -117,7 +117,7 @@ def test_slope_must_be_a_number():
 
 def test_unknown_activation():
     x, w, b = x_w_b()
-    with pytest.raises(ValueError, match=r"unknown activation 'elu'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu' or 'gelu_tanh'"):
+    with pytest.raises(ValueError, match=r"unknown activation 'elu'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu', 'gelu_tanh' or 'softplus'"):
         ops.linear_activation(x, w, b, "elu", 0.0)
 
 

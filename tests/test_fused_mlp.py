@@ -308,7 +308,7 @@ def test_functional_mlp_takes_biases_none_and_output_activation():
                                eager_network(x, weights, [], "relu", 0.0, "relu"))
     torch.testing.assert_close(hf.mlp(x, weights, biases, "sigmoid", output_activation="sigmoid"),
                                eager_network(x, weights, biases, "sigmoid", 0.0, "sigmoid"))
-    with pytest.raises(ValueError, match="output_activation must be None, 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu' or 'gelu_tanh', got 'elu'"):
+    with pytest.raises(ValueError, match="output_activation must be None, 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu', 'gelu_tanh' or 'softplus', got 'elu'"):
         hf.mlp(x, weights, biases, output_activation="elu")
     with pytest.raises(ValueError, match="output_activation must be None"):
         hnn.MLP([4, 2], output_activation="softmax")

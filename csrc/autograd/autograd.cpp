@@ -38,20 +38,20 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
  public:
   static Variable forward(AutogradContext* ctx, const Variable& input, const Variable& weight,
                           const std::optional<Variable>& bias, c10::string_view activation,
-                          double negative_slope) {
+                          const ActivationParameters& params) {
     const Activation act = parse_activation(activation);
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = ops::linear_activation(input, weight, bias, activation, negative_slope);
+      out = ops::linear_activation(input, weight, bias, activation, params);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, act, negative_slope);
+    save_activation(ctx, act, params);
     // Without a bias the Function has no input edge for it, so needs_input_grad(2) is not
     // to be asked.
     ctx->saved_data["has_bias"] = defined(bias);
     // The bias is needed only to recompute f where out hides its sign.
-    const bool keep_bias = defined(bias) && derivative_needs_preactivation(act, negative_slope);
+    const bool keep_bias = defined(bias) && derivative_needs_preactivation(act, params);
     ctx->save_for_backward({input, weight, keep_bias ? *bias : Variable(), out});
     return out;
   }
@@ -61,7 +61,7 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     const auto saved_vars = ctx->get_saved_variables();
     const Variable &input = saved_vars[0], &weight = saved_vars[1], &bias = saved_vars[2],
                    &out = saved_vars[3];
-    const auto [act, activation, negative_slope] = saved_activation(ctx);
+    const auto [act, activation, params] = saved_activation(ctx);
     const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     const Variable& grad_output = grad_outputs[0];
@@ -69,7 +69,7 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     // a' is read off out, or off f recomputed where it must be: with its history where a
     // recorded backward differentiates a' in turn (SiLU, GELU), else below autograd.
     Variable out_or_f = out;
-    if (derivative_needs_preactivation(act, negative_slope)) {
+    if (derivative_needs_preactivation(act, params)) {
       std::optional<c10::NoGradGuard> no_grad;
       if (!has_second_derivative(act)) no_grad.emplace();
       out_or_f = ops::preactivation(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
@@ -78,16 +78,16 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     if (!c10::GradMode::is_enabled()) {
       // A plain backward: the whole of it in one fused op.
       std::tie(grad_input, grad_weight, grad_bias) = ops::linear_activation_backward(
-          grad_output, input, weight, out_or_f, activation, negative_slope,
+          grad_output, input, weight, out_or_f, activation, params,
           {need_input, need_weight, need_bias});
     } else {
       // create_graph: differentiable pieces, each with its own autograd.
       Variable grad_pre;
       if (need_bias) {
         std::tie(grad_pre, grad_bias) =
-            ops::bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
+            ops::bias_activation_backward(grad_output, out_or_f, activation, params);
       } else {
-        grad_pre = ops::activation_backward(grad_output, out_or_f, activation, negative_slope);
+        grad_pre = ops::activation_backward(grad_output, out_or_f, activation, params);
       }
       if (need_input) grad_input = grad_pre.matmul(weight);  // dl/dh = Omega^T dl/df (7.6)
       if (need_weight) grad_weight = as_matrix(grad_pre).t().mm(as_matrix(input));  // (7.9)
@@ -98,13 +98,14 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
 
 at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias,
-                                      c10::string_view activation, double negative_slope) {
+                                      c10::string_view activation, double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   const at::Tensor& bias_or_undefined = defined(bias) ? *bias : at::Tensor();
   if (!needs_function({&input, &weight, &bias_or_undefined})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::linear_activation(input, weight, bias, activation, negative_slope);
+    return ops::linear_activation(input, weight, bias, activation, params);
   }
-  return LinearActivationFunction::apply(input, weight, bias, activation, negative_slope);
+  return LinearActivationFunction::apply(input, weight, bias, activation, params);
 }
 
 // --- The standalone activations: out = a[input], and in place ---
@@ -112,16 +113,16 @@ at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor&
 class ActivationFunction : public torch::autograd::Function<ActivationFunction> {
  public:
   static Variable forward(AutogradContext* ctx, const Variable& input,
-                          c10::string_view activation, double negative_slope) {
+                          c10::string_view activation, const ActivationParameters& params) {
     const Activation act = parse_activation(activation);
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = ops::activation(input, activation, negative_slope);
+      out = ops::activation(input, activation, params);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, act, negative_slope);
-    ctx->save_for_backward({derivative_needs_preactivation(act, negative_slope) ? input : out});
+    save_activation(ctx, act, params);
+    ctx->save_for_backward({derivative_needs_preactivation(act, params) ? input : out});
     return out;
   }
 
@@ -129,35 +130,36 @@ class ActivationFunction : public torch::autograd::Function<ActivationFunction> 
     if (!grad_outputs[0].defined()) return no_gradients(3);
     const SavedActivation a = saved_activation(ctx);
     const Variable grad_input = ops::activation_backward(
-        grad_outputs[0], ctx->get_saved_variables()[0], a.name, a.negative_slope);
+        grad_outputs[0], ctx->get_saved_variables()[0], a.name, a.params);
     return {grad_input, Variable(), Variable()};
   }
 };
 
 at::Tensor activation_autograd(const at::Tensor& input, c10::string_view activation,
-                               double negative_slope) {
+                               double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   if (!needs_function({&input})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::activation(input, activation, negative_slope);
+    return ops::activation(input, activation, params);
   }
-  return ActivationFunction::apply(input, activation, negative_slope);
+  return ActivationFunction::apply(input, activation, params);
 }
 
 class InplaceActivationFunction : public torch::autograd::Function<InplaceActivationFunction> {
  public:
   static Variable forward(AutogradContext* ctx, const Variable& input,
-                          c10::string_view activation, double negative_slope) {
+                          c10::string_view activation, const ActivationParameters& params) {
     const Activation act = parse_activation(activation);
     at::Tensor input_copy;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      if (derivative_needs_preactivation(act, negative_slope) && has_second_derivative(act)) {
+      if (derivative_needs_preactivation(act, params) && has_second_derivative(act)) {
         input_copy = input.clone();
       }
-      ops::activation_(input, activation, negative_slope);
+      ops::activation_(input, activation, params);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, act, negative_slope);
+    save_activation(ctx, act, params);
     ctx->mark_dirty({input});  // apply() bumps its version and rebases its history
     // The output, which a' is read off; for SiLU and GELU, a copy of the input, as eager keeps.
     ctx->save_for_backward({input_copy.defined() ? input_copy : input});
@@ -169,27 +171,28 @@ class InplaceActivationFunction : public torch::autograd::Function<InplaceActiva
     const SavedActivation a = saved_activation(ctx);
     // As eager's leaky_relu_: the input is gone, and the output cannot tell the sign of f.
     TORCH_CHECK(
-        !(a.activation == Activation::LeakyReLU && derivative_needs_preactivation(a.activation, a.negative_slope)),
+        !(a.activation == Activation::LeakyReLU && derivative_needs_preactivation(a.activation, a.params)),
         "leaky_relu_: the backward of the in-place leaky_relu with a negative slope (",
-        a.negative_slope, ") is not supported, because the output no longer tells the sign "
+        a.params.negative_slope, ") is not supported, because the output no longer tells the sign "
         "of the input; use the out-of-place leaky_relu (inplace=False)");
     const Variable grad_input = ops::activation_backward(
-        grad_outputs[0], ctx->get_saved_variables()[0], a.name, a.negative_slope);
+        grad_outputs[0], ctx->get_saved_variables()[0], a.name, a.params);
     return {grad_input, Variable(), Variable()};
   }
 };
 
 void activation_inplace_autograd(const at::Tensor& input, c10::string_view activation,
-                                 double negative_slope) {
+                                 double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   if (!needs_function({&input})) {
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      ops::activation_(input, activation, negative_slope);
+      ops::activation_(input, activation, params);
     }
     input.unsafeGetTensorImpl()->bump_version();  // what ADInplaceOrView would have done
     return;
   }
-  InplaceActivationFunction::apply(input, activation, negative_slope);
+  InplaceActivationFunction::apply(input, activation, params);
 }
 
 // --- The backward pieces, differentiable for double backward ---
@@ -202,11 +205,11 @@ variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable&
   const SavedActivation a = saved_activation(ctx);
   Variable grad_grad_output, grad_out_or_f;
   if (ctx->needs_input_grad(0)) {
-    grad_grad_output = ops::activation_backward(grad_grad_pre, out_or_f, a.name, a.negative_slope);
+    grad_grad_output = ops::activation_backward(grad_grad_pre, out_or_f, a.name, a.params);
   }
   if (ctx->needs_input_grad(1) && has_second_derivative(a.activation)) {
     // ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through out_or_f.
-    grad_out_or_f = grad_grad_pre.mul(grad_output).mul(derivative_of_derivative(a.activation, out_or_f));
+    grad_out_or_f = grad_grad_pre.mul(grad_output).mul(derivative_of_derivative(a.activation, out_or_f, a.params));
   }
   return {grad_grad_output, grad_out_or_f, Variable(), Variable()};
 }
@@ -214,14 +217,14 @@ variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable&
 class ActivationBackwardFunction : public torch::autograd::Function<ActivationBackwardFunction> {
  public:
   static Variable forward(AutogradContext* ctx, const Variable& grad_output, const Variable& out_or_f,
-                          c10::string_view activation, double negative_slope) {
+                          c10::string_view activation, const ActivationParameters& params) {
     at::Tensor grad_pre;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      grad_pre = ops::activation_backward(grad_output, out_or_f, activation, negative_slope);
+      grad_pre = ops::activation_backward(grad_output, out_or_f, activation, params);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, parse_activation(activation), negative_slope);
+    save_activation(ctx, parse_activation(activation), params);
     ctx->save_for_backward({grad_output, out_or_f});
     return grad_pre;
   }
@@ -232,12 +235,13 @@ class ActivationBackwardFunction : public torch::autograd::Function<ActivationBa
 };
 
 at::Tensor activation_backward_autograd(const at::Tensor& grad_output, const at::Tensor& out_or_f,
-                                        c10::string_view activation, double negative_slope) {
+                                        c10::string_view activation, double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   if (!needs_function({&grad_output, &out_or_f})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::activation_backward(grad_output, out_or_f, activation, negative_slope);
+    return ops::activation_backward(grad_output, out_or_f, activation, params);
   }
-  return ActivationBackwardFunction::apply(grad_output, out_or_f, activation, negative_slope);
+  return ActivationBackwardFunction::apply(grad_output, out_or_f, activation, params);
 }
 
 class BiasActivationBackwardFunction
@@ -245,15 +249,15 @@ class BiasActivationBackwardFunction
  public:
   static variable_list forward(AutogradContext* ctx, const Variable& grad_output,
                                const Variable& out_or_f, c10::string_view activation,
-                               double negative_slope) {
+                               const ActivationParameters& params) {
     at::Tensor grad_pre, grad_bias;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(grad_pre, grad_bias) =
-          ops::bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
+          ops::bias_activation_backward(grad_output, out_or_f, activation, params);
     }
     ctx->set_materialize_grads(false);
-    save_activation(ctx, parse_activation(activation), negative_slope);
+    save_activation(ctx, parse_activation(activation), params);
     ctx->save_for_backward({grad_output, out_or_f});
     return {grad_pre, grad_bias};
   }
@@ -271,13 +275,14 @@ class BiasActivationBackwardFunction
 
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
-    double negative_slope) {
+    double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   if (!needs_function({&grad_output, &out_or_f})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
+    return ops::bias_activation_backward(grad_output, out_or_f, activation, params);
   }
   const variable_list grads =
-      BiasActivationBackwardFunction::apply(grad_output, out_or_f, activation, negative_slope);
+      BiasActivationBackwardFunction::apply(grad_output, out_or_f, activation, params);
   return {grads[0], grads[1]};
 }
 
@@ -286,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_autograd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   TORCH_CHECK(
       !needs_function({&grad_output, &input, &weight, &out_or_f}),
       "linear_", activation, "_backward: this fused backward is not differentiable and not for "
@@ -294,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_autogr
       "backward with create_graph=True, which uses the differentiable backward ops");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return ops::linear_activation_backward(grad_output, input, weight, out_or_f, activation,
-                                         negative_slope, output_mask);
+                                         params, output_mask);
 }
 
 // --- The whole network (csrc/mlp.cpp) ---
@@ -303,19 +309,19 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
  public:
   static Variable forward(AutogradContext* ctx, const Variable& input, at::TensorList weights,
                           at::TensorList biases, c10::string_view activation,
-                          double negative_slope, int64_t checkpoint_every,
+                          const ActivationParameters& params, int64_t checkpoint_every,
                           std::optional<c10::string_view> output_activation) {
     at::Tensor out;
     std::vector<at::Tensor> hidden_outputs;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out, hidden_outputs) = ops::mlp_forward(input, weights, biases, activation, negative_slope,
+      std::tie(out, hidden_outputs) = ops::mlp_forward(input, weights, biases, activation, params,
                                               checkpoint_every, output_activation);
     }
     ctx->set_materialize_grads(false);
     const std::optional<Activation> output = output_activation.has_value()
         ? std::optional<Activation>(parse_activation(*output_activation)) : std::nullopt;
-    save_network(ctx, {parse_activation(activation), output, negative_slope, checkpoint_every},
+    save_network(ctx, {parse_activation(activation), output, params, checkpoint_every},
                  weights.size(), !biases.empty());
     // h, the parameters (a recomputation needs them) and the stored hidden outputs.
     variable_list to_save{input};
@@ -348,7 +354,7 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     if (!c10::GradMode::is_enabled()) {
       auto [grad_input, grad_weights, grad_biases] = ops::mlp_backward(
           grad_outputs[0], input, weights, biases, hidden, activation_name(network.hidden),
-          network.negative_slope, network.checkpoint_every, need_input, network.output_name(),
+          network.params, network.checkpoint_every, need_input, network.output_name(),
           need_parameters);
       grads.push_back(grad_input);
       grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());  // none if not needed
@@ -366,16 +372,17 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
 
 at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                         c10::string_view activation, double negative_slope,
-                        int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
+                        int64_t checkpoint_every, std::optional<c10::string_view> output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   bool record = needs_function({&input});
   for (const auto& t : weights) record = record || needs_function({&t});
   for (const auto& t : biases) record = record || needs_function({&t});
   if (!record) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
+    return ops::mlp(input, weights, biases, activation, params, checkpoint_every,
                     output_activation);
   }
-  return MLPFunction::apply(input, weights, biases, activation, negative_slope, checkpoint_every,
+  return MLPFunction::apply(input, weights, biases, activation, params, checkpoint_every,
                             output_activation);
 }
 

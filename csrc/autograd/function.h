@@ -17,24 +17,39 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
-// The activation in the context, and its slope only for leaky_relu: each entry costs a tiny
-// layer measurable time. Keys of at most 15 characters are stored without an allocation.
-inline void save_activation(AutogradContext* ctx, Activation activation, double negative_slope) {
+// The activation in the context, and its parameters only where it has any (leaky_relu's
+// slope, softplus's beta and threshold): each entry costs a tiny layer measurable time. Keys
+// of at most 15 characters are stored without an allocation.
+inline void save_parameters(AutogradContext* ctx, const ActivationParameters& params) {
+  ctx->saved_data["negative_slope"] = params.negative_slope;
+  ctx->saved_data["beta"] = params.beta;
+  ctx->saved_data["threshold"] = params.threshold;
+}
+
+inline ActivationParameters saved_parameters(AutogradContext* ctx) {
+  return {ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["beta"].toDouble(),
+          ctx->saved_data["threshold"].toDouble()};
+}
+
+inline bool has_parameters(Activation activation) {
+  return activation == Activation::LeakyReLU || activation == Activation::Softplus;
+}
+
+inline void save_activation(AutogradContext* ctx, Activation activation, const ActivationParameters& params) {
   ctx->saved_data["activation"] = static_cast<int64_t>(activation);
-  if (activation == Activation::LeakyReLU) ctx->saved_data["negative_slope"] = negative_slope;
+  if (has_parameters(activation)) save_parameters(ctx, params);
 }
 
 struct SavedActivation {
   Activation activation;
   c10::string_view name;
-  double negative_slope;
+  ActivationParameters params;
 };
 
 inline SavedActivation saved_activation(AutogradContext* ctx) {
   const auto activation = static_cast<Activation>(ctx->saved_data["activation"].toInt());
-  const double slope = activation == Activation::LeakyReLU
-      ? ctx->saved_data["negative_slope"].toDouble() : 0.0;
-  return {activation, activation_name(activation), slope};
+  return {activation, activation_name(activation),
+          has_parameters(activation) ? saved_parameters(ctx) : ActivationParameters{}};
 }
 
 inline bool defined(const std::optional<at::Tensor>& t) {
@@ -65,7 +80,7 @@ inline variable_list no_gradients(size_t count) {
 struct Network {
   Activation hidden;
   std::optional<Activation> output;  // none: a linear output layer
-  double negative_slope;
+  ActivationParameters params;
   int64_t checkpoint_every;
 
   std::optional<c10::string_view> output_name() const {
@@ -76,8 +91,8 @@ struct Network {
 // A network's configuration and its count of layers in a Function's context (MLPFunction's
 // and MLPBackwardFunction's), and read back.
 inline void save_network(AutogradContext* ctx, const Network& network, size_t layers, bool has_bias) {
-  save_activation(ctx, network.hidden, network.negative_slope);
-  ctx->saved_data["negative_slope"] = network.negative_slope;  // the output activation may take it too
+  ctx->saved_data["activation"] = static_cast<int64_t>(network.hidden);
+  save_parameters(ctx, network.params);  // always: the output activation may take them
   ctx->saved_data["checkpoint"] = network.checkpoint_every;
   ctx->saved_data["layers"] = static_cast<int64_t>(layers);
   ctx->saved_data["has_bias"] = has_bias;
@@ -89,7 +104,7 @@ inline Network saved_network(AutogradContext* ctx) {
   const int64_t output = ctx->saved_data["out_activation"].toInt();
   return {saved_activation(ctx).activation,
           output < 0 ? std::nullopt : std::optional<Activation>(static_cast<Activation>(output)),
-          ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["checkpoint"].toInt()};
+          saved_parameters(ctx), ctx->saved_data["checkpoint"].toInt()};
 }
 
 // The MLP's backward under create_graph=True (csrc/autograd/mlp_second_order.cpp): the fused

@@ -56,7 +56,7 @@ struct Layers {
   at::Tensor times_derivative(const at::Tensor& grad, size_t l) const {
     const auto a = activation(l);
     if (!a.has_value()) return grad;
-    return ops::activation_backward(grad, sources[l], activation_name(*a), network.negative_slope);
+    return ops::activation_backward(grad, sources[l], activation_name(*a), network.params);
   }
 };
 
@@ -72,17 +72,17 @@ Layers layers_of(const at::Tensor& input, at::TensorList weights, at::TensorList
     layers.inputs.insert(layers.inputs.end(), hidden_outputs.begin(), hidden_outputs.end());
   } else {
     ops::run_hidden(layers.inputs[0], weights, biases, 0, count - 1, activation_name(network.hidden),
-                    network.negative_slope, [](size_t) { return true; }, layers.inputs);
+                    network.params, [](size_t) { return true; }, layers.inputs);
   }
   layers.sources.resize(count);
   for (size_t l = 0; l < count; ++l) {
     const auto a = layers.activation(l);
     if (!a.has_value()) continue;
-    const bool stored_output = l + 1 < count && !derivative_needs_preactivation(*a, network.negative_slope);
+    const bool stored_output = l + 1 < count && !derivative_needs_preactivation(*a, network.params);
     layers.sources[l] = stored_output
         ? layers.inputs[l + 1]
         : ops::derivative_source(layers.inputs[l], weights[l], ops::bias_of(biases, l), *a,
-                                 network.negative_slope);
+                                 network.params);
   }
   return layers;
 }
@@ -140,8 +140,8 @@ SecondOrderGradients double_backward(const at::Tensor& grad_output, const Layers
     // that g * a'' = e * d(a')/d(out) (csrc/activation.h).
     const auto a = layers.activation(l);
     if (a.has_value() && has_second_derivative(*a)) {
-      const bool off_f = derivative_needs_preactivation(*a, layers.network.negative_slope);
-      f_bar[l] = e_bar.mul(off_f ? g[l] : e[l]).mul(derivative_of_derivative(*a, layers.sources[l]));
+      const bool off_f = derivative_needs_preactivation(*a, layers.network.params);
+      f_bar[l] = e_bar.mul(off_f ? g[l] : e[l]).mul(derivative_of_derivative(*a, layers.sources[l], layers.network.params));
     }
     g_bar = layers.times_derivative(e_bar, l);
   }
@@ -181,7 +181,7 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(grad_input, grad_weights, grad_biases) = ops::mlp_backward(
           grad_output, input, weights, biases, hidden_outputs, activation_name(network.hidden),
-          network.negative_slope, network.checkpoint_every, input_requires_grad,
+          network.params, network.checkpoint_every, input_requires_grad,
           network.output_name(), parameters_require_grad);
     }
     ctx->set_materialize_grads(false);

@@ -26,11 +26,11 @@
 namespace handgrad::cpu {
 
 // The activations of a network: `hidden` after every hidden layer, `output` (if any) after
-// the output layer; negative_slope for leaky_relu.
+// the output layer; their parameters.
 struct NetworkActivations {
   Activation hidden;
   std::optional<Activation> output;
-  double negative_slope;
+  ActivationParameters params;
 };
 
 using NetworkGradients = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
@@ -70,14 +70,14 @@ struct Kernels {
   // non-overlapping and dense in the same order: out = a[input] (out may be input), and
   // grad_pre = grad * a'[.].
   void (*activation)(const at::Tensor& input, const at::Tensor& out, Activation activation,
-                     double negative_slope);
+                     const ActivationParameters& params);
   void (*activation_backward)(const at::Tensor& grad, const at::Tensor& out_or_f,
                               const at::Tensor& grad_pre, Activation activation,
-                              double negative_slope);
+                              const ActivationParameters& params);
   // Contiguous (rows, cols): grad_pre = grad * a'[.] and grad_bias = its column sums.
   void (*bias_activation_backward)(const at::Tensor& grad, const at::Tensor& out_or_f,
                                    const at::Tensor& grad_pre, const at::Tensor& grad_bias,
-                                   Activation activation, double negative_slope);
+                                   Activation activation, const ActivationParameters& params);
 };
 
 // The kernels that run (csrc/cpu/load_kernels.cpp).

@@ -21,38 +21,42 @@ namespace {
 // block of rows is in cache.
 at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias,
-                                 c10::string_view activation, double negative_slope) {
-  const Activation act = check_linear_activation(input, weight, bias, activation, negative_slope);
+                                 c10::string_view activation, double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  const Activation act = check_linear_activation(input, weight, bias, activation, params);
   const at::Tensor biases[1] = {bias.has_value() ? *bias : at::Tensor()};
   return cpu::kernels().fused_forward(input, weight, bias.has_value() ? at::TensorList(biases) : at::TensorList(),
-                            {act, act, negative_slope}, 0, nullptr);
+                            {act, act, params}, 0, nullptr);
 }
 
 at::Tensor activation_cpu(const at::Tensor& input, c10::string_view activation,
-                          double negative_slope) {
-  const Activation act = check_activation(input, activation, negative_slope);
+                          double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  const Activation act = check_activation(input, activation, params);
 
   const at::Tensor x = dense_or_contiguous(input);
   at::Tensor out = at::empty_like(x);  // x's strides: the same memory order
-  cpu::kernels().activation(x, out, act, negative_slope);
+  cpu::kernels().activation(x, out, act, params);
   return out;
 }
 
 void activation_inplace_cpu(const at::Tensor& input, c10::string_view activation,
-                            double negative_slope) {
-  const Activation act = check_activation(input, activation, negative_slope, /*inplace=*/true);
+                            double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  const Activation act = check_activation(input, activation, params, /*inplace=*/true);
   if (!input.is_non_overlapping_and_dense()) {
     // A strided view: compute aside and copy back; copy_ refuses overlapping memory.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    input.copy_(activation_cpu(input, activation, negative_slope));
+    input.copy_(activation_cpu(input, activation, negative_slope, beta, threshold));
     return;
   }
-  cpu::kernels().activation(input, input, act, negative_slope);
+  cpu::kernels().activation(input, input, act, params);
 }
 
 at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tensor& out_or_f,
-                                   c10::string_view activation, double negative_slope) {
-  const Activation act = check_activation_backward(grad_output, out_or_f, activation, negative_slope);
+                                   c10::string_view activation, double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  const Activation act = check_activation_backward(grad_output, out_or_f, activation, params);
 
   // dl/df in out_or_f's memory format; grad_output is copied only if its strides differ.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -60,22 +64,23 @@ at::Tensor activation_backward_cpu(const at::Tensor& grad_output, const at::Tens
   const at::Tensor grad =
       grad_output.strides() == s.strides() ? grad_output : at::empty_like(s).copy_(grad_output);
   at::Tensor grad_pre = at::empty_like(s);
-  cpu::kernels().activation_backward(grad, s, grad_pre, act, negative_slope);
+  cpu::kernels().activation_backward(grad, s, grad_pre, act, params);
   return grad_pre;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
-    double negative_slope) {
+    double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   const Activation act =
-      check_bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
+      check_bias_activation_backward(grad_output, out_or_f, activation, params);
 
   const int64_t cols = out_or_f.size(-1);
   const at::Tensor grad = grad_output.contiguous(), saved_contiguous = out_or_f.contiguous();
   at::Tensor grad_pre = at::empty(out_or_f.sizes(), out_or_f.options());
   at::Tensor grad_bias = at::empty({cols}, out_or_f.options());
   cpu::kernels().bias_activation_backward(grad, saved_contiguous, grad_pre, grad_bias, act,
-                                          negative_slope);
+                                          params);
   return {grad_pre, grad_bias};
 }
 
@@ -84,11 +89,12 @@ std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   const Activation act = check_linear_activation_backward(grad_output, input, weight, out_or_f,
-                                                          activation, negative_slope);
+                                                          activation, params);
   auto [grad_input, grad_weights, grad_biases] =
-      cpu::kernels().fused_backward(grad_output, input, weight, {}, {}, out_or_f, {act, act, negative_slope},
+      cpu::kernels().fused_backward(grad_output, input, weight, {}, {}, out_or_f, {act, act, params},
                           0, output_mask);
   return {grad_input, output_mask[1] ? grad_weights[0] : at::Tensor(),
           output_mask[2] ? grad_biases[0] : at::Tensor()};

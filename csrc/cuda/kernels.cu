@@ -62,15 +62,15 @@ int64_t blocks_for(int64_t work_items) {
 // memory in order: packs of PACK elements, then a scalar tail. out may be input (in place).
 template <typename scalar_t, Activation A, bool BACKWARD, int PACK>
 __global__ void elementwise_kernel(scalar_t* out, const scalar_t* first, const scalar_t* second,
-                                   int64_t numel, at::opmath_type<scalar_t> slope) {
+                                   int64_t numel, ActivationConstants<at::opmath_type<scalar_t>> k) {
   using opmath_t = at::opmath_type<scalar_t>;
   using PackT = Pack<scalar_t, PACK>;
   const auto apply = [&](scalar_t x, scalar_t y) {
     if constexpr (BACKWARD) {
       return static_cast<scalar_t>(
-          activation_backward<A>(static_cast<opmath_t>(x), static_cast<opmath_t>(y), slope));
+          activation_backward<A>(static_cast<opmath_t>(x), static_cast<opmath_t>(y), k));
     } else {
-      return static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(x), slope));
+      return static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(x), k));
     }
   };
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -102,7 +102,7 @@ template <typename scalar_t, Activation A, int PACK, bool BIAS>
 __global__ void activation_backward_2d_kernel(
     const scalar_t* grad, int64_t grad_row_stride, int64_t grad_col_stride,
     const scalar_t* out_or_f, scalar_t* grad_pre, at::opmath_type<scalar_t>* partial, int64_t rows,
-    int64_t cols, int64_t rows_per_chunk, at::opmath_type<scalar_t> slope) {
+    int64_t cols, int64_t rows_per_chunk, ActivationConstants<at::opmath_type<scalar_t>> constants) {
   using opmath_t = at::opmath_type<scalar_t>;
   using PackT = Pack<scalar_t, PACK>;
   const int64_t col = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * PACK;
@@ -125,7 +125,7 @@ __global__ void activation_backward_2d_kernel(
 #pragma unroll
       for (int k = 0; k < PACK; ++k) {
         d.value[k] = static_cast<scalar_t>(activation_backward<A>(
-            static_cast<opmath_t>(g.value[k]), static_cast<opmath_t>(s.value[k]), slope));
+            static_cast<opmath_t>(g.value[k]), static_cast<opmath_t>(s.value[k]), constants));
         if constexpr (BIAS) acc[k] += static_cast<opmath_t>(d.value[k]);
       }
       *reinterpret_cast<PackT*>(grad_pre + i) = d;
@@ -189,21 +189,21 @@ __global__ void sum_chunks_kernel(const at::opmath_type<scalar_t>* partial, scal
 
 template <typename scalar_t, Activation A, bool BACKWARD>
 void launch_elementwise(at::Tensor& out, const at::Tensor& first, const at::Tensor& second,
-                        double negative_slope) {
+                        const ActivationParameters& params) {
   const int64_t numel = out.numel();
   if (numel == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const scalar_t* first_data = first.const_data_ptr<scalar_t>();
   const scalar_t* second_data = BACKWARD ? second.const_data_ptr<scalar_t>() : nullptr;
-  const auto slope = static_cast<at::opmath_type<scalar_t>>(negative_slope);
+  const ActivationConstants<at::opmath_type<scalar_t>> k(params);
   constexpr int P = kPack<scalar_t>;
   if (aligned(out_data) && aligned(first_data) && (!BACKWARD || aligned(second_data))) {
     elementwise_kernel<scalar_t, A, BACKWARD, P><<<blocks_for(numel / P + 1), kThreads, 0, stream>>>(
-        out_data, first_data, second_data, numel, slope);
+        out_data, first_data, second_data, numel, k);
   } else {
     elementwise_kernel<scalar_t, A, BACKWARD, 1><<<blocks_for(numel), kThreads, 0, stream>>>(
-        out_data, first_data, second_data, numel, slope);
+        out_data, first_data, second_data, numel, k);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -235,7 +235,7 @@ BackwardGrid backward_grid(int64_t rows, int64_t packs_per_row) {
 template <typename scalar_t, Activation A>
 void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& out_or_f,
                                    at::Tensor& grad_pre, at::Tensor& grad_bias,
-                                   double negative_slope) {
+                                   const ActivationParameters& params) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t rows = out_or_f.size(0), cols = out_or_f.size(1);
   const bool bias = grad_bias.defined();
@@ -259,12 +259,12 @@ void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& out
     partial_data = partial.mutable_data_ptr<opmath_t>();
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto slope = static_cast<opmath_t>(negative_slope);
+  const ActivationConstants<opmath_t> k(params);
   const dim3 blocks(grid.column_tiles, grid.chunks), threads(grid.tx, grid.ty);
   const size_t shared = bias ? sizeof(opmath_t) * kThreads * (packed ? P : 1) : 0;
   const auto launch = [&](auto kernel) {
     kernel<<<blocks, threads, shared, stream>>>(g, row_stride, col_stride, s, d, partial_data, rows,
-                                                cols, grid.rows_per_chunk, slope);
+                                                cols, grid.rows_per_chunk, k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (packed && bias) launch(activation_backward_2d_kernel<scalar_t, A, P, true>);
@@ -281,7 +281,7 @@ void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& out
 // dl/df of (rows, cols) views of grad_output and out_or_f, and dl/dbeta if need_bias.
 std::tuple<at::Tensor, at::Tensor> activation_backward_matrix(
     const at::Tensor& grad_output, const at::Tensor& out_or_f, Activation act,
-    double negative_slope, bool need_bias) {
+    const ActivationParameters& params, bool need_bias) {
   const int64_t rows = leading_rows(out_or_f.sizes()), cols = out_or_f.size(-1);
   const at::Tensor grad = grad_output.reshape({rows, cols});  // a view where it can be
   const at::Tensor saved_rows = out_or_f.reshape({rows, cols}).contiguous();
@@ -290,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> activation_backward_matrix(
   HANDGRAD_DISPATCH_FLOATING_TYPES(out_or_f.scalar_type(), "activation_backward_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
       launch_activation_backward_2d<scalar_t, decltype(tag)::value>(grad, saved_rows, grad_pre,
-                                                                    grad_bias, negative_slope);
+                                                                    grad_bias, params);
     });
   });
   return {grad_pre, grad_bias};
@@ -300,8 +300,9 @@ std::tuple<at::Tensor, at::Tensor> activation_backward_matrix(
 
 at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias,
-                                  c10::string_view activation, double negative_slope) {
-  const Activation act = check_linear_activation(input, weight, bias, activation, negative_slope);
+                                  c10::string_view activation, double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  const Activation act = check_linear_activation(input, weight, bias, activation, params);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
@@ -328,53 +329,56 @@ at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& wei
   }
   HANDGRAD_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_activation_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
-      launch_elementwise<scalar_t, decltype(tag)::value, false>(out, out, out, negative_slope);
+      launch_elementwise<scalar_t, decltype(tag)::value, false>(out, out, out, params);
     });
   });
   return out;
 }
 
 at::Tensor activation_cuda(const at::Tensor& input, c10::string_view activation,
-                           double negative_slope) {
-  const Activation act = check_activation(input, activation, negative_slope);
+                           double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  const Activation act = check_activation(input, activation, params);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::Tensor x = dense_or_contiguous(input);
   at::Tensor out = at::empty_like(x);  // x's strides: the same memory order
   HANDGRAD_DISPATCH_FLOATING_TYPES(x.scalar_type(), "activation_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
-      launch_elementwise<scalar_t, decltype(tag)::value, false>(out, x, x, negative_slope);
+      launch_elementwise<scalar_t, decltype(tag)::value, false>(out, x, x, params);
     });
   });
   return out;
 }
 
 void activation_inplace_cuda(const at::Tensor& input, c10::string_view activation,
-                             double negative_slope) {
-  const Activation act = check_activation(input, activation, negative_slope, /*inplace=*/true);
+                             double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  const Activation act = check_activation(input, activation, params, /*inplace=*/true);
   const c10::cuda::CUDAGuard device_guard(input.device());
   if (!input.is_non_overlapping_and_dense()) {
     // A strided view: compute aside and copy back; copy_ refuses overlapping memory.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    input.copy_(activation_cuda(input, activation, negative_slope));
+    input.copy_(activation_cuda(input, activation, negative_slope, beta, threshold));
     return;
   }
   at::Tensor data = input;
   HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "activation_inplace_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
-      launch_elementwise<scalar_t, decltype(tag)::value, false>(data, data, data, negative_slope);
+      launch_elementwise<scalar_t, decltype(tag)::value, false>(data, data, data, params);
     });
   });
 }
 
 at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Tensor& out_or_f,
-                                    c10::string_view activation, double negative_slope) {
-  const Activation act = check_activation_backward(grad_output, out_or_f, activation, negative_slope);
+                                    c10::string_view activation, double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  const Activation act = check_activation_backward(grad_output, out_or_f, activation, params);
   const c10::cuda::CUDAGuard device_guard(out_or_f.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor s = dense_or_contiguous(out_or_f);
   if (s.is_contiguous() && s.dim() >= 1 && grad_output.strides() != s.strides()) {
     // A gradient with other strides (expanded, say) is read where it lies.
-    auto [grad_pre, unused] = activation_backward_matrix(grad_output, s, act, negative_slope, false);
+    auto [grad_pre, unused] = activation_backward_matrix(grad_output, s, act, params, false);
     return grad_pre.view(s.sizes());
   }
   // dl/df in out_or_f's memory format; grad_output is copied only if its strides differ.
@@ -383,7 +387,7 @@ at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Ten
   at::Tensor grad_pre = at::empty_like(s);
   HANDGRAD_DISPATCH_FLOATING_TYPES(s.scalar_type(), "activation_backward_cuda", [&] {
     dispatch_activation(act, [&](auto tag) {
-      launch_elementwise<scalar_t, decltype(tag)::value, true>(grad_pre, grad, s, negative_slope);
+      launch_elementwise<scalar_t, decltype(tag)::value, true>(grad_pre, grad, s, params);
     });
   });
   return grad_pre;
@@ -391,27 +395,29 @@ at::Tensor activation_backward_cuda(const at::Tensor& grad_output, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor> bias_activation_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& out_or_f, c10::string_view activation,
-    double negative_slope) {
+    double negative_slope, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   const Activation act =
-      check_bias_activation_backward(grad_output, out_or_f, activation, negative_slope);
+      check_bias_activation_backward(grad_output, out_or_f, activation, params);
   const c10::cuda::CUDAGuard device_guard(out_or_f.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto [grad_pre, grad_bias] = activation_backward_matrix(grad_output, out_or_f, act, negative_slope, true);
+  auto [grad_pre, grad_bias] = activation_backward_matrix(grad_output, out_or_f, act, params, true);
   return {grad_pre.view(out_or_f.sizes()), grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& out_or_f, c10::string_view activation, double negative_slope,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
   const Activation act = check_linear_activation_backward(grad_output, input, weight, out_or_f,
-                                                          activation, negative_slope);
+                                                          activation, params);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const auto [need_input, need_weight, need_bias] = output_mask;
   auto [grad_pre, grad_bias] =
-      activation_backward_matrix(grad_output, out_or_f, act, negative_slope, need_bias);
+      activation_backward_matrix(grad_output, out_or_f, act, params, need_bias);
   const int64_t rows = leading_rows(input.sizes());
   at::Tensor grad_input, grad_weight;
   if (need_input) grad_input = at::mm(grad_pre, weight).view(input.sizes());  // (7.6)

@@ -14,39 +14,41 @@ from . import _C
 
 
 @torch.library.register_fake("handgrad::linear_activation")
-def _linear_activation_fake(input, weight, bias, activation, negative_slope=0.01):
-    _C.check_linear_activation(input, weight, bias, activation, negative_slope)
+def _linear_activation_fake(input, weight, bias, activation, negative_slope=0.01, beta=1.0, threshold=20.0):
+    _C.check_linear_activation(input, weight, bias, activation, negative_slope, beta, threshold)
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("handgrad::activation")
-def _activation_fake(input, activation, negative_slope=0.01):
-    _C.check_activation(input, activation, negative_slope, False)
+def _activation_fake(input, activation, negative_slope=0.01, beta=1.0, threshold=20.0):
+    _C.check_activation(input, activation, negative_slope, beta, threshold, False)
     return torch.empty_like(input)  # its memory format, as the kernels keep it
 
 
 @torch.library.register_fake("handgrad::activation_")
-def _activation_inplace_fake(input, activation, negative_slope=0.01):
-    _C.check_activation(input, activation, negative_slope, True)
+def _activation_inplace_fake(input, activation, negative_slope=0.01, beta=1.0, threshold=20.0):
+    _C.check_activation(input, activation, negative_slope, beta, threshold, True)
 
 
 @torch.library.register_fake("handgrad::activation_backward")
-def _activation_backward_fake(grad_output, out_or_f, activation, negative_slope=0.01):
-    _C.check_activation_backward(grad_output, out_or_f, activation, negative_slope)
+def _activation_backward_fake(grad_output, out_or_f, activation, negative_slope=0.01, beta=1.0,
+                              threshold=20.0):
+    _C.check_activation_backward(grad_output, out_or_f, activation, negative_slope, beta, threshold)
     return torch.empty_like(out_or_f)
 
 
 @torch.library.register_fake("handgrad::bias_activation_backward")
-def _bias_activation_backward_fake(grad_output, out_or_f, activation, negative_slope=0.01):
-    _C.check_bias_activation_backward(grad_output, out_or_f, activation, negative_slope)
+def _bias_activation_backward_fake(grad_output, out_or_f, activation, negative_slope=0.01, beta=1.0,
+                                   threshold=20.0):
+    _C.check_bias_activation_backward(grad_output, out_or_f, activation, negative_slope, beta, threshold)
     return out_or_f.new_empty(out_or_f.shape), out_or_f.new_empty(out_or_f.shape[-1:])
 
 
 @torch.library.register_fake("handgrad::linear_activation_backward")
 def _linear_activation_backward_fake(grad_output, input, weight, out_or_f, activation,
-                                     negative_slope, output_mask):
+                                     negative_slope, output_mask, beta=1.0, threshold=20.0):
     _C.check_linear_activation_backward(grad_output, input, weight, out_or_f, activation,
-                                        negative_slope)
+                                        negative_slope, beta, threshold)
     need_input, need_weight, need_bias = output_mask
     return (
         input.new_empty(input.shape) if need_input else None,
@@ -57,17 +59,17 @@ def _linear_activation_backward_fake(grad_output, input, weight, out_or_f, activ
 
 @torch.library.register_fake("handgrad::mlp")
 def _mlp_fake(input, weights, biases, activation, negative_slope=0.01, checkpoint_every=0,
-              output_activation=None):
+              output_activation=None, beta=1.0, threshold=20.0):
     _C.check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
-                 output_activation)
+                 output_activation, beta, threshold)
     return input.new_empty((*input.shape[:-1], weights[-1].shape[0]))
 
 
 @torch.library.register_fake("handgrad::mlp_forward")
 def _mlp_forward_fake(input, weights, biases, activation, negative_slope, checkpoint_every,
-                      output_activation=None):
+                      output_activation=None, beta=1.0, threshold=20.0):
     _C.check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
-                 output_activation)
+                 output_activation, beta, threshold)
     rows = math.prod(input.shape[:-1])
     hidden = len(weights) - 1
     kept = [made for made in range(1, hidden + 1)
@@ -79,9 +81,9 @@ def _mlp_forward_fake(input, weights, biases, activation, negative_slope, checkp
 @torch.library.register_fake("handgrad::mlp_backward")
 def _mlp_backward_fake(grad_output, input, weights, biases, hidden_outputs, activation, negative_slope,
                        checkpoint_every, input_requires_grad, output_activation=None,
-                       parameters_require_grad=True):
+                       parameters_require_grad=True, beta=1.0, threshold=20.0):
     _C.check_mlp_backward(input, weights, biases, hidden_outputs, activation, negative_slope,
-                          checkpoint_every, output_activation)
+                          checkpoint_every, output_activation, beta, threshold)
     if not parameters_require_grad:
         weights, biases = [], []
     return (input.new_empty(input.shape) if input_requires_grad else None,

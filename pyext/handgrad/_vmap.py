@@ -41,25 +41,26 @@ def _per_sample(op, info, in_dims, args):
 
 
 @torch.library.register_vmap("handgrad::activation")
-def _activation_vmap(info, in_dims, input, activation, negative_slope=0.01):
-    return _ops.activation(input.movedim(in_dims[0], 0), activation, negative_slope), 0
+def _activation_vmap(info, in_dims, input, activation, negative_slope=0.01, beta=1.0, threshold=20.0):
+    return _ops.activation(input.movedim(in_dims[0], 0), activation, negative_slope, beta, threshold), 0
 
 
 @torch.library.register_vmap("handgrad::activation_backward")
-def _activation_backward_vmap(info, in_dims, grad_output, out_or_f, activation, negative_slope=0.01):
+def _activation_backward_vmap(info, in_dims, grad_output, out_or_f, activation, negative_slope=0.01,
+                              beta=1.0, threshold=20.0):
     grad_output, out_or_f = (
         _batch_first(t, d, info.batch_size) for t, d in zip((grad_output, out_or_f), in_dims)
     )
-    return _ops.activation_backward(grad_output, out_or_f, activation, negative_slope), 0
+    return _ops.activation_backward(grad_output, out_or_f, activation, negative_slope, beta, threshold), 0
 
 
 @torch.library.register_vmap("handgrad::bias_activation_backward")
 def _bias_activation_backward_vmap(info, in_dims, grad_output, out_or_f, activation,
-                                   negative_slope=0.01):
+                                   negative_slope=0.01, beta=1.0, threshold=20.0):
     grad_output, out_or_f = (
         _batch_first(t, d, info.batch_size) for t, d in zip((grad_output, out_or_f), in_dims)
     )
-    grad_pre = _ops.activation_backward(grad_output, out_or_f, activation, negative_slope)
+    grad_pre = _ops.activation_backward(grad_output, out_or_f, activation, negative_slope, beta, threshold)
     # Each sample's bias gradient sums its own rows only.
     rows = math.prod(grad_pre.shape[1:-1])
     grad_bias = grad_pre.reshape(info.batch_size, rows, grad_pre.shape[-1]).sum(1)
@@ -67,30 +68,32 @@ def _bias_activation_backward_vmap(info, in_dims, grad_output, out_or_f, activat
 
 
 @torch.library.register_vmap("handgrad::linear_activation")
-def _linear_activation_vmap(info, in_dims, input, weight, bias, activation, negative_slope=0.01):
+def _linear_activation_vmap(info, in_dims, input, weight, bias, activation, negative_slope=0.01,
+                            beta=1.0, threshold=20.0):
     input_dim, weight_dim, bias_dim = in_dims[:3]
     if weight_dim is None and bias_dim is None:
         return _ops.linear_activation(input.movedim(input_dim, 0), weight, bias, activation,
-                                      negative_slope), 0
+                                      negative_slope, beta, threshold), 0
     return _per_sample(_ops.linear_activation, info, in_dims,
-                       (input, weight, bias, activation, negative_slope))
+                       (input, weight, bias, activation, negative_slope, beta, threshold))
 
 
 @torch.library.register_vmap("handgrad::linear_activation_backward")
 def _linear_activation_backward_vmap(info, in_dims, grad_output, input, weight, out_or_f,
-                                     activation, negative_slope, output_mask):
+                                     activation, negative_slope, output_mask, beta=1.0, threshold=20.0):
     # Per-sample weight and bias gradients cannot come from one sum over all rows.
     return _per_sample(_ops.linear_activation_backward, info, in_dims,
-                       (grad_output, input, weight, out_or_f, activation, negative_slope, output_mask))
+                       (grad_output, input, weight, out_or_f, activation, negative_slope, output_mask,
+                        beta, threshold))
 
 
 @torch.library.register_vmap("handgrad::mlp")
 def _mlp_vmap(info, in_dims, input, weights, biases, activation, negative_slope=0.01,
-              checkpoint_every=0, output_activation=None):
+              checkpoint_every=0, output_activation=None, beta=1.0, threshold=20.0):
     input_dim, weight_dims, bias_dims = in_dims[:3]
     if all(d is None for d in (*weight_dims, *bias_dims)):
         return _ops.mlp(input.movedim(input_dim, 0), weights, biases, activation, negative_slope,
-                        checkpoint_every, output_activation), 0
+                        checkpoint_every, output_activation, beta, threshold), 0
     return _per_sample(_ops.mlp, info, in_dims, (input, weights, biases, activation,
                                                  negative_slope, checkpoint_every,
-                                                 output_activation))
+                                                 output_activation, beta, threshold))

@@ -52,6 +52,18 @@ _has_second_derivative = _C.has_second_derivative
 _derivative_of_derivative = _C.derivative_of_derivative
 _preactivation = _C.preactivation
 
+# An activation's parameters as the ops take them, after the activation's name:
+# (negative_slope, beta, threshold), torch.nn's defaults where the activation has none.
+DEFAULT_PARAMETERS = (0.01, 1.0, 20.0)
+
+
+def leaky_relu_parameters(negative_slope=0.01):
+    return (negative_slope, 1.0, 20.0)
+
+
+def softplus_parameters(beta=1.0, threshold=20.0):
+    return (0.01, beta, threshold)
+
 
 # --- dl/df = dl/d(out) * a'[f] as Functions of their own: a differentiable backward ---
 
@@ -61,32 +73,33 @@ def _grads_of_activation_backward(ctx, grad_grad_pre):
     grad_output, out_or_f = ctx.saved_tensors
     grad_grad_output = grad_out_or_f = None
     if ctx.needs_input_grad[0]:
-        grad_grad_output = _ActivationBackward.apply(
-            grad_grad_pre, out_or_f, ctx.activation, ctx.negative_slope
-        )
+        grad_grad_output = _ActivationBackward.apply(grad_grad_pre, out_or_f, ctx.activation, *ctx.parameters)
     if ctx.needs_input_grad[1] and _has_second_derivative(ctx.activation):
         # ReLU and LeakyReLU have a'' = 0 almost everywhere: nothing flows back through out_or_f.
-        grad_out_or_f = grad_grad_pre * grad_output * _derivative_of_derivative(ctx.activation, out_or_f)
-    return grad_grad_output, grad_out_or_f, None, None
+        grad_out_or_f = grad_grad_pre * grad_output * _derivative_of_derivative(
+            ctx.activation, out_or_f, *ctx.parameters)
+    return grad_grad_output, grad_out_or_f, None, None, None, None
 
 
-def _activation_grad(grad_output, out_or_f, activation, negative_slope):
+def _activation_grad(grad_output, out_or_f, activation, parameters):
     """dl/df, through a differentiable Function only when the backward is itself recorded."""
     if torch.is_grad_enabled():
-        return _ActivationBackward.apply(grad_output, out_or_f, activation, negative_slope)
-    return _activation_backward(grad_output, out_or_f, activation, negative_slope)
+        return _ActivationBackward.apply(grad_output, out_or_f, activation, *parameters)
+    return _activation_backward(grad_output, out_or_f, activation, *parameters)
 
 
 class _ActivationBackward(_Function):
-    """grad_pre = grad_output * a'(out_or_f)."""
+    """grad_pre = grad_output * a'(out_or_f). The activation's parameters come one by one (as
+    the ops take them): torch.func would flatten a tuple into its leaves."""
 
     @staticmethod
-    def forward(grad_output, out_or_f, activation, negative_slope):
-        return _activation_backward(grad_output, out_or_f, activation, negative_slope)
+    def forward(grad_output, out_or_f, activation, negative_slope, beta, threshold):
+        return _activation_backward(grad_output, out_or_f, activation, negative_slope, beta, threshold)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_output, out_or_f, ctx.activation, ctx.negative_slope = inputs
+        grad_output, out_or_f, ctx.activation = inputs[:3]
+        ctx.parameters = inputs[3:]
         ctx.save_for_backward(grad_output, out_or_f)
         ctx.save_for_forward(grad_output, out_or_f)
 
@@ -100,9 +113,10 @@ class _ActivationBackward(_Function):
         grad_output, out_or_f = ctx.saved_tensors
         tangent = torch.zeros_like(out_or_f)
         if grad_output_tangent is not None:
-            tangent = _activation_grad(grad_output_tangent, out_or_f, ctx.activation, ctx.negative_slope)
+            tangent = _activation_grad(grad_output_tangent, out_or_f, ctx.activation, ctx.parameters)
         if out_or_f_tangent is not None and _has_second_derivative(ctx.activation):
-            tangent = tangent + grad_output * _derivative_of_derivative(ctx.activation, out_or_f) * out_or_f_tangent
+            second = _derivative_of_derivative(ctx.activation, out_or_f, *ctx.parameters)
+            tangent = tangent + grad_output * second * out_or_f_tangent
         return tangent
 
 
@@ -110,8 +124,8 @@ class _BiasActivationBackward(_ActivationBackward):
     """(grad_pre, grad_bias): grad_pre as above, and its sum over all leading dimensions."""
 
     @staticmethod
-    def forward(grad_output, out_or_f, activation, negative_slope):
-        return _bias_activation_backward(grad_output, out_or_f, activation, negative_slope)
+    def forward(grad_output, out_or_f, activation, negative_slope, beta, threshold):
+        return _bias_activation_backward(grad_output, out_or_f, activation, negative_slope, beta, threshold)
 
     @staticmethod
     def backward(ctx, grad_grad_pre, grad_grad_bias):
@@ -129,12 +143,12 @@ class _BiasActivationBackward(_ActivationBackward):
 # --- The fused layers: out = a[beta + Omega h] ---
 
 
-def _setup_linear(ctx, inputs, output, activation, negative_slope):
+def _setup_linear(ctx, inputs, output, activation, parameters):
     input, weight, bias = inputs[:3]
-    ctx.activation, ctx.negative_slope = activation, negative_slope
+    ctx.activation, ctx.parameters = activation, parameters
     ctx.num_inputs = len(inputs)
     # The bias is needed only to recompute f where the output hides its sign.
-    if not _derivative_needs_preactivation(activation, negative_slope):
+    if not _derivative_needs_preactivation(activation, *parameters):
         bias = None
     ctx.save_for_backward(input, weight, bias, output)
     ctx.save_for_forward(input, weight, bias, output)
@@ -142,10 +156,10 @@ def _setup_linear(ctx, inputs, output, activation, negative_slope):
 
 def _out_or_f(ctx, input, weight, bias, output):
     """The tensor a'[f] is read off: out, or a recomputed f where out hides the sign."""
-    if not _derivative_needs_preactivation(ctx.activation, ctx.negative_slope):
+    if not _derivative_needs_preactivation(ctx.activation, *ctx.parameters):
         return output
     if _has_second_derivative(ctx.activation):
-        # SiLU's and GELU's a' vary with f: f with its history and tangents, by ATen's linear.
+        # SiLU's, GELU's and softplus's a' vary with f: f with its history and tangents, by ATen's linear.
         return torch.nn.functional.linear(input, weight, bias)
     # Detached, as f only selects a' (a'' = 0), so no tangent either.
     bias = None if bias is None else bias.detach()
@@ -164,18 +178,17 @@ class _LinearActivationFunction(_Function):
         if not torch.is_grad_enabled():
             # A plain backward (no create_graph): the whole of it in one fused op.
             return _linear_activation_backward(
-                grad_output, input, weight, out_or_f, ctx.activation, ctx.negative_slope, needs
+                grad_output, input, weight, out_or_f, ctx.activation, ctx.parameters[0], needs,
+                *ctx.parameters[1:]
             ) + not_inputs
         need_input, need_weight, need_bias = needs
         grad_input = grad_weight = grad_bias = None
         if need_bias:
             grad_pre, grad_bias = _BiasActivationBackward.apply(
-                grad_output, out_or_f, ctx.activation, ctx.negative_slope
+                grad_output, out_or_f, ctx.activation, *ctx.parameters
             )
         else:
-            grad_pre = _ActivationBackward.apply(
-                grad_output, out_or_f, ctx.activation, ctx.negative_slope
-            )
+            grad_pre = _ActivationBackward.apply(grad_output, out_or_f, ctx.activation, *ctx.parameters)
         if need_input:
             grad_input = grad_pre.matmul(weight)  # dl/dh = Omega^T dl/df  (7.6)
         if need_weight:
@@ -194,7 +207,7 @@ class _LinearActivationFunction(_Function):
             tangent_pre = tangent_pre + input.matmul(weight_tangent.t())
         if bias_tangent is not None:
             tangent_pre = tangent_pre + bias_tangent
-        return _activation_grad(tangent_pre, out_or_f, ctx.activation, ctx.negative_slope)
+        return _activation_grad(tangent_pre, out_or_f, ctx.activation, ctx.parameters)
 
 
 class LinearLeakyReLUFunction(_LinearActivationFunction):
@@ -202,20 +215,32 @@ class LinearLeakyReLUFunction(_LinearActivationFunction):
 
     @staticmethod
     def forward(input, weight, bias=None, negative_slope=0.01):
-        return _linear_activation(input, weight, bias, "leaky_relu", negative_slope)
+        return _linear_activation(input, weight, bias, "leaky_relu", *leaky_relu_parameters(negative_slope))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_linear(ctx, inputs, output, "leaky_relu", inputs[3])
+        _setup_linear(ctx, inputs, output, "leaky_relu", leaky_relu_parameters(*inputs[3:]))
+
+
+class LinearSoftplusFunction(_LinearActivationFunction):
+    """softplus(input @ weight.T + bias, beta, threshold)."""
+
+    @staticmethod
+    def forward(input, weight, bias=None, beta=1.0, threshold=20.0):
+        return _linear_activation(input, weight, bias, "softplus", *softplus_parameters(beta, threshold))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_linear(ctx, inputs, output, "softplus", softplus_parameters(*inputs[3:]))
 
 
 # --- The standalone activations: out = a[input] ---
 
 
-def _setup_activation(ctx, inputs, output, activation, negative_slope):
-    ctx.activation, ctx.negative_slope = activation, negative_slope
+def _setup_activation(ctx, inputs, output, activation, parameters):
+    ctx.activation, ctx.parameters = activation, parameters
     ctx.num_inputs = len(inputs)
-    out_or_f = inputs[0] if _derivative_needs_preactivation(activation, negative_slope) else output
+    out_or_f = inputs[0] if _derivative_needs_preactivation(activation, *parameters) else output
     ctx.save_for_backward(out_or_f)
     ctx.save_for_forward(out_or_f)
 
@@ -226,13 +251,13 @@ class _ActivationFunction(_Function):
     @staticmethod
     def backward(ctx, grad_output):
         (out_or_f,) = ctx.saved_tensors
-        grad_input = _activation_grad(grad_output, out_or_f, ctx.activation, ctx.negative_slope)
+        grad_input = _activation_grad(grad_output, out_or_f, ctx.activation, ctx.parameters)
         return (grad_input,) + (None,) * (ctx.num_inputs - 1)
 
     @staticmethod
     def jvp(ctx, input_tangent, *_):
         (out_or_f,) = ctx.saved_tensors
-        return _activation_grad(input_tangent, out_or_f, ctx.activation, ctx.negative_slope)
+        return _activation_grad(input_tangent, out_or_f, ctx.activation, ctx.parameters)
 
 
 class LeakyReLUFunction(_ActivationFunction):
@@ -240,11 +265,23 @@ class LeakyReLUFunction(_ActivationFunction):
 
     @staticmethod
     def forward(input, negative_slope=0.01):
-        return _activation(input, "leaky_relu", negative_slope)
+        return _activation(input, "leaky_relu", *leaky_relu_parameters(negative_slope))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_activation(ctx, inputs, output, "leaky_relu", inputs[1])
+        _setup_activation(ctx, inputs, output, "leaky_relu", leaky_relu_parameters(*inputs[1:]))
+
+
+class SoftplusFunction(_ActivationFunction):
+    """softplus(input, beta, threshold)."""
+
+    @staticmethod
+    def forward(input, beta=1.0, threshold=20.0):
+        return _activation(input, "softplus", *softplus_parameters(beta, threshold))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_activation(ctx, inputs, output, "softplus", softplus_parameters(*inputs[1:]))
 
 
 def _functions_of(activation, stem, formula):
@@ -253,16 +290,16 @@ def _functions_of(activation, stem, formula):
     by type(), so that each has its name from the start (autograd names the grad_fn by it)."""
 
     def linear_forward(input, weight, bias=None):
-        return _linear_activation(input, weight, bias, activation, 0.0)
+        return _linear_activation(input, weight, bias, activation, *DEFAULT_PARAMETERS)
 
     def linear_setup_context(ctx, inputs, output):
-        _setup_linear(ctx, inputs, output, activation, 0.0)
+        _setup_linear(ctx, inputs, output, activation, DEFAULT_PARAMETERS)
 
     def forward(input):
-        return _activation(input, activation, 0.0)
+        return _activation(input, activation, *DEFAULT_PARAMETERS)
 
     def setup_context(ctx, inputs, output):
-        _setup_activation(ctx, inputs, output, activation, 0.0)
+        _setup_activation(ctx, inputs, output, activation, DEFAULT_PARAMETERS)
 
     def made(name, base, doc, forward, setup_context):
         return type(name, (base,), {"__doc__": doc, "__module__": __name__, "forward": staticmethod(forward),
@@ -297,4 +334,6 @@ __all__ = [
     "SiLUFunction",
     "GELUFunction",
     "GELUTanhFunction",
+    "LinearSoftplusFunction",
+    "SoftplusFunction",
 ]

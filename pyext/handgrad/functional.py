@@ -2,7 +2,8 @@
 
 input has shape (*, in_features), weight (out_features, in_features), bias (out_features,)
 or None. Tensor arguments are checked by the ops themselves (csrc/checks.h), before any
-kernel runs; negative_slope is checked here.
+kernel runs; the activations' parameters (negative_slope, beta, threshold) are checked here
+too, where a Python type error can be named.
 
 Each function calls its torch.ops.handgrad op, whose C++ autograd kernel records the
 backward and whose autocast kernel casts as autocast casts nn.Linear. In eager mode the op
@@ -36,20 +37,39 @@ from .autograd import (
     SiLUFunction,
     GELUFunction,
     GELUTanhFunction,
+    LinearSoftplusFunction,
+    SoftplusFunction,
+    DEFAULT_PARAMETERS,
+    leaky_relu_parameters,
+    softplus_parameters,
 )
 
 _ops = torch.ops.handgrad
 
 
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_negative_slope(negative_slope):
     """Return negative_slope as a float, or raise if it is not a finite real number."""
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
-        raise TypeError(
-            f"negative_slope must be a real number, got {type(negative_slope).__name__}"
-        )
+    negative_slope = _real("negative_slope", negative_slope)
     if not math.isfinite(negative_slope):
         raise ValueError(f"negative_slope must be a finite number, got {negative_slope}")
-    return float(negative_slope)
+    return negative_slope
+
+
+def check_softplus(beta, threshold):
+    """Return softplus's (beta, threshold) as floats, or raise if beta is not a positive
+    finite number or threshold is not a number (infinite thresholds are allowed)."""
+    beta, threshold = _real("beta", beta), _real("threshold", threshold)
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite number, got {beta}")
+    if math.isnan(threshold):
+        raise ValueError("threshold must be a number, got nan")
+    return beta, threshold
 
 
 def _op_namespace():
@@ -97,9 +117,10 @@ def _autocast(input, weight, bias):
 _LINEAR_FUNCTIONS = {"relu": LinearReLUFunction, "leaky_relu": LinearLeakyReLUFunction,
                      "sigmoid": LinearSigmoidFunction, "tanh": LinearTanhFunction,
                      "silu": LinearSiLUFunction, "gelu": LinearGELUFunction,
-                     "gelu_tanh": LinearGELUTanhFunction}
+                     "gelu_tanh": LinearGELUTanhFunction, "softplus": LinearSoftplusFunction}
 _FUNCTIONS = {"relu": ReLUFunction, "leaky_relu": LeakyReLUFunction, "sigmoid": SigmoidFunction,
-              "tanh": TanhFunction, "silu": SiLUFunction, "gelu": GELUFunction, "gelu_tanh": GELUTanhFunction}
+              "tanh": TanhFunction, "silu": SiLUFunction, "gelu": GELUFunction, "gelu_tanh": GELUTanhFunction,
+              "softplus": SoftplusFunction}
 
 
 def gelu_activation(approximate):
@@ -112,17 +133,30 @@ def gelu_activation(approximate):
     raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-def _slope_argument(activation, negative_slope):
-    return (negative_slope,) if activation == "leaky_relu" else ()
+def _function_arguments(activation, parameters):
+    """The Python Function's arguments after the tensors: the activation's own parameters."""
+    if activation == "leaky_relu":
+        return parameters[:1]
+    return parameters[1:] if activation == "softplus" else ()
 
 
-def _linear(input, weight, bias, activation, negative_slope):
+def parameters_of(activation, negative_slope=0.01, beta=1.0, threshold=20.0):
+    """The parameters (negative_slope, beta, threshold) as the ops take them, checked: those
+    the activation takes, the defaults for the others."""
+    if activation == "leaky_relu":
+        return leaky_relu_parameters(check_negative_slope(negative_slope))
+    if activation == "softplus":
+        return softplus_parameters(*check_softplus(beta, threshold))
+    return DEFAULT_PARAMETERS
+
+
+def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
     ops = _op_namespace()
     if ops is None:
-        arguments = _autocast(input, weight, bias) + _slope_argument(activation, negative_slope)
+        arguments = _autocast(input, weight, bias) + _function_arguments(activation, parameters)
         return _LINEAR_FUNCTIONS[activation].apply(*arguments)
     try:
-        return ops.linear_activation(input, weight, bias, activation, negative_slope)
+        return ops.linear_activation(input, weight, bias, activation, *parameters)
     except (TypeError, NotImplementedError):
         _explain_bad_argument(f"linear_{activation}", input=input, weight=weight, bias=bias)
         raise
@@ -132,7 +166,7 @@ def linear_relu(input, weight, bias=None):
     """relu(input @ weight.T + bias)."""
     if has_torch_function((input, weight, bias)):  # torch.fx proxies, tensor subclasses
         return handle_torch_function(linear_relu, (input, weight, bias), input, weight, bias)
-    return _linear(input, weight, bias, "relu", 0.0)
+    return _linear(input, weight, bias, "relu")
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
@@ -140,29 +174,28 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_leaky_relu, (input, weight, bias), input, weight, bias,
                                      negative_slope=negative_slope)
-    negative_slope = check_negative_slope(negative_slope)
-    return _linear(input, weight, bias, "leaky_relu", negative_slope)
+    return _linear(input, weight, bias, "leaky_relu", parameters_of("leaky_relu", negative_slope))
 
 
 def linear_sigmoid(input, weight, bias=None):
     """sigmoid(input @ weight.T + bias)."""
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_sigmoid, (input, weight, bias), input, weight, bias)
-    return _linear(input, weight, bias, "sigmoid", 0.0)
+    return _linear(input, weight, bias, "sigmoid")
 
 
 def linear_tanh(input, weight, bias=None):
     """tanh(input @ weight.T + bias)."""
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_tanh, (input, weight, bias), input, weight, bias)
-    return _linear(input, weight, bias, "tanh", 0.0)
+    return _linear(input, weight, bias, "tanh")
 
 
 def linear_silu(input, weight, bias=None):
     """silu(input @ weight.T + bias): x sigmoid(x) of the layer's pre-activation."""
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_silu, (input, weight, bias), input, weight, bias)
-    return _linear(input, weight, bias, "silu", 0.0)
+    return _linear(input, weight, bias, "silu")
 
 
 def linear_gelu(input, weight, bias=None, approximate="none"):
@@ -170,19 +203,28 @@ def linear_gelu(input, weight, bias=None, approximate="none"):
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_gelu, (input, weight, bias), input, weight, bias,
                                      approximate=approximate)
-    return _linear(input, weight, bias, gelu_activation(approximate), 0.0)
+    return _linear(input, weight, bias, gelu_activation(approximate))
 
 
-def _elementwise(input, activation, negative_slope, inplace):
+def linear_softplus(input, weight, bias=None, beta=1.0, threshold=20.0):
+    """softplus(input @ weight.T + bias, beta, threshold): log(1 + exp(beta f)) / beta, and f
+    itself where beta f > threshold, as F.softplus."""
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(linear_softplus, (input, weight, bias), input, weight, bias,
+                                     beta=beta, threshold=threshold)
+    return _linear(input, weight, bias, "softplus", parameters_of("softplus", beta=beta, threshold=threshold))
+
+
+def _elementwise(input, activation, parameters=DEFAULT_PARAMETERS, inplace=False):
     ops = _op_namespace()
     if ops is None:
-        out = _FUNCTIONS[activation].apply(input, *_slope_argument(activation, negative_slope))
+        out = _FUNCTIONS[activation].apply(input, *_function_arguments(activation, parameters))
         return input.copy_(out) if inplace else out
     try:
         if inplace:
-            ops.activation_(input, activation, negative_slope)
+            ops.activation_(input, activation, *parameters)
             return input
-        return ops.activation(input, activation, negative_slope)
+        return ops.activation(input, activation, *parameters)
     except (TypeError, NotImplementedError):
         _explain_bad_argument(activation, input=input)
         raise
@@ -192,7 +234,7 @@ def relu(input, inplace=False):
     """relu(input), elementwise; with inplace=True it overwrites input and returns it."""
     if has_torch_function((input,)):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
-    return _elementwise(input, "relu", 0.0, inplace)
+    return _elementwise(input, "relu", inplace=inplace)
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
@@ -201,36 +243,42 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
     if has_torch_function((input,)):
         return handle_torch_function(leaky_relu, (input,), input, negative_slope=negative_slope,
                                      inplace=inplace)
-    negative_slope = check_negative_slope(negative_slope)
-    return _elementwise(input, "leaky_relu", negative_slope, inplace)
+    return _elementwise(input, "leaky_relu", parameters_of("leaky_relu", negative_slope), inplace)
 
 
 def sigmoid(input):
     """sigmoid(input), elementwise."""
     if has_torch_function((input,)):
         return handle_torch_function(sigmoid, (input,), input)
-    return _elementwise(input, "sigmoid", 0.0, False)
+    return _elementwise(input, "sigmoid")
 
 
 def tanh(input):
     """tanh(input), elementwise."""
     if has_torch_function((input,)):
         return handle_torch_function(tanh, (input,), input)
-    return _elementwise(input, "tanh", 0.0, False)
+    return _elementwise(input, "tanh")
 
 
 def silu(input, inplace=False):
     """silu(input) = input * sigmoid(input), elementwise; the signature of F.silu."""
     if has_torch_function((input,)):
         return handle_torch_function(silu, (input,), input, inplace=inplace)
-    return _elementwise(input, "silu", 0.0, inplace)
+    return _elementwise(input, "silu", inplace=inplace)
 
 
 def gelu(input, approximate="none"):
     """gelu(input), elementwise: input * Phi(input), or its tanh approximation; as F.gelu."""
     if has_torch_function((input,)):
         return handle_torch_function(gelu, (input,), input, approximate=approximate)
-    return _elementwise(input, gelu_activation(approximate), 0.0, False)
+    return _elementwise(input, gelu_activation(approximate))
+
+
+def softplus(input, beta=1.0, threshold=20.0):
+    """softplus(input, beta, threshold), elementwise; the signature of F.softplus."""
+    if has_torch_function((input,)):
+        return handle_torch_function(softplus, (input,), input, beta=beta, threshold=threshold)
+    return _elementwise(input, "softplus", parameters_of("softplus", beta=beta, threshold=threshold))
 
 
 def check_checkpoint_every(checkpoint_every):
@@ -256,15 +304,17 @@ def check_output_activation(output_activation):
     """Return output_activation, or raise if it is not None or one of the activations."""
     if output_activation is not None and output_activation not in _LINEAR_FUNCTIONS:
         raise ValueError("output_activation must be None, 'relu', 'leaky_relu', 'sigmoid', 'tanh', "
-                         f"'silu', 'gelu' or 'gelu_tanh', got {output_activation!r}")
+                         f"'silu', 'gelu', 'gelu_tanh' or 'softplus', got {output_activation!r}")
     return output_activation
 
 
 def mlp(input, weights, biases=None, activation="relu", negative_slope=0.01,
-        checkpoint_every=None, output_activation=None):
+        checkpoint_every=None, output_activation=None, *, beta=1.0, threshold=20.0):
     """A whole network in one op: hidden layers h = activation(h @ W.T + b), then the output
     layer h @ W.T + b, followed by output_activation if one is given (any of the activations:
-    "relu", "leaky_relu" with the same slope, "sigmoid", "tanh", "silu", "gelu", "gelu_tanh").
+    "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh", "softplus"). Both
+    activations take the same parameters: negative_slope for leaky_relu, beta and threshold
+    for softplus.
     weights and biases list the layers in order, the
     output layer last; biases=None (or []) gives layers without a bias.
 
@@ -278,28 +328,36 @@ def mlp(input, weights, biases=None, activation="relu", negative_slope=0.01,
         return handle_torch_function(mlp, (input, *weights, *biases), input, weights, biases,
                                      activation=activation, negative_slope=negative_slope,
                                      checkpoint_every=checkpoint_every,
-                                     output_activation=output_activation)
-    return _mlp(input, list(weights), biases, activation, check_negative_slope(negative_slope),
+                                     output_activation=output_activation, beta=beta, threshold=threshold)
+    return _mlp(input, list(weights), biases, activation,
+                network_parameters(activation, output_activation, negative_slope, beta, threshold),
                 check_checkpoint_every(checkpoint_every), check_output_activation(output_activation))
 
 
-def _mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
-         output_activation=None):
+def network_parameters(activation, output_activation, negative_slope=0.01, beta=1.0, threshold=20.0):
+    """The parameters (negative_slope, beta, threshold) that a network's activations share,
+    each checked where one of the two activations takes it."""
+    takes = {activation, output_activation}
+    return (check_negative_slope(negative_slope) if "leaky_relu" in takes else DEFAULT_PARAMETERS[0],
+            *(check_softplus(beta, threshold) if "softplus" in takes else DEFAULT_PARAMETERS[1:]))
+
+
+def _mlp(input, weights, biases, activation, parameters, checkpoint_every, output_activation=None):
     """mlp() with its arguments checked already (handgrad.nn.MLP checks them once)."""
     ops = _op_namespace()
     if ops is None:  # layer by layer, through the per-layer Python Functions
-        _C.check_mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
-                     output_activation)  # the op's own check, and its messages
+        _C.check_mlp(input, weights, biases, activation, parameters[0], checkpoint_every,
+                     output_activation, *parameters[1:])  # the op's own check, and its messages
         layer_biases = biases if biases else [None] * len(weights)
         h = input
         for weight, bias in zip(weights[:-1], layer_biases[:-1]):
-            h = _linear(h, weight, bias, activation, negative_slope)
+            h = _linear(h, weight, bias, activation, parameters)
         if output_activation is None:
             return torch.nn.functional.linear(h, weights[-1], layer_biases[-1])
-        return _linear(h, weights[-1], layer_biases[-1], output_activation, negative_slope)
+        return _linear(h, weights[-1], layer_biases[-1], output_activation, parameters)
     try:
-        return ops.mlp(input, weights, biases, activation, negative_slope, checkpoint_every,
-                         output_activation)
+        return ops.mlp(input, weights, biases, activation, parameters[0], checkpoint_every,
+                       output_activation, *parameters[1:])
     except (TypeError, NotImplementedError):
         _explain_bad_argument("mlp", input=input)
         for name, tensors in (("weights", weights), ("biases", biases)):
@@ -321,4 +379,6 @@ __all__ = [
     "linear_gelu",
     "silu",
     "gelu",
+    "linear_softplus",
+    "softplus",
 ]

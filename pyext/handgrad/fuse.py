@@ -45,6 +45,8 @@ from .nn import (
     Tanh,
     SiLU,
     GELU,
+    LinearSoftplus,
+    Softplus,
     _has_hooks,
     _module_activation,
 )
@@ -57,13 +59,15 @@ _ACTIVATION_FUNCTIONS = {
     torch.tanh: "tanh", torch.tanh_: "tanh", torch.nn.functional.tanh: "tanh", F.tanh: "tanh",
     torch.nn.functional.silu: "silu", F.silu: "silu", torch.nn.functional.gelu: "gelu", F.gelu: "gelu",
     torch.nn.functional.leaky_relu: "leaky_relu", torch.nn.functional.leaky_relu_: "leaky_relu",
-    F.leaky_relu: "leaky_relu",
+    F.leaky_relu: "leaky_relu", torch.nn.functional.softplus: "softplus", F.softplus: "softplus",
 }
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                        "tanh": "tanh", "tanh_": "tanh"}
-_DEFAULT_SLOPE = 0.01
-_FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU)
-_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU)
+# The parameters each activation function takes after its input, positionally or by name,
+# with their defaults, as F.leaky_relu and F.softplus take them.
+_FUNCTION_PARAMETERS = {"leaky_relu": {"negative_slope": 0.01}, "softplus": {"beta": 1.0, "threshold": 20.0}}
+_FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU, LinearSoftplus)
+_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, Softplus)
 _LINEAR_FUNCTIONS = {"relu": F.linear_relu, "sigmoid": F.linear_sigmoid, "tanh": F.linear_tanh,
                      "silu": F.linear_silu, "gelu": F.linear_gelu,
                      "gelu_tanh": lambda x, w, b: F.linear_gelu(x, w, b, approximate="tanh")}
@@ -126,11 +130,18 @@ def _fused_class(linear_class, activation):
                 {"__module__": fused.__module__})
 
 
-def _become_fused(linear, activation, negative_slope):
+def _module_parameters(name, module):
+    """The parameters (negative_slope, beta, threshold) of activation module `module`."""
+    return F.parameters_of(name, **{key: getattr(module, key) for key in _FUNCTION_PARAMETERS.get(name, ())})
+
+
+def _become_fused(linear, activation, parameters):
     """linear, the same object, computes activation(linear(x)) from now on."""
     linear.__class__ = _fused_class(type(linear), activation)
     if activation == "leaky_relu":
-        linear.negative_slope = F.check_negative_slope(negative_slope)
+        linear.negative_slope = parameters[0]
+    if activation == "softplus":
+        linear.beta, linear.threshold = parameters[1:]
     if activation in ("gelu", "gelu_tanh"):
         linear.approximate = "tanh" if activation == "gelu_tanh" else "none"
 
@@ -148,7 +159,7 @@ def _fuse_sequentials(module, prefix, decisions, apply=True):
                 decisions.append(FusionDecision(qualified, False, reason))
                 continue
             if apply:
-                _become_fused(linear, name, getattr(activation, "negative_slope", _DEFAULT_SLOPE))
+                _become_fused(linear, name, _module_parameters(name, activation))
                 module[index + 1] = nn.Identity()
             decisions.append(FusionDecision(qualified, True, f"fused with the {name} after it"))
     for child_name, child in module.named_children():
@@ -231,7 +242,7 @@ def _trace(model, training, shapes):
 
 
 def _activation_of(node, modules):
-    """(activation, negative_slope) that node applies to its first argument, or (None, why)."""
+    """(activation, parameters) that node applies to its first argument, or (None, why)."""
     if node.op == "call_module":
         module = modules[node.target]
         name = _module_activation(module)
@@ -239,22 +250,23 @@ def _activation_of(node, modules):
             return None, f"{type(module).__name__} follows it"
         if _has_hooks(module):
             return None, "its activation module has hooks"
-        return name, getattr(module, "negative_slope", _DEFAULT_SLOPE)
+        return name, _module_parameters(name, module)
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         name = _ACTIVATION_FUNCTIONS[node.target]
         if name == "gelu":  # F.gelu(x, approximate=...)
             approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
             if approximate not in ("none", "tanh"):
                 return None, "its gelu's approximate is computed at run time or unknown"
-            return F.gelu_activation(approximate), None
-        if name != "leaky_relu":
-            return name, None
-        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", _DEFAULT_SLOPE)
-        if not isinstance(slope, (int, float)) or isinstance(slope, bool):
-            return None, "its leaky_relu's slope is computed at run time"
-        return name, float(slope)
+            return F.gelu_activation(approximate), F.DEFAULT_PARAMETERS
+        values = {}
+        for position, (key, default) in enumerate(_FUNCTION_PARAMETERS.get(name, {}).items(), 1):
+            value = node.args[position] if len(node.args) > position else node.kwargs.get(key, default)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return None, f"its {name}'s {key} is computed at run time"
+            values[key] = value
+        return name, F.parameters_of(name, **values)
     if node.op == "call_method" and node.target in _ACTIVATION_METHODS:
-        return _ACTIVATION_METHODS[node.target], None
+        return _ACTIVATION_METHODS[node.target], F.DEFAULT_PARAMETERS
     if node.op == "output":
         return None, "nothing follows it"
     target = getattr(node.target, "__name__", node.target)
@@ -262,7 +274,7 @@ def _activation_of(node, modules):
 
 
 def _pairs(graph, model):
-    """The fusable Linear + activation pairs of a graph, {linear name: (activation, slope,
+    """The fusable Linear + activation pairs of a graph, {linear name: (activation, parameters,
     linear node, activation node)}, and the reasons for every other Linear."""
     modules = dict(model.named_modules())
     pairs, reasons, seen = {}, {}, set()
@@ -276,21 +288,21 @@ def _pairs(graph, model):
         if reason is None and len(users) != 1:
             reason = "nothing follows it" if not users else f"its output is used {len(users)} times"
         if reason is None:
-            activation, slope_or_why = _activation_of(users[0], modules)
+            activation, parameters_or_why = _activation_of(users[0], modules)
             if activation is None:
-                reason = slope_or_why
+                reason = parameters_or_why
             elif users[0].args[:1] != (node,) or node.kwargs:
                 reason = "its output is not the activation's input"
         seen.add(node.target)
         if reason is None:
-            pairs[node.target] = (activation, slope_or_why, node, users[0])
+            pairs[node.target] = (activation, parameters_or_why, node, users[0])
         else:
             reasons[node.target] = reason
             pairs.pop(node.target, None)
     return pairs, reasons
 
 
-def _run_fused(linear, input, activation, negative_slope):
+def _run_fused(linear, input, activation, parameters):
     """linear followed by activation, in one op: the module's forward pre-hooks first
     (torch.nn.utils.weight_norm recomputes the weight there), then the weight as the module
     computes it (a parametrization's property included)."""
@@ -299,16 +311,18 @@ def _run_fused(linear, input, activation, negative_slope):
         if result is not None:
             input = result[0] if isinstance(result, tuple) else result
     if activation == "leaky_relu":
-        return F.linear_leaky_relu(input, linear.weight, linear.bias, negative_slope)
+        return F.linear_leaky_relu(input, linear.weight, linear.bias, parameters[0])
+    if activation == "softplus":
+        return F.linear_softplus(input, linear.weight, linear.bias, *parameters[1:])
     return _LINEAR_FUNCTIONS[activation](input, linear.weight, linear.bias)
 
 
 def _program(graph, pairs, label):
     """The Python function forward(self, ...) of graph with its pairs fused."""
-    for name, (activation, slope, linear_node, activation_node) in pairs.items():
+    for name, (activation, parameters, linear_node, activation_node) in pairs.items():
         with graph.inserting_before(linear_node):
             module = graph.get_attr(name)
-            fused = graph.call_function(_run_fused, (module, linear_node.args[0], activation, slope))
+            fused = graph.call_function(_run_fused, (module, linear_node.args[0], activation, parameters))
         activation_node.replace_all_uses_with(fused)
         graph.erase_node(activation_node)
         graph.erase_node(linear_node)

@@ -74,6 +74,23 @@ class LinearGELU(nn.Linear):
         return super().extra_repr() + (f", approximate={self.approximate!r}" if self.approximate != "none" else "")
 
 
+class LinearSoftplus(nn.Linear):
+    """softplus(input @ weight.T + bias, beta, threshold), as nn.Softplus(beta, threshold);
+    initialised exactly as nn.Linear, with nn.Linear's state_dict."""
+
+    def __init__(self, in_features, out_features, bias=True, beta=1.0, threshold=20.0, device=None,
+                 dtype=None):
+        beta, threshold = F.check_softplus(beta, threshold)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.beta, self.threshold = beta, threshold
+
+    def forward(self, input):
+        return F.linear_softplus(input, self.weight, self.bias, self.beta, self.threshold)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, beta={self.beta}, threshold={self.threshold}"
+
+
 class _InplaceActivation(nn.Module):
     """An elementwise activation that takes inplace=, as torch.nn's do; subclasses name the
     function of handgrad.functional that they call."""
@@ -151,8 +168,25 @@ class GELU(nn.Module):
         return f"approximate={self.approximate!r}"
 
 
+class Softplus(nn.Module):
+    """softplus(input, beta, threshold), elementwise; the signature of nn.Softplus."""
+
+    __constants__ = ["beta", "threshold"]
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0) -> None:
+        super().__init__()
+        self.beta, self.threshold = F.check_softplus(beta, threshold)
+
+    def forward(self, input):
+        return F.softplus(input, self.beta, self.threshold)
+
+    def extra_repr(self):
+        return f"beta={self.beta}, threshold={self.threshold}"
+
+
 _FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": LinearSigmoid,
-                 "tanh": LinearTanh, "silu": LinearSiLU, "gelu": LinearGELU, "gelu_tanh": LinearGELU}
+                 "tanh": LinearTanh, "silu": LinearSiLU, "gelu": LinearGELU, "gelu_tanh": LinearGELU,
+                 "softplus": LinearSoftplus}
 
 
 def _has_hooks(module):
@@ -161,7 +195,8 @@ def _has_hooks(module):
                 or module._backward_pre_hooks)
 
 
-_BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU, nn.Linear)
+_BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU,
+                LinearSoftplus, nn.Linear)
 
 
 def _runs_in_the_op(layer):
@@ -182,9 +217,10 @@ class MLP(nn.Module):
     """A network of fused hidden layers and a plain nn.Linear output layer, run as one op.
 
     sizes = [D_i, D_1, ..., D_K, D_o] gives K hidden layers, `hidden[k]` (LinearReLU,
-    LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU or LinearGELU, by activation:
-    "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu" or "gelu_tanh", GELU's tanh
-    approximation), and the output layer `output`. The forward and the
+    LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU or LinearSoftplus, by
+    activation: "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh" (GELU's
+    tanh approximation) or "softplus"), and the output layer `output`. negative_slope is
+    leaky_relu's; beta and threshold are softplus's (an SDF's softplus(beta=100)). The forward and the
     backward of the whole network are one hand-written op, torch.ops.handgrad.mlp: the
     backpropagation algorithm of section 7.4, one call and one autograd node for the network.
     On the CPU it runs as one fused kernel, blocks of rows through every layer while they are
@@ -192,7 +228,7 @@ class MLP(nn.Module):
 
     bias=False gives layers without a bias (the parameters of the same stack of
     nn.Linear(bias=False)). output_activation (one of the activations, leaky_relu with the
-    same slope, or None) follows the output layer.
+    same parameters, or None) follows the output layer.
 
     With checkpoint_every=k (problem 7.11) the op stores the output of every k-th hidden layer
     only and recomputes the others, a stretch of k layers at a time, during the backward:
@@ -207,16 +243,18 @@ class MLP(nn.Module):
     """
 
     def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None, *,
-                 bias=True, output_activation=None, device=None, dtype=None):
+                 bias=True, output_activation=None, beta=1.0, threshold=20.0, device=None, dtype=None):
         super().__init__()
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least the input and output sizes, got {sizes}")
         F.check_checkpoint_every(checkpoint_every)
         self.activation = F.check_activation(activation)
         self.negative_slope = F.check_negative_slope(negative_slope)
+        self.beta, self.threshold = F.check_softplus(beta, threshold)
         self.output_activation = F.check_output_activation(output_activation)
         extra = ({"negative_slope": self.negative_slope} if activation == "leaky_relu" else
-                 {"approximate": "tanh"} if activation == "gelu_tanh" else {})
+                 {"approximate": "tanh"} if activation == "gelu_tanh" else
+                 {"beta": self.beta, "threshold": self.threshold} if activation == "softplus" else {})
         self.hidden = nn.ModuleList(
             _FUSED_LAYERS[activation](d_in, d_out, bias=bias, device=device, dtype=dtype, **extra)
             for d_in, d_out in zip(sizes[:-2], sizes[1:-1])
@@ -235,12 +273,15 @@ class MLP(nn.Module):
         weights = [layer._parameters["weight"] for layer in layers]
         biases = [layer._parameters["bias"] for layer in layers]
         return F._mlp(input, weights, [] if biases[0] is None else biases, self.activation,
-                      self.negative_slope, self.checkpoint_every or 0, self.output_activation)
+                      self._activation_parameters(), self.checkpoint_every or 0, self.output_activation)
 
     def _output_activation(self, out):
         if self.output_activation is None:
             return out
-        return F._elementwise(out, self.output_activation, self.negative_slope, inplace=False)
+        return F._elementwise(out, self.output_activation, self._activation_parameters())
+
+    def _activation_parameters(self):
+        return (self.negative_slope, self.beta, self.threshold)
 
     def extra_repr(self):
         parts = [f"checkpoint_every={self.checkpoint_every}"] if self.checkpoint_every else []
@@ -252,7 +293,7 @@ class MLP(nn.Module):
 _ACTIVATION_MODULES = {nn.ReLU: "relu", ReLU: "relu", nn.LeakyReLU: "leaky_relu",
                        LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", Sigmoid: "sigmoid",
                        nn.Tanh: "tanh", Tanh: "tanh", nn.SiLU: "silu", SiLU: "silu",
-                       nn.GELU: "gelu", GELU: "gelu"}
+                       nn.GELU: "gelu", GELU: "gelu", nn.Softplus: "softplus", Softplus: "softplus"}
 
 
 def _module_activation(module):
@@ -277,6 +318,8 @@ __all__ = [
     "LinearGELU",
     "SiLU",
     "GELU",
+    "LinearSoftplus",
+    "Softplus",
     "MLP",
     "fuse",
     "fusion_decisions",

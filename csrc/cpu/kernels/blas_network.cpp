@@ -20,7 +20,7 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
   // The engine alone recomputes: with checkpointing, and f where a' cannot be read off what
   // is stored.
   if (checkpoint_every > 0) return false;
-  if (derivative_needs_preactivation(activations.hidden, activations.negative_slope) && weights.size() > 1) return false;
+  if (derivative_needs_preactivation(activations.hidden, activations.params) && weights.size() > 1) return false;
   if (activations.output.has_value() && !output_layer_source) return false;
   double work = 0, depth_work = 0;
   for (const auto& w : weights) {
@@ -46,7 +46,7 @@ at::Tensor blas_forward(const at::Tensor& input, at::TensorList weights, at::Ten
     const bool is_output = l + 1 == weights.size();
     const at::Tensor f = biases.empty() ? at::mm(h, weights[l].t()) : at::addmm(biases[l], h, weights[l].t());
     const std::optional<Activation> a = is_output ? activations.output : std::optional(activations.hidden);
-    if (a.has_value()) activation_kernel(f, f, *a, activations.negative_slope);
+    if (a.has_value()) activation_kernel(f, f, *a, activations.params);
     if (!is_output && hidden_outputs != nullptr) hidden_outputs->push_back(f);
     h = f;
   }
@@ -73,9 +73,9 @@ NetworkGradients blas_backward(const at::Tensor& grad_output, const at::Tensor& 
       const at::Tensor grad_pre = at::empty(source.sizes(), source.options());
       if (need_biases) {
         grad_biases[l] = at::empty({source.size(1)}, source.options());
-        bias_activation_backward_kernel(g, source, grad_pre, grad_biases[l], *a, activations.negative_slope);
+        bias_activation_backward_kernel(g, source, grad_pre, grad_biases[l], *a, activations.params);
       } else {
-        activation_backward_kernel(g, source, grad_pre, *a, activations.negative_slope);
+        activation_backward_kernel(g, source, grad_pre, *a, activations.params);
       }
       g = grad_pre;
     } else if (need_biases) {

@@ -50,34 +50,43 @@ void in_atens_pieces(int64_t numel, int64_t grain, const Body& body) {
 // eager's values to the last bit.
 template <typename scalar_t, Activation A>
 void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel,
-                             double negative_slope) {
+                             const ActivationParameters& params) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
-  const Vec slope(negative_slope);
-  const auto scalar_slope = static_cast<opmath_t>(negative_slope);
+  const ActivationConstants<Vec> k(params);
+  const ActivationConstants<opmath_t> scalar_k(params);
   constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
   in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
     if constexpr (A == Activation::Tanh) {  // eager's VML over the whole share, where it has one
       if (tanh_as_eager(input + begin, out + begin, end - begin)) return;
     }
     const int64_t vectorized_end = begin + (end - begin) / kStep * kStep;
-    at::vec::map([&](Vec f) { return activate<A>(f, slope); }, out + begin, input + begin,
+    at::vec::map([&](Vec f) { return activate<A>(f, k); }, out + begin, input + begin,
                  vectorized_end - begin);
     for (int64_t i = vectorized_end; i < end; ++i) {
-      out[i] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(input[i]), scalar_slope));
+      out[i] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(input[i]), scalar_k));
     }
   });
 }
 
-// grad_pre = grad * a'[f], elementwise over contiguous memory.
+// grad_pre = grad * a'[f], elementwise over contiguous memory, each share's last few
+// elements one by one as in the forward: where a' calls exp, the bits are eager's.
 template <typename scalar_t, Activation A>
 void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, scalar_t* grad_pre,
-                              int64_t numel, double negative_slope) {
-  using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
-  const Vec slope(negative_slope);
+                              int64_t numel, const ActivationParameters& params) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  const ActivationConstants<Vec> k(params);
+  const ActivationConstants<opmath_t> scalar_k(params);
+  constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
   in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
-    at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, slope); },
-                  grad_pre + begin, grad + begin, out_or_f + begin, end - begin);
+    const int64_t vectorized_end = begin + (end - begin) / kStep * kStep;
+    at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, k); },
+                  grad_pre + begin, grad + begin, out_or_f + begin, vectorized_end - begin);
+    for (int64_t i = vectorized_end; i < end; ++i) {
+      grad_pre[i] = static_cast<scalar_t>(activation_backward<A>(
+          static_cast<opmath_t>(grad[i]), static_cast<opmath_t>(out_or_f[i]), scalar_k));
+    }
   });
 }
 
@@ -95,10 +104,10 @@ constexpr int64_t kRunRows = 8, kSumRows = 64;
 template <typename scalar_t, Activation A>
 void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_f,
                                    scalar_t* grad_pre, scalar_t* grad_bias, int64_t rows,
-                                   int64_t cols, double negative_slope) {
+                                   int64_t cols, const ActivationParameters& params) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
-  const Vec slope(negative_slope);
+  const ActivationConstants<Vec> k(params);
   const int64_t num_blocks = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, kSumRows));
   std::vector<opmath_t> block_sums(num_blocks * cols, opmath_t(0));
   const int64_t grain_blocks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kSumRows * cols, 1));
@@ -112,7 +121,7 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_
       const int64_t row_end = std::min(rows, (block + 1) * kSumRows);
       for (int64_t i = block * kSumRows; i < row_end; ++i) {
         scalar_t* grad_pre_row = grad_pre + i * cols;
-        at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, slope); },
+        at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, k); },
                       grad_pre_row, grad + i * cols, out_or_f + i * cols, cols);
         const opmath_t* row = nullptr;
         if constexpr (std::is_same_v<scalar_t, opmath_t>) {
@@ -141,36 +150,36 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_
 }  // namespace
 
 void activation_kernel(const at::Tensor& input, const at::Tensor& out, Activation act,
-                double negative_slope) {
+                const ActivationParameters& params) {
   HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "activation_cpu", [&] {
     dispatch_activation(act, [&](auto tag) {
       activation_forward_flat<scalar_t, decltype(tag)::value>(
-          input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), input.numel(), negative_slope);
+          input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), input.numel(), params);
     });
   });
 }
 
 void activation_backward_kernel(const at::Tensor& grad, const at::Tensor& out_or_f,
-                         const at::Tensor& grad_pre, Activation act, double negative_slope) {
+                         const at::Tensor& grad_pre, Activation act, const ActivationParameters& params) {
   HANDGRAD_DISPATCH_FLOATING_TYPES(out_or_f.scalar_type(), "activation_backward_cpu", [&] {
     dispatch_activation(act, [&](auto tag) {
       activation_backward_flat<scalar_t, decltype(tag)::value>(
           grad.const_data_ptr<scalar_t>(), out_or_f.const_data_ptr<scalar_t>(),
-          grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), negative_slope);
+          grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), params);
     });
   });
 }
 
 void bias_activation_backward_kernel(const at::Tensor& grad, const at::Tensor& out_or_f,
                               const at::Tensor& grad_pre, const at::Tensor& grad_bias,
-                              Activation act, double negative_slope) {
+                              Activation act, const ActivationParameters& params) {
   const int64_t rows = leading_rows(out_or_f.sizes()), cols = out_or_f.size(-1);
   HANDGRAD_DISPATCH_FLOATING_TYPES(out_or_f.scalar_type(), "bias_activation_backward_cpu", [&] {
     dispatch_activation(act, [&](auto tag) {
       bias_activation_backward_rows<scalar_t, decltype(tag)::value>(
           grad.const_data_ptr<scalar_t>(), out_or_f.const_data_ptr<scalar_t>(),
           grad_pre.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(), rows, cols,
-          negative_slope);
+          params);
     });
   });
 }

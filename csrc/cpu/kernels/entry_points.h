@@ -24,14 +24,14 @@ NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor&
                                 std::array<bool, 3> output_mask);
 
 void activation_kernel(const at::Tensor& input, const at::Tensor& out, Activation activation,
-                double negative_slope);
+                const ActivationParameters& params);
 
 void activation_backward_kernel(const at::Tensor& grad, const at::Tensor& out_or_f,
-                         const at::Tensor& grad_pre, Activation activation, double negative_slope);
+                         const at::Tensor& grad_pre, Activation activation, const ActivationParameters& params);
 
 void bias_activation_backward_kernel(const at::Tensor& grad, const at::Tensor& out_or_f,
                               const at::Tensor& grad_pre, const at::Tensor& grad_bias,
-                              Activation activation, double negative_slope);
+                              Activation activation, const ActivationParameters& params);
 
 // What the micro-kernel holds in registers, for handgrad.build_info() (gemm.h).
 const char* micro_kernel_description();

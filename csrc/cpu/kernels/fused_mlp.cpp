@@ -216,31 +216,31 @@ Weights<T> prepare(at::TensorList weights, at::TensorList biases, bool natural, 
 // --- The passes over a block while it is in cache ---
 
 template <typename T>
-void activate_rows(Activation activation, double negative_slope, Rows<T> x, int64_t rows,
+void activate_rows(Activation activation, const ActivationParameters& params, Rows<T> x, int64_t rows,
                    int64_t cols) {
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
     for (int64_t i = 0; i < rows; ++i) {
-      activate_span<A, T>(x.row(i), x.row(i), cols, negative_slope);
+      activate_span<A, T>(x.row(i), x.row(i), cols, params);
     }
   });
 }
 
 // g = grad * a'[.], with a' read off the activation's output (from_output) or off f.
 template <typename T>
-void activation_backward_rows(Activation activation, double negative_slope, bool from_output,
+void activation_backward_rows(Activation activation, const ActivationParameters& params, bool from_output,
                               Rows<const T> grad, Rows<const T> source, Rows<T> g, int64_t rows,
                               int64_t cols) {
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    const Vec<T> slope(negative_slope);
+    const ActivationConstants<Vec<T>> k(params);
     for (int64_t i = 0; i < rows; ++i) {
       if (from_output) {
-        at::vec::map2([&](Vec<T> d, Vec<T> s) { return activation_backward<A>(d, s, slope); },
+        at::vec::map2([&](Vec<T> d, Vec<T> s) { return activation_backward<A>(d, s, k); },
                       g.row(i), grad.row(i), source.row(i), cols);
       } else {
         at::vec::map2(
-            [&](Vec<T> d, Vec<T> f) { return activation_backward_from_preactivation<A>(d, f, slope); },
+            [&](Vec<T> d, Vec<T> f) { return activation_backward_from_preactivation<A>(d, f, k); },
             g.row(i), grad.row(i), source.row(i), cols);
       }
     }
@@ -325,7 +325,7 @@ void forward_blocks(const Plan& p, const NetworkActivations& acts, const scalar_
         }
         layer_product<scalar_t, T>(p, l, w, h, n, {f, d});
         const std::optional<Activation> a = is_output ? acts.output : std::optional(acts.hidden);
-        if (a.has_value()) activate_rows<T>(*a, acts.negative_slope, {f, d}, n, d);
+        if (a.has_value()) activate_rows<T>(*a, acts.params, {f, d}, n, d);
         if constexpr (!same) {
           if (target != nullptr) at::vec::convert(f, target, n * d);
           if (!is_output) round_to_dtype<scalar_t, T>(f, n * d);
@@ -357,7 +357,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
   const bool checkpointing = checkpoint_every > 0;
   const size_t stretch = checkpointing ? checkpoint_every : std::max<size_t>(hidden, 1);
   const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
-  const bool hides_sign = derivative_needs_preactivation(acts.hidden, acts.negative_slope);
+  const bool hides_sign = derivative_needs_preactivation(acts.hidden, acts.params);
 
   // Where each layer's weight gradient lies in a slot, and its bias gradient in a block's sums.
   std::vector<int64_t> weight_offset(layers + 1, 0), bias_offset(layers + 1, 0);
@@ -454,7 +454,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
                 source = {f_space, d_out};
               }
               Rows<T> dst{g_space[current], d_out};
-              activation_backward_rows<T>(*a, acts.negative_slope, from_output, g, source, dst, n, d_out);
+              activation_backward_rows<T>(*a, acts.params, from_output, g, source, dst, n, d_out);
               round_to_dtype<scalar_t, T>(dst.data, n * d_out);  // dl/df as eager stores it
               g = {dst.data, dst.ld};
             }
@@ -488,7 +488,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
             const int64_t d = p.widths[j];
             if (checkpointing) {
               layer_product<scalar_t, T>(p, j - 1, w, h[j - 1], n, {held, d});
-              activate_rows<T>(acts.hidden, acts.negative_slope, {held, d}, n, d);
+              activate_rows<T>(acts.hidden, acts.params, {held, d}, n, d);
               round_to_dtype<scalar_t, T>(held, n * d);
               h[j] = {held, d};
             } else {

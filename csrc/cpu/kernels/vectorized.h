@@ -49,6 +49,11 @@ inline Vectorized<T> erf(const Vectorized<T>& x) {
   return x.erf();
 }
 
+template <typename T>
+inline Vectorized<T> log1p(const Vectorized<T>& x) {
+  return x.log1p();
+}
+
 // One rounding where the capability has FMA instructions; DEFAULT's is a * b + c, as the
 // compilers build eager's own DEFAULT kernels.
 template <typename T>
@@ -84,12 +89,12 @@ bool tanh_as_eager(const T* in, T* out, int64_t n) {
 // out[0 .. n) = a[in[0 .. n)] over contiguous float or double memory (out may be in), in SIMD
 // registers, by eager's VML where eager's tanh uses it.
 template <Activation A, typename T>
-void activate_span(const T* in, T* out, int64_t n, double negative_slope) {
+void activate_span(const T* in, T* out, int64_t n, const ActivationParameters& params) {
   if constexpr (A == Activation::Tanh) {
     if (tanh_as_eager(in, out, n)) return;
   }
-  const at::vec::Vectorized<T> slope(negative_slope);
-  at::vec::map([&](at::vec::Vectorized<T> f) { return activate<A>(f, slope); }, out, in, n);
+  const ActivationConstants<at::vec::Vectorized<T>> k(params);
+  at::vec::map([&](at::vec::Vectorized<T> f) { return activate<A>(f, k); }, out, in, n);
 }
 
 // parts[0 .. n) = the sum of `count` parts, `stride` apart, added pairwise in a fixed tree:
