@@ -19,6 +19,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # Slopes: the default, positive, 1 (the identity), 0 (ReLU), negative (f is recomputed), above 1.
 SLOPES = [0.01, 0.2, 1.0, 0.0, -0.5, 1.5]
+# softplus's (beta, threshold): the default; an SDF's beta=100, whose linear branch starts at
+# f > 0.2; a low threshold that sends about a third of the samples to the linear branch.
+SOFTPLUS = [(1.0, 20.0), (100.0, 20.0), (2.0, 1.0)]
 
 
 def _fused_cases():
@@ -41,6 +44,14 @@ def _fused_cases():
                 id=f"linear_leaky_relu[{slope}]",
             )
         )
+    for beta, threshold in SOFTPLUS:
+        cases.append(
+            pytest.param(
+                lambda x, w, b, p=(beta, threshold): hf.linear_softplus(x, w, b, *p),
+                lambda x, w, b, p=(beta, threshold): F.softplus(F.linear(x, w, b), *p),
+                id=f"linear_softplus[{beta},{threshold}]",
+            )
+        )
     return cases
 
 
@@ -60,6 +71,14 @@ def _activation_cases():
                 lambda x, s=slope: hf.leaky_relu(x, negative_slope=s),
                 lambda x, s=slope: F.leaky_relu(x, s),
                 id=f"leaky_relu[{slope}]",
+            )
+        )
+    for beta, threshold in SOFTPLUS:
+        cases.append(
+            pytest.param(
+                lambda x, p=(beta, threshold): hf.softplus(x, *p),
+                lambda x, p=(beta, threshold): F.softplus(x, *p),
+                id=f"softplus[{beta},{threshold}]",
             )
         )
     return cases
@@ -238,18 +257,20 @@ def check_layer(fn, reference, shape, out_features, dtype, layout, bias, device,
             assert relative_error(mine, exact) <= 1.05 * relative_error(eagers, exact) + slack(dtype)
 
 
-# The torch.nn module of each activation a network can have.
-TORCH_ACTIVATION_MODULE = {"relu": lambda slope: torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU,
-                           "sigmoid": lambda slope: torch.nn.Sigmoid(), "tanh": lambda slope: torch.nn.Tanh(),
-                           "silu": lambda slope: torch.nn.SiLU(), "gelu": lambda slope: torch.nn.GELU(),
-                           "gelu_tanh": lambda slope: torch.nn.GELU(approximate="tanh")}
+# The torch.nn module of each activation a network can have, given the network (for its
+# parameters: negative_slope, beta, threshold).
+TORCH_ACTIVATION_MODULE = {"relu": lambda m: torch.nn.ReLU(), "leaky_relu": lambda m: torch.nn.LeakyReLU(m.negative_slope),
+                           "sigmoid": lambda m: torch.nn.Sigmoid(), "tanh": lambda m: torch.nn.Tanh(),
+                           "silu": lambda m: torch.nn.SiLU(), "gelu": lambda m: torch.nn.GELU(),
+                           "gelu_tanh": lambda m: torch.nn.GELU(approximate="tanh"),
+                           "softplus": lambda m: torch.nn.Softplus(m.beta, m.threshold)}
 
 
 def twin(model):
     """The same network as handgrad.nn.MLP `model` in torch.nn (Linear, activation, ...), with
     the same weights: with or without biases, with its output activation if it has one."""
     layers = []
-    make = lambda name: TORCH_ACTIVATION_MODULE[name](model.negative_slope)  # noqa: E731
+    make = lambda name: TORCH_ACTIVATION_MODULE[name](model)  # noqa: E731
     for layer in [*model.hidden, model.output]:
         linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                  dtype=layer.weight.dtype, device=layer.weight.device)

@@ -245,3 +245,34 @@ def test_layer_by_layer_path_gives_the_ops_message(case):
         dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
         assert _failure(hf.mlp, (dual, weights, biases, activation, slope)) == expected
     assert _failure(torch.func.vmap(lambda row: hf.mlp(row, weights, biases, activation, slope)), (x,)) == expected
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, math.inf, math.nan])
+def test_softplus_beta_must_be_positive_and_finite_everywhere(beta):
+    x, w, b = x_w_b()
+    message = f"beta must be a positive finite number, got {beta:g}"
+    for call in (lambda: hf.linear_softplus(x, w, b, beta), lambda: hf.softplus(x, beta),
+                 lambda: hnn.LinearSoftplus(5, 3, beta=beta), lambda: hnn.Softplus(beta),
+                 lambda: hnn.MLP([5, 4, 2], "softplus", beta=beta)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    # The ops check it themselves, for direct callers and fake tensors, naming the op.
+    with pytest.raises(ValueError, match=f"linear_softplus: {message}"):
+        ops.linear_activation(x, w, b, "softplus", beta=beta)
+    with pytest.raises(ValueError, match=f"mlp: {message}"):
+        ops.mlp(x, [w], [b], "relu", 0.01, 0, "softplus", beta=beta)
+    with pytest.raises(ValueError, match=f"softplus_backward: {message}"):
+        ops.activation_backward(x, x, "softplus", 0.01, beta)
+
+
+def test_softplus_threshold_must_be_a_number():
+    x, w, b = x_w_b()
+    with pytest.raises(ValueError, match="threshold must be a number, got nan"):
+        hf.softplus(x, 1.0, math.nan)
+    with pytest.raises(ValueError, match="softplus: threshold must be a number, got nan"):
+        ops.activation(x, "softplus", 0.01, 1.0, math.nan)
+    with pytest.raises(TypeError, match="threshold must be a real number, got str"):
+        hnn.LinearSoftplus(5, 3, threshold="20")
+    # An infinite threshold is softplus without its linear branch, as in eager.
+    big = torch.tensor([30.0, -30.0, 0.0])
+    torch.testing.assert_close(hf.softplus(big, 1.0, math.inf), torch.nn.functional.softplus(big, 1.0, math.inf))

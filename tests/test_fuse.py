@@ -204,3 +204,39 @@ def test_silu_and_both_gelus_fuse_as_modules_and_calls():
     fused = hnn.fuse(model, inplace=False)
     assert [d.fused for d in hnn.fusion_decisions(fused)][:2] == [True, True]
     torch.testing.assert_close(fused(x), model(x))
+
+
+def test_softplus_fuses_with_its_beta_and_threshold_as_modules_and_calls():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Softplus(beta=100), nn.Linear(7, 6), nn.Softplus(2.0, 1.0),
+                          nn.Linear(6, 2))
+    x = torch.randn(9, 5)
+    fused = hnn.fuse(model, inplace=False)
+    assert [type(m) for m in fused][::2] == [hnn.LinearSoftplus, hnn.LinearSoftplus, nn.Linear]
+    assert (fused[0].beta, fused[0].threshold, fused[2].beta, fused[2].threshold) == (100.0, 20.0, 2.0, 1.0)
+    torch.testing.assert_close(fused(x), model(x))
+
+    class Calls(nn.Module):  # F.softplus positionally and by name, and handgrad's
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(4, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            x = torch.nn.functional.softplus(self.a(x), 3.0, 2.0)
+            x = torch.nn.functional.softplus(self.b(x), threshold=0.5)
+            return self.d(hf.softplus(self.c(x), beta=5.0))
+    model = Calls()
+    fused = hnn.fuse(model, inplace=False)
+    assert [d.fused for d in hnn.fusion_decisions(fused)] == [True, True, True, False]
+    torch.testing.assert_close(fused(x), model(x))
+    # A softplus whose beta is computed at run time is left as it is, with the reason.
+
+    class Computed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.softplus(self.a(x), x.abs().mean().item() + 1))
+    decisions = hnn.fusion_decisions(hnn.fuse(Computed(), inplace=False))
+    assert not decisions[0].fused and "beta is computed at run time" in decisions[0].reason

@@ -13,8 +13,12 @@ FUSED_MODULES = [
     (hnn.LinearReLU, {}, nn.ReLU()),
     (hnn.LinearLeakyReLU, {"negative_slope": 0.2}, nn.LeakyReLU(0.2)),
     (hnn.LinearSigmoid, {}, nn.Sigmoid()),
+    (hnn.LinearTanh, {}, nn.Tanh()),
+    (hnn.LinearSiLU, {}, nn.SiLU()),
+    (hnn.LinearGELU, {"approximate": "tanh"}, nn.GELU(approximate="tanh")),
+    (hnn.LinearSoftplus, {"beta": 100.0, "threshold": 15.0}, nn.Softplus(100.0, 15.0)),
 ]
-IDS = ["relu", "leaky_relu", "sigmoid"]
+IDS = ["relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu_tanh", "softplus"]
 
 
 @pytest.mark.parametrize("cls,kwargs,activation", FUSED_MODULES, ids=IDS)
@@ -57,10 +61,15 @@ def test_repr():
             == "LinearLeakyReLU(in_features=3, out_features=4, bias=True, negative_slope=0.2)")
     assert repr(hnn.LeakyReLU(0.3)) == "LeakyReLU(negative_slope=0.3)"
     assert repr(hnn.ReLU()) == "ReLU()" and repr(hnn.Sigmoid()) == "Sigmoid()"
+    assert (repr(hnn.LinearSoftplus(3, 4, beta=100))
+            == "LinearSoftplus(in_features=3, out_features=4, bias=True, beta=100.0, threshold=20.0)")
+    assert repr(hnn.Softplus(2.0, 5.0)) == repr(nn.Softplus(2.0, 5.0)) == "Softplus(beta=2.0, threshold=5.0)"
 
 
 @pytest.mark.parametrize("ours,reference", [
     (hnn.ReLU(), nn.ReLU()), (hnn.LeakyReLU(0.05), nn.LeakyReLU(0.05)), (hnn.Sigmoid(), nn.Sigmoid()),
+    (hnn.Tanh(), nn.Tanh()), (hnn.SiLU(), nn.SiLU()), (hnn.GELU("tanh"), nn.GELU("tanh")),
+    (hnn.Softplus(100.0, 15.0), nn.Softplus(100.0, 15.0)),
 ], ids=IDS)
 def test_activation_modules(ours, reference):
     x = torch.randn(2, 3, 4, requires_grad=True)

@@ -12,9 +12,12 @@ from torch.autograd import gradcheck, gradgradcheck
 import handgrad.nn as hnn
 
 ops = torch.ops.handgrad
-NETWORK_ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("sigmoid", 0.01),
-                       ("tanh", 0.01), ("silu", 0.01), ("gelu", 0.01), ("gelu_tanh", 0.01)]
-IDS = ["relu", "leaky_relu", "leaky_relu_negative", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh"]
+# Each activation with its parameters, as handgrad.nn.MLP takes them. softplus with a low
+# threshold (2 f > 1 is linear) has both branches in every network here.
+NETWORK_ACTIVATIONS = [("relu", {}), ("leaky_relu", {"negative_slope": 0.2}), ("leaky_relu", {"negative_slope": -0.3}),
+                       ("sigmoid", {}), ("tanh", {}), ("silu", {}), ("gelu", {}), ("gelu_tanh", {}),
+                       ("softplus", {"beta": 2.0, "threshold": 1.0})]
+IDS = ["relu", "leaky_relu", "leaky_relu_negative", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh", "softplus"]
 
 
 def network_args(sizes, bias, seed=0, rows=3):
@@ -25,21 +28,22 @@ def network_args(sizes, bias, seed=0, rows=3):
     return leaf(rows, sizes[0]), weights, biases
 
 
-def network(activation, slope, every, output_activation, layers):
+def network(activation, kwargs, every, output_activation, layers):
     def run(x, *parameters):
-        return ops.mlp(x, list(parameters[:layers]), list(parameters[layers:]), activation, slope, every,
-                       output_activation)
+        return ops.mlp(x, list(parameters[:layers]), list(parameters[layers:]), activation,
+                       kwargs.get("negative_slope", 0.01), every, output_activation, **{
+                           key: value for key, value in kwargs.items() if key != "negative_slope"})
     return run
 
 
-@pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=IDS)
-@pytest.mark.parametrize("output_activation", [None, "sigmoid", "tanh", "relu", "silu"])
+@pytest.mark.parametrize("activation,kwargs", NETWORK_ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("output_activation", [None, "sigmoid", "tanh", "relu", "silu", "softplus"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("every", [0, 2], ids=["all_stored", "checkpoint_every_2"])
-def test_gradgradcheck(activation, slope, output_activation, bias, every):
+def test_gradgradcheck(activation, kwargs, output_activation, bias, every):
     sizes = [4, 5, 6, 3]
     x, weights, biases = network_args(sizes, bias)
-    run = network(activation, slope, every, output_activation, len(weights))
+    run = network(activation, kwargs, every, output_activation, len(weights))
     assert gradgradcheck(run, (x, *weights, *biases))
 
     def input_gradient(x, *parameters):  # a gradient penalty's: the cotangent on dl/dx alone
@@ -48,12 +52,12 @@ def test_gradgradcheck(activation, slope, output_activation, bias, every):
     assert gradcheck(input_gradient, (x, *weights, *biases))
 
 
-@pytest.mark.parametrize("activation,slope", NETWORK_ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("activation,kwargs", NETWORK_ACTIVATIONS, ids=IDS)
 @pytest.mark.parametrize("sizes", [[4, 3], [4, 5, 6, 3]], ids=["one_layer", "three_layers"])
-def test_third_order(activation, slope, sizes):
+def test_third_order(activation, kwargs, sizes):
     # A PINN's u_xx, differentiated once more: the double backward is itself differentiable.
     x, weights, biases = network_args(sizes, bias=True, seed=1)
-    run = network(activation, slope, 0, "tanh", len(weights))
+    run = network(activation, kwargs, 0, "tanh", len(weights))
 
     def second_derivative(x, *parameters):
         (grad,) = torch.autograd.grad(run(x, *parameters).sum(), x, create_graph=True)
@@ -66,7 +70,7 @@ def test_second_order_without_an_input_gradient():
     # Meta-learning differentiates the parameters' gradients, the input needing none.
     x, weights, biases = network_args([4, 5, 3], bias=True, seed=2)
     x = x.detach()
-    run = network("tanh", 0.01, 0, None, len(weights))
+    run = network("tanh", {}, 0, None, len(weights))
 
     def parameter_gradients(*parameters):
         grads = torch.autograd.grad(run(x, *parameters).pow(2).sum(), parameters, create_graph=True)
@@ -102,23 +106,29 @@ def burgers(model, g):
     return (residual ** 2).mean() + (model(xt.detach()) ** 2).mean()
 
 
-KINDS = [  # loss, sizes, activation, slope, output activation
-    pytest.param(wgan_gp, [12, 10, 8, 1], "leaky_relu", 0.2, None, id="wgan_gp_leaky_relu"),
-    pytest.param(eikonal, [3, 16, 16, 16, 1], "relu", 0.01, None, id="eikonal_relu"),
-    pytest.param(burgers, [2, 8, 8, 8, 1], "tanh", 0.01, None, id="burgers_tanh"),
-    pytest.param(burgers, [2, 8, 8, 1], "sigmoid", 0.01, "tanh", id="burgers_sigmoid_tanh_output"),
-    pytest.param(eikonal, [3, 16, 16, 1], "leaky_relu", -0.3, None, id="eikonal_leaky_relu_negative"),
-    pytest.param(burgers, [2, 12, 12, 1], "silu", 0.01, None, id="burgers_silu"),  # Modulus's
-    pytest.param(eikonal, [3, 16, 16, 1], "gelu", 0.01, "gelu_tanh", id="eikonal_gelu_gelu_tanh_output"),
+KINDS = [  # loss, sizes, activation, its parameters, output activation
+    pytest.param(wgan_gp, [12, 10, 8, 1], "leaky_relu", {"negative_slope": 0.2}, None, id="wgan_gp_leaky_relu"),
+    pytest.param(eikonal, [3, 16, 16, 16, 1], "relu", {}, None, id="eikonal_relu"),
+    pytest.param(burgers, [2, 8, 8, 8, 1], "tanh", {}, None, id="burgers_tanh"),
+    pytest.param(burgers, [2, 8, 8, 1], "sigmoid", {}, "tanh", id="burgers_sigmoid_tanh_output"),
+    pytest.param(eikonal, [3, 16, 16, 1], "leaky_relu", {"negative_slope": -0.3}, None,
+                 id="eikonal_leaky_relu_negative"),
+    pytest.param(burgers, [2, 12, 12, 1], "silu", {}, None, id="burgers_silu"),  # Modulus's
+    pytest.param(eikonal, [3, 16, 16, 1], "gelu", {}, "gelu_tanh", id="eikonal_gelu_gelu_tanh_output"),
+    # IGR's and NeuS's SDF: softplus(beta=100), both branches taken
+    pytest.param(eikonal, [3, 16, 16, 1], "softplus", {"beta": 100.0}, None, id="eikonal_softplus_beta_100"),
+    pytest.param(burgers, [2, 8, 8, 1], "tanh", {"beta": 3.0, "threshold": 2.0}, "softplus",
+                 id="burgers_tanh_softplus_output"),
 ]
 
 
-@pytest.mark.parametrize("loss,sizes,activation,slope,output_activation", KINDS)
+@pytest.mark.parametrize("loss,sizes,activation,kwargs,output_activation", KINDS)
 @pytest.mark.parametrize("every", [None, 2], ids=["all_stored", "checkpoint_every_2"])
-def test_training_steps_match_torch_nn_and_the_per_layer_path(loss, sizes, activation, slope,
+def test_training_steps_match_torch_nn_and_the_per_layer_path(loss, sizes, activation, kwargs,
                                                               output_activation, every):
     torch.manual_seed(0)
-    mlp = hnn.MLP(sizes, activation, slope, every, output_activation=output_activation, dtype=torch.float64)
+    mlp = hnn.MLP(sizes, activation, checkpoint_every=every, output_activation=output_activation,
+                  dtype=torch.float64, **kwargs)
     reference = twin(mlp)
     per_layer = hnn.fuse(twin(mlp))  # the fused layers one by one, each with its own double backward
     found = {}
@@ -131,10 +141,10 @@ def test_training_steps_match_torch_nn_and_the_per_layer_path(loss, sizes, activ
         torch.testing.assert_close(per_layer_grad, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("activation", ["leaky_relu", "tanh"])
+@pytest.mark.parametrize("activation", ["leaky_relu", "tanh", "softplus"])
 def test_a_gradient_penalty_is_the_same_bits_on_every_run_and_thread_count(activation):
     torch.manual_seed(0)
-    mlp = hnn.MLP([20, 64, 64, 1], activation, 0.2)
+    mlp = hnn.MLP([20, 64, 64, 1], activation, 0.2, beta=10.0)
     x = torch.randn(300, 20)
     results = []
     threads = torch.get_num_threads()
@@ -175,7 +185,7 @@ def test_a_penalty_leaves_zero_gradients_where_torch_nn_does():
     assert mlp.output.bias.grad is None
 
 
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "softplus"])
 def test_torch_func_hessian_and_vmap_jacrev_agree_with_torch_nn(activation):
     torch.manual_seed(0)
     mlp = hnn.MLP([3, 6, 6, 1], activation, dtype=torch.float64)

@@ -66,7 +66,7 @@ def check_softplus(beta, threshold):
     finite number or threshold is not a number (infinite thresholds are allowed)."""
     beta, threshold = _real("beta", beta), _real("threshold", threshold)
     if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number, got {beta}")
+        raise ValueError(f"beta must be a positive finite number, got {beta:g}")  # as the ops write it
     if math.isnan(threshold):
         raise ValueError("threshold must be a number, got nan")
     return beta, threshold
