@@ -15,7 +15,8 @@ in float64. Tables are markdown; the raw figures go to JSON.
   - Burgers PINN: Raissi's 2-(20)x8-1 tanh on 4,096 collocation points: u_t + u u_x -
     (0.01/pi) u_xx, which needs u_xx, a third order in the step's backward;
   - DeepXDE's 2-20-20-20-1 tanh, the same residual;
-  - an eikonal loss on a smooth network, 3-128x4-1 SiLU (second order only).
+  - an eikonal loss on a smooth network, 3-128x4-1 SiLU (second order only);
+  - IGR's and NeuS's SDF activation, softplus(beta=100), on the 3-256x4-1 eikonal network.
 
     python benchmarks/bench_second_order.py [--workloads wgan-gp,...] [--rounds 7] [--out DIR]
 """
@@ -32,28 +33,32 @@ from torch import nn
 
 import handgrad.nn as hnn
 
-WORKLOADS = {  # name: (sizes, activation, slope, loss, rows)
-    "WGAN-GP 784-512-256-1 leaky_relu(0.2), batch 64": ([784, 512, 256, 1], "leaky_relu", 0.2, "wgan-gp", 64),
-    "eikonal 3-256x4-1 relu, 8192+2048 points": ([3, 256, 256, 256, 256, 1], "relu", 0.01, "eikonal", 10240),
-    "Burgers PINN 2-(20)x8-1 tanh, 4096 points": ([2] + [20] * 8 + [1], "tanh", 0.01, "burgers", 4096),
-    "DeepXDE 2-20-20-20-1 tanh, 4096 points": ([2, 20, 20, 20, 1], "tanh", 0.01, "burgers", 4096),
-    "eikonal 3-128x4-1 silu, 8192+2048 points": ([3, 128, 128, 128, 128, 1], "silu", 0.01, "eikonal", 10240),
+WORKLOADS = {  # name: (sizes, activation, its parameters, loss, rows)
+    "WGAN-GP 784-512-256-1 leaky_relu(0.2), batch 64": ([784, 512, 256, 1], "leaky_relu", {"negative_slope": 0.2},
+                                                        "wgan-gp", 64),
+    "eikonal 3-256x4-1 relu, 8192+2048 points": ([3, 256, 256, 256, 256, 1], "relu", {}, "eikonal", 10240),
+    "Burgers PINN 2-(20)x8-1 tanh, 4096 points": ([2] + [20] * 8 + [1], "tanh", {}, "burgers", 4096),
+    "DeepXDE 2-20-20-20-1 tanh, 4096 points": ([2, 20, 20, 20, 1], "tanh", {}, "burgers", 4096),
+    "eikonal 3-128x4-1 silu, 8192+2048 points": ([3, 128, 128, 128, 128, 1], "silu", {}, "eikonal", 10240),
+    "eikonal 3-256x4-1 softplus(beta=100), 8192+2048 points": ([3, 256, 256, 256, 256, 1], "softplus",
+                                                               {"beta": 100.0}, "eikonal", 10240),
 }
-SHORT = {"wgan-gp": 0, "eikonal": 1, "burgers": 2, "deepxde": 3, "eikonal-silu": 4}
+SHORT = {"wgan-gp": 0, "eikonal": 1, "burgers": 2, "deepxde": 3, "eikonal-silu": 4, "eikonal-softplus": 5}
 CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(torch.nn)"]
-TORCH_ACTIVATIONS = {"relu": lambda s: nn.ReLU(), "leaky_relu": lambda s: nn.LeakyReLU(s),
-                     "sigmoid": lambda s: nn.Sigmoid(), "tanh": lambda s: nn.Tanh(), "silu": lambda s: nn.SiLU()}
+TORCH_ACTIVATIONS = {"relu": lambda p: nn.ReLU(), "leaky_relu": lambda p: nn.LeakyReLU(**p),
+                     "sigmoid": lambda p: nn.Sigmoid(), "tanh": lambda p: nn.Tanh(), "silu": lambda p: nn.SiLU(),
+                     "softplus": lambda p: nn.Softplus(**p)}
 
 
-def models(sizes, activation, slope, dtype=torch.float32, seed=0):
+def models(sizes, activation, parameters, dtype=torch.float32, seed=0):
     """{candidate: model}, with identical weights."""
     torch.manual_seed(seed)
-    mlp = hnn.MLP(sizes, activation=activation, negative_slope=slope, dtype=dtype)
+    mlp = hnn.MLP(sizes, activation=activation, dtype=dtype, **parameters)
     layers = []
     for layer in [*mlp.hidden, mlp.output]:
         linear = nn.Linear(layer.in_features, layer.out_features, dtype=dtype)
         linear.load_state_dict(layer.state_dict())
-        layers += [linear, TORCH_ACTIVATIONS[activation](slope)]
+        layers += [linear, TORCH_ACTIVATIONS[activation](parameters)]
     reference = nn.Sequential(*layers[:-1])
     return {"torch.nn": reference, "handgrad MLP": mlp, "fuse(torch.nn)": hnn.fuse(copy.deepcopy(reference))}
 
@@ -109,9 +114,9 @@ def step(model, loss):
     return run
 
 
-def agreement(sizes, activation, slope, kind, rows):
+def agreement(sizes, activation, parameters, kind, rows):
     """The largest relative difference of a parameter gradient from torch.nn's, in float64."""
-    candidates = models(sizes, activation, slope, dtype=torch.float64)
+    candidates = models(sizes, activation, parameters, dtype=torch.float64)
     loss = make_loss(kind, rows, sizes[0], torch.float64)
     grads = {}
     for name, model in candidates.items():
@@ -145,10 +150,10 @@ def main(argv=None):
     print(f"# Second-order training steps\n\n{machine}\n", flush=True)
     rows = []
     for name in chosen:
-        sizes, activation, slope, kind, batch = WORKLOADS[name]
-        worst = agreement(sizes, activation, slope, kind, batch)
+        sizes, activation, parameters, kind, batch = WORKLOADS[name]
+        worst = agreement(sizes, activation, parameters, kind, batch)
         loss = make_loss(kind, batch, sizes[0], torch.float32)
-        steps = {c: step(m, loss) for c, m in models(sizes, activation, slope).items()}
+        steps = {c: step(m, loss) for c, m in models(sizes, activation, parameters).items()}
         row = {"workload": name, "float64 agreement": worst, **measure(steps, args.rounds, args.min_time)}
         rows.append(row)
         print(f"  {name}: " + ", ".join(f"{c} {row[c] * 1e3:.2f} ms" for c in CANDIDATES), file=sys.stderr,
