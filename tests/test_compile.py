@@ -15,7 +15,7 @@ def opcheck_samples():
     samples = {}
 
     def add(name, op, make_args):
-        samples[name] = lambda device: (op, make_args(device))
+        samples[name] = lambda device, kwargs=dict(kwargs): (op, make_args(device), kwargs)
 
     def t(*shape, device, dtype=torch.float64, grad=True):
         return torch.randn(*shape, dtype=dtype, device=device, requires_grad=grad)
@@ -23,7 +23,10 @@ def opcheck_samples():
     def out_or_f(*shape, device, grad=True):
         return torch.rand(*shape, dtype=torch.float64, device=device, requires_grad=grad)
 
-    for activation, slope in [("relu", 0.0), ("leaky_relu", 0.2), ("leaky_relu", -0.5), ("sigmoid", 0.0)]:
+    # softplus's beta and threshold close every schema, so they go by name (a low threshold:
+    # both branches).
+    for activation, slope, kwargs in [("relu", 0.0, {}), ("leaky_relu", 0.2, {}), ("leaky_relu", -0.5, {}),
+                                      ("sigmoid", 0.0, {}), ("softplus", 0.0, {"beta": 2.0, "threshold": 0.5})]:
         name = f"{activation}[{slope}]"
         a, s = activation, slope
         add(f"linear_{name}", ops.linear_activation.default,
@@ -80,8 +83,8 @@ OPCHECK_SAMPLES = opcheck_samples()
 
 @pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
 def test_opcheck(device, sample):
-    op, args = OPCHECK_SAMPLES[sample](device)
-    torch.library.opcheck(op, args)
+    op, args, kwargs = OPCHECK_SAMPLES[sample](device)
+    torch.library.opcheck(op, args, kwargs)
 
 
 def make_model():
