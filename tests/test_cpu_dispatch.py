@@ -43,7 +43,9 @@ for dtype in (torch.float32, torch.float64):
                         (hf.linear_tanh, lambda x, w, b: torch.tanh(F.linear(x, w, b))),
                         (hf.linear_silu, lambda x, w, b: F.silu(F.linear(x, w, b))),
                         (lambda x, w, b: hf.linear_gelu(x, w, b, approximate="tanh"),
-                         lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"))]:
+                         lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")),
+                        (lambda x, w, b: hf.linear_softplus(x, w, b, 3.0, 1.0),
+                         lambda x, w, b: F.softplus(F.linear(x, w, b), 3.0, 1.0))]:
         out, want = ours(x, w, b), eager(x, w, b)
         torch.testing.assert_close(out, want, **tol)
         g = torch.randn_like(out)
@@ -52,6 +54,7 @@ for dtype in (torch.float32, torch.float64):
     torch.testing.assert_close(hf.sigmoid(x), torch.sigmoid(x), **tol)
     torch.testing.assert_close(hf.tanh(x), torch.tanh(x), **tol)
     torch.testing.assert_close(hf.gelu(x), F.gelu(x), **tol)
+    torch.testing.assert_close(hf.softplus(x, 100.0), F.softplus(x, 100.0), **tol)
     sizes = [29, 40, 33, 40, 5]
     ws = [(torch.randn(o, i, dtype=dtype) / i ** 0.5).requires_grad_() for i, o in zip(sizes, sizes[1:])]
     bs = [torch.randn(o, dtype=dtype, requires_grad=True) for o in sizes[1:]]
