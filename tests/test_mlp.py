@@ -261,3 +261,14 @@ def test_mlp_matches_torch_nn_sequential(device, dtype, every, bias, output_acti
     for a, e in zip(torch.autograd.grad(out, [x, *model.parameters()], g),
                     torch.autograd.grad(expected, [x, *reference.parameters()], g)):
         assert_close_to_eager_gradient(a, e, dtype)
+
+
+def test_a_network_pickled_before_softplus_still_runs():
+    # A whole-module pickle made before MLP had beta and threshold lacks them.
+    mlp = hnn.MLP([4, 6, 2])
+    state = mlp.__dict__.copy()
+    del state["beta"], state["threshold"]
+    old = hnn.MLP.__new__(hnn.MLP)
+    old.__dict__.update(state)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(old(x), mlp(x))

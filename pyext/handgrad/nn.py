@@ -242,6 +242,9 @@ class MLP(nn.Module):
     one op for the whole network cannot wait for; sharding only the root keeps the one op.
     """
 
+    # softplus's parameters for a network pickled whole before MLP took them.
+    beta, threshold = 1.0, 20.0
+
     def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None, *,
                  bias=True, output_activation=None, beta=1.0, threshold=20.0, device=None, dtype=None):
         super().__init__()
