@@ -54,7 +54,13 @@ ACTIVATIONS = {  # name: (handgrad fused, eager activation, handgrad module, tor
         lambda: nn.LeakyReLU(0.1),
     ),
     "sigmoid": (hf.linear_sigmoid, torch.sigmoid, hnn.LinearSigmoid, nn.Sigmoid),
+    "tanh": (hf.linear_tanh, torch.tanh, hnn.LinearTanh, nn.Tanh),
+    "silu": (hf.linear_silu, F.silu, hnn.LinearSiLU, nn.SiLU),
+    "gelu": (hf.linear_gelu, F.gelu, hnn.LinearGELU, nn.GELU),
+    "softplus": (hf.linear_softplus, F.softplus, hnn.LinearSoftplus, nn.Softplus),
 }
+# The chapter's three, which the tables of RESULTS.md were made with; the others by --activations.
+DEFAULT_ACTIVATIONS = ["relu", "leaky_relu", "sigmoid"]
 
 CANDIDATES = ["handgrad", "eager", "compile", "floor"]
 
@@ -232,7 +238,8 @@ def main(argv=None):
     parser.add_argument("--shapes", help="comma-separated names, of " + ", ".join(SHAPES)
                         + " (cpu) or " + ", ".join(GPU_SHAPES) + " (cuda); default: all")
     parser.add_argument("--dtypes", help="default: float32 on cpu, float32,bfloat16 on cuda")
-    parser.add_argument("--activations", default=",".join(ACTIVATIONS))
+    parser.add_argument("--activations", default=",".join(DEFAULT_ACTIVATIONS),
+                        help="comma-separated, of: " + ", ".join(ACTIVATIONS))
     parser.add_argument("--rounds", type=int, default=7, help="interleaved samples per candidate")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per sample")
     parser.add_argument("--out", default="benchmarks/out", help="folder for the JSON and PNG")
