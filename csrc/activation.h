@@ -141,7 +141,7 @@ C10_HOST_DEVICE inline V activate(V f, const ActivationConstants<V>& k) {
 //
 // `out_or_f` is the output out = a[f] where a' is a function of it (ReLU, sigmoid, tanh,
 // LeakyReLU with a slope >= 0, for which out > 0 exactly when f > 0), and f itself where it
-// is not (derivative_needs_preactivation below: SiLU, GELU, and LeakyReLU with a negative
+// is not (derivative_needs_preactivation below: SiLU, GELU, softplus, and LeakyReLU with a negative
 // slope, whose output no longer tells the sign of f).
 //
 // At the kink f = 0 we follow PyTorch: ReLU'(0) = 0 and LeakyReLU'(0) = negative_slope.
