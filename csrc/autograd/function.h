@@ -17,27 +17,33 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
-// The activation in the context, and its parameters only where it has any (leaky_relu's
-// slope, softplus's beta and threshold): each entry costs a tiny layer measurable time. Keys
-// of at most 15 characters are stored without an allocation.
-inline void save_parameters(AutogradContext* ctx, const ActivationParameters& params) {
-  ctx->saved_data["negative_slope"] = params.negative_slope;
-  ctx->saved_data["beta"] = params.beta;
-  ctx->saved_data["threshold"] = params.threshold;
+// The activation in the context, and only the parameters it takes (leaky_relu's slope,
+// softplus's beta and threshold): each entry costs a tiny layer measurable time. Keys of at
+// most 15 characters are stored without an allocation.
+inline void save_parameters(AutogradContext* ctx, Activation activation, const ActivationParameters& params) {
+  if (activation == Activation::LeakyReLU) ctx->saved_data["negative_slope"] = params.negative_slope;
+  if (activation == Activation::Softplus) {
+    ctx->saved_data["beta"] = params.beta;
+    ctx->saved_data["threshold"] = params.threshold;
+  }
 }
 
+// The parameters saved, the defaults for those that were not.
 inline ActivationParameters saved_parameters(AutogradContext* ctx) {
-  return {ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["beta"].toDouble(),
-          ctx->saved_data["threshold"].toDouble()};
-}
-
-inline bool has_parameters(Activation activation) {
-  return activation == Activation::LeakyReLU || activation == Activation::Softplus;
+  ActivationParameters params;
+  const auto read = [&](const char* key, double& value) {
+    const auto it = ctx->saved_data.find(key);
+    if (it != ctx->saved_data.end()) value = it->second.toDouble();
+  };
+  read("negative_slope", params.negative_slope);
+  read("beta", params.beta);
+  read("threshold", params.threshold);
+  return params;
 }
 
 inline void save_activation(AutogradContext* ctx, Activation activation, const ActivationParameters& params) {
   ctx->saved_data["activation"] = static_cast<int64_t>(activation);
-  if (has_parameters(activation)) save_parameters(ctx, params);
+  save_parameters(ctx, activation, params);
 }
 
 struct SavedActivation {
@@ -48,8 +54,7 @@ struct SavedActivation {
 
 inline SavedActivation saved_activation(AutogradContext* ctx) {
   const auto activation = static_cast<Activation>(ctx->saved_data["activation"].toInt());
-  return {activation, activation_name(activation),
-          has_parameters(activation) ? saved_parameters(ctx) : ActivationParameters{}};
+  return {activation, activation_name(activation), saved_parameters(ctx)};
 }
 
 inline bool defined(const std::optional<at::Tensor>& t) {
@@ -91,8 +96,8 @@ struct Network {
 // A network's configuration and its count of layers in a Function's context (MLPFunction's
 // and MLPBackwardFunction's), and read back.
 inline void save_network(AutogradContext* ctx, const Network& network, size_t layers, bool has_bias) {
-  ctx->saved_data["activation"] = static_cast<int64_t>(network.hidden);
-  save_parameters(ctx, network.params);  // always: the output activation may take them
+  save_activation(ctx, network.hidden, network.params);
+  if (network.output.has_value()) save_parameters(ctx, *network.output, network.params);
   ctx->saved_data["checkpoint"] = network.checkpoint_every;
   ctx->saved_data["layers"] = static_cast<int64_t>(layers);
   ctx->saved_data["has_bias"] = has_bias;
@@ -102,7 +107,7 @@ inline void save_network(AutogradContext* ctx, const Network& network, size_t la
 
 inline Network saved_network(AutogradContext* ctx) {
   const int64_t output = ctx->saved_data["out_activation"].toInt();
-  return {saved_activation(ctx).activation,
+  return {static_cast<Activation>(ctx->saved_data["activation"].toInt()),
           output < 0 ? std::nullopt : std::optional<Activation>(static_cast<Activation>(output)),
           saved_parameters(ctx), ctx->saved_data["checkpoint"].toInt()};
 }
