@@ -42,12 +42,19 @@ void in_atens_pieces(int64_t numel, int64_t grain, const Body& body) {
   });
 }
 
+// [begin, end) walked as ATen's elementwise kernels (cpu_kernel_vec) walk a thread's share:
+// pairs of SIMD registers of scalar_t, by vectorized(begin, split), then the last few
+// elements one by one, by one_by_one(i). The vectorized and the scalar exp can differ in the
+// last bit, so a kernel that walks the same elements the same way gives eager's bits.
+template <typename scalar_t, typename Vectorized, typename OneByOne>
+void as_eager_walks(int64_t begin, int64_t end, const Vectorized& vectorized, const OneByOne& one_by_one) {
+  constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
+  const int64_t split = begin + (end - begin) / kStep * kStep;
+  vectorized(begin, split);
+  for (int64_t i = split; i < end; ++i) one_by_one(i);
+}
+
 // out = a[input], elementwise over contiguous memory (out may be input).
-//
-// Each thread's share runs in pairs of SIMD registers and its last few elements one by one,
-// the way ATen's elementwise kernels (cpu_kernel_vec) walk memory: the vectorized and the
-// scalar exp can differ in the last bit, and so a sigmoid over the same elements gives
-// eager's values to the last bit.
 template <typename scalar_t, Activation A>
 void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel,
                              const ActivationParameters& params) {
@@ -55,22 +62,22 @@ void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel
   using Vec = at::vec::Vectorized<opmath_t>;
   const ActivationConstants<Vec> k(params);
   const ActivationConstants<opmath_t> scalar_k(params);
-  constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
   in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
     if constexpr (A == Activation::Tanh) {  // eager's VML over the whole share, where it has one
       if (tanh_as_eager(input + begin, out + begin, end - begin)) return;
     }
-    const int64_t vectorized_end = begin + (end - begin) / kStep * kStep;
-    at::vec::map([&](Vec f) { return activate<A>(f, k); }, out + begin, input + begin,
-                 vectorized_end - begin);
-    for (int64_t i = vectorized_end; i < end; ++i) {
-      out[i] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(input[i]), scalar_k));
-    }
+    as_eager_walks<scalar_t>(
+        begin, end,
+        [&](int64_t first, int64_t last) {
+          at::vec::map([&](Vec f) { return activate<A>(f, k); }, out + first, input + first, last - first);
+        },
+        [&](int64_t i) {
+          out[i] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(input[i]), scalar_k));
+        });
   });
 }
 
-// grad_pre = grad * a'[f], elementwise over contiguous memory, each share's last few
-// elements one by one as in the forward: where a' calls exp, the bits are eager's.
+// grad_pre = grad * a'[f], elementwise over contiguous memory.
 template <typename scalar_t, Activation A>
 void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, scalar_t* grad_pre,
                               int64_t numel, const ActivationParameters& params) {
@@ -78,15 +85,17 @@ void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, sc
   using Vec = at::vec::Vectorized<opmath_t>;
   const ActivationConstants<Vec> k(params);
   const ActivationConstants<opmath_t> scalar_k(params);
-  constexpr int64_t kStep = 2 * at::vec::Vectorized<scalar_t>::size();
   in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
-    const int64_t vectorized_end = begin + (end - begin) / kStep * kStep;
-    at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, k); },
-                  grad_pre + begin, grad + begin, out_or_f + begin, vectorized_end - begin);
-    for (int64_t i = vectorized_end; i < end; ++i) {
-      grad_pre[i] = static_cast<scalar_t>(activation_backward<A>(
-          static_cast<opmath_t>(grad[i]), static_cast<opmath_t>(out_or_f[i]), scalar_k));
-    }
+    as_eager_walks<scalar_t>(
+        begin, end,
+        [&](int64_t first, int64_t last) {
+          at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, k); },
+                        grad_pre + first, grad + first, out_or_f + first, last - first);
+        },
+        [&](int64_t i) {
+          grad_pre[i] = static_cast<scalar_t>(activation_backward<A>(
+              static_cast<opmath_t>(grad[i]), static_cast<opmath_t>(out_or_f[i]), scalar_k));
+        });
   });
 }
 
