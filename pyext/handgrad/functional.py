@@ -329,17 +329,10 @@ def mlp(input, weights, biases=None, activation="relu", negative_slope=0.01,
                                      activation=activation, negative_slope=negative_slope,
                                      checkpoint_every=checkpoint_every,
                                      output_activation=output_activation, beta=beta, threshold=threshold)
-    return _mlp(input, list(weights), biases, activation,
-                network_parameters(activation, output_activation, negative_slope, beta, threshold),
+    # All three checked, whichever activations the network has, as the op and MLP check them.
+    parameters = (check_negative_slope(negative_slope), *check_softplus(beta, threshold))
+    return _mlp(input, list(weights), biases, activation, parameters,
                 check_checkpoint_every(checkpoint_every), check_output_activation(output_activation))
-
-
-def network_parameters(activation, output_activation, negative_slope=0.01, beta=1.0, threshold=20.0):
-    """The parameters (negative_slope, beta, threshold) that a network's activations share,
-    each checked where one of the two activations takes it."""
-    takes = {activation, output_activation}
-    return (check_negative_slope(negative_slope) if "leaky_relu" in takes else DEFAULT_PARAMETERS[0],
-            *(check_softplus(beta, threshold) if "softplus" in takes else DEFAULT_PARAMETERS[1:]))
 
 
 def _mlp(input, weights, biases, activation, parameters, checkpoint_every, output_activation=None):
