@@ -18,6 +18,10 @@
 #include <cstdint>
 #include <type_traits>
 
+namespace at {
+class Tensor;
+}
+
 namespace handgrad {
 
 enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, GELUTanh, Softplus };
@@ -202,36 +206,54 @@ inline bool derivative_needs_preactivation(Activation activation, const Activati
 // Double backward: whether a'' is not zero (ReLU's and LeakyReLU's a' is constant wherever
 // it is defined), and then d(a')/d(source) for the tensor a' is read off: by the output for
 // sigmoid (d/d(out) of out (1 - out) = 1 - 2 out) and tanh (-2 out), a''[f] for the others.
-// V is at::Tensor (with at::exp and at::tanh found by argument-dependent lookup), for the
-// autograd kernels and, through handgrad._C, the Python ones.
 inline bool has_second_derivative(Activation activation) {
   return activation != Activation::ReLU && activation != Activation::LeakyReLU;
 }
 
+// 1 where a < b, else 0 (0 for NaN): a mask that multiplies, so that NaN still propagates
+// through the other factor, as eager's `* (x < threshold)`. Vectorized's is in
+// csrc/cpu/kernels/vectorized.h; at::Tensor's, declared here so that the formula below finds
+// it, in csrc/autograd/autograd.cpp.
+template <typename T>
+C10_HOST_DEVICE inline T less_than(T a, T b) {
+  return a < b ? T(1) : T(0);
+}
+at::Tensor less_than(const at::Tensor& a, double b);
+
+// The constants of a formula over V: V itself, or double where V is at::Tensor (a Scalar in
+// its expressions), so that the formula below serves scalars, SIMD vectors and, for the
+// differentiable double backward of the autograd kernels, whole tensors.
 template <typename V>
-inline V derivative_of_derivative(Activation activation, const V& source,
-                                  const ActivationParameters& params) {
-  switch (activation) {
-    case Activation::Sigmoid: return 1 - 2 * source;
-    case Activation::Tanh: return -2 * source;
-    case Activation::SiLU: {  // sig' (2 + f (1 - 2 sig))
-      const V sig = 1 / (1 + exp(-source));
-      return sig * (1 - sig) * (2 + source * (1 - 2 * sig));
-    }
-    case Activation::GELU:  // phi[f] (2 - f^2)
-      return kGeluDensity * exp(-0.5 * source * source) * (2 - source * source);
-    case Activation::GELUTanh: {  // (1 - t^2) (u' + f/2 (u'' - 2 t u'^2)), t = tanh[u]
-      const V u_prime = kGeluTanhBeta * (1 + 3 * kGeluTanhKappa * source * source);
-      const V t = tanh(kGeluTanhBeta * (source + kGeluTanhKappa * source * source * source));
-      const V u_second = (6 * kGeluTanhBeta * kGeluTanhKappa) * source;
-      return (1 - t * t) * (u_prime + 0.5 * source * (u_second - 2 * t * u_prime * u_prime));
-    }
-    case Activation::Softplus: {  // beta sig' [beta f], 0 from the threshold on (as eager's)
-      const V scaled = params.beta * source;
-      const V sig = 1 / (1 + exp(-scaled));
-      return (params.beta * sig * (1 - sig)) * (scaled < params.threshold);
-    }
-    default: return 0 * source;  // not reached: has_second_derivative is false
+struct constant_of { using type = V; };  // at::Tensor's: csrc/autograd/tensor_formulas.h
+template <typename V>
+using Constant = typename constant_of<V>::type;
+
+// d(a')/d(source) of activation A. V is float or double, at::vec::Vectorized (the fused
+// double backward, csrc/cpu/kernels/fused_second_order.cpp) or at::Tensor (with at::exp,
+// at::tanh and a less_than of its own: csrc/autograd/tensor_formulas.h).
+template <Activation A, typename V>
+inline V derivative_of_derivative(const V& source, const ActivationConstants<Constant<V>>& k) {
+  using C = Constant<V>;
+  if constexpr (A == Activation::Sigmoid) {
+    return C(1) - C(2) * source;
+  } else if constexpr (A == Activation::Tanh) {
+    return C(-2) * source;
+  } else if constexpr (A == Activation::SiLU) {  // sig' (2 + f (1 - 2 sig))
+    const V sig = C(1) / (C(1) + exp(-source));
+    return sig * (C(1) - sig) * (C(2) + source * (C(1) - C(2) * sig));
+  } else if constexpr (A == Activation::GELU) {  // phi[f] (2 - f^2)
+    return C(kGeluDensity) * exp(C(-0.5) * source * source) * (C(2) - source * source);
+  } else if constexpr (A == Activation::GELUTanh) {  // (1 - t^2) (u' + f/2 (u'' - 2 t u'^2)), t = tanh[u]
+    const V u_prime = C(kGeluTanhBeta) * (C(1) + C(3 * kGeluTanhKappa) * source * source);
+    const V t = tanh(C(kGeluTanhBeta) * (source + C(kGeluTanhKappa) * source * source * source));
+    const V u_second = C(6 * kGeluTanhBeta * kGeluTanhKappa) * source;
+    return (C(1) - t * t) * (u_prime + C(0.5) * source * (u_second - C(2) * t * u_prime * u_prime));
+  } else if constexpr (A == Activation::Softplus) {  // beta sig'[beta f], 0 from the threshold on (as eager's)
+    const V scaled = k.beta * source;
+    const V sig = C(1) / (C(1) + exp(-scaled));
+    return (k.beta * sig * (C(1) - sig)) * less_than(scaled, k.threshold);
+  } else {  // ReLU, LeakyReLU: has_second_derivative is false
+    return C(0) * source;
   }
 }
 

@@ -10,6 +10,7 @@
 // have; on real tensors they are plain integers.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/core/SymInt.h>
@@ -276,6 +277,46 @@ inline Activation check_mlp_backward(const at::Tensor& input, at::TensorList wei
               "mlp_backward: hidden_outputs has ", hidden_outputs.size(),
               " tensors, which is not what mlp_forward stores for ", hidden,
               " hidden layers with checkpoint_every=", checkpoint_every);
+  return act;
+}
+
+// mlp_double_backward: every hidden output (none checkpointed), and the cotangents shaped as
+// the results of mlp_backward they belong to.
+inline Activation check_mlp_double_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList hidden_outputs,
+    const std::optional<at::Tensor>& grad_grad_input,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_weights,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
+    const ActivationParameters& params, std::optional<c10::string_view> output_activation) {
+  const Activation act = check_mlp_backward(input, weights, biases, hidden_outputs, activation,
+                                            params, 0, output_activation);
+  const OpName op{"mlp_double_backward", "", ""};
+  detail::check_same_dtype_and_device(op, "grad_output", grad_output, "input", input);
+  const auto expected = linear_output_sizes(input.sym_sizes(), weights.back().sym_size(0));
+  TORCH_CHECK(grad_output.sym_sizes() == c10::SymIntArrayRef(expected), op,
+              ": grad_output must have shape ", c10::SymIntArrayRef(expected),
+              " (the network's output), got ", grad_output.sym_sizes());
+  const auto check_like = [&](const auto& arg, const std::optional<at::Tensor>& t,
+                              const auto& reference_arg, const at::Tensor& reference) {
+    if (!t.has_value()) return;
+    detail::check_same_dtype_and_device(op, arg, *t, "input", input);
+    TORCH_CHECK(t->sym_sizes() == reference.sym_sizes(), op, ": ", arg, " has shape ",
+                t->sym_sizes(), " but ", reference_arg, " has shape ", reference.sym_sizes());
+  };
+  check_like("grad_grad_input", grad_grad_input, "input", input);
+  TORCH_CHECK(grad_grad_weights.empty() || grad_grad_weights.size() == weights.size(), op,
+              ": grad_grad_weights has ", grad_grad_weights.size(), " entries for ",
+              weights.size(), " weights; give one per weight (None where there is none), or none");
+  TORCH_CHECK(grad_grad_biases.empty() || grad_grad_biases.size() == biases.size(), op,
+              ": grad_grad_biases has ", grad_grad_biases.size(), " entries for ", biases.size(),
+              " biases; give one per bias (None where there is none), or none");
+  for (size_t l = 0; l < grad_grad_weights.size(); ++l) {
+    check_like(ListItem{"grad_grad_weights", l}, grad_grad_weights.get(l), ListItem{"weights", l}, weights[l]);
+  }
+  for (size_t l = 0; l < grad_grad_biases.size(); ++l) {
+    check_like(ListItem{"grad_grad_biases", l}, grad_grad_biases.get(l), ListItem{"biases", l}, biases[l]);
+  }
   return act;
 }
 

@@ -112,6 +112,28 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> 
                      output_activation, parameters_require_grad, params.beta, params.threshold);
 }
 
+using SecondOrderResults =
+    std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+inline SecondOrderResults mlp_double_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList hidden_outputs,
+    const std::optional<at::Tensor>& grad_grad_input,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_weights,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
+    const ActivationParameters& params, std::optional<c10::string_view> output_activation,
+    std::array<bool, 4> output_mask) {
+  static const auto handle = op<SecondOrderResults(
+      const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+      const std::optional<at::Tensor>&, const c10::List<std::optional<at::Tensor>>&,
+      const c10::List<std::optional<at::Tensor>>&, c10::string_view, double,
+      std::optional<c10::string_view>, std::array<bool, 4>, double, double)>(
+      "handgrad::mlp_double_backward");
+  return handle.call(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                     grad_grad_weights, grad_grad_biases, activation, params.negative_slope,
+                     output_activation, output_mask, params.beta, params.threshold);
+}
+
 // f = beta + Omega h, by the fused layer with the identity for an activation (leaky_relu of
 // slope 1): for the backward where a' must be read off f itself (csrc/activation.h).
 inline at::Tensor preactivation(const at::Tensor& input, const at::Tensor& weight,

@@ -9,6 +9,7 @@
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "ops.h"
+#include "autograd/tensor_formulas.h"
 #include "shapes.h"
 
 // The Python module handgrad._C. Loading it registers the ops (the static initializers of
@@ -148,5 +149,18 @@ PYBIND11_MODULE(_C, m) {
                                  OptionalName output_activation, double beta, double threshold) {
     handgrad::check_mlp_backward(input, weights, biases, hidden_outputs, activation,
                                  {negative_slope, beta, threshold}, checkpoint_every, output_activation);
+  });
+  m.def("check_mlp_double_backward", [](Tensor grad_output, Tensor input, Tensors weights, Tensors biases,
+                                        Tensors hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
+                                        const std::vector<std::optional<at::Tensor>>& grad_grad_weights,
+                                        const std::vector<std::optional<at::Tensor>>& grad_grad_biases,
+                                        Name activation, double negative_slope,
+                                        OptionalName output_activation, double beta, double threshold) {
+    const auto list = [](const std::vector<std::optional<at::Tensor>>& v) {
+      return c10::List<std::optional<at::Tensor>>(v);
+    };
+    handgrad::check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                                        list(grad_grad_weights), list(grad_grad_biases), activation,
+                                        {negative_slope, beta, threshold}, output_activation);
   });
 }

@@ -65,4 +65,17 @@ TORCH_LIBRARY(handgrad, m) {
       "bool input_requires_grad, str? output_activation=None, bool parameters_require_grad=True, "
       "float beta=1.0, float threshold=20.0) "
       "-> (Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
+  // The derivative of mlp_backward (a backward with create_graph=True: gradient penalties,
+  // eikonal losses, PINNs), given the cotangents of its results: grad_grad_input of
+  // grad_input, grad_grad_weights and grad_grad_biases of grad_weights and grad_biases (None
+  // where a result has none; or the lists empty). hidden_outputs holds every hidden output.
+  // output_mask asks for the gradients of grad_output, input, weights and biases; each
+  // asked is returned, zero where nothing reached it. Not differentiable itself: a third
+  // order differentiates the tensor formula instead (csrc/autograd/mlp_second_order.cpp).
+  m.def(
+      "mlp_double_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
+      "Tensor[] hidden_outputs, Tensor? grad_grad_input, Tensor?[] grad_grad_weights, "
+      "Tensor?[] grad_grad_biases, str activation, float negative_slope, "
+      "str? output_activation, bool[4] output_mask, float beta=1.0, float threshold=20.0) "
+      "-> (Tensor grad_grad_output, Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
 }

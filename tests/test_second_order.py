@@ -6,9 +6,10 @@ torch.nn and the per-layer path in float64; repeatability; torch.func."""
 
 import pytest
 import torch
-from samples import twin
+from samples import relative_error, twin
 from torch.autograd import gradcheck, gradgradcheck
 
+import handgrad
 import handgrad.nn as hnn
 
 ops = torch.ops.handgrad
@@ -201,3 +202,146 @@ def test_torch_func_hessian_and_vmap_jacrev_agree_with_torch_nn(activation):
                                    torch.func.hessian(scalar(reference, params_ref))(xi))
     jac = torch.func.vmap(torch.func.jacrev(scalar(mlp, params)))(x)
     torch.testing.assert_close(jac, torch.func.vmap(torch.func.jacrev(scalar(reference, params_ref)))(x))
+
+
+# --- The double backward op, mlp_double_backward: the fused engine's kernel on the CPU
+# (csrc/cpu/kernels/fused_second_order.cpp), against autograd through torch.nn ---
+
+OUTPUT_ACTIVATIONS = [None, "sigmoid", "tanh", "softplus"]
+# Which results of the first backward get a cotangent: a gradient penalty's (dl/dx alone),
+# meta-learning's (the parameters' gradients), or all of them (gradgradcheck's).
+COTANGENTS = {"penalty": (True, False), "parameters": (False, True), "all": (True, True)}
+
+
+def engine_runs(mlp, rows):
+    weights = [layer.weight for layer in (*mlp.hidden, mlp.output)]
+    return not handgrad._C.cpu_products_go_to_blas(rows, weights, mlp.activation, mlp.negative_slope, 0,
+                                                   mlp.output_activation, False, mlp.beta, mlp.threshold)
+
+
+def double_backward_case(mlp, rows, cotangents, seed=0, x=None):
+    """The op's arguments for `mlp` on `rows` random rows, and the cotangents named."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = mlp.output.weight.dtype
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    weights = [layer.weight.detach() for layer in (*mlp.hidden, mlp.output)]
+    biases = [layer.bias.detach() for layer in (*mlp.hidden, mlp.output) if layer.bias is not None]
+    x = rand(rows, weights[0].shape[1]) if x is None else x
+    on_input, on_parameters = COTANGENTS[cotangents]
+    return dict(x=x, weights=weights, biases=biases, grad_output=rand(rows, weights[-1].shape[0]),
+                v=rand(*x.shape) if on_input else None,
+                V=[rand(*w.shape) for w in weights] if on_parameters else [None] * len(weights),
+                u=[rand(*b.shape) for b in biases] if on_parameters else [None] * len(biases))
+
+
+def op_double_backward(mlp, case):
+    kwargs = dict(beta=mlp.beta, threshold=mlp.threshold)
+    _, hidden = ops.mlp_forward(case["x"], case["weights"], case["biases"], mlp.activation, mlp.negative_slope, 0,
+                                mlp.output_activation, **kwargs)
+    grad_grad_output, grad_input, grad_weights, grad_biases = ops.mlp_double_backward(
+        case["grad_output"], case["x"], case["weights"], case["biases"], hidden, case["v"], case["V"], case["u"],
+        mlp.activation, mlp.negative_slope, mlp.output_activation, [True] * 4, **kwargs)
+    return [grad_grad_output, grad_input, *grad_weights, *grad_biases]
+
+
+def autograd_double_backward(model, case, dtype):
+    """The same derivatives by autograd through `model` (torch.nn), in `dtype`."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (case["grad_output"], case["x"])]
+    parameters = dict(model.named_parameters())
+    values = {name: p.detach().to(dtype).requires_grad_() for name, p in parameters.items()}
+    out = torch.func.functional_call(model.to(dtype), values, (leaves[1],))
+    inputs = [leaves[1], *values.values()]
+    first = torch.autograd.grad(out, inputs, leaves[0], create_graph=True)
+    weights_then_biases = sorted(range(len(values)), key=lambda i: not list(values)[i].endswith("weight"))
+    cotangents = [case["v"], *[None] * len(values)]
+    for slot, t in zip(weights_then_biases, [*case["V"], *case["u"]]):
+        cotangents[1 + slot] = t
+    chosen = [(f, c.to(dtype)) for f, c in zip(first, cotangents) if c is not None]
+    found = torch.autograd.grad([f for f, _ in chosen], [leaves[0], *inputs], [c for _, c in chosen],
+                                allow_unused=True, materialize_grads=True)
+    grad_parameters = [found[2 + i] for i in weights_then_biases]
+    return [found[0], found[1], *grad_parameters]
+
+
+@pytest.mark.parametrize("activation,kwargs", NETWORK_ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("output_activation", OUTPUT_ACTIVATIONS)
+@pytest.mark.parametrize("sizes,rows,bias,cotangents", [
+    *[pytest.param([5, 32, 24, 3], 7, True, c, id=f"small-{c}") for c in COTANGENTS],
+    pytest.param([5, 32, 24, 3], 7, False, "all", id="small_no_bias-all"),
+    pytest.param([3, 128, 128, 128, 1], 5000, True, "all", id="many_blocks-all")])
+def test_the_engines_double_backward_equals_autograd_through_torch_nn(activation, kwargs, output_activation,
+                                                                      sizes, rows, bias, cotangents):
+    torch.manual_seed(0)
+    mlp = hnn.MLP(sizes, activation, bias=bias, output_activation=output_activation, dtype=torch.float64, **kwargs)
+    assert engine_runs(mlp, rows)  # the kernel under test, not the formula on BLAS's products
+    case = double_backward_case(mlp, rows, cotangents)
+    got = op_double_backward(mlp, case)
+    want = autograd_double_backward(twin(mlp), case, torch.float64)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation,kwargs", [("tanh", {}), ("silu", {}), ("softplus", {"beta": 2.0})])
+def test_the_engines_double_backward_in_low_precision_is_as_accurate_as_eager(dtype, activation, kwargs):
+    torch.manual_seed(0)
+    mlp = hnn.MLP([4, 32, 32, 2], activation, output_activation="tanh", dtype=torch.float64, **kwargs)
+    case = double_backward_case(mlp, 200, "all")
+    truth = autograd_double_backward(twin(mlp), case, torch.float64)
+    low = hnn.MLP([4, 32, 32, 2], activation, output_activation="tanh", dtype=dtype, **kwargs)
+    low.load_state_dict(mlp.state_dict())
+    assert engine_runs(low, 200)
+    low_case = {key: (value.to(dtype) if isinstance(value, torch.Tensor) else
+                      [t.to(dtype) if t is not None else None for t in value] if isinstance(value, list) else value)
+                for key, value in case.items()}
+    got = op_double_backward(low, low_case)
+    eager = autograd_double_backward(twin(low), low_case, dtype)
+    # Each result as a whole (a few have only a handful of elements): no farther from the
+    # float64 truth than twice eager's distance, plus one rounding step.
+    for g, e, t in zip(got, eager, truth):
+        assert g.dtype == dtype and g.shape == t.shape
+        assert relative_error(g, t) <= 2 * relative_error(e, t) + torch.finfo(dtype).eps
+
+
+def test_the_engines_double_backward_is_the_same_bits_for_every_thread_count():
+    torch.manual_seed(0)
+    mlp = hnn.MLP([3, 128, 128, 128, 1], "silu")
+    assert engine_runs(mlp, 5000)
+    case = double_backward_case(mlp, 5000, "all")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3, 1):
+            torch.set_num_threads(count)
+            results.append(op_double_backward(mlp, case))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_the_engines_double_backward_takes_strided_inputs_and_no_rows():
+    torch.manual_seed(0)
+    mlp = hnn.MLP([5, 32, 24, 3], "softplus", output_activation="sigmoid", dtype=torch.float64, beta=3.0)
+    strided = torch.randn(5, 9, dtype=torch.float64).t()  # (9, 5), not contiguous
+    case = double_backward_case(mlp, 9, "all", x=strided)
+    want = autograd_double_backward(twin(mlp), case, torch.float64)
+    for g, w in zip(op_double_backward(mlp, case), want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    empty = double_backward_case(mlp, 0, "all")
+    for g in op_double_backward(mlp, empty):
+        assert g.numel() == 0 or torch.count_nonzero(g) == 0
+
+
+def test_the_double_backward_op_names_a_misshapen_cotangent():
+    mlp = hnn.MLP([5, 8, 3], dtype=torch.float64)
+    case = double_backward_case(mlp, 4, "all")
+    case["V"][1] = case["V"][1].t()
+    with pytest.raises(RuntimeError, match=r"mlp_double_backward: grad_grad_weights\[1\] has shape \[8, 3\] "
+                                           r"but weights\[1\] has shape \[3, 8\]"):
+        op_double_backward(mlp, case)
+    case = double_backward_case(mlp, 4, "all")
+    case["u"] = case["u"][:1]
+    with pytest.raises(RuntimeError, match="grad_grad_biases has 1 entries for 2 biases"):
+        op_double_backward(mlp, case)

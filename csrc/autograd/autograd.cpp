@@ -26,8 +26,14 @@
 #include "../checks.h"
 #include "../ops.h"
 #include "function.h"
+#include "tensor_formulas.h"
 
 namespace handgrad {
+
+// csrc/activation.h's mask, for the formulas on tensors (tensor_formulas.h): a bool tensor,
+// which a product promotes.
+at::Tensor less_than(const at::Tensor& a, double b) { return a < b; }
+
 namespace {
 
 using namespace handgrad::autograd;

@@ -9,9 +9,12 @@
 // ops and no autograd call is made; ReLU's and LeakyReLU's a'' = 0 makes the second pass
 // vanish for a cotangent on the input gradient alone (the gradient penalty).
 //
-// Each piece is a differentiable op, so a third order (a PINN's u_xx, then its loss's
-// backward) differentiates this double backward in turn: the hidden outputs are then
-// recomputed with their history, since the stored ones have none.
+// The double backward is the op mlp_double_backward: on the CPU the fused engine's kernel,
+// a pass over blocks of rows in cache (csrc/cpu/kernels/fused_second_order.cpp); elsewhere,
+// and on the CPU where the network's products are BLAS's, the formula below as tensor ops.
+// A third order (a PINN's u_xx, then its loss's backward) differentiates the formula itself,
+// each piece a differentiable op: the hidden outputs are then recomputed with their
+// history, since the stored ones have none.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/exp.h>
@@ -20,14 +23,17 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
 #include <vector>
 
+#include "../cpu/kernels.h"
 #include "../ops.h"
 #include "../shapes.h"
 #include "function.h"
+#include "tensor_formulas.h"
 
 namespace handgrad::autograd {
 namespace {
@@ -87,10 +93,7 @@ Layers layers_of(const at::Tensor& input, at::TensorList weights, at::TensorList
   return layers;
 }
 
-struct SecondOrderGradients {
-  at::Tensor grad_output, input;
-  std::vector<at::Tensor> weights, biases;
-};
+using cpu::SecondOrderGradients;
 
 // The derivative of the backward pass (grad_input, grad_weights, grad_biases) =
 // B(grad_output, input, weights, biases), given the cotangents of its results: v of
@@ -168,6 +171,116 @@ SecondOrderGradients double_backward(const at::Tensor& grad_output, const Layers
   return out;
 }
 
+// The op's arguments as the formula reads them, and back.
+std::vector<at::Tensor> defined_or_empty(const c10::List<std::optional<at::Tensor>>& list) {
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < list.size(); ++i) out.push_back(list.get(i).value_or(at::Tensor()));
+  return out;
+}
+
+c10::List<std::optional<at::Tensor>> optional_list(at::TensorList tensors) {
+  c10::List<std::optional<at::Tensor>> out;
+  for (const auto& t : tensors) out.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+  return out;
+}
+
+// mlp_double_backward's results: each asked for, zero where nothing reached it.
+ops::SecondOrderResults results_of(SecondOrderGradients found, const at::Tensor& grad_output,
+                                   const at::Tensor& input, at::TensorList weights,
+                                   at::TensorList biases, std::array<bool, 4> output_mask) {
+  const auto asked = [](bool ask, at::Tensor t, const at::Tensor& like) {
+    if (!ask) return at::Tensor();
+    return t.defined() ? t : at::zeros_like(like);
+  };
+  ops::SecondOrderResults out;
+  std::get<0>(out) = asked(output_mask[0], found.grad_output, grad_output);
+  std::get<1>(out) = asked(output_mask[1], found.input.defined() ? found.input.reshape(input.sizes()) : at::Tensor(), input);
+  for (size_t l = 0; l < weights.size() && output_mask[2]; ++l) {
+    std::get<2>(out).push_back(asked(true, l < found.weights.size() ? found.weights[l] : at::Tensor(), weights[l]));
+  }
+  for (size_t l = 0; l < biases.size() && output_mask[3]; ++l) {
+    std::get<3>(out).push_back(asked(true, l < found.biases.size() ? found.biases[l] : at::Tensor(), biases[l]));
+  }
+  return out;
+}
+
+cpu::NetworkActivations activations_of(c10::string_view activation, const ActivationParameters& params,
+                                       std::optional<c10::string_view> output_activation) {
+  std::optional<Activation> output;
+  if (output_activation.has_value()) output = parse_activation(*output_activation);
+  return {parse_activation(activation), output, params};
+}
+
+// mlp_double_backward on any device: the formula as tensor ops.
+ops::SecondOrderResults mlp_double_backward_formula(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_weights,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
+    double negative_slope, std::optional<c10::string_view> output_activation,
+    std::array<bool, 4> output_mask, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                            grad_grad_weights, grad_grad_biases, activation, params, output_activation);
+  const auto acts = activations_of(activation, params, output_activation);
+  const Network network{acts.hidden, acts.output, params, 0};
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Layers layers = layers_of(input, weights, biases, hidden_outputs, network);
+  const std::vector<at::Tensor> V = defined_or_empty(grad_grad_weights), u = defined_or_empty(grad_grad_biases);
+  SecondOrderGradients found = double_backward(
+      grad_output, layers, grad_grad_input.value_or(at::Tensor()), V, u, output_mask[1],
+      output_mask[2] || output_mask[3]);
+  return results_of(std::move(found), grad_output, input, weights, biases, output_mask);
+}
+
+// On the CPU: the fused engine's kernel, unless the engine gives this network's products to
+// BLAS (the formula's products are then BLAS's, as the first backward's are).
+ops::SecondOrderResults mlp_double_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_weights,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
+    double negative_slope, std::optional<c10::string_view> output_activation,
+    std::array<bool, 4> output_mask, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                            grad_grad_weights, grad_grad_biases, activation, params, output_activation);
+  const auto acts = activations_of(activation, params, output_activation);
+  if (cpu::kernels().blas_pays(leading_rows(input.sizes()), weights, acts, 0, false)) {
+    return mlp_double_backward_formula(grad_output, input, weights, biases, hidden_outputs,
+                                       grad_grad_input, grad_grad_weights, grad_grad_biases,
+                                       activation, negative_slope, output_activation, output_mask,
+                                       beta, threshold);
+  }
+  std::vector<std::optional<at::Tensor>> V(grad_grad_weights.begin(), grad_grad_weights.end()),
+      u(grad_grad_biases.begin(), grad_grad_biases.end());
+  SecondOrderGradients found = cpu::kernels().fused_double_backward(
+      grad_output, input, weights, biases, hidden_outputs, grad_grad_input, V, u, acts, output_mask);
+  return results_of(std::move(found), grad_output, input, weights, biases, output_mask);
+}
+
+// The double backward through the op, below autograd; with checkpointing the hidden
+// outputs it did not store are recomputed first.
+SecondOrderGradients double_backward_op(const at::Tensor& grad_output, const at::Tensor& input,
+                                        at::TensorList weights, at::TensorList biases,
+                                        at::TensorList hidden, const Network& network,
+                                        const at::Tensor& v, at::TensorList V, at::TensorList u,
+                                        std::array<bool, 4> output_mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  std::vector<at::Tensor> every_hidden(hidden.begin(), hidden.end());
+  if (network.checkpoint_every > 0) {
+    every_hidden.clear();
+    ops::run_hidden(as_matrix(input), weights, biases, 0, weights.size() - 1,
+                    activation_name(network.hidden), network.params, [](size_t) { return true; },
+                    every_hidden);
+  }
+  auto [grad_grad_output, grad_input, grad_weights, grad_biases] = ops::mlp_double_backward(
+      grad_output, input, weights, biases, every_hidden,
+      v.defined() ? std::optional<at::Tensor>(v) : std::nullopt, optional_list(V), optional_list(u),
+      activation_name(network.hidden), network.params, network.output_name(), output_mask);
+  return {grad_grad_output, grad_input, grad_weights, grad_biases};
+}
+
 class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Variable& grad_output,
@@ -230,9 +343,15 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
     for (size_t i = 2; i < 2 + count + bias_count; ++i) {
       need_parameters = need_parameters || ctx->needs_input_grad(i);
     }
-    const Layers layers = layers_of(input, weights, biases, hidden, network);
-    SecondOrderGradients found = double_backward(grad_output, layers, v, V, u,
-                                                 ctx->needs_input_grad(1), need_parameters);
+    SecondOrderGradients found;
+    if (c10::GradMode::is_enabled()) {  // a third order: the formula, differentiable
+      const Layers layers = layers_of(input, weights, biases, hidden, network);
+      found = double_backward(grad_output, layers, v, V, u, ctx->needs_input_grad(1), need_parameters);
+    } else {
+      found = double_backward_op(grad_output, input, weights, biases, hidden, network, v, V, u,
+                                 {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                  need_parameters, need_parameters});
+    }
 
     // One gradient per argument. Where one is asked for and nothing reached it, a zero
     // tensor, as eager's double backward gives (ReLU's biases under a gradient penalty: the
@@ -245,9 +364,9 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
     };
     give(0, found.grad_output, grad_output);
     give(1, found.input.defined() ? found.input.reshape(input.sizes()) : at::Tensor(), input);
-    for (size_t l = 0; l < count; ++l) give(2 + l, found.weights[l], weights[l]);
-    for (size_t l = 0; l < bias_count; ++l) {
-      if (l + 1 < count || network.output.has_value() || found.biases[l].defined()) {
+    for (size_t l = 0; l < found.weights.size(); ++l) give(2 + l, found.weights[l], weights[l]);
+    for (size_t l = 0; l < found.biases.size() && l < bias_count; ++l) {
+      if (l + 1 < count || network.output.has_value()) {  // the formula never reaches the other
         give(2 + count + l, found.biases[l], biases[l]);
       }
     }
@@ -256,6 +375,14 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
 };
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
+  m.impl("mlp_double_backward", &mlp_double_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(handgrad, CompositeExplicitAutograd, m) {
+  m.impl("mlp_double_backward", &mlp_double_backward_formula);
+}
 
 variable_list mlp_backward_recorded(const Variable& grad_output, const Variable& input,
                                     at::TensorList weights, at::TensorList biases,

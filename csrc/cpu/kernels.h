@@ -35,8 +35,15 @@ struct NetworkActivations {
 
 using NetworkGradients = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
+// The double backward's gradients: of the first backward's dl/d(out), of the input, and of
+// the weights and biases (empty where not asked).
+struct SecondOrderGradients {
+  at::Tensor grad_output, input;
+  std::vector<at::Tensor> weights, biases;
+};
+
 // Bumped whenever this table changes, so that a library left from another build is refused.
-constexpr int kKernelsVersion = 2;
+constexpr int kKernelsVersion = 3;
 
 struct Kernels {
   int version;             // kKernelsVersion of the sources it was built from
@@ -59,6 +66,16 @@ struct Kernels {
                                      at::TensorList hidden_outputs, const at::Tensor& out_or_f,
                                      const NetworkActivations& activations,
                                      int64_t checkpoint_every, std::array<bool, 3> output_mask);
+
+  // The derivative of fused_backward, given the cotangents of its results (v of dl/dh_0,
+  // V_l of dl/dOmega_l, u_l of dl/dbeta_l; each may be absent), in blocks of rows
+  // (csrc/cpu/kernels/fused_second_order.cpp). hidden_outputs holds every hidden output.
+  // output_mask asks for the gradients of grad_output, input, weights and biases.
+  SecondOrderGradients (*fused_double_backward)(
+      const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+      at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& v,
+      const std::vector<std::optional<at::Tensor>>& V, const std::vector<std::optional<at::Tensor>>& u,
+      const NetworkActivations& activations, std::array<bool, 4> output_mask);
 
   // Whether the engine gives this network's products to BLAS, layer by layer over all rows
   // (csrc/cpu/kernels/blas_network.cpp), rather than run it in blocks with its own kernel.

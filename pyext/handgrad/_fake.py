@@ -88,3 +88,17 @@ def _mlp_backward_fake(grad_output, input, weights, biases, hidden_outputs, acti
         weights, biases = [], []
     return (input.new_empty(input.shape) if input_requires_grad else None,
             [w.new_empty(w.shape) for w in weights], [b.new_empty(b.shape) for b in biases])
+
+
+@torch.library.register_fake("handgrad::mlp_double_backward")
+def _mlp_double_backward_fake(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                              grad_grad_weights, grad_grad_biases, activation, negative_slope,
+                              output_activation, output_mask, beta=1.0, threshold=20.0):
+    _C.check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                                 grad_grad_weights, grad_grad_biases, activation, negative_slope,
+                                 output_activation, beta, threshold)
+    ask_grad_output, ask_input, ask_weights, ask_biases = output_mask
+    return (grad_output.new_empty(grad_output.shape) if ask_grad_output else None,
+            input.new_empty(input.shape) if ask_input else None,
+            [w.new_empty(w.shape) for w in weights] if ask_weights else [],
+            [b.new_empty(b.shape) for b in biases] if ask_biases else [])

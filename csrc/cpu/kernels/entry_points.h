@@ -23,6 +23,12 @@ NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor&
                                 const NetworkActivations& activations, int64_t checkpoint_every,
                                 std::array<bool, 3> output_mask);
 
+SecondOrderGradients fused_double_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& v,
+    const std::vector<std::optional<at::Tensor>>& V, const std::vector<std::optional<at::Tensor>>& u,
+    const NetworkActivations& activations, std::array<bool, 4> output_mask);
+
 void activation_kernel(const at::Tensor& input, const at::Tensor& out, Activation activation,
                 const ActivationParameters& params);
 

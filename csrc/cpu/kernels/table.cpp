@@ -17,6 +17,7 @@ extern "C" C10_EXPORT const handgrad::cpu::Kernels* handgrad_cpu_kernels() {
       k::micro_kernel_description(),
       &k::fused_forward,
       &k::fused_backward,
+      &k::fused_double_backward,
       &k::blas_pays,
       &k::activation_kernel,
       &k::activation_backward_kernel,

@@ -54,6 +54,11 @@ inline Vectorized<T> log1p(const Vectorized<T>& x) {
   return x.log1p();
 }
 
+template <typename T>
+inline Vectorized<T> less_than(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return a.lt(b);  // 1 or 0 in each lane
+}
+
 // One rounding where the capability has FMA instructions; DEFAULT's is a * b + c, as the
 // compilers build eager's own DEFAULT kernels.
 template <typename T>

@@ -1,0 +1,291 @@
+// The fused CPU engine's pieces, shared by its passes: the first backward's
+// (fused_mlp.cpp) and the double backward's (fused_second_order.cpp). Blocks of rows, their
+// plan and scratch, the weights in the accumulation type, and the passes over a block while
+// it is in cache.
+#pragma once
+
+#include <ATen/ceil_div.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "entry_points.h"
+#include "gemm.h"
+#include "vectorized.h"
+
+namespace handgrad::cpu {
+inline namespace CPU_CAPABILITY {
+
+// A block's widest layer (its input and output rows) in about this many bytes: a third of a
+// 1 MiB L2, leaving room for a panel of weights.
+constexpr int64_t kBlockBytes = 384 * 1024;
+constexpr int64_t kMaxBlockRows = 256, kMinBlockRows = 16;
+// Weight-gradient slots. Fewer than kSlottedBlocks blocks share one slot: they run in order,
+// their products' columns shared among threads, and the weight gradient is accumulated in
+// the output itself. More blocks run in parallel, each thread on its own slots: at most
+// kMaxSlots (12 shares evenly among 1, 2, 3, 4 or 6 threads), in at most kSlotBytes.
+constexpr int64_t kSlottedBlocks = 8, kMaxSlots = 12, kSlotBytes = int64_t{32} << 20;
+
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : memory_(at::empty({std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T))}, at::kByte)) {}
+  T* get() const { return reinterpret_cast<T*>(memory_.data_ptr()); }
+
+ private:
+  at::Tensor memory_;
+};
+
+// Per-thread scratch of n elements each, a cache line apart: thread_space(scratch, n) is the
+// calling thread's.
+inline int64_t per_thread_elements(int64_t n, int64_t element_size) {
+  const int64_t line = 64 / element_size;
+  return (n + line - 1) / line * line;
+}
+
+template <typename T>
+T* thread_space(const Scratch<T>& scratch, int64_t per_thread) {
+  return scratch.get() + at::get_thread_num() * per_thread;
+}
+
+// body(first, last) over [0, count) shared among threads. Fewer items than two per thread
+// run in order on the calling thread, outside a parallel region, so that their products
+// share their columns instead: a few rows through wide layers, where each thread then reads
+// part of the weights and none waits for another's extra block. The bits are the same.
+// How many threads share(count, ...) runs on, so that each of them gets scratch.
+inline int64_t sharing_threads(int64_t count) {
+  return count < 2 * at::get_num_threads() ? 1 : at::get_num_threads();
+}
+
+template <typename Body>
+void share(int64_t count, const Body& body) {
+  if (sharing_threads(count) == 1) {
+    body(int64_t{0}, count);
+  } else {
+    at::parallel_for(0, count, 1, body);
+  }
+}
+
+// A row-major matrix as the kernels read it: row i starts at data + i * ld.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t ld;
+  T* row(int64_t i) const { return data + i * ld; }
+};
+
+// The network's widths d_0 ... d_L and its blocks of rows.
+struct Plan {
+  int64_t rows;
+  std::vector<int64_t> widths;
+  int64_t block_size, blocks, slots;
+
+  size_t layers() const { return widths.size() - 1; }
+  size_t hidden() const { return layers() - 1; }
+  int64_t first_row(int64_t block) const { return block * block_size; }
+  int64_t rows_in(int64_t block) const { return std::min(block_size, rows - first_row(block)); }
+  int64_t max_width() const { return *std::max_element(widths.begin(), widths.end()); }
+  // Blocks [first_block(s), first_block(s + 1)) add into slot s, in order.
+  int64_t first_block(int64_t slot) const { return slot * blocks / slots; }
+};
+
+// row_elements: how many elements a block holds per row, if not its widest layer's input
+// and output.
+inline Plan plan(int64_t rows, at::TensorList weights, int64_t element_size,
+                 int64_t row_elements = 0) {
+  Plan p{rows, {weights[0].size(1)}, 0, 0, 0};
+  int64_t widest_pair = 1, weight_elements = 0;
+  for (const auto& w : weights) {
+    widest_pair = std::max(widest_pair, w.size(0) + w.size(1));
+    weight_elements += w.numel();
+    p.widths.push_back(w.size(0));
+  }
+  const int64_t held = row_elements > 0 ? row_elements : widest_pair;
+  const int64_t cap =
+      std::clamp(kBlockBytes / (element_size * held), kMinBlockRows, kMaxBlockRows);
+  const int64_t blocks = at::ceil_div<int64_t>(rows, cap);
+  p.block_size = rows == 0 ? 1 : at::ceil_div<int64_t>(rows, std::max<int64_t>(blocks, 1));
+  p.blocks = rows == 0 ? 0 : at::ceil_div<int64_t>(rows, p.block_size);
+  const int64_t by_memory = kSlotBytes / std::max<int64_t>(1, weight_elements * element_size);
+  p.slots = p.blocks < kSlottedBlocks ? std::min<int64_t>(p.blocks, 1)
+                                       : std::min({p.blocks, kMaxSlots, std::max<int64_t>(1, by_memory)});
+  return p;
+}
+
+// The weights in the accumulation type T: as they are where they already are, converted
+// otherwise; transposed (d_in, d_out) for the products that make f.
+template <typename T>
+struct Weights {
+  std::vector<const T*> natural, transposed, bias;
+  Scratch<T> storage;
+};
+
+// t = Omega^T (d_in, d_out) in T, from Omega in scalar_t, or from natural (Omega in T) where
+// it is at hand. Rows of Omega are shared among threads: for a wide layer and a few rows,
+// packing costs as much as a product. Without Omega in T, the packing converts as it goes.
+template <typename scalar_t, typename T>
+void transpose_weight(const at::Tensor& weight, const T* natural, T* t) {
+  const scalar_t* data = weight.const_data_ptr<scalar_t>();
+  const int64_t d_out = weight.size(0), d_in = weight.size(1);
+  const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(d_in, 1));
+  at::parallel_for(0, d_out, grain, [&](int64_t first, int64_t last) {
+    if (natural != nullptr) {
+      at::vec::transpose_mxn<T>(natural + first * d_in, d_in, t + first, d_out,
+                                static_cast<int>(last - first), static_cast<int>(d_in));
+      return;
+    }
+    for (int64_t i = first; i < last; ++i) {
+      for (int64_t j = 0; j < d_in; ++j) t[j * d_out + i] = static_cast<T>(data[i * d_in + j]);
+    }
+  });
+}
+
+template <typename scalar_t, typename T>
+Weights<T> prepare(at::TensorList weights, at::TensorList biases, bool natural, bool transposed) {
+  constexpr bool same = std::is_same_v<scalar_t, T>;
+  int64_t size = 0;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const int64_t n = weights[l].numel();
+    size += (natural && !same ? n : 0) + (transposed ? n : 0) + (!biases.empty() && !same ? weights[l].size(0) : 0);
+  }
+  Weights<T> w{{}, {}, {}, Scratch<T>(size)};
+  T* next = w.storage.get();
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const scalar_t* data = weights[l].const_data_ptr<scalar_t>();
+    const int64_t d_out = weights[l].size(0), n = weights[l].numel();
+    const T* natural_data = nullptr;  // Omega in T, where it is at hand
+    if constexpr (same) {
+      natural_data = data;
+    } else {
+      if (natural) {
+        at::vec::convert(data, next, n);
+        natural_data = next;
+        next += n;
+      }
+    }
+    w.natural.push_back(natural ? natural_data : nullptr);
+    if (transposed) {
+      transpose_weight<scalar_t, T>(weights[l], natural_data, next);
+      w.transposed.push_back(next);
+      next += n;
+    } else {
+      w.transposed.push_back(nullptr);
+    }
+    if (biases.empty()) {
+      w.bias.push_back(nullptr);
+    } else if constexpr (same) {
+      w.bias.push_back(biases[l].const_data_ptr<scalar_t>());
+    } else {
+      at::vec::convert(biases[l].const_data_ptr<scalar_t>(), next, d_out);
+      w.bias.push_back(next);
+      next += d_out;
+    }
+  }
+  return w;
+}
+
+// --- The passes over a block while it is in cache ---
+
+template <typename T>
+void activate_rows(Activation activation, const ActivationParameters& params, Rows<T> x, int64_t rows,
+                   int64_t cols) {
+  dispatch_activation(activation, [&](auto tag) {
+    constexpr Activation A = decltype(tag)::value;
+    for (int64_t i = 0; i < rows; ++i) {
+      activate_span<A, T>(x.row(i), x.row(i), cols, params);
+    }
+  });
+}
+
+// g = grad * a'[.], with a' read off the activation's output (from_output) or off f.
+template <typename T>
+void activation_backward_rows(Activation activation, const ActivationParameters& params, bool from_output,
+                              Rows<const T> grad, Rows<const T> source, Rows<T> g, int64_t rows,
+                              int64_t cols) {
+  dispatch_activation(activation, [&](auto tag) {
+    constexpr Activation A = decltype(tag)::value;
+    const ActivationConstants<Vec<T>> k(params);
+    for (int64_t i = 0; i < rows; ++i) {
+      if (from_output) {
+        at::vec::map2([&](Vec<T> d, Vec<T> s) { return activation_backward<A>(d, s, k); },
+                      g.row(i), grad.row(i), source.row(i), cols);
+      } else {
+        at::vec::map2(
+            [&](Vec<T> d, Vec<T> f) { return activation_backward_from_preactivation<A>(d, f, k); },
+            g.row(i), grad.row(i), source.row(i), cols);
+      }
+    }
+  });
+}
+
+// sums[j] = sum over the block's rows of g[i, j]: runs of 8 rows one after another, then the
+// runs, so that the error grows with the runs rather than the rows.
+template <typename T>
+void column_sums(Rows<const T> g, int64_t rows, int64_t cols, T* sums, T* run) {
+  constexpr int64_t kRunRows = 8;
+  const auto add = [](Vec<T> a, Vec<T> b) { return a + b; };
+  std::fill_n(sums, cols, T(0));
+  for (int64_t start = 0; start < rows; start += kRunRows) {
+    std::copy_n(g.row(start), cols, run);
+    for (int64_t i = start + 1; i < std::min(rows, start + kRunRows); ++i) {
+      at::vec::map2(add, run, run, g.row(i), cols);
+    }
+    at::vec::map2(add, sums, sums, run, cols);
+  }
+}
+
+// rows of a scalar_t matrix in T: the memory itself where the types agree, else converted
+// into `space`.
+template <typename scalar_t, typename T>
+Rows<const T> as_accumulation_type(const scalar_t* data, int64_t rows, int64_t cols, T* space) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return {data, cols};
+  } else {
+    at::vec::convert(data, space, rows * cols);
+    return {space, cols};
+  }
+}
+
+// Rounds x to scalar_t and back (a no-op for float and double): what eager would store
+// between its ops, a hidden output or a gradient, so that every product sees eager's
+// operands and rounds once itself.
+template <typename scalar_t, typename T>
+void round_to_dtype(T* x, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, T>) {
+    for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(static_cast<scalar_t>(x[i]));
+  }
+}
+
+// f = beta + h Omega^T for a block of rows (f contiguous), rounded to scalar_t as eager's
+// F.linear rounds it before the activation sees it.
+template <typename scalar_t, typename T>
+void layer_product(const Plan& p, size_t layer, const Weights<T>& w, Rows<const T> h,
+                   int64_t rows, Rows<T> f) {
+  const int64_t d_in = p.widths[layer], d_out = p.widths[layer + 1];
+  gemm<T>(rows, d_out, d_in, h.data, h.ld, 1, w.transposed[layer], d_out, f.data, f.ld,
+          w.bias[layer] != nullptr ? Init::BiasRow : Init::Zero, w.bias[layer]);
+  round_to_dtype<scalar_t, T>(f.data, rows * d_out);
+}
+
+// t's elements in row-major order: t itself where it is contiguous (its data is then the
+// (rows, features) matrix, whatever its dimensions), else a contiguous copy. The check is
+// inline; a call of t.contiguous() would cost a tiny network a dispatch per tensor.
+inline at::Tensor contiguous(const at::Tensor& t) {
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+inline std::vector<at::Tensor> contiguous(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(contiguous(t));
+  return out;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace handgrad::cpu
