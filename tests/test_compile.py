@@ -60,6 +60,10 @@ def opcheck_samples():
             for input_grad in (True, False):
                 add(f"mlp_backward_{name}_every{every}_input_grad{input_grad}", ops.mlp_backward.default,
                     lambda d, a=a, s=s, every=every, input_grad=input_grad: _mlp_backward_args(d, a, s, every, input_grad))
+        for cotangents in ("penalty", "all"):
+            for output_activation in (None, "tanh"):
+                add(f"mlp_double_backward_{name}_{cotangents}_{output_activation}", ops.mlp_double_backward.default,
+                    lambda d, a=a, s=s, c=cotangents, o=output_activation: _mlp_double_backward_args(d, a, s, c, o))
     return samples
 
 
@@ -76,6 +80,17 @@ def _mlp_backward_args(device, activation, slope, every, input_grad):
     _, hidden_outputs = ops.mlp_forward(x, weights, biases, activation, slope, every)
     grad_output = torch.randn(7, 3, dtype=torch.float64, device=device)
     return (grad_output, x, weights, biases, hidden_outputs, activation, slope, every, input_grad)
+
+
+def _mlp_double_backward_args(device, activation, slope, cotangents, output_activation):
+    """Used only inside a backward, below autograd: no grad-requiring args."""
+    x, weights, biases = _plain_network(device)
+    _, hidden_outputs = ops.mlp_forward(x, weights, biases, activation, slope, 0, output_activation)
+    t = lambda like: torch.randn_like(like)  # noqa: E731
+    every = cotangents == "all"
+    return (t(torch.empty(7, 3, dtype=torch.float64, device=device)), x, weights, biases, hidden_outputs, t(x),
+            [t(w) if every else None for w in weights], [t(b) if every else None for b in biases],
+            activation, slope, output_activation, [True, True, every, every])
 
 
 OPCHECK_SAMPLES = opcheck_samples()

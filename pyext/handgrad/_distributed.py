@@ -5,7 +5,7 @@ torch.distributed.tensor.experimental.register_sharding as soon as both handgrad
 torch.distributed.tensor are imported, in either order. A rule
 lists the placements, one mesh dimension at a time, under which the op computed on each
 rank's local shards gives the shards of the true result; DTensor redistributes the inputs
-to the cheapest of them first. The ops that return lists (mlp_forward, mlp_backward) have
+to the cheapest of them first. The ops that return lists (mlp_forward, mlp_backward, mlp_double_backward) have
 DTensor handlers instead, as DTensor's own convolution has.
 
 No fused layer ever gives a Partial output: relu(a + b) is not relu(a) + relu(b), and
@@ -94,7 +94,7 @@ def _mlp_rule(input, weights, biases, *_):
                                         for d in range(input.ndim - 1)]
 
 
-# --- mlp_forward and mlp_backward: DTensor handlers ---
+# --- mlp_forward, mlp_backward and mlp_double_backward: DTensor handlers ---
 #
 # Their outputs include lists, which register_sharding cannot describe. The handlers run
 # the network on each rank's rows with every parameter replicated (all-gathered if it is
@@ -168,6 +168,31 @@ def _mlp_backward_handler(op_call, args, kwargs):
                 [like(g, sums, b) for g, b in zip(grad_biases, biases)])
 
 
+def _mlp_double_backward_handler(op_call, args, kwargs):
+    grad_output, input, weights, biases, hidden_outputs, v, V, u, *rest = args
+    present = [t for t in (v, *V, *u) if t is not None]
+    _all_dtensors("mlp_double_backward", [grad_output, input, *weights, *biases, *hidden_outputs, *present])
+    mesh, rows = input.device_mesh, _row_placements(input)
+    whole, sums = [R] * mesh.ndim, _summed_over_rows(rows)
+    maybe = lambda t, placements: None if t is None else _local(t, mesh, placements)  # noqa: E731
+    with torch.no_grad():
+        # The cotangents of dl/dOmega and dl/dbeta are read whole by every row, as the weights.
+        grad_grad_output, grad_input, grad_weights, grad_biases = op_call(
+            _local(grad_output, mesh, rows), _local(input, mesh, rows),
+            [_local(w, mesh, whole) for w in weights], [_local(b, mesh, whole) for b in biases],
+            [_local(s, mesh, rows) for s in hidden_outputs], maybe(v, rows),
+            [maybe(t, whole) for t in V], [maybe(t, whole) for t in u], *rest, **kwargs)
+
+        def like(local, placements, reference):
+            return _wrap(local, mesh, placements, reference.shape).redistribute(
+                mesh, reference.placements)
+
+        return (None if grad_grad_output is None else like(grad_grad_output, rows, grad_output),
+                None if grad_input is None else like(grad_input, rows, input),
+                [like(g, sums, w) for g, w in zip(grad_weights, weights)],
+                [like(g, sums, b) for g, b in zip(grad_biases, biases)])
+
+
 def _register():
     global DTensor, Partial, Replicate, Shard, DTensorSpec, TensorMeta, R
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -189,6 +214,7 @@ def _register():
     DTensor._op_dispatcher._custom_op_handlers.update({
         _ops.mlp_forward.default: _mlp_forward_handler,
         _ops.mlp_backward.default: _mlp_backward_handler,
+        _ops.mlp_double_backward.default: _mlp_double_backward_handler,
     })
 
 
