@@ -88,6 +88,11 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("negative_slope"), pybind11::arg("checkpoint_every"),
         pybind11::arg("output_activation"), pybind11::arg("output_layer_source"),
         pybind11::arg("beta") = 1.0, pybind11::arg("threshold") = 20.0);
+  m.def("cpu_second_order_goes_to_blas", [](int64_t rows, const std::vector<at::Tensor>& weights) {
+    return handgrad::cpu::kernels().second_order_blas_pays(rows, weights);
+  }, "whether the CPU double backward (mlp_double_backward) runs as its tensor formula on BLAS's "
+     "products rather than in the fused engine (by the network's shapes)",
+        pybind11::arg("rows"), pybind11::arg("weights"));
 
   // For the Python Functions (handgrad.autograd), the pieces the C++ autograd kernels use,
   // so that each is written once.

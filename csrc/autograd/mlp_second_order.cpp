@@ -233,8 +233,8 @@ ops::SecondOrderResults mlp_double_backward_formula(
   return results_of(std::move(found), grad_output, input, weights, biases, output_mask);
 }
 
-// On the CPU: the fused engine's kernel, unless the engine gives this network's products to
-// BLAS (the formula's products are then BLAS's, as the first backward's are).
+// On the CPU: the fused engine's kernel, unless the formula on BLAS's products measured
+// faster for this shape (second_order_blas_pays).
 ops::SecondOrderResults mlp_double_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
@@ -246,7 +246,7 @@ ops::SecondOrderResults mlp_double_backward_cpu(
   check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
                             grad_grad_weights, grad_grad_biases, activation, params, output_activation);
   const auto acts = activations_of(activation, params, output_activation);
-  if (cpu::kernels().blas_pays(leading_rows(input.sizes()), weights, acts, 0, false)) {
+  if (cpu::kernels().second_order_blas_pays(leading_rows(input.sizes()), weights)) {
     return mlp_double_backward_formula(grad_output, input, weights, biases, hidden_outputs,
                                        grad_grad_input, grad_grad_weights, grad_grad_biases,
                                        activation, negative_slope, output_activation, output_mask,

@@ -83,6 +83,10 @@ struct Kernels {
   bool (*blas_pays)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                     int64_t checkpoint_every, bool output_layer_source);
 
+  // Whether the double backward of this network is faster as the tensor formula on BLAS's
+  // products than as fused_double_backward (blas_network.cpp says where, as measured).
+  bool (*second_order_blas_pays)(int64_t rows, at::TensorList weights);
+
   // Elementwise (csrc/cpu/kernels/elementwise.cpp), over the memory of tensors that are
   // non-overlapping and dense in the same order: out = a[input] (out may be input), and
   // grad_pre = grad * a'[.].

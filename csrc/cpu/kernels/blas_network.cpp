@@ -39,6 +39,26 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
   return !overhead && !streaming;
 }
 
+bool second_order_blas_pays(int64_t rows, at::TensorList weights) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  double work = 0, depth_work = 0;
+  for (const auto& w : weights) {
+    const double layer = static_cast<double>(w.size(0)) * w.size(1);
+    work += layer;
+    depth_work += layer * w.size(1);
+  }
+  if (work == 0) return false;
+  const double depth = depth_work / work;
+  const bool small_weights = work <= kEngineMaxWeights * static_cast<double>(weights.size());
+  const bool many_rows = static_cast<double>(rows) >= kEngineRowsPerDepth * depth;
+  return !(depth < kEngineMaxDepth && (small_weights || many_rows));
+#else
+  (void)rows;
+  (void)weights;
+  return true;
+#endif
+}
+
 at::Tensor blas_forward(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                         const NetworkActivations& activations, std::vector<at::Tensor>* hidden_outputs) {
   at::Tensor h = as_matrix(input).contiguous();
