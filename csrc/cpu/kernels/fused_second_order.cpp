@@ -51,6 +51,29 @@ void second_derivative_rows(Activation activation, const ActivationParameters& p
   });
 }
 
+// d = a'[f] alone, for the activations whose a' is read off f at the cost of an exp or erf
+// (SiLU, GELU, softplus): the double backward multiplies by it three times, and computes it
+// once. (Softplus with a large beta spends most of its time on subnormal exp values.)
+template <typename T>
+void derivative_rows(Activation activation, const ActivationParameters& params, Rows<const T> f,
+                     Rows<T> d, int64_t rows, int64_t cols) {
+  dispatch_activation(activation, [&](auto tag) {
+    constexpr Activation A = decltype(tag)::value;
+    const ActivationConstants<Vec<T>> k(params);
+    for (int64_t i = 0; i < rows; ++i) {
+      at::vec::map([&](Vec<T> x) { return activation_backward_from_preactivation<A>(Vec<T>(1), x, k); },
+                   d.row(i), f.row(i), cols);
+    }
+  });
+}
+
+template <typename T>
+void multiply_rows(Rows<const T> x, Rows<const T> y, Rows<T> out, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    at::vec::map2([](Vec<T> a, Vec<T> b) { return a * b; }, out.row(i), x.row(i), y.row(i), cols);
+  }
+}
+
 // y += x, row by row (y may be x's own rows shifted: no overlap is assumed).
 template <typename T>
 void add_rows(Rows<const T> x, Rows<T> y, int64_t rows, int64_t cols) {
@@ -108,6 +131,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
   const auto source_in_cache = [&](size_t l) {
     return activation(l).has_value() && (l + 1 == layers || reads_f(l));
   };
+  const auto keeps_derivative = [&](size_t l) { return has_a2(l) && reads_f(l); };
   const auto has_V = [&](size_t l) { return l < V.size() && V[l].has_value(); };
   const auto has_u = [&](size_t l) { return l < u.size() && u[l].has_value(); };
   const bool need_input = out.input != nullptr, need_weights = !out.weights.empty(),
@@ -125,7 +149,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
   int64_t per_row = 9 * width;
   for (size_t l = 0; l < layers; ++l) {
     const int64_t d_in = widths[l], d_out = widths[l + 1];
-    per_row += (same ? 0 : d_in) + (source_in_cache(l) ? d_out : 0) + d_out +
+    per_row += (same ? 0 : d_in) + (source_in_cache(l) ? d_out : 0) + d_out + (keeps_derivative(l) ? d_out : 0) +
                (has_a2(l) && reads_f(l) && l + 1 < layers ? d_out : 0) + (has_a2(l) ? d_out : 0) +
                (has_V(l) ? d_in : 0);
   }
@@ -192,7 +216,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
         T* f_cot = take(width).data;
 
         // The layers' inputs h_l, and their sources (h_{l+1} or made in cache).
-        std::vector<Rows<const T>> h(layers), source(layers), e(layers), g_kept(layers);
+        std::vector<Rows<const T>> h(layers), source(layers), e(layers), g_kept(layers), derivative(layers);
         h[0] = read(in.input, widths[0]);
         for (size_t l = 1; l < layers; ++l) h[l] = read(in.hidden_outputs[l - 1], widths[l]);
         for (size_t l = 0; l < layers; ++l) {
@@ -208,7 +232,21 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
             round_to_dtype<scalar_t, T>(f.data, n * widths[l + 1]);
           }
           source[l] = {f.data, f.ld};
+          if (keeps_derivative(l)) {
+            const Rows<T> d = take(widths[l + 1]);
+            derivative_rows<T>(*activation(l), acts.params, source[l], d, n, widths[l + 1]);
+            derivative[l] = {d.data, d.ld};
+          }
         }
+        // out = grad * a_l'[f_l], for a layer with an activation.
+        const auto times_derivative = [&](size_t l, Rows<const T> grad, Rows<T> out) {
+          const int64_t d_out = widths[l + 1];
+          if (keeps_derivative(l)) {
+            multiply_rows<T>(grad, derivative[l], out, n, d_out);
+          } else {
+            activation_backward_rows<T>(*activation(l), acts.params, !reads_f(l), grad, source[l], out, n, d_out);
+          }
+        };
 
         // 1. The first backward again: e_l for every layer, g_l where a'' needs it.
         Rows<const T> g = read(in.grad_output, widths[layers]);
@@ -217,7 +255,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
           if (has_a2(l) && reads_f(l)) g_kept[l] = g;
           if (activation(l).has_value()) {
             const Rows<T> e_l = take(d_out);
-            activation_backward_rows<T>(*activation(l), acts.params, !reads_f(l), g, source[l], e_l, n, d_out);
+            times_derivative(l, g, e_l);
             round_to_dtype<scalar_t, T>(e_l.data, n * d_out);
             e[l] = {e_l.data, e_l.ld};
           } else {
@@ -281,8 +319,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
               round_to_dtype<scalar_t, T>(fb.data, n * d_out);
               f_bar[l] = {fb.data, fb.ld};
             }
-            activation_backward_rows<T>(*activation(l), acts.params, !reads_f(l), {e_bar, d_out}, source[l],
-                                        gb, n, d_out);
+            times_derivative(l, {e_bar, d_out}, gb);
             round_to_dtype<scalar_t, T>(gb.data, n * d_out);
           } else {
             copy_rows<T>({e_bar, d_out}, gb, n, d_out);
@@ -312,8 +349,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
           const Rows<T> fc{f_cot, d_out};
           if (have_h_cot) {
             if (activation(l).has_value()) {
-              activation_backward_rows<T>(*activation(l), acts.params, !reads_f(l), {h_cot.data, h_cot.ld},
-                                          source[l], fc, n, d_out);
+              times_derivative(l, {h_cot.data, h_cot.ld}, fc);
             } else {
               copy_rows<T>({h_cot.data, h_cot.ld}, fc, n, d_out);
             }
