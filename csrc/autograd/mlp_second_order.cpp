@@ -204,14 +204,37 @@ ops::SecondOrderResults results_of(SecondOrderGradients found, const at::Tensor&
   return out;
 }
 
-cpu::NetworkActivations activations_of(c10::string_view activation, const ActivationParameters& params,
-                                       std::optional<c10::string_view> output_activation) {
+// mlp_double_backward's checks, made once per call; the network's activations.
+cpu::NetworkActivations checked_activations(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_weights,
+    const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
+    const ActivationParameters& params, std::optional<c10::string_view> output_activation) {
+  check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                            grad_grad_weights, grad_grad_biases, activation, params, output_activation);
   std::optional<Activation> output;
   if (output_activation.has_value()) output = parse_activation(*output_activation);
   return {parse_activation(activation), output, params};
 }
 
-// mlp_double_backward on any device: the formula as tensor ops.
+// The formula as tensor ops, for checked arguments.
+ops::SecondOrderResults formula(const at::Tensor& grad_output, const at::Tensor& input,
+                                at::TensorList weights, at::TensorList biases,
+                                at::TensorList hidden_outputs, const std::optional<at::Tensor>& v,
+                                const c10::List<std::optional<at::Tensor>>& V,
+                                const c10::List<std::optional<at::Tensor>>& u,
+                                const cpu::NetworkActivations& acts, std::array<bool, 4> output_mask) {
+  const Network network{acts.hidden, acts.output, acts.params, 0};
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Layers layers = layers_of(input, weights, biases, hidden_outputs, network);
+  SecondOrderGradients found =
+      double_backward(grad_output, layers, v.value_or(at::Tensor()), defined_or_empty(V),
+                      defined_or_empty(u), output_mask[1], output_mask[2] || output_mask[3]);
+  return results_of(std::move(found), grad_output, input, weights, biases, output_mask);
+}
+
+// mlp_double_backward on any device: the formula.
 ops::SecondOrderResults mlp_double_backward_formula(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
@@ -219,18 +242,11 @@ ops::SecondOrderResults mlp_double_backward_formula(
     const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
     double negative_slope, std::optional<c10::string_view> output_activation,
     std::array<bool, 4> output_mask, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
-                            grad_grad_weights, grad_grad_biases, activation, params, output_activation);
-  const auto acts = activations_of(activation, params, output_activation);
-  const Network network{acts.hidden, acts.output, params, 0};
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Layers layers = layers_of(input, weights, biases, hidden_outputs, network);
-  const std::vector<at::Tensor> V = defined_or_empty(grad_grad_weights), u = defined_or_empty(grad_grad_biases);
-  SecondOrderGradients found = double_backward(
-      grad_output, layers, grad_grad_input.value_or(at::Tensor()), V, u, output_mask[1],
-      output_mask[2] || output_mask[3]);
-  return results_of(std::move(found), grad_output, input, weights, biases, output_mask);
+  const auto acts = checked_activations(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                                        grad_grad_weights, grad_grad_biases, activation,
+                                        {negative_slope, beta, threshold}, output_activation);
+  return formula(grad_output, input, weights, biases, hidden_outputs, grad_grad_input, grad_grad_weights,
+                 grad_grad_biases, acts, output_mask);
 }
 
 // On the CPU: the fused engine's kernel, unless the formula on BLAS's products measured
@@ -242,17 +258,14 @@ ops::SecondOrderResults mlp_double_backward_cpu(
     const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
     double negative_slope, std::optional<c10::string_view> output_activation,
     std::array<bool, 4> output_mask, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
-                            grad_grad_weights, grad_grad_biases, activation, params, output_activation);
-  const auto acts = activations_of(activation, params, output_activation);
+  const auto acts = checked_activations(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                                        grad_grad_weights, grad_grad_biases, activation,
+                                        {negative_slope, beta, threshold}, output_activation);
   if (cpu::kernels().second_order_blas_pays(leading_rows(input.sizes()), weights)) {
-    return mlp_double_backward_formula(grad_output, input, weights, biases, hidden_outputs,
-                                       grad_grad_input, grad_grad_weights, grad_grad_biases,
-                                       activation, negative_slope, output_activation, output_mask,
-                                       beta, threshold);
+    return formula(grad_output, input, weights, biases, hidden_outputs, grad_grad_input, grad_grad_weights,
+                   grad_grad_biases, acts, output_mask);
   }
-  std::vector<std::optional<at::Tensor>> V(grad_grad_weights.begin(), grad_grad_weights.end()),
+  const std::vector<std::optional<at::Tensor>> V(grad_grad_weights.begin(), grad_grad_weights.end()),
       u(grad_grad_biases.begin(), grad_grad_biases.end());
   SecondOrderGradients found = cpu::kernels().fused_double_backward(
       grad_output, input, weights, biases, hidden_outputs, grad_grad_input, V, u, acts, output_mask);

@@ -15,6 +15,28 @@
 namespace handgrad::cpu {
 inline namespace CPU_CAPABILITY {
 
+namespace {
+
+// A network's products by their shapes: the work (multiply-adds per row) and the mean depth
+// of the products, weighted by their work.
+struct Products {
+  double work = 0, depth = 0;
+};
+
+Products products_of(at::TensorList weights) {
+  Products p;
+  double depth_work = 0;
+  for (const auto& w : weights) {
+    const double layer = static_cast<double>(w.size(0)) * w.size(1);
+    p.work += layer;
+    depth_work += layer * w.size(1);
+  }
+  p.depth = p.work == 0 ? 0 : depth_work / p.work;
+  return p;
+}
+
+}  // namespace
+
 bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                int64_t checkpoint_every, bool output_layer_source) {
   // The engine alone recomputes: with checkpointing, and f where a' cannot be read off what
@@ -22,17 +44,11 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
   if (checkpoint_every > 0) return false;
   if (derivative_needs_preactivation(activations.hidden, activations.params) && weights.size() > 1) return false;
   if (activations.output.has_value() && !output_layer_source) return false;
-  double work = 0, depth_work = 0;
-  for (const auto& w : weights) {
-    const double layer = static_cast<double>(w.size(0)) * w.size(1);
-    work += layer;
-    depth_work += layer * w.size(1);
-  }
+  const auto [work, depth] = products_of(weights);
   if (work == 0) return false;
   const bool narrow_layer = weights.size() == 1 && weights[0].size(0) < kEngineMinLayerOutputs;
   const bool overhead = work <= kEngineMaxWeights * static_cast<double>(weights.size()) &&
                         rows <= kEngineMaxRowsSmallWeights && !narrow_layer;
-  const double depth = depth_work / work;
   const bool streaming = depth >= kEngineMinDepth && depth < kEngineMaxDepth &&
                          rows >= kEngineMinRowsStreaming &&
                          static_cast<double>(rows) >= kEngineRowsPerDepth * depth;
@@ -41,14 +57,8 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
 
 bool second_order_blas_pays(int64_t rows, at::TensorList weights) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  double work = 0, depth_work = 0;
-  for (const auto& w : weights) {
-    const double layer = static_cast<double>(w.size(0)) * w.size(1);
-    work += layer;
-    depth_work += layer * w.size(1);
-  }
+  const auto [work, depth] = products_of(weights);
   if (work == 0) return false;
-  const double depth = depth_work / work;
   const bool small_weights = work <= kEngineMaxWeights * static_cast<double>(weights.size());
   const bool many_rows = static_cast<double>(rows) >= kEngineRowsPerDepth * depth;
   return !(depth < kEngineMaxDepth && (small_weights || many_rows));

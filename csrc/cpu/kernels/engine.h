@@ -273,6 +273,84 @@ void layer_product(const Plan& p, size_t layer, const Weights<T>& w, Rows<const 
   round_to_dtype<scalar_t, T>(f.data, rows * d_out);
 }
 
+// Where a backward pass sums its weight and bias gradients over the blocks of rows: each
+// weight gradient in a fixed number of slots (slot s the sum of blocks
+// [first_block(s), first_block(s + 1)), in order), each bias gradient per block; finish()
+// adds them pairwise and rounds once into the gradients. Slots and blocks depend on the shape
+// alone, never on the thread count: the same bits on every run and for every thread count.
+// weights and biases are the gradients' memory, one per layer, or empty where not asked.
+template <typename scalar_t>
+class GradientSums {
+ public:
+  using T = at::opmath_type<scalar_t>;
+
+  // zeroed: every slot and block sum starts at zero (for a pass that only adds to them);
+  // otherwise each slot's first block writes its product with Init::Zero.
+  GradientSums(const Plan& p, std::vector<scalar_t*> weight_grads, std::vector<scalar_t*> bias_grads,
+               bool zeroed)
+      : plan_(p), weights_(std::move(weight_grads)), biases_(std::move(bias_grads)),
+        weight_offset_(p.layers() + 1, 0), bias_offset_(p.layers() + 1, 0),
+        in_place_(std::is_same_v<scalar_t, T> && p.slots == 1),
+        slots_(!weights_.empty() && !in_place_ ? p.slots * total_weights(p) : 0),
+        block_sums_(!biases_.empty() ? p.blocks * total_biases(p) : 0) {
+    for (size_t l = 0; l < p.layers(); ++l) {
+      weight_offset_[l + 1] = weight_offset_[l] + p.widths[l] * p.widths[l + 1];
+      bias_offset_[l + 1] = bias_offset_[l] + p.widths[l + 1];
+    }
+    if (!zeroed) return;
+    for (int64_t slot = 0; slot < p.slots && !weights_.empty(); ++slot) {
+      for (size_t l = 0; l < p.layers(); ++l) std::fill_n(weights(slot, l), layer_weights(l), T(0));
+    }
+    if (!biases_.empty()) std::fill_n(block_sums_.get(), p.blocks * bias_offset_.back(), T(0));
+  }
+
+  // Layer l's weight gradient in `slot` (the gradient itself, where one slot of a float or
+  // double network holds it), and its bias gradient's sum over `block`.
+  T* weights(int64_t slot, size_t l) const {
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      if (in_place_) return weights_[l];
+    }
+    return slots_.get() + slot * weight_offset_.back() + weight_offset_[l];
+  }
+  T* biases(int64_t block, size_t l) const {
+    return block_sums_.get() + block * bias_offset_.back() + bias_offset_[l];
+  }
+
+  void finish() const {
+    for (size_t l = 0; l < weights_.size() && !in_place_; ++l) {
+      T* first = slots_.get() + weight_offset_[l];
+      at::parallel_for(0, layer_weights(l), 16384, [&](int64_t begin, int64_t end) {
+        add_pairwise<T>(first + begin, plan_.slots, weight_offset_.back(), end - begin);
+        at::vec::convert(first + begin, weights_[l] + begin, end - begin);
+      });
+    }
+    for (size_t l = 0; l < biases_.size(); ++l) {
+      T* first = block_sums_.get() + bias_offset_[l];
+      add_pairwise<T>(first, plan_.blocks, bias_offset_.back(), plan_.widths[l + 1]);
+      at::vec::convert(first, biases_[l], plan_.widths[l + 1]);
+    }
+  }
+
+ private:
+  static int64_t total_weights(const Plan& p) {
+    int64_t n = 0;
+    for (size_t l = 0; l < p.layers(); ++l) n += p.widths[l] * p.widths[l + 1];
+    return n;
+  }
+  static int64_t total_biases(const Plan& p) {
+    int64_t n = 0;
+    for (size_t l = 0; l < p.layers(); ++l) n += p.widths[l + 1];
+    return n;
+  }
+  int64_t layer_weights(size_t l) const { return weight_offset_[l + 1] - weight_offset_[l]; }
+
+  const Plan& plan_;
+  std::vector<scalar_t*> weights_, biases_;
+  std::vector<int64_t> weight_offset_, bias_offset_;
+  bool in_place_;
+  Scratch<T> slots_, block_sums_;
+};
+
 // t's elements in row-major order: t itself where it is contiguous (its data is then the
 // (rows, features) matrix, whatever its dimensions), else a contiguous copy. The check is
 // inline; a call of t.contiguous() would cost a tiny network a dispatch per tensor.

@@ -103,23 +103,8 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
   const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
   const bool hides_sign = derivative_needs_preactivation(acts.hidden, acts.params);
 
-  // Where each layer's weight gradient lies in a slot, and its bias gradient in a block's sums.
-  std::vector<int64_t> weight_offset(layers + 1, 0), bias_offset(layers + 1, 0);
-  for (size_t l = 0; l < layers; ++l) {
-    weight_offset[l + 1] = weight_offset[l] + p.widths[l] * p.widths[l + 1];
-    bias_offset[l + 1] = bias_offset[l] + p.widths[l + 1];
-  }
   const bool need_weights = !grads.weights.empty(), need_biases = !grads.biases.empty();
-  // One slot of a float or double network is the weight gradient itself.
-  const bool in_place = same && p.slots == 1;
-  const Scratch<T> slot_space(need_weights && !in_place ? p.slots * weight_offset[layers] : 0);
-  const auto slot_weights = [&](int64_t slot, size_t l) -> T* {
-    if constexpr (same) {
-      if (in_place) return grads.weights[l];
-    }
-    return slot_space.get() + slot * weight_offset[layers] + weight_offset[l];
-  };
-  const Scratch<T> bias_space(need_biases ? p.blocks * bias_offset[layers] : 0);
+  const GradientSums<scalar_t> sums(p, grads.weights, grads.biases, /*zeroed=*/false);
   // Stretch by stretch, from the top, so that Omega^T (for recomputing f) is packed for one
   // stretch's layers at a time: dl/dh at a stretch's input is carried to the one below for
   // all rows. Without checkpointing the hidden layers are one stretch. Stretch s holds the
@@ -202,9 +187,9 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
               round_to_dtype<scalar_t, T>(dst.data, n * d_out);  // dl/df as eager stores it
               g = {dst.data, dst.ld};
             }
-            if (need_biases) column_sums<T>(g, n, d_out, bias_space.get() + block * bias_offset[layers] + bias_offset[l], run);
+            if (need_biases) column_sums<T>(g, n, d_out, sums.biases(block, l), run);
             if (need_weights) {  // dl/dOmega += g^T h  (7.9)
-              gemm<T>(d_out, d_in, n, g.data, 1, g.ld, h[l].data, h[l].ld, slot_weights(slot, l), d_in,
+              gemm<T>(d_out, d_in, n, g.data, 1, g.ld, h[l].data, h[l].ld, sums.weights(slot, l), d_in,
                       first_in_slot ? Init::Zero : Init::AddToC);
             }
             if (l > 0 || grads.input != nullptr) {  // dl/dh = g Omega  (7.6)
@@ -260,20 +245,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
     });
   }
 
-  // The slots' and blocks' sums, added pairwise, rounded once into the gradients.
-  for (size_t l = 0; l < layers && need_weights && !in_place; ++l) {
-    const int64_t size = weight_offset[l + 1] - weight_offset[l];
-    T* first_slot = slot_space.get() + weight_offset[l];
-    at::parallel_for(0, size, 16384, [&](int64_t begin, int64_t end) {
-      add_pairwise<T>(first_slot + begin, p.slots, weight_offset[layers], end - begin);
-      at::vec::convert(first_slot + begin, grads.weights[l] + begin, end - begin);
-    });
-  }
-  for (size_t l = 0; l < layers && need_biases; ++l) {
-    T* first_block = bias_space.get() + bias_offset[l];
-    add_pairwise<T>(first_block, p.blocks, bias_offset[layers], p.widths[l + 1]);
-    at::vec::convert(first_block, grads.biases[l], p.widths[l + 1]);
-  }
+  sums.finish();
 }
 
 }  // namespace

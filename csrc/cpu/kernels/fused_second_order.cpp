@@ -166,30 +166,8 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
     }
   }
 
-  // The weight gradients' slots and the bias gradients' per-block sums, zero where a block
-  // adds nothing.
-  std::vector<int64_t> weight_offset(layers + 1, 0), bias_offset(layers + 1, 0);
-  for (size_t l = 0; l < layers; ++l) {
-    weight_offset[l + 1] = weight_offset[l] + widths[l] * widths[l + 1];
-    bias_offset[l + 1] = bias_offset[l] + widths[l + 1];
-  }
-  const bool in_place = same && p.slots == 1;
-  const Scratch<T> slot_space(need_weights && !in_place ? p.slots * weight_offset[layers] : 0);
-  const auto slot_weights = [&](int64_t slot, size_t l) -> T* {
-    if constexpr (same) {
-      if (in_place) return out.weights[l];
-    }
-    return slot_space.get() + slot * weight_offset[layers] + weight_offset[l];
-  };
-  if (need_weights) {
-    for (int64_t slot = 0; slot < p.slots; ++slot) {
-      for (size_t l = 0; l < layers; ++l) {
-        std::fill_n(slot_weights(slot, l), weight_offset[l + 1] - weight_offset[l], T(0));
-      }
-    }
-  }
-  const Scratch<T> bias_space(need_biases ? p.blocks * bias_offset[layers] : 0);
-  if (need_biases) std::fill_n(bias_space.get(), p.blocks * bias_offset[layers], T(0));
+  // The weight and bias gradients' sums over the blocks, zero where a block adds nothing.
+  const GradientSums<scalar_t> sums(p, out.weights, out.biases, /*zeroed=*/true);
 
   const int64_t n_max = p.block_size;
   const int64_t per_thread = per_thread_elements(n_max * per_row + width, sizeof(T));
@@ -280,7 +258,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
           if (have_g_bar) {  // dl/dh_l = e_l Omega_l
             gemm<T>(n, d_out, d_in, g_bar.data, g_bar.ld, 1, w.transposed[l], d_out, e_bar, d_out, Init::Zero);
             if (need_weights) {
-              gemm<T>(d_out, d_in, n, e[l].data, 1, e[l].ld, g_bar.data, g_bar.ld, slot_weights(slot, l), d_in,
+              gemm<T>(d_out, d_in, n, e[l].data, 1, e[l].ld, g_bar.data, g_bar.ld, sums.weights(slot, l), d_in,
                       Init::AddToC);
             }
             have_e_bar = true;
@@ -369,11 +347,11 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
           }
           round_to_dtype<scalar_t, T>(fc.data, n * d_out);
           if (need_weights) {  // (7.9)
-            gemm<T>(d_out, d_in, n, fc.data, 1, fc.ld, h[l].data, h[l].ld, slot_weights(slot, l), d_in,
+            gemm<T>(d_out, d_in, n, fc.data, 1, fc.ld, h[l].data, h[l].ld, sums.weights(slot, l), d_in,
                     Init::AddToC);
           }
           if (need_biases) {
-            column_sums<T>({fc.data, fc.ld}, n, d_out, bias_space.get() + block * bias_offset[layers] + bias_offset[l],
+            column_sums<T>({fc.data, fc.ld}, n, d_out, sums.biases(block, l),
                            run);
           }
           have_h_cot = l > 0 || need_input;
@@ -395,20 +373,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
     }
   });
 
-  // The slots' and blocks' sums, added pairwise, rounded once into the gradients.
-  for (size_t l = 0; l < layers && need_weights && !in_place; ++l) {
-    const int64_t size = weight_offset[l + 1] - weight_offset[l];
-    T* first = slot_space.get() + weight_offset[l];
-    at::parallel_for(0, size, 16384, [&](int64_t begin, int64_t end) {
-      add_pairwise<T>(first + begin, p.slots, weight_offset[layers], end - begin);
-      at::vec::convert(first + begin, out.weights[l] + begin, end - begin);
-    });
-  }
-  for (size_t l = 0; l < layers && need_biases; ++l) {
-    T* first = bias_space.get() + bias_offset[l];
-    add_pairwise<T>(first, std::max<int64_t>(p.blocks, 1), bias_offset[layers], widths[l + 1]);
-    at::vec::convert(first, out.biases[l], widths[l + 1]);
-  }
+  sums.finish();
 }
 
 }  // namespace
