@@ -54,6 +54,25 @@ def test_in_place_edit_of_the_output_gives_eagers_values_and_right_or_refused_gr
         torch.testing.assert_close(a, e)
 
 
+def test_in_place_edits_are_refused_only_where_the_backward_reads_the_output():
+    # The test above accepts a refusal; this one pins down where it comes: a layer whose a'
+    # is read off its output (ReLU, sigmoid) refuses a backward after the output was edited,
+    # as eager's does, and one whose a' is read off f (SiLU, softplus) gives eager's gradients.
+    g = torch.randn(2, 3, 4, dtype=torch.float64)
+    for fn, reads_output in ((hf.linear_relu, True), (hf.linear_sigmoid, True), (hf.linear_silu, False),
+                             (hf.linear_softplus, False)):
+        x, w, b = leaves()
+        y = fn(x, w, b)
+        y.mul_(0.5)
+        if reads_output:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                torch.autograd.grad(y, (x, w, b), g)
+        else:
+            truth = torch.autograd.grad(fn(x, w, b) * 0.5, (x, w, b), g)
+            for got, want in zip(torch.autograd.grad(y, (x, w, b), g), truth):
+                torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 def test_in_place_edit_without_autograd(fn, reference):
     x, w, b = (t.detach() for t in leaves())

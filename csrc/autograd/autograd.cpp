@@ -56,9 +56,12 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     // Without a bias the Function has no input edge for it, so needs_input_grad(2) is not
     // to be asked.
     ctx->saved_data["has_bias"] = defined(bias);
-    // The bias is needed only to recompute f where out hides its sign.
-    const bool keep_bias = defined(bias) && derivative_needs_preactivation(act, params);
-    ctx->save_for_backward({input, weight, keep_bias ? *bias : Variable(), out});
+    // a' is read off out, or off f recomputed from the input, weight and bias (which is kept
+    // only then). out is kept only where it is read, so that an in-place edit of it is
+    // refused exactly where eager's would be (eager's SiLU keeps its input, ReLU its output).
+    // autograd.py's _setup_linear keeps the same.
+    const bool reads_f = derivative_needs_preactivation(act, params);
+    ctx->save_for_backward({input, weight, defined(bias) && reads_f ? *bias : Variable(), reads_f ? Variable() : out});
     return out;
   }
 

@@ -147,8 +147,12 @@ def _setup_linear(ctx, inputs, output, activation, parameters):
     input, weight, bias = inputs[:3]
     ctx.activation, ctx.parameters = activation, parameters
     ctx.num_inputs = len(inputs)
-    # The bias is needed only to recompute f where the output hides its sign.
-    if not _derivative_needs_preactivation(activation, *parameters):
+    # a' is read off the output, or off f recomputed from the input, weight and bias (kept
+    # only then); the output is kept only where it is read, as LinearActivationFunction
+    # (csrc/autograd/autograd.cpp) keeps them.
+    if _derivative_needs_preactivation(activation, *parameters):
+        output = None
+    else:
         bias = None
     ctx.save_for_backward(input, weight, bias, output)
     ctx.save_for_forward(input, weight, bias, output)
@@ -200,7 +204,7 @@ class _LinearActivationFunction(_Function):
         input, weight, bias, output = ctx.saved_tensors
         out_or_f = _out_or_f(ctx, input, weight, bias, output)
         # df = dh Omega^T + h dOmega^T + dbeta, then d(out) = a'[f] df.
-        tangent_pre = torch.zeros_like(output)
+        tangent_pre = input.new_zeros((*input.shape[:-1], weight.shape[0]))
         if input_tangent is not None:
             tangent_pre = tangent_pre + input_tangent.matmul(weight.t())
         if weight_tangent is not None:
