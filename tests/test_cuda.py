@@ -95,8 +95,8 @@ def test_every_kernel_path_once(dtype):
                     assert_close_to_eager_gradient(a, e, dtype)
             for fn, reference in ACTIVATION_PAIRS:
                 torch.testing.assert_close(fn(x), reference(x), **summation_order_tolerances(dtype))
-                y = x.detach().clone()
-                torch.testing.assert_close(hf.relu(y, inplace=True), F.relu(x.detach()))
+            y = x.detach().clone()  # the in-place kernel, once per layout
+            torch.testing.assert_close(hf.relu(y, inplace=True), F.relu(x.detach()))
     model = hnn.MLP([8, 16, 24, 4], checkpoint_every=1, device="cuda", dtype=dtype)
     out = model(torch.randn(5, 8, device="cuda", dtype=dtype, requires_grad=True))
     out.float().sum().backward()

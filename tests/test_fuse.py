@@ -171,10 +171,23 @@ def test_linear_subclasses_are_left_unfused_and_reported(capsys):
     assert "0: not fused, ScaledLinear is not nn.Linear itself" in capsys.readouterr().out
 
 
-def test_model_with_nothing_left_to_fuse_keeps_its_type():
+def test_a_model_keeps_its_own_class_whether_or_not_anything_is_fused():
+    # fuse() edits the model in place: its class (and so its methods) stay, never a
+    # GraphModule in its stead.
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x) * 2
+
+    head = Head()
+    fused = hnn.fuse(head)
+    assert type(fused) is Head and type(fused.fc) is nn.Linear  # nothing to fuse: left as it was
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     fused = hnn.fuse(model)
-    assert fused is model and type(fused[0]) is hnn.LinearReLU
+    assert type(fused) is nn.Sequential and type(fused[0]) is hnn.LinearReLU and type(fused[2]) is nn.Linear
 
 
 def test_train_and_eval_mode_are_kept():

@@ -314,8 +314,8 @@ at::Tensor linear_activation_cuda(const at::Tensor& input, const at::Tensor& wei
   const at::Tensor x = input.reshape({rows, in_features});
   // f = beta + h Omega^T by cuBLAS, the bias added inside the product (one rounding, as
   // F.linear). For ReLU with a bias, cuBLASLt's RELU_BIAS epilogue applies a[.] inside the
-  // product too (measured on an H100: 1.03x a bare mm, against 1.32x with a pass of our
-  // own, in bfloat16 at 8192x1024x1024; it keeps NaN, as eager's ReLU does). Not without
+  // product too (faster on an H100 than a pass of our own after the product: RESULTS.md;
+  // it keeps NaN, as eager's ReLU does). Not without
   // in_features: _addmm_activation then returns the bias without its ReLU (torch 2.11).
   // Otherwise a[.] is applied in place by one pass over f.
   if (bias.has_value() && act == Activation::ReLU && in_features > 0) {

@@ -100,7 +100,7 @@ def _explain_bad_argument(function, **arguments):
 
 
 def _autocast(input, weight, bias):
-    """For the Python Functions, the casts the ops' autocast kernels make (csrc/autograd):
+    """For the Python Functions, the casts the ops' autocast kernels make (csrc/autocast.cpp):
     under torch.autocast, floating arguments other than float64 go to the autocast dtype,
     outside the Function, so that their gradients flow back through the casts."""
     device_type = input.device.type

@@ -40,11 +40,11 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
 
 // Whether the double backward runs as its tensor formula on BLAS's products rather than in
 // the engine (fused_second_order.cpp). Measured against each other per capability
-// (RESULTS.md): the engine's pass wins wherever the products are narrow (mean depth below
-// kEngineMaxDepth) and either the weights are small or the rows many for the depth, by up
-// to 3x (a 2-(20)x8-1 PINN: the formula's elementwise passes and calls dominate there); the
-// formula wins on wide layers (784 or 512 inputs: 1.1-2.3x) and few rows of mid-sized
-// weights. On the DEFAULT path the engine's scalar tiles lose everywhere (1.2-20x).
+// (RESULTS.md, "The fused double backward"): the engine's pass wins wherever the products
+// are narrow (mean depth below kEngineMaxDepth) and either the weights are small or the rows
+// many for the depth (the PINNs' narrow networks most, where the formula's elementwise passes
+// and calls dominate); the formula wins on wide layers and on few rows of mid-sized weights.
+// On the DEFAULT path the engine's scalar tiles lose everywhere.
 bool second_order_blas_pays(int64_t rows, at::TensorList weights);
 
 at::Tensor blas_forward(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
