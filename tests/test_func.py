@@ -7,6 +7,9 @@ import torch.autograd.forward_ad as fwAD
 from samples import ACTIVATIONS, FUSED_LAYERS
 from torch.autograd import gradcheck, gradgradcheck
 
+import handgrad
+import handgrad.autograd
+
 
 
 def double(*shape, seed=0):
@@ -109,3 +112,40 @@ def test_activation_gradcheck_every_mode(fn, _):
     x = double(3, 7, seed=5).requires_grad_()
     assert gradcheck(fn, (x,), **FULL_CHECKS)
     assert gradgradcheck(fn, (x,), check_fwd_over_rev=True, check_batched_grad=True)
+
+
+# The C++ autograd kernels (csrc/autograd/autograd.cpp) and the Python Functions
+# (handgrad.autograd) keep the same tensors for the backward: each says so where it saves.
+MIRRORED = [("relu", "LinearReLUFunction", (), {}), ("sigmoid", "LinearSigmoidFunction", (), {}),
+            ("silu", "LinearSiLUFunction", (), {}), ("leaky_relu", "LinearLeakyReLUFunction", (0.2,), {}),
+            ("leaky_relu", "LinearLeakyReLUFunction", (-0.3,), {"negative_slope": -0.3}),
+            ("softplus", "LinearSoftplusFunction", (2.0, 5.0), {"beta": 2.0, "threshold": 5.0})]
+
+
+@pytest.mark.parametrize("activation,function,arguments,parameters", MIRRORED,
+                         ids=[f"{m[1]}{m[2]}" for m in MIRRORED])
+def test_the_cpp_and_python_functions_of_a_layer_save_the_same_tensors(activation, function, arguments,
+                                                                       parameters):
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def saved_names(run):
+        names = []
+
+        def pack(t):
+            names.append(t)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run()
+        known = {"input": x, "weight": w, "bias": b, "output": out}
+        return sorted(next((name for name, k in known.items() if t.data_ptr() == k.data_ptr() and t.shape == k.shape),
+                           "other") for t in names)
+
+    slope = parameters.get("negative_slope", 0.01)
+    keyword = {k: v for k, v in parameters.items() if k != "negative_slope"}
+    cpp = saved_names(lambda: torch.ops.handgrad.linear_activation(x, w, b, activation, slope, **keyword))
+    python = saved_names(lambda: getattr(handgrad.autograd, function).apply(x, w, b, *arguments))
+    assert cpp == python and "other" not in cpp
+    assert ("output" in cpp) != handgrad._C.derivative_needs_preactivation(
+        activation, slope, parameters.get("beta", 1.0), parameters.get("threshold", 20.0))
