@@ -35,13 +35,6 @@ using OutputActivation = std::optional<c10::string_view>;
 
 // --- CPU: the fused engine ---
 
-cpu::NetworkActivations network_activations(c10::string_view activation, const ActivationParameters& params,
-                                            OutputActivation output_activation) {
-  std::optional<Activation> output;
-  if (output_activation.has_value()) output = parse_activation(*output_activation);
-  return {parse_activation(activation), output, params};
-}
-
 at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
                    OutputActivation output_activation, double beta, double threshold) {
@@ -49,7 +42,7 @@ at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorLi
   check_mlp(input, weights, biases, activation, params, checkpoint_every,
             output_activation);
   return cpu::kernels().fused_forward(input, weights, biases,
-                            network_activations(activation, params, output_activation),
+                            cpu::network_activations(activation, params, output_activation),
                             checkpoint_every, nullptr);
 }
 
@@ -62,7 +55,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
             output_activation);
   std::vector<at::Tensor> hidden_outputs;
   at::Tensor out = cpu::kernels().fused_forward(
-      input, weights, biases, network_activations(activation, params, output_activation),
+      input, weights, biases, cpu::network_activations(activation, params, output_activation),
       checkpoint_every, &hidden_outputs);
   return {out, hidden_outputs};
 }
@@ -78,7 +71,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   // The engine returns no weight or bias gradients where the mask asks for none.
   return cpu::kernels().fused_backward(
       grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
-      network_activations(activation, params, output_activation), checkpoint_every,
+      cpu::network_activations(activation, params, output_activation), checkpoint_every,
       {input_requires_grad, parameters_require_grad, parameters_require_grad && !biases.empty()});
 }
 

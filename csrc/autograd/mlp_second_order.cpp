@@ -204,20 +204,6 @@ ops::SecondOrderResults results_of(SecondOrderGradients found, const at::Tensor&
   return out;
 }
 
-// mlp_double_backward's checks, made once per call; the network's activations.
-cpu::NetworkActivations checked_activations(
-    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
-    at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
-    const c10::List<std::optional<at::Tensor>>& grad_grad_weights,
-    const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
-    const ActivationParameters& params, std::optional<c10::string_view> output_activation) {
-  check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
-                            grad_grad_weights, grad_grad_biases, activation, params, output_activation);
-  std::optional<Activation> output;
-  if (output_activation.has_value()) output = parse_activation(*output_activation);
-  return {parse_activation(activation), output, params};
-}
-
 // The formula as tensor ops, for checked arguments.
 ops::SecondOrderResults formula(const at::Tensor& grad_output, const at::Tensor& input,
                                 at::TensorList weights, at::TensorList biases,
@@ -234,34 +220,22 @@ ops::SecondOrderResults formula(const at::Tensor& grad_output, const at::Tensor&
   return results_of(std::move(found), grad_output, input, weights, biases, output_mask);
 }
 
-// mlp_double_backward on any device: the formula.
-ops::SecondOrderResults mlp_double_backward_formula(
+// mlp_double_backward: the formula as tensor ops on any device (CompositeExplicitAutograd);
+// on the CPU (kEngine) the fused engine's kernel, unless the formula on BLAS's products
+// measured faster for this shape (second_order_blas_pays).
+template <bool kEngine>
+ops::SecondOrderResults mlp_double_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
     at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
     const c10::List<std::optional<at::Tensor>>& grad_grad_weights,
     const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
     double negative_slope, std::optional<c10::string_view> output_activation,
     std::array<bool, 4> output_mask, double beta, double threshold) {
-  const auto acts = checked_activations(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
-                                        grad_grad_weights, grad_grad_biases, activation,
-                                        {negative_slope, beta, threshold}, output_activation);
-  return formula(grad_output, input, weights, biases, hidden_outputs, grad_grad_input, grad_grad_weights,
-                 grad_grad_biases, acts, output_mask);
-}
-
-// On the CPU: the fused engine's kernel, unless the formula on BLAS's products measured
-// faster for this shape (second_order_blas_pays).
-ops::SecondOrderResults mlp_double_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
-    at::TensorList biases, at::TensorList hidden_outputs, const std::optional<at::Tensor>& grad_grad_input,
-    const c10::List<std::optional<at::Tensor>>& grad_grad_weights,
-    const c10::List<std::optional<at::Tensor>>& grad_grad_biases, c10::string_view activation,
-    double negative_slope, std::optional<c10::string_view> output_activation,
-    std::array<bool, 4> output_mask, double beta, double threshold) {
-  const auto acts = checked_activations(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
-                                        grad_grad_weights, grad_grad_biases, activation,
-                                        {negative_slope, beta, threshold}, output_activation);
-  if (cpu::kernels().second_order_blas_pays(leading_rows(input.sizes()), weights)) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp_double_backward(grad_output, input, weights, biases, hidden_outputs, grad_grad_input,
+                            grad_grad_weights, grad_grad_biases, activation, params, output_activation);
+  const auto acts = cpu::network_activations(activation, params, output_activation);
+  if (!kEngine || cpu::kernels().second_order_blas_pays(leading_rows(input.sizes()), weights)) {
     return formula(grad_output, input, weights, biases, hidden_outputs, grad_grad_input, grad_grad_weights,
                    grad_grad_biases, acts, output_mask);
   }
@@ -390,11 +364,11 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
 }  // namespace
 
 TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
-  m.impl("mlp_double_backward", &mlp_double_backward_cpu);
+  m.impl("mlp_double_backward", &mlp_double_backward_kernel<true>);
 }
 
 TORCH_LIBRARY_IMPL(handgrad, CompositeExplicitAutograd, m) {
-  m.impl("mlp_double_backward", &mlp_double_backward_formula);
+  m.impl("mlp_double_backward", &mlp_double_backward_kernel<false>);
 }
 
 variable_list mlp_backward_recorded(const Variable& grad_output, const Variable& input,

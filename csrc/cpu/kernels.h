@@ -21,7 +21,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../activation.h"
+#include "../checks.h"
 
 namespace handgrad::cpu {
 
@@ -32,6 +32,14 @@ struct NetworkActivations {
   std::optional<Activation> output;
   ActivationParameters params;
 };
+
+// A network's activations from the ops' arguments (names parsed, as checked before).
+inline NetworkActivations network_activations(c10::string_view activation, const ActivationParameters& params,
+                                              std::optional<c10::string_view> output_activation) {
+  std::optional<Activation> output;
+  if (output_activation.has_value()) output = parse_activation(*output_activation);
+  return {parse_activation(activation), output, params};
+}
 
 using NetworkGradients = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 

@@ -82,17 +82,6 @@ void add_rows(Rows<const T> x, Rows<T> y, int64_t rows, int64_t cols) {
   }
 }
 
-template <typename T>
-void copy_rows(Rows<const T> x, Rows<T> y, int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) std::copy_n(x.row(i), cols, y.row(i));
-}
-
-// A block's rows of a (rows, cols) scalar_t matrix written from T.
-template <typename scalar_t, typename T>
-void write_rows(Rows<const T> x, scalar_t* out, int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) at::vec::convert(x.row(i), out + i * cols, cols);
-}
-
 template <typename scalar_t>
 struct SecondOrderArguments {
   const scalar_t* grad_output;                 // (rows, d_L)
@@ -299,16 +288,16 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
             }
             times_derivative(l, {e_bar, d_out}, gb);
             round_to_dtype<scalar_t, T>(gb.data, n * d_out);
-          } else {
-            copy_rows<T>({e_bar, d_out}, gb, n, d_out);
+            g_bar = {gb.data, gb.ld};
+          } else {  // the linear output layer, the last: g_bar = e_bar
+            g_bar = {e_bar, d_out};
           }
-          g_bar = {gb.data, gb.ld};
           have_g_bar = true;
         }
         if (out.grad_output != nullptr) {  // g_bar past the output layer: dl/d(out)'s cotangent
           const int64_t d = widths[layers];
           if (have_g_bar) {
-            write_rows<scalar_t, T>(g_bar, out.grad_output + row * d, n, d);
+            at::vec::convert(g_bar.data, out.grad_output + row * d, n * d);  // rows of width d
           } else {
             std::fill_n(out.grad_output + row * d, n * d, scalar_t(0));
           }
@@ -319,52 +308,42 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
           if (need_input) std::fill_n(out.input + row * widths[0], n * widths[0], scalar_t(0));
           continue;
         }
-        bool have_h_cot = false;
-        Rows<T> h_cot{nullptr, 0};
+        bool have_h_cot = false;  // nothing above the output layer
+        Rows<const T> h_cot{nullptr, 0};
         for (size_t l = layers; l-- > 0;) {
           const int64_t d_in = widths[l], d_out = widths[l + 1];
-          bool have_f_cot = false;
-          const Rows<T> fc{f_cot, d_out};
+          // F_l = f_bar_l + h_cot * a_l' (h_cot only below the output layer, where every
+          // layer has its activation), or f_bar_l itself.
+          Rows<const T> f_cot_rows = f_bar[l];
           if (have_h_cot) {
-            if (activation(l).has_value()) {
-              times_derivative(l, {h_cot.data, h_cot.ld}, fc);
-            } else {
-              copy_rows<T>({h_cot.data, h_cot.ld}, fc, n, d_out);
-            }
+            const Rows<T> fc{f_cot, d_out};
+            times_derivative(l, h_cot, fc);
             if (f_bar[l].data != nullptr) add_rows<T>(f_bar[l], fc, n, d_out);
-            have_f_cot = true;
-          } else if (f_bar[l].data != nullptr) {
-            copy_rows<T>(f_bar[l], fc, n, d_out);
-            have_f_cot = true;
+            round_to_dtype<scalar_t, T>(fc.data, n * d_out);
+            f_cot_rows = {fc.data, fc.ld};
           }
-          if (!have_f_cot) {
-            have_h_cot = h_bar[l].data != nullptr;
-            if (have_h_cot) {
-              h_cot = {h_cot_space[l % 2], d_in};
-              copy_rows<T>(h_bar[l], h_cot, n, d_in);
-            }
+          if (f_cot_rows.data == nullptr) {
+            h_cot = h_bar[l];
+            have_h_cot = h_cot.data != nullptr;
             continue;
           }
-          round_to_dtype<scalar_t, T>(fc.data, n * d_out);
           if (need_weights) {  // (7.9)
-            gemm<T>(d_out, d_in, n, fc.data, 1, fc.ld, h[l].data, h[l].ld, sums.weights(slot, l), d_in,
-                    Init::AddToC);
+            gemm<T>(d_out, d_in, n, f_cot_rows.data, 1, f_cot_rows.ld, h[l].data, h[l].ld, sums.weights(slot, l),
+                    d_in, Init::AddToC);
           }
-          if (need_biases) {
-            column_sums<T>({fc.data, fc.ld}, n, d_out, sums.biases(block, l),
-                           run);
-          }
+          if (need_biases) column_sums<T>(f_cot_rows, n, d_out, sums.biases(block, l), run);
           have_h_cot = l > 0 || need_input;
           if (!have_h_cot) continue;
-          h_cot = {h_cot_space[l % 2], d_in};  // (7.6)
-          gemm<T>(n, d_in, d_out, fc.data, fc.ld, 1, w.natural[l], d_in, h_cot.data, d_in, Init::Zero);
-          if (h_bar[l].data != nullptr) add_rows<T>(h_bar[l], h_cot, n, d_in);
-          round_to_dtype<scalar_t, T>(h_cot.data, n * d_in);
+          const Rows<T> hc{h_cot_space[l % 2], d_in};  // (7.6)
+          gemm<T>(n, d_in, d_out, f_cot_rows.data, f_cot_rows.ld, 1, w.natural[l], d_in, hc.data, d_in, Init::Zero);
+          if (h_bar[l].data != nullptr) add_rows<T>(h_bar[l], hc, n, d_in);
+          round_to_dtype<scalar_t, T>(hc.data, n * d_in);
+          h_cot = {hc.data, hc.ld};
         }
         if (need_input) {
           const int64_t d = widths[0];
           if (have_h_cot) {
-            write_rows<scalar_t, T>({h_cot.data, h_cot.ld}, out.input + row * d, n, d);
+            at::vec::convert(h_cot.data, out.input + row * d, n * d);  // rows of width d
           } else {
             std::fill_n(out.input + row * d, n * d, scalar_t(0));
           }
