@@ -361,6 +361,9 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
 
     variable_list grads;  // one per forward argument, the lists flattened
     if (!c10::GradMode::is_enabled()) {
+      // Below autograd: mlp_backward has no autograd kernel, and its boxed fallback would
+      // box every list argument for nothing (a tiny network's step measurably).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_input, grad_weights, grad_biases] = ops::mlp_backward(
           grad_outputs[0], input, weights, biases, hidden, activation_name(network.hidden),
           network.params, network.checkpoint_every, need_input, network.output_name(),
