@@ -5,7 +5,12 @@ in one run with torch.utils.benchmark:
   - forward+backward and forward alone;
   - handgrad, nn.Linear + activation in eager mode, and torch.compile of the same;
   - the floor: the bare matrix products any implementation must do (one for the forward,
-    three for forward+backward).
+    three for forward+backward);
+  - the node: an autograd node over three one-element tensors that computes nothing
+    (torch.cat of their views): the fixed cost any one-node layer pays, whatever its size.
+The bound is what no implementation can beat on this machine: the node's time plus the
+products' FLOPs at the FMA limit (benchmarks/machine.py); bound/eager is the best ratio to
+eager there is, to set beside each target.
 It prints a markdown table of medians and ratios, writes it with the raw figures to JSON,
 and draws the handgrad/eager ratios as a bar chart (PNG). It also counts the bytes autograd
 keeps for an 8-layer MLP, through torch.autograd.graph.saved_tensors_hooks.
@@ -28,7 +33,7 @@ from torch import nn
 import handgrad.functional as hf
 import handgrad.nn as hnn
 from handgrad.memory import saved_bytes
-from machine import machine_description
+from machine import fma_limit, machine_description
 
 SHAPES = {  # name: (N, K, M)
     "tiny": (10, 10, 40),  # figure 7.8 size: overhead-bound
@@ -62,7 +67,9 @@ ACTIVATIONS = {  # name: (handgrad fused, eager activation, handgrad module, tor
 # The chapter's three, which the tables of RESULTS.md were made with; the others by --activations.
 DEFAULT_ACTIVATIONS = ["relu", "leaky_relu", "sigmoid"]
 
-CANDIDATES = ["handgrad", "eager", "compile", "floor"]
+CANDIDATES = ["handgrad", "eager", "compile", "floor", "node"]
+# Per shape, the fwd+bwd target of issue 27 (handgrad/eager on the CPU; every shape <= 1.00).
+TARGETS = {"tiny": 0.70, "skinny": 0.90, "thin": 0.60}
 
 
 def replay_from_cuda_graph(step):
@@ -119,7 +126,19 @@ def make_steps(activation, shape, device="cpu", dtype=torch.float32, seed=0, can
         torch.mm(grad_output, wd)  # dl/dh (7.6)
         torch.mm(grad_output.t(), xd)  # dl/dOmega (7.9)
 
-    steps = {("fwd+bwd", "floor"): floor_train, ("fwd", "floor"): lambda: torch.mm(xd, wd.t())}
+    # One node, three tensors in and their gradients out, and no arithmetic to speak of.
+    x1, w1, b1 = tensor(1, 1).requires_grad_(), tensor(1, 1).requires_grad_(), tensor(1).requires_grad_()
+    flat = tensor(3)
+
+    def node_train():
+        return torch.autograd.grad(torch.cat([x1.view(-1), w1.view(-1), b1]), (x1, w1, b1), flat)
+
+    def node_inference():
+        with torch.no_grad():
+            return torch.cat([x1.view(-1), w1.view(-1), b1])
+
+    steps = {("fwd+bwd", "floor"): floor_train, ("fwd", "floor"): lambda: torch.mm(xd, wd.t()),
+             ("fwd+bwd", "node"): node_train, ("fwd", "node"): node_inference}
     for name, fn in functions.items():
         steps[("fwd+bwd", name)] = train_step(fn)
         steps[("fwd", name)] = inference_step(fn)
@@ -178,19 +197,30 @@ def memory_table(activations, width=256, batch=1024, layers=8):
 
 
 TABLE_HEADER = (
-    "| shape | N,K,M | dtype | activation | mode | floor ms | handgrad ms | eager ms "
-    "| compile ms | handgrad/eager | handgrad/floor | eager/floor | compile/eager |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| shape | N,K,M | dtype | activation | mode | floor ms | node ms | handgrad ms | eager ms "
+    "| compile ms | handgrad/eager | bound/eager | target | handgrad/floor | eager/floor "
+    "| compile/eager |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def bound(r, limit):
+    """Seconds no implementation beats: the compute-free node, then the products' FLOPs at
+    the FMA limit (GFLOP/s; None where unmeasured, then the node alone)."""
+    N, K, M = r["NKM"]
+    flops = 2 * N * K * M * (3 if r["mode"].startswith("fwd+bwd") else 1)
+    return r["node"] + (flops / (limit * 1e9) if limit else 0.0)
 
 
 def table_row(r):
     compile_ms = r.get("compile", float("nan"))
+    target = TARGETS.get(r["shape"], 1.00) if r["mode"] == "fwd+bwd" and r["device"] == "cpu" else None
     return (
         f"| {r['shape']} | {','.join(map(str, r['NKM']))} | {r['dtype']} | {r['activation']} "
         f"| {r['mode']} "
-        f"| {r['floor'] * 1e3:.3f} | {r['handgrad'] * 1e3:.3f} | {r['eager'] * 1e3:.3f} "
-        f"| {compile_ms * 1e3:.3f} | **{r['handgrad'] / r['eager']:.2f}** "
+        f"| {r['floor'] * 1e3:.3f} | {r['node'] * 1e3:.3f} | {r['handgrad'] * 1e3:.3f} "
+        f"| {r['eager'] * 1e3:.3f} | {compile_ms * 1e3:.3f} | **{r['handgrad'] / r['eager']:.2f}** "
+        f"| {r['bound'] / r['eager']:.2f} | {'-' if target is None else f'{target:.2f}'} "
         f"| {r['handgrad'] / r['floor']:.2f} | {r['eager'] / r['floor']:.2f} "
         f"| {compile_ms / r['eager']:.2f} |"
     )
@@ -262,9 +292,12 @@ def main(argv=None):
     candidates = [c for c in CANDIDATES if with_compile or c != "compile"]
 
     machine = machine_description(args.device)
+    limit = fma_limit(torch.get_num_threads()) if args.device == "cpu" else None
     print(f"# handgrad {args.device.upper()} benchmark\n\n{machine}\n", flush=True)
     print("Median time per call; ratios are of medians measured in the same run. Rows are "
-          "printed as they are measured.\n", flush=True)
+          "printed as they are measured. bound/eager: the best ratio any implementation could "
+          "reach here (the compute-free node plus the FLOPs at the FMA limit); a target below "
+          "it cannot be met.\n", flush=True)
     print(TABLE_HEADER, flush=True)
     results = []
     for dtype in dtypes:
@@ -277,6 +310,7 @@ def main(argv=None):
                     row = {"device": args.device, "shape": shape, "NKM": known_shapes[shape],
                            "dtype": dtype, "activation": activation, "mode": mode}
                     row.update({c: medians[(mode, c)] for c in candidates})
+                    row["bound"] = bound(row, limit)
                     results.append(row)
                     print(table_row(row), flush=True)
 

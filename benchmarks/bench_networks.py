@@ -7,6 +7,10 @@ of torch's threads), from the same weights:
   - forward+backward: forward, MSE loss and loss.backward(), what a network implementation
     controls (the optimizer step is the same for every candidate);
   - inference: the forward under torch.no_grad().
+It also times a network that computes nothing: one autograd node (torch.cat) over one-element
+parameters, as many as the network has, then the same loss and backward (and SGD step). That
+node's time plus the network's FLOPs at the FMA limit is a bound no implementation beats
+here; bound/torch.nn, beside each target of issue 27, says which targets can be met at all.
 It then times the MLP's own op, mlp_forward + mlp_backward, to give the GFLOP/s of its
 products against the machine's FMA limit, and counts the minor page faults of a training
 step (fresh memory for stored activations), and times fuse() of the test suite's models of
@@ -39,6 +43,13 @@ NETWORKS = {  # name: (sizes, rows)
     "thin128 16k": ([64, 128, 128, 128, 128, 16], 16384),
 }
 CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(Sequential)", "compile(torch.nn)"]
+# Issue 27's targets for the MLP, MLP/torch.nn: {(network, mode): target}.
+TARGETS = {
+    ("fig7.8 batch 10", "fwd+bwd"): 0.55, ("fig7.8 batch 100", "fwd+bwd"): 0.55,
+    ("MNIST-sized batch 64", "fwd+bwd"): 0.65, ("MNIST-sized batch 64", "step"): 0.75,
+    **{(name, mode): 0.40 for name in ("thin64 16k", "thin64 64k", "thin128 16k")
+       for mode in ("fwd+bwd", "inference")},
+}
 
 
 def real_model_cases():
@@ -166,6 +177,46 @@ def op_gflops(mlp, x, y, rounds, min_time, measure):
         f"{mode} s": seconds[mode] for mode in flops}
 
 
+def node_steps(reference, x, y):
+    """The steps of a network that computes nothing: one node over one-element parameters,
+    as many as reference has, with the same loss, backward and optimizer; and those
+    parameters."""
+    parameters = [torch.zeros(1, requires_grad=True) for _ in reference.parameters()]
+    target = y.new_zeros(y.shape[0], len(parameters))
+    optimizer = torch.optim.SGD(parameters, lr=1e-6, momentum=0.9)
+
+    def output():
+        return torch.cat(parameters).expand(y.shape[0], -1)
+
+    def forward_backward():
+        for p in parameters:
+            p.grad = None
+        F.mse_loss(output(), target).backward()
+
+    def step():
+        optimizer.zero_grad()
+        F.mse_loss(output(), target).backward()
+        optimizer.step()
+
+    def inference():
+        with torch.no_grad():
+            output()
+
+    return {"node step": step, "node fwd+bwd": forward_backward, "node inference": inference}, parameters
+
+
+def flops(sizes, rows, mode):
+    """The products' FLOPs: 2 rows d_in d_out per layer forward; backward twice that, less
+    dl/dx of the input, which torch.nn's x does not ask for."""
+    products = [2 * rows * d_in * d_out for d_in, d_out in zip(sizes, sizes[1:])]
+    return sum(products) if mode == "inference" else 3 * sum(products) - products[0]
+
+
+def bound(row, mode, limit):
+    """Seconds no implementation beats: the node network's, plus the FLOPs at the FMA limit."""
+    return row[f"node {mode}"] + (flops(row["sizes"], row["rows"], mode) / (limit * 1e9) if limit else 0.0)
+
+
 def page_faults(step, calls=5):
     """Minor page faults per call of step (the kernel's count for this process)."""
     step()
@@ -221,6 +272,7 @@ def main(argv=None):
             steps[f"{c} step"] = training_step(model, x, y)
             steps[f"{c} fwd+bwd"] = forward_backward(model, x, y)
             steps[f"{c} inference"] = inference(model, x)
+        steps.update(node_steps(candidates["torch.nn"], x, y)[0])
         row = {"network": name, "sizes": sizes, "rows": batch, **measure(steps, args.rounds, args.min_time)}
         row["op"] = op_gflops(candidates["handgrad MLP"], x, y, args.rounds, args.min_time, measure)
         row["page faults"] = {c: page_faults(steps[f"{c} step"]) for c in candidates}
@@ -234,6 +286,18 @@ def main(argv=None):
         print(f"\n{title}; medians, and ratios of medians from the same run.\n")
         ratio_table(rows, mode, list(candidates))
     limit = fma_limit(torch.get_num_threads())
+    print("\nWhat bounds the MLP: the network that computes nothing (one node, the same loss and "
+          "backward), plus the FLOPs at the FMA limit; a target below bound/torch.nn cannot be met "
+          "by any implementation on this machine.\n")
+    print("| network | mode | torch.nn ms | node ms | bound ms | MLP/torch.nn | bound/torch.nn | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for mode in MODES:
+            base, b = r[f"torch.nn {mode}"], bound(r, mode, limit)
+            target = TARGETS.get((r["network"], mode))
+            print(f"| {r['network']} | {mode} | {base * 1e3:.3f} | {r[f'node {mode}'] * 1e3:.3f} "
+                  f"| {b * 1e3:.3f} | **{r[f'handgrad MLP {mode}'] / base:.2f}** | {b / base:.2f} "
+                  f"| {'-' if target is None else f'{target:.2f}'} |")
     print(f"\nInside the MLP op: the GFLOP/s of its products (mlp_forward, storing activations; "
           f"mlp_backward), against the FMA limit ({limit:.0f} GFLOP/s on {torch.get_num_threads()} "
           f"threads), and minor page faults per training step.\n" if limit else

@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_layers  # noqa: E402
@@ -20,7 +21,9 @@ def test_harness_prints_table_and_writes_json_and_png(tmp_path, capsys):
     assert "handgrad/eager" in printed
     data = json.loads((tmp_path / "bench_cpu.json").read_text())
     assert len(data["results"]) == 3 * 2  # three activations, two modes
-    assert all(r["handgrad"] > 0 and r["floor"] > 0 for r in data["results"])
+    assert all(r["handgrad"] > 0 and r["floor"] > 0 and r["node"] > 0 for r in data["results"])
+    assert all(r["bound"] >= r["node"] for r in data["results"])
+    assert "bound/eager" in printed
     assert (tmp_path / "bench_cpu.png").stat().st_size > 1000
 
 
@@ -37,6 +40,31 @@ def test_saved_memory_is_at_most_eagers(activation):
         assert saved_per_layer >= (layers - 1) / layers * activations
 
 
+def test_the_bound_is_the_compute_free_node_plus_the_flops_at_the_fma_limit():
+    row = {"NKM": (10, 10, 40), "mode": "fwd+bwd", "node": 2e-5}
+    assert bench_layers.bound(row, 100.0) == pytest.approx(2e-5 + 3 * 2 * 10 * 10 * 40 / 100e9)
+    assert bench_layers.bound({**row, "mode": "fwd"}, 100.0) == pytest.approx(2e-5 + 2 * 10 * 10 * 40 / 100e9)
+    assert bench_layers.bound(row, None) == 2e-5  # no compiler to measure the limit: the node alone
+    import bench_networks
+
+    # 10-40-40-5 at 10 rows: 2 * 10 * (400 + 1600 + 200) per pass; no dl/dx of the input.
+    assert bench_networks.flops([10, 40, 40, 5], 10, "inference") == 44_000
+    assert bench_networks.flops([10, 40, 40, 5], 10, "fwd+bwd") == 3 * 44_000 - 8_000
+    network = {"sizes": [10, 40, 40, 5], "rows": 10, "node fwd+bwd": 1e-5}
+    assert bench_networks.bound(network, "fwd+bwd", 50.0) == pytest.approx(1e-5 + 124_000 / 50e9)
+
+
+def test_the_network_that_computes_nothing_has_the_networks_parameters_and_loss():
+    import bench_networks
+
+    reference = torch.nn.Sequential(torch.nn.Linear(10, 40), torch.nn.ReLU(), torch.nn.Linear(40, 5))
+    steps, parameters = bench_networks.node_steps(reference, torch.randn(7, 10), torch.randn(7, 5))
+    assert set(steps) == {"node step", "node fwd+bwd", "node inference"}
+    for step in steps.values():
+        step()
+    assert len(parameters) == 4 and all(p.numel() == 1 and p.grad is not None for p in parameters)
+
+
 def test_network_harness_prints_its_tables_and_writes_json(tmp_path, capsys):
     import bench_networks
 
@@ -45,9 +73,10 @@ def test_network_harness_prints_its_tables_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| fig7.8 batch 10 | 10-40-40-5 | 10 |" in printed
     assert "FMA limit" in printed and "BLAS sgemm" in printed and "Inside the MLP op" in printed
+    assert "| fig7.8 batch 10 | fwd+bwd |" in printed and "bound/torch.nn" in printed
     (row,) = rows
     ran = [c for c in bench_networks.CANDIDATES if c != "compile(torch.nn)"]
-    assert all(row[f"{c} {mode}"] > 0 for c in ran for mode in bench_networks.MODES)
+    assert all(row[f"{c} {mode}"] > 0 for c in ran + ["node"] for mode in bench_networks.MODES)
     assert "compile(torch.nn) step" not in row
     assert row["op"]["forward"] > 0 and row["op"]["backward"] > 0
     assert json.loads((tmp_path / "bench_networks.json").read_text())["results"][0]["rows"] == 10
