@@ -273,6 +273,37 @@ void layer_product(const Plan& p, size_t layer, const Weights<T>& w, Rows<const 
   round_to_dtype<scalar_t, T>(f.data, rows * d_out);
 }
 
+// h_next = a[beta + h Omega^T] for a block of rows (f contiguous). Where brgemm makes the
+// product (it has no bias of its own), the bias and the activation are one pass over each row
+// while the row is in L1, not two over the block; the tiles add the bias in their epilogue.
+// The sums are the same either way: the finished product, plus the bias, then a.
+template <typename scalar_t, typename T>
+void layer_forward(const Plan& p, size_t layer, const Weights<T>& w, Rows<const T> h, int64_t rows,
+                   Rows<T> f, Activation activation, const ActivationParameters& params) {
+  const int64_t d_in = p.widths[layer], d_out = p.widths[layer + 1];
+  const T* bias = w.bias[layer];
+  if (!std::is_same_v<scalar_t, T> || bias == nullptr ||
+      !brgemm_runs<T>(rows, d_out, d_in, h.ld, 1)) {
+    layer_product<scalar_t, T>(p, layer, w, h, rows, f);
+    activate_rows<T>(activation, params, f, rows, d_out);
+    return;
+  }
+  gemm<T>(rows, d_out, d_in, h.data, h.ld, 1, w.transposed[layer], d_out, f.data, f.ld, Init::Zero);
+  dispatch_activation(activation, [&](auto tag) {
+    constexpr Activation A = decltype(tag)::value;
+    const ActivationConstants<Vec<T>> k(params);
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = f.row(i);
+      if constexpr (A == Activation::Tanh) {  // eager's VML tanh, as activate_span runs it
+        at::vec::map2([](Vec<T> x, Vec<T> b) { return x + b; }, row, row, bias, d_out);
+        activate_span<A, T>(row, row, d_out, params);
+      } else {
+        at::vec::map2([&](Vec<T> x, Vec<T> b) { return activate<A>(x + b, k); }, row, row, bias, d_out);
+      }
+    }
+  });
+}
+
 // Where a backward pass sums its weight and bias gradients over the blocks of rows: each
 // weight gradient in a fixed number of slots (slot s the sum of blocks
 // [first_block(s), first_block(s + 1)), in order), each bias gradient per block; finish()

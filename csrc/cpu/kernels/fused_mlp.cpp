@@ -67,9 +67,12 @@ void forward_blocks(const Plan& p, const NetworkActivations& acts, const scalar_
         if constexpr (same) {
           if (target != nullptr) f = target;  // written once, straight from the kernel
         }
-        layer_product<scalar_t, T>(p, l, w, h, n, {f, d});
         const std::optional<Activation> a = is_output ? acts.output : std::optional(acts.hidden);
-        if (a.has_value()) activate_rows<T>(*a, acts.params, {f, d}, n, d);
+        if (a.has_value()) {
+          layer_forward<scalar_t, T>(p, l, w, h, n, {f, d}, *a, acts.params);
+        } else {
+          layer_product<scalar_t, T>(p, l, w, h, n, {f, d});
+        }
         if constexpr (!same) {
           if (target != nullptr) at::vec::convert(f, target, n * d);
           if (!is_output) round_to_dtype<scalar_t, T>(f, n * d);
@@ -216,8 +219,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
           for (size_t j = first + 1; j <= last; ++j) {  // h[j], the output of hidden layer j - 1
             const int64_t d = p.widths[j];
             if (checkpointing) {
-              layer_product<scalar_t, T>(p, j - 1, w, h[j - 1], n, {held, d});
-              activate_rows<T>(acts.hidden, acts.params, {held, d}, n, d);
+              layer_forward<scalar_t, T>(p, j - 1, w, h[j - 1], n, {held, d}, acts.hidden, acts.params);
               round_to_dtype<scalar_t, T>(held, n * d);
               h[j] = {held, d};
             } else {
