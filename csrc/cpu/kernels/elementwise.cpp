@@ -100,9 +100,9 @@ void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, sc
 }
 
 // The bias gradient is summed in a cascade, so that its error grows with log(rows), as in
-// eager's summation, not with rows: runs of kRunRows rows are summed one after another, a
-// block adds up its kSumRows / kRunRows runs, and the blocks' sums are added pairwise.
-constexpr int64_t kRunRows = 8, kSumRows = 64;
+// eager's summation, not with rows: runs of kRunRows rows (add_row_to_sums), a block adds up
+// its kSumRows / kRunRows runs, and the blocks' sums are added pairwise.
+constexpr int64_t kSumRows = 64;
 
 // One pass over a contiguous (rows, cols) gradient: grad_pre = grad * a'[f], and
 // grad_bias[j] = sum_i grad_pre[i, j] accumulated in the accumulation type (the sums of the
@@ -124,7 +124,6 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_
   at::parallel_for(0, num_blocks, grain_blocks, [&](int64_t first_block, int64_t last_block) {
     std::vector<opmath_t> widened_row(std::is_same_v<scalar_t, opmath_t> ? 0 : cols);
     std::vector<opmath_t> run(cols);
-    const auto add = [](Vec sum, Vec x) { return sum + x; };
     for (int64_t block = first_block; block < last_block; ++block) {
       opmath_t* sums = block_sums.data() + block * cols;
       const int64_t row_end = std::min(rows, (block + 1) * kSumRows);
@@ -139,14 +138,7 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_
           at::vec::convert(grad_pre_row, widened_row.data(), cols);
           row = widened_row.data();
         }
-        if (i % kRunRows == 0) {
-          std::copy_n(row, cols, run.data());
-        } else {
-          at::vec::map2(add, run.data(), run.data(), row, cols);
-        }
-        if (i % kRunRows == kRunRows - 1 || i == row_end - 1) {
-          at::vec::map2(add, sums, sums, run.data(), cols);
-        }
+        add_row_to_sums(i - block * kSumRows, i == row_end - 1, row, run.data(), sums, cols);
       }
     }
   });

@@ -224,20 +224,11 @@ void activation_backward_rows(Activation activation, const ActivationParameters&
   });
 }
 
-// sums[j] = sum over the block's rows of g[i, j]: runs of 8 rows one after another, then the
-// runs, so that the error grows with the runs rather than the rows.
+// sums[j] = sum over the block's rows of g[i, j], in runs of rows (add_row_to_sums).
 template <typename T>
 void column_sums(Rows<const T> g, int64_t rows, int64_t cols, T* sums, T* run) {
-  constexpr int64_t kRunRows = 8;
-  const auto add = [](Vec<T> a, Vec<T> b) { return a + b; };
   std::fill_n(sums, cols, T(0));
-  for (int64_t start = 0; start < rows; start += kRunRows) {
-    std::copy_n(g.row(start), cols, run);
-    for (int64_t i = start + 1; i < std::min(rows, start + kRunRows); ++i) {
-      at::vec::map2(add, run, run, g.row(i), cols);
-    }
-    at::vec::map2(add, sums, sums, run, cols);
-  }
+  for (int64_t i = 0; i < rows; ++i) add_row_to_sums(i, i == rows - 1, g.row(i), run, sums, cols);
 }
 
 // rows of a scalar_t matrix in T: the memory itself where the types agree, else converted

@@ -102,6 +102,24 @@ void activate_span(const T* in, T* out, int64_t n, const ActivationParameters& p
   at::vec::map([&](at::vec::Vectorized<T> f) { return activate<A>(f, k); }, out, in, n);
 }
 
+// A bias gradient's column sums over a block of rows, so that the error grows with runs of
+// rows rather than with rows: runs of kRunRows rows are summed one after another, and each
+// run is added to sums as it ends. Called for each row in order, i counting from the block's
+// first row.
+constexpr int64_t kRunRows = 8;
+
+template <typename T>
+void add_row_to_sums(int64_t i, bool last_row, const T* row, T* run, T* sums, int64_t cols) {
+  using Vec = at::vec::Vectorized<T>;
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  if (i % kRunRows == 0) {
+    std::copy_n(row, cols, run);
+  } else {
+    at::vec::map2(add, run, run, row, cols);
+  }
+  if (i % kRunRows == kRunRows - 1 || last_row) at::vec::map2(add, sums, sums, run, cols);
+}
+
 // parts[0 .. n) = the sum of `count` parts, `stride` apart, added pairwise in a fixed tree:
 // accurate, and the same bits however the parts were shared among threads.
 template <typename T>
