@@ -87,7 +87,7 @@ def real_models(rounds, min_time, measure, names=None):
     for name, (model, x) in real_model_cases().items():
         if names is not None and name not in names:
             continue
-        # With an example input, as DeepSDF's branch on the input's shape needs.
+        # Traced now, for the example input (DeepSDF branches on its shape), not at the first call.
         fused = hnn.fuse(copy.deepcopy(model), example_inputs=(x,))
         fused_layers = sum(d.fused for d in hnn.fusion_decisions(model, (x,)))
 

@@ -14,6 +14,8 @@ import gc
 import io
 import pickle
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -180,14 +182,20 @@ WEIGHT_NORMS = {
 
 
 @pytest.mark.parametrize("norm", WEIGHT_NORMS)
-def test_weight_norm_and_a_branch_on_shapes_fuse_with_example_inputs(norm):
+@pytest.mark.parametrize("traced", ["at the first call", "for example_inputs"])
+def test_weight_norm_and_a_branch_on_shapes_fuse(norm, traced):
     # Built twice from one seed: torch.nn.utils.weight_norm's modules cannot be deep-copied.
     model, reference = (DeepSDFDecoder(WEIGHT_NORMS[norm]).eval() for _ in range(2) if not torch.manual_seed(0) is None)
-    with pytest.warns(UserWarning, match="example_inputs"):
-        assert fused_names(reference) == set()  # without example inputs it cannot be traced
-    x = torch.randn(10, 7)
-    hnn.fuse(model, example_inputs=(x,))
-    assert fused_names(reference, (x,)) == {"layers.0", "layers.1", "layers.2", "last"}  # last: tanh
+    layers = {"layers.0", "layers.1", "layers.2", "last"}  # last: before the tanh
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a branch on shapes is no reason to warn
+        undecided = hnn.fusion_decisions(reference)
+        x = torch.randn(10, 7)
+        hnn.fuse(model, example_inputs=(x,) if traced == "for example_inputs" else None)
+        same_outputs_and_grads(model, reference, x)  # the first call: traced for x's shape
+    assert {d.name for d in undecided} == layers and not any(d.fused for d in undecided)
+    assert all(d.reason.startswith("decided at the first call") for d in undecided)
+    assert fused_names(reference, (x,)) == layers
     assert handgrad_calls(model, x) == 4
     for inputs in (x, torch.randn(25, 7), torch.randn(6, 3)):  # other batches, the other branch
         same_outputs_and_grads(model, reference, inputs)
@@ -299,3 +307,18 @@ def test_a_fused_model_trains_under_ddp(tmp_path):
     (reference(x).square().sum() / len(x)).backward()
     for got, want in zip(torch.load(out_path), [p.grad for p in reference.parameters()]):
         torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_of_a_model_traced_at_its_first_call():
+    # Inside torch.compile the first trace is not made (dynamo traces forward itself): the
+    # model's own forward runs; after an eager call, the fused program is what it compiles.
+    model, reference = (DeepSDFDecoder(parametrizations.weight_norm).eval()
+                        for _ in range(2) if torch.manual_seed(0) is not None)
+    hnn.fuse(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=False)
+    x = torch.randn(10, 7)
+    torch.testing.assert_close(compiled(x), reference(x))
+    assert model.forward.programs == {}  # nothing traced inside the compile
+    same_outputs_and_grads(model, reference, x)  # the eager first call traces it
+    assert handgrad_calls(model, x) == 4
+    torch.testing.assert_close(compiled(x), reference(x))

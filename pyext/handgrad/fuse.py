@@ -13,7 +13,8 @@ so an optimizer built before (and its state, restored by position) keeps working
   one for evaluation, chosen at call time by model.training, so nothing is frozen. The
   Linear modules themselves stay as they are, so the model's own methods (which call them
   directly) compute what they always did. A forward that branches on shapes is traced with
-  the example inputs' shapes known, and again for each new input shape.
+  the inputs' shapes known, at its first call (or now, for example inputs), and again for
+  each new input shape.
 """
 
 import copy
@@ -341,32 +342,44 @@ def _shapes_of(args):
 class _FusedForward:
     """The forward fuse() gives a model with fusable calls in its forward: a traced program
     per training mode (and per input shapes, where the forward branches on shapes), chosen
-    at call time. Pickled and deep-copied with the model; the programs are traced again, for
-    the copy, on its first call."""
+    at call time. A forward that torch.fx cannot trace without its inputs' shapes (a branch on
+    them) is traced at its first call, with the real inputs' shapes, and again for each new
+    signature. Pickled and deep-copied with the model; the programs are traced again, for the
+    copy, on its first call."""
 
     def __init__(self, model, by_shape, programs):
         self.model, self.by_shape, self.programs = model, by_shape, programs
+        self.warned = False
 
     def program(self, key, shapes):
-        """The traced program for key, made on first use; None where it cannot be traced."""
+        """The traced program for key, made on first use; None where there is nothing to fuse
+        or it cannot be traced (the model's own forward runs then)."""
         if key not in self.programs:
             if len(self.programs) >= 2 * _MAX_SHAPES:
                 self.programs.clear()
             try:
                 graph = _trace(self.model, key[0], shapes)
                 pairs, _ = _pairs(graph, self.model)
-                self.programs[key] = _program(graph, pairs, f"{type(self.model).__name__}, {key}")
-            except Exception:  # not traceable for these inputs: the model's own forward
+                self.programs[key] = (_program(graph, pairs, f"{type(self.model).__name__}, {key}")
+                                      if pairs else None)
+            except Exception as error:  # not traceable for these inputs: the model's own forward
                 self.programs[key] = None
+                if not self.warned:  # once per model: every later call runs as it did
+                    self.warned = True
+                    warnings.warn(_untraceable_message(self.model, error, "even for its inputs' shapes"),
+                                  stacklevel=5)
         return self.programs[key]
 
     def __call__(self, *args, **kwargs):
         model = self.model
         if self.by_shape:
-            if kwargs:
-                return type(model).forward(model, *args, **kwargs)
             shapes = _shapes_of(args)
-            program = self.program((model.training, shapes), shapes)
+            key = (model.training, shapes)
+            if kwargs or (key not in self.programs and torch.compiler.is_compiling()):
+                # Keyword arguments, or a first trace inside torch.compile (which traces
+                # forward itself): the model's own forward.
+                return type(model).forward(model, *args, **kwargs)
+            program = self.program(key, shapes)
         else:
             program = self.program((model.training,), None)
         if program is None:
@@ -377,7 +390,7 @@ class _FusedForward:
         return {"model": self.model, "by_shape": self.by_shape}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, programs={})
+        self.__dict__.update(state, programs={}, warned=False)
 
     def __deepcopy__(self, memo):
         copied = _FusedForward.__new__(_FusedForward)
@@ -396,32 +409,39 @@ def _traced_line(error):
     return f"at {frame.filename}:{frame.lineno}: {frame.line}"
 
 
+def _untraceable_message(model, error, when):
+    return (f"handgrad.nn.fuse: torch.fx cannot trace {type(model).__name__} {when} "
+            f"({type(error).__name__}: {error}) {_traced_line(error)}; only Linear + activation "
+            "pairs inside nn.Sequential containers were fused, and the rest of the model runs "
+            "unfused.")
+
+
 def _fuse_calls(model, example_inputs, decisions, apply=True):
-    """Install a fused forward on model (with apply) if its forward calls fusable pairs.
-    Returns whether it traced (False: a warning has said why not)."""
+    """Install a fused forward on model (with apply) if its forward calls fusable pairs, or
+    may (one that can be traced only with its inputs' shapes known, at its first call)."""
     shapes = None if example_inputs is None else _shapes_of(tuple(example_inputs))
     try:
         graphs = {training: _trace(model, training, None) for training in (True, False)}
         by_shape = False
     except Exception as error:  # torch.fx raises many kinds for untraceable code
         if shapes is None:
-            warnings.warn(
-                f"handgrad.nn.fuse: torch.fx cannot trace {type(model).__name__} "
-                f"({type(error).__name__}: {error}) {_traced_line(error)}; only Linear + "
-                "activation pairs inside nn.Sequential containers were fused, and the rest of "
-                "the model runs unfused. If forward branches on input shapes, pass "
-                "example_inputs=(...) so that it is traced for those shapes.", stacklevel=3)
-            return False
+            # Perhaps a branch on the inputs' shapes: traced at the first call, with them.
+            decided = {d.name for d in decisions}
+            reason = (f"decided at the first call: torch.fx cannot trace forward without its "
+                      f"inputs' shapes ({type(error).__name__} {_traced_line(error)}); "
+                      "example_inputs=(...) decides now")
+            decisions.extend(FusionDecision(name, False, reason) for name, module in model.named_modules()
+                             if _is_linear(module) and name not in decided)
+            if apply:
+                model.forward = _FusedForward(model, True, {})
+            return
         try:
             graphs = {training: _trace(model, training, shapes) for training in (True, False)}
             by_shape = True
         except Exception as shaped_error:
-            warnings.warn(
-                f"handgrad.nn.fuse: {type(model).__name__} cannot be traced even for the shapes "
-                f"of example_inputs ({type(shaped_error).__name__}: {shaped_error}) "
-                f"{_traced_line(shaped_error)}; only Linear + activation pairs inside "
-                "nn.Sequential containers were fused, and the rest runs unfused.", stacklevel=3)
-            return False
+            warnings.warn(_untraceable_message(model, shaped_error, "even for the shapes of example_inputs"),
+                          stacklevel=3)
+            return
     found = {training: _pairs(graph, model) for training, graph in graphs.items()}
     names = dict.fromkeys([*found[True][0], *found[True][1], *found[False][0], *found[False][1]])
     for name in names:
@@ -438,7 +458,6 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
                     _program(graphs[training], found[training][0], f"{type(model).__name__}, training={training}")
                     for training in (True, False)}
         model.forward = _FusedForward(model, by_shape, programs)
-    return True
 
 
 def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
@@ -455,14 +474,16 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     - Calls in forward are found by torch.fx, in training and in eval mode; the model gets a
       forward that runs the traced program of its current mode, so dropout, `if
       self.training:` branches and model.train()/eval() behave as before.
-    - A forward that branches on input shapes needs example_inputs (a tuple of the forward's
-      positional arguments): it is then traced for their shapes, and again for new shapes.
+    - A forward that branches on input shapes (DeepSDF's decoder) is traced at its first call,
+      with the real inputs' shapes, and again for each new shape; with example_inputs (a
+      tuple of the forward's positional arguments) it is traced now, for their shapes.
     - Weight norm (torch.nn.utils.weight_norm, parametrizations.weight_norm, spectral_norm and
       other parametrizations) fuses: the fused op reads the weight as the module computes it.
     - Left unfused: a Linear subclass; a Linear with forward or backward hooks (they must keep
       seeing its own output); an activation module with hooks; a Linear whose output is used
-      more than once. A model torch.fx cannot trace gets the nn.Sequential pass only, and one
-      warning naming the line.
+      more than once. A model torch.fx cannot trace even with its inputs' shapes known
+      (data-dependent control flow) gets the nn.Sequential pass only, and one warning, at its
+      first call, naming the line.
 
     Each decision, with its reason, is logged to the "handgrad.fuse" logger; verbose=True
     prints them.
@@ -484,7 +505,9 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
 
 def fusion_decisions(model, example_inputs=None):
     """What fuse(model, example_inputs) would decide for each nn.Linear, as FusionDecisions,
-    without changing model (it warns as fuse() would where model cannot be traced)."""
+    without changing model (it warns as fuse() would where model cannot be traced). Where
+    forward can be traced only with its inputs' shapes and none are given, a call's layers
+    are reported as decided at the first call."""
     decisions = []
     _fuse_sequentials(model, "", decisions, apply=False)
     _fuse_calls(model, example_inputs, decisions, apply=False)
