@@ -160,25 +160,25 @@ __global__ void activation_backward_2d_kernel(
 }
 
 // Pass 2 of the bias gradient: grad_bias[j] = the sum over chunks of partial[chunk, j]. Block
-// (32, kSumRows): x a column, y every kSumRows-th chunk in order; then the kSumRows sums of
-// each column are added pairwise.
-constexpr int kSumRows = 32;
+// (32, kSumThreadRows): x a column, y every kSumThreadRows-th chunk in order; then the
+// kSumThreadRows sums of each column are added pairwise.
+constexpr int kSumThreadRows = 32;
 
 template <typename scalar_t>
 __global__ void sum_chunks_kernel(const at::opmath_type<scalar_t>* partial, scalar_t* grad_bias,
                                   int64_t chunks, int64_t cols) {
   using opmath_t = at::opmath_type<scalar_t>;
-  __shared__ opmath_t sums[kSumRows][33];
+  __shared__ opmath_t sums[kSumThreadRows][33];
   const int64_t col = blockIdx.x * static_cast<int64_t>(32) + threadIdx.x;
   opmath_t total = opmath_t(0);
   if (col < cols) {
-    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += kSumRows) {
+    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += kSumThreadRows) {
       total += partial[chunk * cols + col];
     }
   }
   sums[threadIdx.y][threadIdx.x] = total;
   __syncthreads();
-  for (int half = kSumRows / 2; half > 0; half /= 2) {
+  for (int half = kSumThreadRows / 2; half > 0; half /= 2) {
     if (threadIdx.y < half) sums[threadIdx.y][threadIdx.x] += sums[threadIdx.y + half][threadIdx.x];
     __syncthreads();
   }
@@ -272,7 +272,7 @@ void launch_activation_backward_2d(const at::Tensor& grad, const at::Tensor& out
   if (!packed && bias) launch(activation_backward_2d_kernel<scalar_t, A, 1, true>);
   if (!packed && !bias) launch(activation_backward_2d_kernel<scalar_t, A, 1, false>);
   if (bias) {
-    sum_chunks_kernel<scalar_t><<<at::ceil_div<int64_t>(cols, 32), dim3(32, kSumRows), 0, stream>>>(
+    sum_chunks_kernel<scalar_t><<<at::ceil_div<int64_t>(cols, 32), dim3(32, kSumThreadRows), 0, stream>>>(
         partial_data, grad_bias.mutable_data_ptr<scalar_t>(), grid.chunks, cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -114,7 +114,7 @@ def _autocast(input, weight, bias):
 
 
 # The Python Functions, by activation: the way forward-mode AD and torch.func go.
-_LINEAR_FUNCTIONS = {"relu": LinearReLUFunction, "leaky_relu": LinearLeakyReLUFunction,
+_LINEAR_AUTOGRAD_FUNCTIONS = {"relu": LinearReLUFunction, "leaky_relu": LinearLeakyReLUFunction,
                      "sigmoid": LinearSigmoidFunction, "tanh": LinearTanhFunction,
                      "silu": LinearSiLUFunction, "gelu": LinearGELUFunction,
                      "gelu_tanh": LinearGELUTanhFunction, "softplus": LinearSoftplusFunction}
@@ -154,7 +154,7 @@ def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
     ops = _op_namespace()
     if ops is None:
         arguments = _autocast(input, weight, bias) + _function_arguments(activation, parameters)
-        return _LINEAR_FUNCTIONS[activation].apply(*arguments)
+        return _LINEAR_AUTOGRAD_FUNCTIONS[activation].apply(*arguments)
     try:
         return ops.linear_activation(input, weight, bias, activation, *parameters)
     except (TypeError, NotImplementedError):
@@ -302,7 +302,7 @@ def check_activation(activation):
 
 def check_output_activation(output_activation):
     """Return output_activation, or raise if it is not None or one of the activations."""
-    if output_activation is not None and output_activation not in _LINEAR_FUNCTIONS:
+    if output_activation is not None and output_activation not in _LINEAR_AUTOGRAD_FUNCTIONS:
         raise ValueError("output_activation must be None, 'relu', 'leaky_relu', 'sigmoid', 'tanh', "
                          f"'silu', 'gelu', 'gelu_tanh' or 'softplus', got {output_activation!r}")
     return output_activation

@@ -8,7 +8,7 @@ so an optimizer built before (and its state, restored by position) keeps working
   fused form in place (its class changes to LinearReLU, ...; a parametrized Linear keeps its
   parametrizations) and the activation becomes nn.Identity: positions and state_dict keys
   stay as they were.
-- Calls in forward (F.relu(self.fc(x)), ...) are found by torch.fx. The model gets, as an
+- Calls in forward (HF.relu(self.fc(x)), ...) are found by torch.fx. The model gets, as an
   instance attribute, a forward with those pairs fused: one traced program for training and
   one for evaluation, chosen at call time by model.training, so nothing is frozen. The
   Linear modules themselves stay as they are, so the model's own methods (which call them
@@ -31,7 +31,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import functional as F
+from . import functional as HF
 from .nn import (
     _FUSED_LAYERS,
     LeakyReLU,
@@ -54,24 +54,24 @@ from .nn import (
 
 _ACTIVATION_FUNCTIONS = {
     torch.relu: "relu", torch.relu_: "relu", torch.nn.functional.relu: "relu",
-    torch.nn.functional.relu_: "relu", F.relu: "relu",
+    torch.nn.functional.relu_: "relu", HF.relu: "relu",
     torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid",
-    torch.tanh: "tanh", torch.tanh_: "tanh", torch.nn.functional.tanh: "tanh", F.tanh: "tanh",
-    torch.nn.functional.silu: "silu", F.silu: "silu", torch.nn.functional.gelu: "gelu", F.gelu: "gelu",
+    HF.sigmoid: "sigmoid",
+    torch.tanh: "tanh", torch.tanh_: "tanh", torch.nn.functional.tanh: "tanh", HF.tanh: "tanh",
+    torch.nn.functional.silu: "silu", HF.silu: "silu", torch.nn.functional.gelu: "gelu", HF.gelu: "gelu",
     torch.nn.functional.leaky_relu: "leaky_relu", torch.nn.functional.leaky_relu_: "leaky_relu",
-    F.leaky_relu: "leaky_relu", torch.nn.functional.softplus: "softplus", F.softplus: "softplus",
+    HF.leaky_relu: "leaky_relu", torch.nn.functional.softplus: "softplus", HF.softplus: "softplus",
 }
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                        "tanh": "tanh", "tanh_": "tanh"}
 # The parameters each activation function takes after its input, positionally or by name,
-# with their defaults, as F.leaky_relu and F.softplus take them.
+# with their defaults, as HF.leaky_relu and HF.softplus take them.
 _FUNCTION_PARAMETERS = {"leaky_relu": {"negative_slope": 0.01}, "softplus": {"beta": 1.0, "threshold": 20.0}}
 _FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU, LinearSoftplus)
 _HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, Softplus)
-_LINEAR_FUNCTIONS = {"relu": F.linear_relu, "sigmoid": F.linear_sigmoid, "tanh": F.linear_tanh,
-                     "silu": F.linear_silu, "gelu": F.linear_gelu,
-                     "gelu_tanh": lambda x, w, b: F.linear_gelu(x, w, b, approximate="tanh")}
+_FUSED_CALLS = {"relu": HF.linear_relu, "sigmoid": HF.linear_sigmoid, "tanh": HF.linear_tanh,
+                     "silu": HF.linear_silu, "gelu": HF.linear_gelu,
+                     "gelu_tanh": lambda x, w, b: HF.linear_gelu(x, w, b, approximate="tanh")}
 _MAX_SHAPES = 16  # traced programs kept per training mode, for a forward that branches on shapes
 
 _log = logging.getLogger("handgrad.fuse")
@@ -133,7 +133,7 @@ def _fused_class(linear_class, activation):
 
 def _module_parameters(name, module):
     """The parameters (negative_slope, beta, threshold) of activation module `module`."""
-    return F.parameters_of(name, **{key: getattr(module, key) for key in _FUNCTION_PARAMETERS.get(name, ())})
+    return HF.parameters_of(name, **{key: getattr(module, key) for key in _FUNCTION_PARAMETERS.get(name, ())})
 
 
 def _become_fused(linear, activation, parameters):
@@ -254,20 +254,20 @@ def _activation_of(node, modules):
         return name, _module_parameters(name, module)
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         name = _ACTIVATION_FUNCTIONS[node.target]
-        if name == "gelu":  # F.gelu(x, approximate=...)
+        if name == "gelu":  # HF.gelu(x, approximate=...)
             approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
             if approximate not in ("none", "tanh"):
                 return None, "its gelu's approximate is computed at run time or unknown"
-            return F.gelu_activation(approximate), F.DEFAULT_PARAMETERS
+            return HF.gelu_activation(approximate), HF.DEFAULT_PARAMETERS
         values = {}
         for position, (key, default) in enumerate(_FUNCTION_PARAMETERS.get(name, {}).items(), 1):
             value = node.args[position] if len(node.args) > position else node.kwargs.get(key, default)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 return None, f"its {name}'s {key} is computed at run time"
             values[key] = value
-        return name, F.parameters_of(name, **values)
+        return name, HF.parameters_of(name, **values)
     if node.op == "call_method" and node.target in _ACTIVATION_METHODS:
-        return _ACTIVATION_METHODS[node.target], F.DEFAULT_PARAMETERS
+        return _ACTIVATION_METHODS[node.target], HF.DEFAULT_PARAMETERS
     if node.op == "output":
         return None, "nothing follows it"
     target = getattr(node.target, "__name__", node.target)
@@ -312,10 +312,10 @@ def _run_fused(linear, input, activation, parameters):
         if result is not None:
             input = result[0] if isinstance(result, tuple) else result
     if activation == "leaky_relu":
-        return F.linear_leaky_relu(input, linear.weight, linear.bias, parameters[0])
+        return HF.linear_leaky_relu(input, linear.weight, linear.bias, parameters[0])
     if activation == "softplus":
-        return F.linear_softplus(input, linear.weight, linear.bias, *parameters[1:])
-    return _LINEAR_FUNCTIONS[activation](input, linear.weight, linear.bias)
+        return HF.linear_softplus(input, linear.weight, linear.bias, *parameters[1:])
+    return _FUSED_CALLS[activation](input, linear.weight, linear.bias)
 
 
 def _program(graph, pairs, label):
@@ -465,7 +465,7 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     return model (with inplace=False, a deep copy, fused).
 
     The activation may be a module (nn.ReLU(inplace=True) included) or a call in forward:
-    F.relu, torch.relu, x.relu(), torch.sigmoid, F.leaky_relu with its slope, and handgrad's
+    HF.relu, torch.relu, x.relu(), torch.sigmoid, HF.leaky_relu with its slope, and handgrad's
     own. The model keeps its class, methods, attributes, parameter objects and their order,
     so optimizers and their checkpoints keep working, and state_dicts load both ways.
 

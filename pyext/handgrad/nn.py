@@ -10,14 +10,14 @@ kernel as the bias.
 from torch import nn
 from torch.nn.modules import module as _module
 
-from . import functional as F
+from . import functional as HF
 
 
 class LinearReLU(nn.Linear):
     """relu(input @ weight.T + bias), initialised exactly as nn.Linear."""
 
     def forward(self, input):
-        return F.linear_relu(input, self.weight, self.bias)
+        return HF.linear_relu(input, self.weight, self.bias)
 
 
 class LinearLeakyReLU(nn.Linear):
@@ -25,12 +25,12 @@ class LinearLeakyReLU(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, negative_slope=0.01, device=None,
                  dtype=None):
-        negative_slope = F.check_negative_slope(negative_slope)
+        negative_slope = HF.check_negative_slope(negative_slope)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.negative_slope = negative_slope
 
     def forward(self, input):
-        return F.linear_leaky_relu(input, self.weight, self.bias, self.negative_slope)
+        return HF.linear_leaky_relu(input, self.weight, self.bias, self.negative_slope)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, negative_slope={self.negative_slope}"
@@ -40,21 +40,21 @@ class LinearSigmoid(nn.Linear):
     """sigmoid(input @ weight.T + bias), initialised exactly as nn.Linear."""
 
     def forward(self, input):
-        return F.linear_sigmoid(input, self.weight, self.bias)
+        return HF.linear_sigmoid(input, self.weight, self.bias)
 
 
 class LinearTanh(nn.Linear):
     """tanh(input @ weight.T + bias), initialised exactly as nn.Linear."""
 
     def forward(self, input):
-        return F.linear_tanh(input, self.weight, self.bias)
+        return HF.linear_tanh(input, self.weight, self.bias)
 
 
 class LinearSiLU(nn.Linear):
     """silu(input @ weight.T + bias), initialised exactly as nn.Linear."""
 
     def forward(self, input):
-        return F.linear_silu(input, self.weight, self.bias)
+        return HF.linear_silu(input, self.weight, self.bias)
 
 
 class LinearGELU(nn.Linear):
@@ -64,11 +64,11 @@ class LinearGELU(nn.Linear):
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
                  approximate="none"):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        F.gelu_activation(approximate)  # checks it
+        HF.gelu_activation(approximate)  # checks it
         self.approximate = approximate
 
     def forward(self, input):
-        return F.linear_gelu(input, self.weight, self.bias, self.approximate)
+        return HF.linear_gelu(input, self.weight, self.bias, self.approximate)
 
     def extra_repr(self):
         return super().extra_repr() + (f", approximate={self.approximate!r}" if self.approximate != "none" else "")
@@ -80,12 +80,12 @@ class LinearSoftplus(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, beta=1.0, threshold=20.0, device=None,
                  dtype=None):
-        beta, threshold = F.check_softplus(beta, threshold)
+        beta, threshold = HF.check_softplus(beta, threshold)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.beta, self.threshold = beta, threshold
 
     def forward(self, input):
-        return F.linear_softplus(input, self.weight, self.bias, self.beta, self.threshold)
+        return HF.linear_softplus(input, self.weight, self.bias, self.beta, self.threshold)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, beta={self.beta}, threshold={self.threshold}"
@@ -111,7 +111,7 @@ class _InplaceActivation(nn.Module):
 class ReLU(_InplaceActivation):
     """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
 
-    _function = F.relu
+    _function = HF.relu
 
 
 class LeakyReLU(nn.Module):
@@ -121,11 +121,11 @@ class LeakyReLU(nn.Module):
 
     def __init__(self, negative_slope: float = 0.01, inplace: bool = False) -> None:
         super().__init__()
-        self.negative_slope = F.check_negative_slope(negative_slope)
+        self.negative_slope = HF.check_negative_slope(negative_slope)
         self.inplace = inplace
 
     def forward(self, input):
-        return F.leaky_relu(input, self.negative_slope, inplace=self.inplace)
+        return HF.leaky_relu(input, self.negative_slope, inplace=self.inplace)
 
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
@@ -135,20 +135,20 @@ class Sigmoid(nn.Module):
     """sigmoid(input), elementwise."""
 
     def forward(self, input):
-        return F.sigmoid(input)
+        return HF.sigmoid(input)
 
 
 class Tanh(nn.Module):
     """tanh(input), elementwise."""
 
     def forward(self, input):
-        return F.tanh(input)
+        return HF.tanh(input)
 
 
 class SiLU(_InplaceActivation):
     """silu(input), elementwise; the signature of nn.SiLU."""
 
-    _function = F.silu
+    _function = HF.silu
 
 
 class GELU(nn.Module):
@@ -158,11 +158,11 @@ class GELU(nn.Module):
 
     def __init__(self, approximate: str = "none") -> None:
         super().__init__()
-        F.gelu_activation(approximate)
+        HF.gelu_activation(approximate)
         self.approximate = approximate
 
     def forward(self, input):
-        return F.gelu(input, approximate=self.approximate)
+        return HF.gelu(input, approximate=self.approximate)
 
     def extra_repr(self):
         return f"approximate={self.approximate!r}"
@@ -175,10 +175,10 @@ class Softplus(nn.Module):
 
     def __init__(self, beta: float = 1.0, threshold: float = 20.0) -> None:
         super().__init__()
-        self.beta, self.threshold = F.check_softplus(beta, threshold)
+        self.beta, self.threshold = HF.check_softplus(beta, threshold)
 
     def forward(self, input):
-        return F.softplus(input, self.beta, self.threshold)
+        return HF.softplus(input, self.beta, self.threshold)
 
     def extra_repr(self):
         return f"beta={self.beta}, threshold={self.threshold}"
@@ -250,11 +250,11 @@ class MLP(nn.Module):
         super().__init__()
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least the input and output sizes, got {sizes}")
-        F.check_checkpoint_every(checkpoint_every)
-        self.activation = F.check_activation(activation)
-        self.negative_slope = F.check_negative_slope(negative_slope)
-        self.beta, self.threshold = F.check_softplus(beta, threshold)
-        self.output_activation = F.check_output_activation(output_activation)
+        HF.check_checkpoint_every(checkpoint_every)
+        self.activation = HF.check_activation(activation)
+        self.negative_slope = HF.check_negative_slope(negative_slope)
+        self.beta, self.threshold = HF.check_softplus(beta, threshold)
+        self.output_activation = HF.check_output_activation(output_activation)
         extra = ({"negative_slope": self.negative_slope} if activation == "leaky_relu" else
                  {"approximate": "tanh"} if activation == "gelu_tanh" else
                  {"beta": self.beta, "threshold": self.threshold} if activation == "softplus" else {})
@@ -275,13 +275,13 @@ class MLP(nn.Module):
             return self._output_activation(input)
         weights = [layer._parameters["weight"] for layer in layers]
         biases = [layer._parameters["bias"] for layer in layers]
-        return F._mlp(input, weights, [] if biases[0] is None else biases, self.activation,
+        return HF._mlp(input, weights, [] if biases[0] is None else biases, self.activation,
                       self._activation_parameters(), self.checkpoint_every or 0, self.output_activation)
 
     def _output_activation(self, out):
         if self.output_activation is None:
             return out
-        return F._elementwise(out, self.output_activation, self._activation_parameters())
+        return HF._elementwise(out, self.output_activation, self._activation_parameters())
 
     def _activation_parameters(self):
         return (self.negative_slope, self.beta, self.threshold)
@@ -303,7 +303,7 @@ def _module_activation(module):
     """The activation name of an activation module (nn.GELU's by its approximate), or None."""
     name = _ACTIVATION_MODULES.get(type(module))
     if name == "gelu":
-        return F.gelu_activation(module.approximate)
+        return HF.gelu_activation(module.approximate)
     return name
 
 from .fuse import FusionDecision, fuse, fusion_decisions  # noqa: E402  (fuse.py builds on the modules above)

@@ -101,14 +101,14 @@ void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, sc
 
 // The bias gradient is summed in a cascade, so that its error grows with log(rows), as in
 // eager's summation, not with rows: runs of kRunRows rows (add_row_to_sums), a block adds up
-// its kSumRows / kRunRows runs, and the blocks' sums are added pairwise.
-constexpr int64_t kSumRows = 64;
+// its kSumBlockRows / kRunRows runs, and the blocks' sums are added pairwise.
+constexpr int64_t kSumBlockRows = 64;
 
 // One pass over a contiguous (rows, cols) gradient: grad_pre = grad * a'[f], and
 // grad_bias[j] = sum_i grad_pre[i, j] accumulated in the accumulation type (the sums of the
 // rounded grad_pre, as eager's grad.sum(0)).
 //
-// The blocks of kSumRows rows and the tree that adds their sums depend on the shape alone,
+// The blocks of kSumBlockRows rows and the tree that adds their sums depend on the shape alone,
 // never on the thread count, so the bias gradient is the same bit for bit on every run.
 template <typename scalar_t, Activation A>
 void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_f,
@@ -117,17 +117,17 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
   const ActivationConstants<Vec> k(params);
-  const int64_t num_blocks = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, kSumRows));
+  const int64_t num_blocks = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, kSumBlockRows));
   std::vector<opmath_t> block_sums(num_blocks * cols, opmath_t(0));
-  const int64_t grain_blocks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kSumRows * cols, 1));
+  const int64_t grain_blocks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kSumBlockRows * cols, 1));
 
   at::parallel_for(0, num_blocks, grain_blocks, [&](int64_t first_block, int64_t last_block) {
     std::vector<opmath_t> widened_row(std::is_same_v<scalar_t, opmath_t> ? 0 : cols);
     std::vector<opmath_t> run(cols);
     for (int64_t block = first_block; block < last_block; ++block) {
       opmath_t* sums = block_sums.data() + block * cols;
-      const int64_t row_end = std::min(rows, (block + 1) * kSumRows);
-      for (int64_t i = block * kSumRows; i < row_end; ++i) {
+      const int64_t row_end = std::min(rows, (block + 1) * kSumBlockRows);
+      for (int64_t i = block * kSumBlockRows; i < row_end; ++i) {
         scalar_t* grad_pre_row = grad_pre + i * cols;
         at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, k); },
                       grad_pre_row, grad + i * cols, out_or_f + i * cols, cols);
@@ -138,7 +138,7 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_
           at::vec::convert(grad_pre_row, widened_row.data(), cols);
           row = widened_row.data();
         }
-        add_row_to_sums(i - block * kSumRows, i == row_end - 1, row, run.data(), sums, cols);
+        add_row_to_sums(i - block * kSumBlockRows, i == row_end - 1, row, run.data(), sums, cols);
       }
     }
   });
