@@ -8,7 +8,7 @@ so an optimizer built before (and its state, restored by position) keeps working
   fused form in place (its class changes to LinearReLU, ...; a parametrized Linear keeps its
   parametrizations) and the activation becomes nn.Identity: positions and state_dict keys
   stay as they were.
-- Calls in forward (HF.relu(self.fc(x)), ...) are found by torch.fx. The model gets, as an
+- Calls in forward (F.relu(self.fc(x)), ...) are found by torch.fx. The model gets, as an
   instance attribute, a forward with those pairs fused: one traced program for training and
   one for evaluation, chosen at call time by model.training, so nothing is frozen. The
   Linear modules themselves stay as they are, so the model's own methods (which call them
@@ -65,13 +65,13 @@ _ACTIVATION_FUNCTIONS = {
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                        "tanh": "tanh", "tanh_": "tanh"}
 # The parameters each activation function takes after its input, positionally or by name,
-# with their defaults, as HF.leaky_relu and HF.softplus take them.
+# with their defaults, as F.leaky_relu and F.softplus take them.
 _FUNCTION_PARAMETERS = {"leaky_relu": {"negative_slope": 0.01}, "softplus": {"beta": 1.0, "threshold": 20.0}}
 _FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU, LinearSoftplus)
 _HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, Softplus)
 _FUSED_CALLS = {"relu": HF.linear_relu, "sigmoid": HF.linear_sigmoid, "tanh": HF.linear_tanh,
-                     "silu": HF.linear_silu, "gelu": HF.linear_gelu,
-                     "gelu_tanh": lambda x, w, b: HF.linear_gelu(x, w, b, approximate="tanh")}
+                "silu": HF.linear_silu, "gelu": HF.linear_gelu,
+                "gelu_tanh": lambda x, w, b: HF.linear_gelu(x, w, b, approximate="tanh")}
 _MAX_SHAPES = 16  # traced programs kept per training mode, for a forward that branches on shapes
 
 _log = logging.getLogger("handgrad.fuse")
@@ -254,7 +254,7 @@ def _activation_of(node, modules):
         return name, _module_parameters(name, module)
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         name = _ACTIVATION_FUNCTIONS[node.target]
-        if name == "gelu":  # HF.gelu(x, approximate=...)
+        if name == "gelu":  # F.gelu(x, approximate=...)
             approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
             if approximate not in ("none", "tanh"):
                 return None, "its gelu's approximate is computed at run time or unknown"
@@ -465,7 +465,7 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     return model (with inplace=False, a deep copy, fused).
 
     The activation may be a module (nn.ReLU(inplace=True) included) or a call in forward:
-    HF.relu, torch.relu, x.relu(), torch.sigmoid, HF.leaky_relu with its slope, and handgrad's
+    F.relu, torch.relu, x.relu(), torch.sigmoid, F.leaky_relu with its slope, and handgrad's
     own. The model keeps its class, methods, attributes, parameter objects and their order,
     so optimizers and their checkpoints keep working, and state_dicts load both ways.
 
