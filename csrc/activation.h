@@ -13,6 +13,8 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
@@ -25,6 +27,37 @@ class Tensor;
 namespace handgrad {
 
 enum class Activation : int8_t { ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, GELUTanh, Softplus };
+
+// The activations by the names the ops take ("relu", ..., "gelu_tanh" for GELU's tanh
+// approximation), and back.
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "relu") return Activation::ReLU;
+  if (name == "leaky_relu") return Activation::LeakyReLU;
+  if (name == "sigmoid") return Activation::Sigmoid;
+  if (name == "tanh") return Activation::Tanh;
+  if (name == "silu") return Activation::SiLU;
+  if (name == "gelu") return Activation::GELU;
+  if (name == "gelu_tanh") return Activation::GELUTanh;
+  if (name == "softplus") return Activation::Softplus;
+  TORCH_CHECK_VALUE(
+      false, "handgrad: unknown activation '", name,
+      "'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu', 'gelu_tanh' or "
+      "'softplus'");
+}
+
+inline c10::string_view activation_name(Activation activation) {
+  switch (activation) {
+    case Activation::ReLU: return "relu";
+    case Activation::LeakyReLU: return "leaky_relu";
+    case Activation::Sigmoid: return "sigmoid";
+    case Activation::Tanh: return "tanh";
+    case Activation::SiLU: return "silu";
+    case Activation::GELU: return "gelu";
+    case Activation::GELUTanh: return "gelu_tanh";
+    case Activation::Softplus: return "softplus";
+  }
+  return "";
+}
 
 // The activations' parameters, named and defaulted as torch.nn names them: LeakyReLU's
 // negative_slope, Softplus's beta and threshold. The others take none.
@@ -213,7 +246,7 @@ inline bool has_second_derivative(Activation activation) {
 // 1 where a < b, else 0 (0 for NaN): a mask that multiplies, so that NaN still propagates
 // through the other factor, as eager's `* (x < threshold)`. Vectorized's is in
 // csrc/cpu/kernels/vectorized.h; at::Tensor's, declared here so that the formula below finds
-// it, in csrc/autograd/autograd.cpp.
+// it, in csrc/autograd/activation.cpp.
 template <typename T>
 C10_HOST_DEVICE inline T less_than(T a, T b) {
   return a < b ? T(1) : T(0);

@@ -23,39 +23,10 @@
 #include <string>
 
 #include "activation.h"
+#include "checkpoint.h"
 #include "shapes.h"
 
 namespace handgrad {
-
-inline Activation parse_activation(c10::string_view name) {
-  if (name == "relu") return Activation::ReLU;
-  if (name == "leaky_relu") return Activation::LeakyReLU;
-  if (name == "sigmoid") return Activation::Sigmoid;
-  if (name == "tanh") return Activation::Tanh;
-  if (name == "silu") return Activation::SiLU;
-  if (name == "gelu") return Activation::GELU;
-  if (name == "gelu_tanh") return Activation::GELUTanh;
-  if (name == "softplus") return Activation::Softplus;
-  TORCH_CHECK_VALUE(
-      false, "handgrad: unknown activation '", name,
-      "'; expected 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu', 'gelu', 'gelu_tanh' or "
-      "'softplus'");
-}
-
-// The inverse of parse_activation.
-inline c10::string_view activation_name(Activation activation) {
-  switch (activation) {
-    case Activation::ReLU: return "relu";
-    case Activation::LeakyReLU: return "leaky_relu";
-    case Activation::Sigmoid: return "sigmoid";
-    case Activation::Tanh: return "tanh";
-    case Activation::SiLU: return "silu";
-    case Activation::GELU: return "gelu";
-    case Activation::GELUTanh: return "gelu_tanh";
-    case Activation::Softplus: return "softplus";
-  }
-  return "";
-}
 
 // The name users know an op by, to start every message: the schema's name with
 // "activation" replaced by the activation ("linear_relu", "sigmoid_backward", ...). It is

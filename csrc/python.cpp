@@ -10,6 +10,7 @@
 #include "cpu/kernels.h"
 #include "ops.h"
 #include "autograd/tensor_formulas.h"
+#include "checkpoint.h"
 #include "shapes.h"
 
 // The Python module handgrad._C. Loading it registers the ops (the static initializers of

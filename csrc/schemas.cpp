@@ -1,8 +1,8 @@
 // Every handgrad op schema, in one place.
 //
 // Kernels are registered per dispatch key in their own files: csrc/cpu and csrc/cuda (the
-// backends), csrc/mlp.cpp (the whole network, on every backend), csrc/autograd (the C++
-// autograd kernels), csrc/autocast.cpp, csrc/layout.cpp (non-strided tensors); fake kernels
+// backends), csrc/mlp_per_layer.cpp (the whole network elsewhere), csrc/autograd (the C++
+// autograd kernels), csrc/autocast.cpp, csrc/reject_non_strided.cpp; fake kernels
 // live in pyext/handgrad/_fake.py. The `activation` argument is one of "relu",
 // "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh" (GELU's tanh approximation),
 // "softplus". Its parameters are named and defaulted as torch.nn's: `negative_slope` for
@@ -71,7 +71,7 @@ TORCH_LIBRARY(handgrad, m) {
   // where a result has none; or the lists empty). hidden_outputs holds every hidden output.
   // output_mask asks for the gradients of grad_output, input, weights and biases; each
   // asked is returned, zero where nothing reached it. Not differentiable itself: a third
-  // order differentiates the tensor formula instead (csrc/autograd/mlp_second_order.cpp).
+  // order differentiates the tensor formula instead (csrc/autograd/mlp.cpp).
   m.def(
       "mlp_double_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
       "Tensor[] hidden_outputs, Tensor? grad_grad_input, Tensor?[] grad_grad_weights, "

@@ -1,5 +1,5 @@
 // Shapes and layouts shared by the kernels, the checks (csrc/checks.h) and the autograd
-// kernels.
+// kernels. The checkpoint policy is in checkpoint.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -39,20 +39,6 @@ inline at::Tensor as_matrix(const at::Tensor& t) {
 // eager's elementwise ops do.
 inline at::Tensor dense_or_contiguous(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : t.contiguous(t.suggest_memory_format());
-}
-
-// Whether the whole-network forward stores h_made, the output of hidden layer made - 1, for
-// the backward: every one, or with checkpoint_every = k > 0 every k-th below the last.
-inline bool is_stored_output(size_t made, size_t hidden, int64_t checkpoint_every) {
-  return checkpoint_every == 0 ||
-         (made % static_cast<size_t>(checkpoint_every) == 0 && made < hidden);
-}
-
-// How many hidden outputs the whole-network forward stores.
-inline size_t stored_output_count(size_t hidden, int64_t checkpoint_every) {
-  size_t count = 0;
-  for (size_t made = 1; made <= hidden; ++made) count += is_stored_output(made, hidden, checkpoint_every);
-  return count;
 }
 
 }  // namespace handgrad

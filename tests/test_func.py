@@ -114,7 +114,7 @@ def test_activation_gradcheck_every_mode(fn, _):
     assert gradgradcheck(fn, (x,), check_fwd_over_rev=True, check_batched_grad=True)
 
 
-# The C++ autograd kernels (csrc/autograd/autograd.cpp) and the Python Functions
+# The C++ autograd kernels (csrc/autograd/) and the Python Functions
 # (handgrad.autograd) keep the same tensors for the backward: each says so where it saves.
 MIRRORED = [("relu", "LinearReLUFunction", (), {}), ("sigmoid", "LinearSigmoidFunction", (), {}),
             ("silu", "LinearSiLUFunction", (), {}), ("leaky_relu", "LinearLeakyReLUFunction", (0.2,), {}),

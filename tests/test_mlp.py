@@ -241,7 +241,7 @@ def twin_by_hand(model, x):
 @pytest.mark.parametrize("every", [None, 2])
 @pytest.mark.parametrize("bias,output_activation", [(True, None), (False, None), (True, "sigmoid"), (False, "leaky_relu")])
 def test_mlp_matches_torch_nn_sequential(device, dtype, every, bias, output_activation):
-    # CUDA's mlp runs the per-layer ops (csrc/mlp.cpp), the CPU's the fused engine.
+    # CUDA's mlp runs the per-layer ops (csrc/mlp_per_layer.cpp), the CPU's the fused engine.
     torch.manual_seed(0)
     model = hnn.MLP([32, 64, 48, 40, 10], "leaky_relu", 0.1, checkpoint_every=every, bias=bias,
                     output_activation=output_activation, device=device, dtype=dtype)

@@ -155,3 +155,47 @@ def test_modules_survive_deepcopy_pickle_and_state_dict_round_trip():
     fresh = hnn.fuse(make_model())
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_the_package_imports_have_no_circle():
+    # Every import between handgrad's own modules (at any depth of the file), as a graph:
+    # a circle works only by import order, and breaks when that order changes.
+    import ast
+    import pathlib
+
+    import handgrad
+
+    package = pathlib.Path(handgrad.__file__).parent
+    graph = {}
+    for path in package.glob("*.py"):
+        edges = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [alias.name for alias in node.names]
+                edges.update(t.split(".")[0] for t in targets if (package / f"{t.split('.')[0]}.py").exists())
+    assert {"nn", "fuse", "_modules"} <= graph.keys() and "_modules" in graph["fuse"]
+
+    def circle_from(start, path):
+        for target in graph.get(path[-1], ()):
+            if target == start:
+                return path + [start]
+            if target not in path and (found := circle_from(start, path + [target])):
+                return found
+        return None
+
+    for module in graph:
+        assert circle_from(module, [module]) is None, " -> ".join(circle_from(module, [module]))
+
+
+def test_the_modules_are_handgrad_nn_s_for_repr_and_pickle():
+    assert hnn.LinearReLU.__module__ == "handgrad.nn" and hnn.MLP.__module__ == "handgrad.nn"
+    model = hnn.MLP([3, 4, 2])
+    restored = torch.load(io.BytesIO(_saved(model)), weights_only=False)
+    assert type(restored) is hnn.MLP
+    torch.testing.assert_close(restored(torch.ones(1, 3)), model(torch.ones(1, 3)))
+
+
+def _saved(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""The whole network's double backward (csrc/autograd/mlp_second_order.cpp, derived in
+"""The whole network's double backward (csrc/autograd/mlp.cpp, derived in
 docs/second_order.md): gradcheck and gradgradcheck for every activation, with and without
 biases, checkpointing and an output activation; the three kinds of second-order training
 (a gradient penalty, an eikonal loss, a PINN's residual with u_xx, a third order) against

@@ -112,13 +112,4 @@ inline Network saved_network(AutogradContext* ctx) {
           saved_parameters(ctx), ctx->saved_data["checkpoint"].toInt()};
 }
 
-// The MLP's backward under create_graph=True (csrc/autograd/mlp_second_order.cpp): the fused
-// backward, recorded as one Function whose own backward is the network's double backward.
-// Returns one gradient per MLP argument, the lists flattened: input, weights, biases;
-// undefined where not required.
-variable_list mlp_backward_recorded(const Variable& grad_output, const Variable& input,
-                                    at::TensorList weights, at::TensorList biases,
-                                    at::TensorList hidden_outputs, const Network& network,
-                                    bool input_requires_grad, bool parameters_require_grad);
-
 }  // namespace handgrad::autograd

@@ -7,7 +7,7 @@
 // or template instance compiled for one capability can be linked into another's path.
 // Each library offers one table of entry points. handgrad's import chooses a capability
 // (torch.backends.cpu.get_cpu_capability(), lowered by HANDGRAD_CPU_CAPABILITY) and hands
-// its library to load_kernels; the ops in handgrad._C (csrc/cpu/ops.cpp, csrc/mlp.cpp) call
+// its library to load_kernels; the ops in handgrad._C (csrc/cpu/ops.cpp, csrc/autograd/mlp.cpp) call
 // kernels(). This is ATen's scheme (aten/src/ATen/native/cpu/README.md) with libraries for
 // files, since an extension's build gives one set of flags per library.
 #pragma once

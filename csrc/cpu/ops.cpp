@@ -8,7 +8,9 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
 #include "kernels.h"
@@ -100,6 +102,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
           output_mask[2] ? grad_biases[0] : at::Tensor()};
 }
 
+// --- The whole network (mlp, mlp_forward, mlp_backward): the fused engine ---
+
+using OutputActivation = std::optional<c10::string_view>;
+
+at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                   c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+                   OutputActivation output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp(input, weights, biases, activation, params, checkpoint_every,
+            output_activation);
+  return cpu::kernels().fused_forward(input, weights, biases,
+                            cpu::network_activations(activation, params, output_activation),
+                            checkpoint_every, nullptr);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
+    const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+    OutputActivation output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp(input, weights, biases, activation, params, checkpoint_every,
+            output_activation);
+  std::vector<at::Tensor> hidden_outputs;
+  at::Tensor out = cpu::kernels().fused_forward(
+      input, weights, biases, cpu::network_activations(activation, params, output_activation),
+      checkpoint_every, &hidden_outputs);
+  return {out, hidden_outputs};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+    at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
+    double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
+    OutputActivation output_activation, bool parameters_require_grad, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp_backward(input, weights, biases, hidden_outputs, activation, params, checkpoint_every,
+                     output_activation);
+  // The engine returns no weight or bias gradients where the mask asks for none.
+  return cpu::kernels().fused_backward(
+      grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
+      cpu::network_activations(activation, params, output_activation), checkpoint_every,
+      {input_requires_grad, parameters_require_grad, parameters_require_grad && !biases.empty()});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
@@ -109,6 +155,9 @@ TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
   m.impl("activation_backward", &activation_backward_cpu);
   m.impl("bias_activation_backward", &bias_activation_backward_cpu);
   m.impl("linear_activation_backward", &linear_activation_backward_cpu);
+  m.impl("mlp", &mlp_cpu);
+  m.impl("mlp_forward", &mlp_forward_cpu);
+  m.impl("mlp_backward", &mlp_backward_cpu);
 }
 
 }  // namespace handgrad

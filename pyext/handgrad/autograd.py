@@ -11,7 +11,7 @@ f), and its backward is the chapter's:
 
 The formulas themselves are written once, in csrc/activation.h, and run inside the ops;
 these Functions only orchestrate. The same orchestration is compiled into the ops' own C++
-autograd kernels (csrc/autograd/autograd.cpp), which handgrad.functional uses for speed.
+autograd kernels (csrc/autograd/), which handgrad.functional uses for speed.
 These Python Functions serve what the C++ autograd API cannot: forward-mode AD (each has a
 jvp) and torch.func transforms (vmap rules in _vmap.py, generate_vmap_rule below).
 
@@ -149,7 +149,7 @@ def _setup_linear(ctx, inputs, output, activation, parameters):
     ctx.num_inputs = len(inputs)
     # a' is read off the output, or off f recomputed from the input, weight and bias (kept
     # only then); the output is kept only where it is read, as LinearActivationFunction
-    # (csrc/autograd/autograd.cpp) keeps them.
+    # (csrc/autograd/linear_activation.cpp) keeps them.
     if _derivative_needs_preactivation(activation, *parameters):
         output = None
     else:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import functional as HF
-from .nn import (
+from ._modules import (
     _FUSED_LAYERS,
     LeakyReLU,
     LinearLeakyReLU,

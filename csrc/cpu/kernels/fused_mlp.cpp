@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../../checkpoint.h"
 #include "../../checks.h"
 
 namespace handgrad::cpu {
@@ -102,39 +103,35 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
   const size_t layers = p.layers(), hidden = p.hidden();
   const int64_t width = p.max_width(), d0 = p.widths[0];
   const bool checkpointing = checkpoint_every > 0;
-  const size_t stretch = checkpointing ? checkpoint_every : std::max<size_t>(hidden, 1);
-  const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
+  const Stretches stretches(hidden, checkpoint_every);
   const bool hides_sign = derivative_needs_preactivation(acts.hidden, acts.params);
 
   const bool need_weights = !grads.weights.empty(), need_biases = !grads.biases.empty();
   const GradientSums<scalar_t> sums(p, grads.weights, grads.biases, /*zeroed=*/false);
   // Stretch by stretch, from the top, so that Omega^T (for recomputing f) is packed for one
   // stretch's layers at a time: dl/dh at a stretch's input is carried to the one below for
-  // all rows. Without checkpointing the hidden layers are one stretch. Stretch s holds the
-  // hidden layers [first_of(s), last_of(s)).
+  // all rows. Without checkpointing the hidden layers are one stretch (checkpoint.h).
   const bool recomputes_output = acts.output.has_value() && out_or_f == nullptr;
-  const size_t passes = std::max<size_t>(stretches, 1);
-  const auto first_of = [&](size_t s) { return s * stretch; };
-  const auto last_of = [&](size_t s) { return std::min(hidden, s * stretch + stretch); };
+  const size_t passes = std::max<size_t>(stretches.count, 1);
   // The hidden outputs a block holds in T: a stretch of them where they are recomputed or
   // converted, none where they are read where they lie.
   int64_t held_width = 0;
-  for (size_t s = 0; s < stretches && (checkpointing || !same); ++s) {
+  for (size_t s = 0; s < stretches.count && (checkpointing || !same); ++s) {
     int64_t sum = 0;
-    for (size_t j = first_of(s) + 1; j <= last_of(s); ++j) sum += p.widths[j];
+    for (size_t j = stretches.first(s) + 1; j <= stretches.last(s); ++j) sum += p.widths[j];
     held_width = std::max(held_width, sum);
   }
   // Layer l's product is recomputed in stretch s: to rebuild its output, or to read a' off f.
   const auto packs = [&](size_t s, size_t l) {
-    if (l == layers - 1) return recomputes_output && last_of(s) == hidden;
-    return l >= first_of(s) && l < last_of(s) && (checkpointing || hides_sign);
+    if (l == layers - 1) return recomputes_output && stretches.last(s) == hidden;
+    return l >= stretches.first(s) && l < stretches.last(s) && (checkpointing || hides_sign);
   };
   int64_t packed_size = 0, carried_width = 0;
   for (size_t s = 0; s < passes; ++s) {
     int64_t size = 0;
     for (size_t l = 0; l < layers; ++l) size += packs(s, l) ? weights[l].numel() : 0;
     packed_size = std::max(packed_size, size);
-    if (s > 0) carried_width = std::max(carried_width, p.widths[first_of(s)]);
+    if (s > 0) carried_width = std::max(carried_width, p.widths[stretches.first(s)]);
   }
   // Two, one read and one written by each stretch: their blocks' rows of different widths
   // would overlap in one.
@@ -145,7 +142,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
   const int64_t per_thread = per_thread_elements(n_max * (5 * width + held_width) + width, sizeof(T));
   const Scratch<T> scratch(sharing_threads(p.slots) * per_thread);
   for (size_t s = passes; s-- > 0;) {
-    const size_t first = first_of(s), last = last_of(s);
+    const size_t first = stretches.first(s), last = stretches.last(s);
     T* next = packed.get();
     for (size_t l = 0; l < layers; ++l) {
       w.transposed[l] = nullptr;

@@ -1,7 +1,7 @@
 // The fused engine's double backward: the derivative of the backward pass (fused_mlp.cpp)
 // in blocks of rows, for gradient penalties, eikonal losses and PINNs. The maths, and its
 // tensor form (which runs where this does not), are in docs/second_order.md and
-// csrc/autograd/mlp_second_order.cpp; the notation is theirs. Layer l computes
+// csrc/autograd/mlp.cpp; the notation is theirs. Layer l computes
 // f_l = beta_l + h_l Omega_l^T and h_{l+1} = a_l[f_l]; e_l = dl/df_l and g_l = dl/dh_{l+1}
 // are the first backward's; v, V_l and u_l are the cotangents of its results dl/dh_0,
 // dl/dOmega_l and dl/dbeta_l (each may be absent).

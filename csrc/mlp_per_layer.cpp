@@ -7,10 +7,10 @@
 //             dl/dh_l = Omega_l^T g (7.6),  and below a hidden layer g = dl/dh_l * a'[f]
 //             with a' read off the stored h_{l+1} (7.7, 7.10).
 //
-// On the CPU the network runs in the fused engine (csrc/cpu/kernels/fused_mlp.cpp): blocks of rows
-// through every layer while they are in cache. On other devices each layer is one of the
-// per-layer ops (linear_activation and its fused backward), called through the dispatcher
-// below autograd, so each device's own kernels do the work.
+// This file is the network on devices other than the CPU (whose fused engine,
+// csrc/cpu/kernels/fused_mlp.cpp, csrc/cpu/ops.cpp calls): each layer is one of the per-layer
+// ops (linear_activation and its fused backward), called through the dispatcher below
+// autograd, so each device's own kernels do the work.
 //
 // Gradient checkpointing (problem 7.11): with checkpoint_every = k, the forward stores the
 // output of every k-th hidden layer only; the backward recomputes one stretch of k layers
@@ -24,58 +24,14 @@
 #include <tuple>
 #include <vector>
 
+#include "checkpoint.h"
 #include "checks.h"
-#include "cpu/kernels.h"
 #include "ops.h"
 
 namespace handgrad {
 namespace {
 
 using OutputActivation = std::optional<c10::string_view>;
-
-// --- CPU: the fused engine ---
-
-at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-                   c10::string_view activation, double negative_slope, int64_t checkpoint_every,
-                   OutputActivation output_activation, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp(input, weights, biases, activation, params, checkpoint_every,
-            output_activation);
-  return cpu::kernels().fused_forward(input, weights, biases,
-                            cpu::network_activations(activation, params, output_activation),
-                            checkpoint_every, nullptr);
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
-    const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
-    OutputActivation output_activation, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp(input, weights, biases, activation, params, checkpoint_every,
-            output_activation);
-  std::vector<at::Tensor> hidden_outputs;
-  at::Tensor out = cpu::kernels().fused_forward(
-      input, weights, biases, cpu::network_activations(activation, params, output_activation),
-      checkpoint_every, &hidden_outputs);
-  return {out, hidden_outputs};
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
-    at::TensorList biases, at::TensorList hidden_outputs, c10::string_view activation,
-    double negative_slope, int64_t checkpoint_every, bool input_requires_grad,
-    OutputActivation output_activation, bool parameters_require_grad, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp_backward(input, weights, biases, hidden_outputs, activation, params, checkpoint_every,
-                     output_activation);
-  // The engine returns no weight or bias gradients where the mask asks for none.
-  return cpu::kernels().fused_backward(
-      grad_output, input, weights, biases, hidden_outputs, at::Tensor(),
-      cpu::network_activations(activation, params, output_activation), checkpoint_every,
-      {input_requires_grad, parameters_require_grad, parameters_require_grad && !biases.empty()});
-}
-
-// --- Other devices: the per-layer ops ---
 
 // The output, (rows, out_features), in the input's leading shape.
 at::Tensor output_shaped(const at::Tensor& out, const at::Tensor& input) {
@@ -140,8 +96,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   const Activation act = check_mlp_backward(input, weights, biases, hidden_outputs, activation,
                                             params, checkpoint_every, output_activation);
   const size_t layers = weights.size(), hidden = layers - 1;
-  const size_t stretch = checkpoint_every > 0 ? checkpoint_every : std::max<size_t>(hidden, 1);
-  const size_t stretches = hidden == 0 ? 0 : (hidden + stretch - 1) / stretch;
+  const Stretches stretches(hidden, checkpoint_every);
   const bool has_bias = !biases.empty();
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the recomputation is not recorded
 
@@ -171,8 +126,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     g = need_input ? at::mm(g, weights[hidden]) : at::Tensor();
   };
   // The stretches of hidden layers, last first; without checkpointing, one stretch of all.
-  for (size_t s = stretches; s-- > 0;) {
-    const size_t first = s * stretch, last = std::min(hidden, first + stretch);
+  for (size_t s = stretches.count; s-- > 0;) {
+    const size_t first = stretches.first(s), last = stretches.last(s);
     const at::Tensor stretch_input = first == 0 ? x : hidden_outputs[s - 1];
     std::vector<at::Tensor> outputs;  // h_{first+1} ... h_last
     if (checkpoint_every > 0) {
@@ -206,12 +161,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
-  m.impl("mlp", &mlp_cpu);
-  m.impl("mlp_forward", &mlp_forward_cpu);
-  m.impl("mlp_backward", &mlp_backward_cpu);
-}
 
 TORCH_LIBRARY_IMPL(handgrad, CUDA, m) {
   m.impl("mlp", &mlp_per_layer);

@@ -1,7 +1,10 @@
-// The whole network's backward as a Function of its own, for create_graph=True: gradient
-// penalties (WGAN-GP), eikonal losses (neural SDFs) and PINNs differentiate the gradient.
+// The Autograd kernel of the whole network (mlp), and its backward as a Function of its own
+// for create_graph=True: gradient penalties (WGAN-GP), eikonal losses (neural SDFs) and
+// PINNs differentiate the gradient. What every Autograd kernel shares is in function.h.
 //
-// Its forward is the fused backward op (mlp_backward), as in a plain backward. Its backward,
+// MLPFunction's forward runs the op below autograd and saves the input, the parameters and
+// the stored hidden outputs; its plain backward is the fused backward op (mlp_backward).
+// Under create_graph that same op is recorded as MLPBackwardFunction, whose backward,
 // the double backward, is the derivative of the chapter's backward pass (section 7.4) with
 // respect to everything that pass reads, written out (docs/second_order.md): an upward pass
 // for the cotangents of the backward's own values, then an ordinary backward of what they
@@ -361,16 +364,9 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
   }
 };
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
-  m.impl("mlp_double_backward", &mlp_double_backward_kernel<true>);
-}
-
-TORCH_LIBRARY_IMPL(handgrad, CompositeExplicitAutograd, m) {
-  m.impl("mlp_double_backward", &mlp_double_backward_kernel<false>);
-}
-
+// The MLP's backward under create_graph=True: the fused backward, recorded as one Function
+// whose own backward is the network's double backward. Returns one gradient per MLP
+// argument, the lists flattened: input, weights, biases; undefined where not required.
 variable_list mlp_backward_recorded(const Variable& grad_output, const Variable& input,
                                     at::TensorList weights, at::TensorList biases,
                                     at::TensorList hidden_outputs, const Network& network,
@@ -383,6 +379,107 @@ variable_list mlp_backward_recorded(const Variable& grad_output, const Variable&
   if (input_requires_grad) all[0] = grads[next++];
   if (parameters_require_grad) std::copy(grads.begin() + next, grads.end(), all.begin() + 1);
   return all;
+}
+
+
+// --- The network's own Function: forward and first backward ---
+
+class MLPFunction : public torch::autograd::Function<MLPFunction> {
+ public:
+  static Variable forward(AutogradContext* ctx, const Variable& input, at::TensorList weights,
+                          at::TensorList biases, c10::string_view activation,
+                          const ActivationParameters& params, int64_t checkpoint_every,
+                          std::optional<c10::string_view> output_activation) {
+    at::Tensor out;
+    std::vector<at::Tensor> hidden_outputs;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out, hidden_outputs) = ops::mlp_forward(input, weights, biases, activation, params,
+                                              checkpoint_every, output_activation);
+    }
+    ctx->set_materialize_grads(false);
+    const std::optional<Activation> output = output_activation.has_value()
+        ? std::optional<Activation>(parse_activation(*output_activation)) : std::nullopt;
+    save_network(ctx, {parse_activation(activation), output, params, checkpoint_every},
+                 weights.size(), !biases.empty());
+    // h, the parameters (a recomputation needs them) and the stored hidden outputs.
+    variable_list to_save{input};
+    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    to_save.insert(to_save.end(), biases.begin(), biases.end());
+    to_save.insert(to_save.end(), hidden_outputs.begin(), hidden_outputs.end());
+    ctx->save_for_backward(std::move(to_save));
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto layers = static_cast<size_t>(ctx->saved_data["layers"].toInt());
+    const size_t bias_count = ctx->saved_data["has_bias"].toBool() ? layers : 0;
+    const size_t argument_count = 1 + layers + bias_count + 4;  // the lists flattened
+    if (!grad_outputs[0].defined()) return no_gradients(argument_count);
+    const Network network = saved_network(ctx);
+    const variable_list saved_vars = ctx->get_saved_variables();
+    const Variable& input = saved_vars[0];
+    const at::TensorList weights(saved_vars.data() + 1, layers);
+    const at::TensorList biases(saved_vars.data() + 1 + layers, bias_count);
+    const size_t first_hidden = 1 + layers + bias_count;
+    const at::TensorList hidden(saved_vars.data() + first_hidden, saved_vars.size() - first_hidden);
+    const bool need_input = ctx->needs_input_grad(0);
+    bool need_parameters = false;  // a gradient penalty's autograd.grad(out, input) asks for none
+    for (size_t i = 1; i < 1 + layers + bias_count; ++i) {
+      need_parameters = need_parameters || ctx->needs_input_grad(i);
+    }
+
+    variable_list grads;  // one per forward argument, the lists flattened
+    if (!c10::GradMode::is_enabled()) {
+      // Below autograd: mlp_backward has no autograd kernel, and its boxed fallback would
+      // box every list argument for nothing (a tiny network's step measurably).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto [grad_input, grad_weights, grad_biases] = ops::mlp_backward(
+          grad_outputs[0], input, weights, biases, hidden, activation_name(network.hidden),
+          network.params, network.checkpoint_every, need_input, network.output_name(),
+          need_parameters);
+      grads.push_back(grad_input);
+      grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());  // none if not needed
+      grads.insert(grads.end(), grad_biases.begin(), grad_biases.end());
+    } else {
+      // create_graph: the same fused backward, recorded as a Function whose own backward
+      // is the network's double backward (above).
+      grads = mlp_backward_recorded(grad_outputs[0], input, weights, biases, hidden, network,
+                                    need_input, need_parameters);
+    }
+    grads.resize(argument_count);  // undefined for activation, ..., output_activation
+    return grads;
+  }
+};
+
+at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                        c10::string_view activation, double negative_slope,
+                        int64_t checkpoint_every, std::optional<c10::string_view> output_activation, double beta, double threshold) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  bool record = needs_function({&input});
+  for (const auto& t : weights) record = record || needs_function({&t});
+  for (const auto& t : biases) record = record || needs_function({&t});
+  if (!record) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::mlp(input, weights, biases, activation, params, checkpoint_every,
+                    output_activation);
+  }
+  return MLPFunction::apply(input, weights, biases, activation, params, checkpoint_every,
+                            output_activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
+  m.impl("mlp_double_backward", &mlp_double_backward_kernel<true>);
+}
+
+TORCH_LIBRARY_IMPL(handgrad, CompositeExplicitAutograd, m) {
+  m.impl("mlp_double_backward", &mlp_double_backward_kernel<false>);
+}
+
+TORCH_LIBRARY_IMPL(handgrad, Autograd, m) {
+  m.impl("mlp", &mlp_autograd);
 }
 
 }  // namespace handgrad::autograd

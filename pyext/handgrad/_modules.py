@@ -1,0 +1,308 @@
+"""The drop-in modules themselves, which handgrad.nn exports (see there). They live here so
+that fuse.py, which builds on them, and nn.py, which re-exports fuse(), import them without
+importing each other. Each class says it is handgrad.nn's, as its users know it (repr,
+pickles of whole models)."""
+
+from torch import nn
+from torch.nn.modules import module as _module
+
+from . import functional as HF
+
+
+class LinearReLU(nn.Linear):
+    """relu(input @ weight.T + bias), initialised exactly as nn.Linear."""
+
+    def forward(self, input):
+        return HF.linear_relu(input, self.weight, self.bias)
+
+
+class LinearLeakyReLU(nn.Linear):
+    """leaky_relu(input @ weight.T + bias, negative_slope), initialised exactly as nn.Linear."""
+
+    def __init__(self, in_features, out_features, bias=True, negative_slope=0.01, device=None,
+                 dtype=None):
+        negative_slope = HF.check_negative_slope(negative_slope)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.negative_slope = negative_slope
+
+    def forward(self, input):
+        return HF.linear_leaky_relu(input, self.weight, self.bias, self.negative_slope)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, negative_slope={self.negative_slope}"
+
+
+class LinearSigmoid(nn.Linear):
+    """sigmoid(input @ weight.T + bias), initialised exactly as nn.Linear."""
+
+    def forward(self, input):
+        return HF.linear_sigmoid(input, self.weight, self.bias)
+
+
+class LinearTanh(nn.Linear):
+    """tanh(input @ weight.T + bias), initialised exactly as nn.Linear."""
+
+    def forward(self, input):
+        return HF.linear_tanh(input, self.weight, self.bias)
+
+
+class LinearSiLU(nn.Linear):
+    """silu(input @ weight.T + bias), initialised exactly as nn.Linear."""
+
+    def forward(self, input):
+        return HF.linear_silu(input, self.weight, self.bias)
+
+
+class LinearGELU(nn.Linear):
+    """gelu(input @ weight.T + bias, approximate), approximate "none" or "tanh" as nn.GELU;
+    initialised exactly as nn.Linear, with nn.Linear's state_dict."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
+                 approximate="none"):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        HF.gelu_activation(approximate)  # checks it
+        self.approximate = approximate
+
+    def forward(self, input):
+        return HF.linear_gelu(input, self.weight, self.bias, self.approximate)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", approximate={self.approximate!r}" if self.approximate != "none" else "")
+
+
+class LinearSoftplus(nn.Linear):
+    """softplus(input @ weight.T + bias, beta, threshold), as nn.Softplus(beta, threshold);
+    initialised exactly as nn.Linear, with nn.Linear's state_dict."""
+
+    def __init__(self, in_features, out_features, bias=True, beta=1.0, threshold=20.0, device=None,
+                 dtype=None):
+        beta, threshold = HF.check_softplus(beta, threshold)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.beta, self.threshold = beta, threshold
+
+    def forward(self, input):
+        return HF.linear_softplus(input, self.weight, self.bias, self.beta, self.threshold)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, beta={self.beta}, threshold={self.threshold}"
+
+
+class _InplaceActivation(nn.Module):
+    """An elementwise activation that takes inplace=, as torch.nn's do; subclasses name the
+    function of handgrad.functional that they call."""
+
+    __constants__ = ["inplace"]
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, input):
+        return type(self)._function(input, inplace=self.inplace)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
+
+
+class ReLU(_InplaceActivation):
+    """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
+
+    _function = HF.relu
+
+
+class LeakyReLU(nn.Module):
+    """leaky_relu(input, negative_slope), elementwise; the signature of nn.LeakyReLU."""
+
+    __constants__ = ["inplace", "negative_slope"]
+
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False) -> None:
+        super().__init__()
+        self.negative_slope = HF.check_negative_slope(negative_slope)
+        self.inplace = inplace
+
+    def forward(self, input):
+        return HF.leaky_relu(input, self.negative_slope, inplace=self.inplace)
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
+
+
+class Sigmoid(nn.Module):
+    """sigmoid(input), elementwise."""
+
+    def forward(self, input):
+        return HF.sigmoid(input)
+
+
+class Tanh(nn.Module):
+    """tanh(input), elementwise."""
+
+    def forward(self, input):
+        return HF.tanh(input)
+
+
+class SiLU(_InplaceActivation):
+    """silu(input), elementwise; the signature of nn.SiLU."""
+
+    _function = HF.silu
+
+
+class GELU(nn.Module):
+    """gelu(input, approximate), elementwise; the signature of nn.GELU."""
+
+    __constants__ = ["approximate"]
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        HF.gelu_activation(approximate)
+        self.approximate = approximate
+
+    def forward(self, input):
+        return HF.gelu(input, approximate=self.approximate)
+
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
+
+
+class Softplus(nn.Module):
+    """softplus(input, beta, threshold), elementwise; the signature of nn.Softplus."""
+
+    __constants__ = ["beta", "threshold"]
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0) -> None:
+        super().__init__()
+        self.beta, self.threshold = HF.check_softplus(beta, threshold)
+
+    def forward(self, input):
+        return HF.softplus(input, self.beta, self.threshold)
+
+    def extra_repr(self):
+        return f"beta={self.beta}, threshold={self.threshold}"
+
+
+_FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": LinearSigmoid,
+                 "tanh": LinearTanh, "silu": LinearSiLU, "gelu": LinearGELU, "gelu_tanh": LinearGELU,
+                 "softplus": LinearSoftplus}
+
+
+def _has_hooks(module):
+    """Whether module has hooks of its own around its forward or backward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+_BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU,
+                LinearSoftplus, nn.Linear)
+
+
+def _runs_in_the_op(layer):
+    """Whether MLP's one op may stand for calling layer: a bare layer of ours (or the output
+    nn.Linear) that holds its own parameters and has no hooks. A wrapped layer (activation
+    checkpointing, FSDP1, any wrapper module) is called as a module, so the wrapper does its
+    job; a layer under weight norm or with hooks likewise."""
+    return (type(layer) in _BARE_LAYERS and "weight" in layer._parameters and not _has_hooks(layer))
+
+
+def _global_hooks():
+    """Whether hooks registered for every module are set (nn.modules.module.register_module_*)."""
+    return (_module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+class MLP(nn.Module):
+    """A network of fused hidden layers and a plain nn.Linear output layer, run as one op.
+
+    sizes = [D_i, D_1, ..., D_K, D_o] gives K hidden layers, `hidden[k]` (LinearReLU,
+    LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU or LinearSoftplus, by
+    activation: "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh" (GELU's
+    tanh approximation) or "softplus"), and the output layer `output`. negative_slope is
+    leaky_relu's; beta and threshold are softplus's (an SDF's softplus(beta=100)). The forward and the
+    backward of the whole network are one hand-written op, torch.ops.handgrad.mlp: the
+    backpropagation algorithm of section 7.4, one call and one autograd node for the network.
+    On the CPU it runs as one fused kernel, blocks of rows through every layer while they are
+    in cache.
+
+    bias=False gives layers without a bias (the parameters of the same stack of
+    nn.Linear(bias=False)). output_activation (one of the activations, leaky_relu with the
+    same parameters, or None) follows the output layer.
+
+    With checkpoint_every=k (problem 7.11) the op stores the output of every k-th hidden layer
+    only and recomputes the others, a stretch of k layers at a time, during the backward:
+    memory for about L/k + k layers' outputs instead of L, for one more forward pass.
+
+    Hooks registered on a layer keep firing: while any layer has hooks, or is wrapped
+    (torch.distributed's checkpoint_wrapper, FSDP1, any module in its place) or reparametrized,
+    the network calls its layers as modules, one by one (and without checkpointing), so that
+    each hook and wrapper does its job. Under FSDP2 that is the case when each layer is
+    `fully_shard`ed: each layer's hook gathers its own parameters just before it runs, which
+    one op for the whole network cannot wait for; sharding only the root keeps the one op.
+    """
+
+    # softplus's parameters for a network pickled whole before MLP took them.
+    beta, threshold = 1.0, 20.0
+
+    def __init__(self, sizes, activation="relu", negative_slope=0.01, checkpoint_every=None, *,
+                 bias=True, output_activation=None, beta=1.0, threshold=20.0, device=None, dtype=None):
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"sizes must list at least the input and output sizes, got {sizes}")
+        HF.check_checkpoint_every(checkpoint_every)
+        self.activation = HF.check_activation(activation)
+        self.negative_slope = HF.check_negative_slope(negative_slope)
+        self.beta, self.threshold = HF.check_softplus(beta, threshold)
+        self.output_activation = HF.check_output_activation(output_activation)
+        extra = ({"negative_slope": self.negative_slope} if activation == "leaky_relu" else
+                 {"approximate": "tanh"} if activation == "gelu_tanh" else
+                 {"beta": self.beta, "threshold": self.threshold} if activation == "softplus" else {})
+        self.hidden = nn.ModuleList(
+            _FUSED_LAYERS[activation](d_in, d_out, bias=bias, device=device, dtype=dtype, **extra)
+            for d_in, d_out in zip(sizes[:-2], sizes[1:-1])
+        )
+        self.output = nn.Linear(sizes[-2], sizes[-1], bias=bias, device=device, dtype=dtype)
+        self.checkpoint_every = checkpoint_every
+
+    def forward(self, input):
+        # _modules and _parameters directly: Module.__getattr__ would cost a tiny network
+        # measurable time.
+        layers = (*self._modules["hidden"]._modules.values(), self._modules["output"])
+        if _global_hooks() or not all(map(_runs_in_the_op, layers)):
+            for layer in layers:
+                input = layer(input)
+            return self._output_activation(input)
+        weights = [layer._parameters["weight"] for layer in layers]
+        biases = [layer._parameters["bias"] for layer in layers]
+        return HF._mlp(input, weights, [] if biases[0] is None else biases, self.activation,
+                      self._activation_parameters(), self.checkpoint_every or 0, self.output_activation)
+
+    def _output_activation(self, out):
+        if self.output_activation is None:
+            return out
+        return HF._elementwise(out, self.output_activation, self._activation_parameters())
+
+    def _activation_parameters(self):
+        return (self.negative_slope, self.beta, self.threshold)
+
+    def extra_repr(self):
+        parts = [f"checkpoint_every={self.checkpoint_every}"] if self.checkpoint_every else []
+        if self.output_activation is not None:
+            parts.append(f"output_activation={self.output_activation!r}")
+        return ", ".join(parts)
+
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", ReLU: "relu", nn.LeakyReLU: "leaky_relu",
+                       LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", Sigmoid: "sigmoid",
+                       nn.Tanh: "tanh", Tanh: "tanh", nn.SiLU: "silu", SiLU: "silu",
+                       nn.GELU: "gelu", GELU: "gelu", nn.Softplus: "softplus", Softplus: "softplus"}
+
+
+def _module_activation(module):
+    """The activation name of an activation module (nn.GELU's by its approximate), or None."""
+    name = _ACTIVATION_MODULES.get(type(module))
+    if name == "gelu":
+        return HF.gelu_activation(module.approximate)
+    return name
+
+
+for _class in (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU, LinearSoftplus,
+               ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, Softplus, MLP):
+    _class.__module__ = "handgrad.nn"
