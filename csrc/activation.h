@@ -237,7 +237,7 @@ inline bool derivative_needs_preactivation(Activation activation, const Activati
 }
 
 // Double backward: whether a'' is not zero (ReLU's and LeakyReLU's a' is constant wherever
-// it is defined), and then d(a')/d(source) for the tensor a' is read off: by the output for
+// it is defined), and then d(a')/d(out_or_f) for the tensor a' is read off: by the output for
 // sigmoid (d/d(out) of out (1 - out) = 1 - 2 out) and tanh (-2 out), a''[f] for the others.
 inline bool has_second_derivative(Activation activation) {
   return activation != Activation::ReLU && activation != Activation::LeakyReLU;
@@ -261,32 +261,32 @@ struct constant_of { using type = V; };  // at::Tensor's: csrc/autograd/tensor_f
 template <typename V>
 using Constant = typename constant_of<V>::type;
 
-// d(a')/d(source) of activation A. V is float or double, at::vec::Vectorized (the fused
+// d(a')/d(out_or_f) of activation A. V is float or double, at::vec::Vectorized (the fused
 // double backward, csrc/cpu/kernels/fused_second_order.cpp) or at::Tensor (with at::exp,
 // at::tanh and a less_than of its own: csrc/autograd/tensor_formulas.h).
 template <Activation A, typename V>
-inline V derivative_of_derivative(const V& source, const ActivationConstants<Constant<V>>& k) {
+inline V derivative_of_derivative(const V& out_or_f, const ActivationConstants<Constant<V>>& k) {
   using C = Constant<V>;
   if constexpr (A == Activation::Sigmoid) {
-    return C(1) - C(2) * source;
+    return C(1) - C(2) * out_or_f;
   } else if constexpr (A == Activation::Tanh) {
-    return C(-2) * source;
+    return C(-2) * out_or_f;
   } else if constexpr (A == Activation::SiLU) {  // sig' (2 + f (1 - 2 sig))
-    const V sig = C(1) / (C(1) + exp(-source));
-    return sig * (C(1) - sig) * (C(2) + source * (C(1) - C(2) * sig));
+    const V sig = C(1) / (C(1) + exp(-out_or_f));
+    return sig * (C(1) - sig) * (C(2) + out_or_f * (C(1) - C(2) * sig));
   } else if constexpr (A == Activation::GELU) {  // phi[f] (2 - f^2)
-    return C(kGeluDensity) * exp(C(-0.5) * source * source) * (C(2) - source * source);
+    return C(kGeluDensity) * exp(C(-0.5) * out_or_f * out_or_f) * (C(2) - out_or_f * out_or_f);
   } else if constexpr (A == Activation::GELUTanh) {  // (1 - t^2) (u' + f/2 (u'' - 2 t u'^2)), t = tanh[u]
-    const V u_prime = C(kGeluTanhBeta) * (C(1) + C(3 * kGeluTanhKappa) * source * source);
-    const V t = tanh(C(kGeluTanhBeta) * (source + C(kGeluTanhKappa) * source * source * source));
-    const V u_second = C(6 * kGeluTanhBeta * kGeluTanhKappa) * source;
-    return (C(1) - t * t) * (u_prime + C(0.5) * source * (u_second - C(2) * t * u_prime * u_prime));
+    const V u_prime = C(kGeluTanhBeta) * (C(1) + C(3 * kGeluTanhKappa) * out_or_f * out_or_f);
+    const V t = tanh(C(kGeluTanhBeta) * (out_or_f + C(kGeluTanhKappa) * out_or_f * out_or_f * out_or_f));
+    const V u_second = C(6 * kGeluTanhBeta * kGeluTanhKappa) * out_or_f;
+    return (C(1) - t * t) * (u_prime + C(0.5) * out_or_f * (u_second - C(2) * t * u_prime * u_prime));
   } else if constexpr (A == Activation::Softplus) {  // beta sig'[beta f], 0 from the threshold on (as eager's)
-    const V scaled = k.beta * source;
+    const V scaled = k.beta * out_or_f;
     const V sig = C(1) / (C(1) + exp(-scaled));
     return (k.beta * sig * (C(1) - sig)) * less_than(scaled, k.threshold);
   } else {  // ReLU, LeakyReLU: has_second_derivative is false
-    return C(0) * source;
+    return C(0) * out_or_f;
   }
 }
 

@@ -109,11 +109,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   // dl/dh_L = Omega_L^T g (7.6) where it is wanted.
   const auto output_layer_backward = [&](const at::Tensor& h_last, bool need_input) {
     if (output_activation.has_value()) {
-      const at::Tensor source = ops::derivative_source(h_last, weights[hidden], bias_of(biases, hidden),
+      const at::Tensor out_or_f = ops::recompute_out_or_f(h_last, weights[hidden], bias_of(biases, hidden),
                                                        parse_activation(*output_activation), params);
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[hidden], grad_bias) = ops::linear_activation_backward(
-          g, h_last, weights[hidden], source, *output_activation, params,
+          g, h_last, weights[hidden], out_or_f, *output_activation, params,
           {need_input, parameters_require_grad, parameters_require_grad && has_bias});
       if (has_bias) grad_biases[hidden] = grad_bias;
       g = grad_h;
@@ -142,13 +142,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       // dl/df = dl/dh_{l+1} * a' (read off h_{l+1}, or off f recomputed where h_{l+1} hides
       // its sign), dl/dbeta_l, dl/dOmega_l (7.9) and dl/dh_l (7.6).
       const at::Tensor& h = l == first ? stretch_input : outputs[l - first - 1];
-      const at::Tensor sign_source = derivative_needs_preactivation(act, params)
+      const at::Tensor out_or_f = derivative_needs_preactivation(act, params)
           ? ops::preactivation(h, weights[l], bias_of(biases, l))
           : outputs[l - first];
       const bool need_input = l > 0 || input_requires_grad;
       at::Tensor grad_h, grad_bias;
       std::tie(grad_h, grad_weights[l], grad_bias) = ops::linear_activation_backward(
-          g, h, weights[l], sign_source, activation, params,
+          g, h, weights[l], out_or_f, activation, params,
           {need_input, parameters_require_grad, parameters_require_grad && has_bias});
       if (has_bias) grad_biases[l] = grad_bias;
       g = grad_h;

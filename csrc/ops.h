@@ -143,8 +143,8 @@ inline at::Tensor preactivation(const at::Tensor& input, const at::Tensor& weigh
 
 // The tensor a layer's a' is read off, recomputed from the layer's input where it was not
 // stored: f where a' needs it, else the output a[f] (csrc/activation.h).
-inline at::Tensor derivative_source(const at::Tensor& input, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, Activation activation,
+inline at::Tensor recompute_out_or_f(const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, Activation activation,
                                     const ActivationParameters& params) {
   if (derivative_needs_preactivation(activation, params)) {
     return preactivation(input, weight, bias);

@@ -122,6 +122,21 @@ MIRRORED = [("relu", "LinearReLUFunction", (), {}), ("sigmoid", "LinearSigmoidFu
             ("softplus", "LinearSoftplusFunction", (2.0, 5.0), {"beta": 2.0, "threshold": 5.0})]
 
 
+def _saved_names(run, known):
+    """What run() saves for its backward, each named by the tensor of `known` it is (by
+    storage and shape), or "other"."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    known = {**known, "output": out if isinstance(out, torch.Tensor) else out[0]}
+    return sorted(next((name for name, k in known.items() if t.data_ptr() == k.data_ptr() and t.shape == k.shape),
+                       "other") for t in saved)
+
+
 @pytest.mark.parametrize("activation,function,arguments,parameters", MIRRORED,
                          ids=[f"{m[1]}{m[2]}" for m in MIRRORED])
 def test_the_cpp_and_python_functions_of_a_layer_save_the_same_tensors(activation, function, arguments,
@@ -129,23 +144,33 @@ def test_the_cpp_and_python_functions_of_a_layer_save_the_same_tensors(activatio
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-
-    def saved_names(run):
-        names = []
-
-        def pack(t):
-            names.append(t)
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = run()
-        known = {"input": x, "weight": w, "bias": b, "output": out}
-        return sorted(next((name for name, k in known.items() if t.data_ptr() == k.data_ptr() and t.shape == k.shape),
-                           "other") for t in names)
-
     slope = parameters.get("negative_slope", 0.01)
     keyword = {k: v for k, v in parameters.items() if k != "negative_slope"}
-    cpp = saved_names(lambda: torch.ops.handgrad.linear_activation(x, w, b, activation, slope, **keyword))
-    python = saved_names(lambda: getattr(handgrad.autograd, function).apply(x, w, b, *arguments))
+    known = {"input": x, "weight": w, "bias": b}
+    cpp = _saved_names(lambda: torch.ops.handgrad.linear_activation(x, w, b, activation, slope, **keyword), known)
+    python = _saved_names(lambda: getattr(handgrad.autograd, function).apply(x, w, b, *arguments), known)
     assert cpp == python and "other" not in cpp
     assert ("output" in cpp) != handgrad._C.derivative_needs_preactivation(
         activation, slope, parameters.get("beta", 1.0), parameters.get("threshold", 20.0))
+
+
+@pytest.mark.parametrize("activation,function,arguments,parameters", MIRRORED,
+                         ids=[f"{m[1]}{m[2]}" for m in MIRRORED])
+def test_the_cpp_and_python_functions_of_an_activation_and_its_backward_save_the_same_tensors(
+        activation, function, arguments, parameters):
+    # The standalone activation (ActivationFunction / <stem>Function) and the differentiable
+    # backward pieces a recorded backward is built of (ActivationBackwardFunction and
+    # BiasActivationBackwardFunction / _ActivationBackward and _BiasActivationBackward).
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    params = (parameters.get("negative_slope", 0.01), parameters.get("beta", 1.0), parameters.get("threshold", 20.0))
+    standalone = getattr(handgrad.autograd, function.replace("Linear", "", 1))
+    cpp = _saved_names(lambda: torch.ops.handgrad.activation(x, activation, *params), {"input": x})
+    python = _saved_names(lambda: standalone.apply(x, *arguments), {"input": x})
+    assert cpp == python and "other" not in cpp and len(cpp) == 1
+    for op, piece in ((torch.ops.handgrad.activation_backward, handgrad.autograd._ActivationBackward),
+                      (torch.ops.handgrad.bias_activation_backward, handgrad.autograd._BiasActivationBackward)):
+        known = {"grad_output": g, "out_or_f": x}
+        cpp = _saved_names(lambda: op(g, x, activation, *params), known)
+        python = _saved_names(lambda: piece.apply(g, x, activation, *params), known)
+        assert cpp == python == ["grad_output", "out_or_f"], op

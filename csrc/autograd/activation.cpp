@@ -39,6 +39,7 @@ class ActivationFunction : public torch::autograd::Function<ActivationFunction> 
     }
     ctx->set_materialize_grads(false);
     save_activation(ctx, act, params);
+    // Mirrored by autograd.py's _setup_activation (test_func.py checks that both keep the same).
     ctx->save_for_backward({derivative_needs_preactivation(act, params) ? input : out});
     return out;
   }
@@ -115,6 +116,8 @@ void activation_inplace_autograd(const at::Tensor& input, c10::string_view activ
 // --- The backward pieces, differentiable for double backward ---
 
 // Gradients of grad_pre = grad_output * a'(out_or_f) with respect to grad_output and out_or_f.
+// Mirrored by autograd.py's _grads_of_activation_backward, which forward-mode AD and
+// torch.func use; test_func.py checks that both pieces keep the same tensors.
 variable_list grads_of_activation_backward(AutogradContext* ctx, const Variable& grad_grad_pre) {
   if (!grad_grad_pre.defined()) return no_gradients(4);
   const auto saved_vars = ctx->get_saved_variables();

@@ -55,7 +55,7 @@ struct Layers {
   at::TensorList weights, biases;
   const Network& network;
   std::vector<at::Tensor> inputs;   // h_0 (the network's input) ... h_{L-1}
-  std::vector<at::Tensor> sources;  // what a_l' is read off: h_{l+1}, or f_l where it hides the sign
+  std::vector<at::Tensor> out_or_f;  // what a_l' is read off: h_{l+1}, or f_l where it hides the sign
 
   size_t count() const { return weights.size(); }
   std::optional<Activation> activation(size_t l) const {
@@ -65,7 +65,7 @@ struct Layers {
   at::Tensor times_derivative(const at::Tensor& grad, size_t l) const {
     const auto a = activation(l);
     if (!a.has_value()) return grad;
-    return ops::activation_backward(grad, sources[l], activation_name(*a), network.params);
+    return ops::activation_backward(grad, out_or_f[l], activation_name(*a), network.params);
   }
 };
 
@@ -83,14 +83,14 @@ Layers layers_of(const at::Tensor& input, at::TensorList weights, at::TensorList
     ops::run_hidden(layers.inputs[0], weights, biases, 0, count - 1, activation_name(network.hidden),
                     network.params, [](size_t) { return true; }, layers.inputs);
   }
-  layers.sources.resize(count);
+  layers.out_or_f.resize(count);
   for (size_t l = 0; l < count; ++l) {
     const auto a = layers.activation(l);
     if (!a.has_value()) continue;
     const bool stored_output = l + 1 < count && !derivative_needs_preactivation(*a, network.params);
-    layers.sources[l] = stored_output
+    layers.out_or_f[l] = stored_output
         ? layers.inputs[l + 1]
-        : ops::derivative_source(layers.inputs[l], weights[l], ops::bias_of(biases, l), *a,
+        : ops::recompute_out_or_f(layers.inputs[l], weights[l], ops::bias_of(biases, l), *a,
                                  network.params);
   }
   return layers;
@@ -147,7 +147,7 @@ SecondOrderGradients double_backward(const at::Tensor& grad_output, const Layers
     const auto a = layers.activation(l);
     if (a.has_value() && has_second_derivative(*a)) {
       const bool off_f = derivative_needs_preactivation(*a, layers.network.params);
-      f_bar[l] = e_bar.mul(off_f ? g[l] : e[l]).mul(derivative_of_derivative(*a, layers.sources[l], layers.network.params));
+      f_bar[l] = e_bar.mul(off_f ? g[l] : e[l]).mul(derivative_of_derivative(*a, layers.out_or_f[l], layers.network.params));
     }
     g_bar = layers.times_derivative(e_bar, l);
   }

@@ -14,12 +14,12 @@ namespace handgrad {
 template <>
 struct constant_of<at::Tensor> { using type = double; };  // a Scalar in tensor expressions
 
-// d(a')/d(source) for source the tensor a' is read off (csrc/activation.h).
-inline at::Tensor derivative_of_derivative(Activation activation, const at::Tensor& source,
+// d(a')/d(out_or_f) for out_or_f the tensor a' is read off (csrc/activation.h).
+inline at::Tensor derivative_of_derivative(Activation activation, const at::Tensor& out_or_f,
                                            const ActivationParameters& params) {
   at::Tensor out;
   dispatch_activation(activation, [&](auto tag) {
-    out = derivative_of_derivative<decltype(tag)::value>(source, ActivationConstants<double>(params));
+    out = derivative_of_derivative<decltype(tag)::value>(out_or_f, ActivationConstants<double>(params));
   });
   return out;
 }

@@ -266,18 +266,11 @@ class MLP(nn.Module):
         # measurable time.
         layers = (*self._modules["hidden"]._modules.values(), self._modules["output"])
         if _global_hooks() or not all(map(_runs_in_the_op, layers)):
-            for layer in layers:
-                input = layer(input)
-            return self._output_activation(input)
+            return HF._layer_by_layer(input, layers, self.output_activation, self._activation_parameters())
         weights = [layer._parameters["weight"] for layer in layers]
         biases = [layer._parameters["bias"] for layer in layers]
         return HF._mlp(input, weights, [] if biases[0] is None else biases, self.activation,
                       self._activation_parameters(), self.checkpoint_every or 0, self.output_activation)
-
-    def _output_activation(self, out):
-        if self.output_activation is None:
-            return out
-        return HF._elementwise(out, self.output_activation, self._activation_parameters())
 
     def _activation_parameters(self):
         return (self.negative_slope, self.beta, self.threshold)

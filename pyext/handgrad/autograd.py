@@ -45,7 +45,7 @@ class _Function(torch.autograd.Function):
 
 
 # What the C++ autograd kernels use too, written once in csrc (shapes.h, activation.h, ops.h):
-# (*, n) as a (rows, n) matrix; whether a' is read off f; a'' and d(a')/d(source); f = beta + Omega h.
+# (*, n) as a (rows, n) matrix; whether a' is read off f; a'' and d(a')/d(out_or_f); f = beta + Omega h.
 _as_matrix = _C.as_matrix
 _derivative_needs_preactivation = _C.derivative_needs_preactivation
 _has_second_derivative = _C.has_second_derivative
@@ -69,7 +69,9 @@ def softplus_parameters(beta=1.0, threshold=20.0):
 
 
 def _grads_of_activation_backward(ctx, grad_grad_pre):
-    """Gradients of grad_pre = grad_output * a'(out_or_f) w.r.t. grad_output and out_or_f."""
+    """Gradients of grad_pre = grad_output * a'(out_or_f) w.r.t. grad_output and out_or_f.
+    Mirrors grads_of_activation_backward (csrc/autograd/activation.cpp); test_func.py checks
+    that the two keep the same tensors."""
     grad_output, out_or_f = ctx.saved_tensors
     grad_grad_output = grad_out_or_f = None
     if ctx.needs_input_grad[0]:
@@ -149,7 +151,7 @@ def _setup_linear(ctx, inputs, output, activation, parameters):
     ctx.num_inputs = len(inputs)
     # a' is read off the output, or off f recomputed from the input, weight and bias (kept
     # only then); the output is kept only where it is read, as LinearActivationFunction
-    # (csrc/autograd/linear_activation.cpp) keeps them.
+    # (csrc/autograd/linear_activation.cpp) keeps them; test_func.py checks that both agree.
     if _derivative_needs_preactivation(activation, *parameters):
         output = None
     else:
@@ -177,15 +179,15 @@ class _LinearActivationFunction(_Function):
     def backward(ctx, grad_output):
         input, weight, bias, output = ctx.saved_tensors
         out_or_f = _out_or_f(ctx, input, weight, bias, output)
-        needs = ctx.needs_input_grad[:3]
+        output_mask = ctx.needs_input_grad[:3]
         not_inputs = (None,) * (ctx.num_inputs - 3)
         if not torch.is_grad_enabled():
             # A plain backward (no create_graph): the whole of it in one fused op.
             return _linear_activation_backward(
-                grad_output, input, weight, out_or_f, ctx.activation, ctx.parameters[0], needs,
+                grad_output, input, weight, out_or_f, ctx.activation, ctx.parameters[0], output_mask,
                 *ctx.parameters[1:]
             ) + not_inputs
-        need_input, need_weight, need_bias = needs
+        need_input, need_weight, need_bias = output_mask
         grad_input = grad_weight = grad_bias = None
         if need_bias:
             grad_pre, grad_bias = _BiasActivationBackward.apply(
@@ -244,6 +246,7 @@ class LinearSoftplusFunction(_LinearActivationFunction):
 def _setup_activation(ctx, inputs, output, activation, parameters):
     ctx.activation, ctx.parameters = activation, parameters
     ctx.num_inputs = len(inputs)
+    # As ActivationFunction (csrc/autograd/activation.cpp) keeps it (checked by test_func.py).
     out_or_f = inputs[0] if _derivative_needs_preactivation(activation, *parameters) else output
     ctx.save_for_backward(out_or_f)
     ctx.save_for_forward(out_or_f)

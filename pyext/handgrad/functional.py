@@ -14,6 +14,7 @@ not support, go to the Python Functions of handgrad.autograd: the same ops, the 
 formulas.
 """
 
+import functools
 import math
 import numbers
 
@@ -335,6 +336,16 @@ def mlp(input, weights, biases=None, activation="relu", negative_slope=0.01,
                 check_checkpoint_every(checkpoint_every), check_output_activation(output_activation))
 
 
+def _layer_by_layer(input, layers, output_activation, parameters):
+    """The network one layer at a time, where the one op does not run it (forward-mode AD and
+    torch.func here; hooks or wrapped layers in handgrad.nn.MLP): each call of `layers` in
+    turn (the hidden layers' give their activation's output, the output layer's its
+    product), then output_activation, if any."""
+    for layer in layers:
+        input = layer(input)
+    return input if output_activation is None else _elementwise(input, output_activation, parameters)
+
+
 def _mlp(input, weights, biases, activation, parameters, checkpoint_every, output_activation=None):
     """mlp() with its arguments checked already (handgrad.nn.MLP checks them once)."""
     ops = _op_namespace()
@@ -342,12 +353,10 @@ def _mlp(input, weights, biases, activation, parameters, checkpoint_every, outpu
         _C.check_mlp(input, weights, biases, activation, parameters[0], checkpoint_every,
                      output_activation, *parameters[1:])  # the op's own check, and its messages
         layer_biases = biases if biases else [None] * len(weights)
-        h = input
-        for weight, bias in zip(weights[:-1], layer_biases[:-1]):
-            h = _linear(h, weight, bias, activation, parameters)
-        if output_activation is None:
-            return torch.nn.functional.linear(h, weights[-1], layer_biases[-1])
-        return _linear(h, weights[-1], layer_biases[-1], output_activation, parameters)
+        layers = [functools.partial(_linear, weight=weight, bias=bias, activation=activation, parameters=parameters)
+                  for weight, bias in zip(weights[:-1], layer_biases[:-1])]
+        layers.append(functools.partial(torch.nn.functional.linear, weight=weights[-1], bias=layer_biases[-1]))
+        return _layer_by_layer(input, layers, output_activation, parameters)
     try:
         return ops.mlp(input, weights, biases, activation, parameters[0], checkpoint_every,
                        output_activation, *parameters[1:])

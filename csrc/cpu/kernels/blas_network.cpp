@@ -99,13 +99,13 @@ NetworkGradients blas_backward(const at::Tensor& grad_output, const at::Tensor& 
     const bool is_output = l + 1 == layers;
     const std::optional<Activation> a = is_output ? activations.output : std::optional(activations.hidden);
     if (a.has_value()) {  // dl/df = dl/dh * a'[.], read off the layer's output (7.7, 7.10)
-      const at::Tensor source = is_output ? as_matrix(out_or_f).contiguous() : hidden_outputs[l];
-      const at::Tensor grad_pre = at::empty(source.sizes(), source.options());
+      const at::Tensor layer_out_or_f = is_output ? as_matrix(out_or_f).contiguous() : hidden_outputs[l];
+      const at::Tensor grad_pre = at::empty(layer_out_or_f.sizes(), layer_out_or_f.options());
       if (need_biases) {
-        grad_biases[l] = at::empty({source.size(1)}, source.options());
-        bias_activation_backward_kernel(g, source, grad_pre, grad_biases[l], *a, activations.params);
+        grad_biases[l] = at::empty({layer_out_or_f.size(1)}, layer_out_or_f.options());
+        bias_activation_backward_kernel(g, layer_out_or_f, grad_pre, grad_biases[l], *a, activations.params);
       } else {
-        activation_backward_kernel(g, source, grad_pre, *a, activations.params);
+        activation_backward_kernel(g, layer_out_or_f, grad_pre, *a, activations.params);
       }
       g = grad_pre;
     } else if (need_biases) {

@@ -206,7 +206,7 @@ void activate_rows(Activation activation, const ActivationParameters& params, Ro
 // g = grad * a'[.], with a' read off the activation's output (from_output) or off f.
 template <typename T>
 void activation_backward_rows(Activation activation, const ActivationParameters& params, bool from_output,
-                              Rows<const T> grad, Rows<const T> source, Rows<T> g, int64_t rows,
+                              Rows<const T> grad, Rows<const T> out_or_f, Rows<T> g, int64_t rows,
                               int64_t cols) {
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
@@ -214,11 +214,11 @@ void activation_backward_rows(Activation activation, const ActivationParameters&
     for (int64_t i = 0; i < rows; ++i) {
       if (from_output) {
         at::vec::map2([&](Vec<T> d, Vec<T> s) { return activation_backward<A>(d, s, k); },
-                      g.row(i), grad.row(i), source.row(i), cols);
+                      g.row(i), grad.row(i), out_or_f.row(i), cols);
       } else {
         at::vec::map2(
             [&](Vec<T> d, Vec<T> f) { return activation_backward_from_preactivation<A>(d, f, k); },
-            g.row(i), grad.row(i), source.row(i), cols);
+            g.row(i), grad.row(i), out_or_f.row(i), cols);
       }
     }
   });

@@ -35,10 +35,10 @@ namespace handgrad::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// out = e_bar * w * a''[source]: f_bar, with w = g (a'' read off f) or e (off the output).
+// out = e_bar * w * a''[out_or_f]: f_bar, with w = g (a'' read off f) or e (off the output).
 template <typename T>
 void second_derivative_rows(Activation activation, const ActivationParameters& params,
-                            Rows<const T> e_bar, Rows<const T> w, Rows<const T> source,
+                            Rows<const T> e_bar, Rows<const T> w, Rows<const T> out_or_f,
                             Rows<T> out, int64_t rows, int64_t cols) {
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
@@ -46,7 +46,7 @@ void second_derivative_rows(Activation activation, const ActivationParameters& p
     for (int64_t i = 0; i < rows; ++i) {
       at::vec::map3(
           [&](Vec<T> eb, Vec<T> wv, Vec<T> s) { return eb * wv * derivative_of_derivative<A>(s, k); },
-          out.row(i), e_bar.row(i), w.row(i), source.row(i), cols);
+          out.row(i), e_bar.row(i), w.row(i), out_or_f.row(i), cols);
     }
   });
 }
@@ -116,7 +116,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
   const auto has_a2 = [&](size_t l) {
     return activation(l).has_value() && has_second_derivative(*activation(l));
   };
-  // The source a_l' is read off: the stored h_{l+1}, or made in cache from f_l.
+  // out_or_f, what a_l' is read off: the stored h_{l+1}, or f_l made in cache.
   const auto source_in_cache = [&](size_t l) {
     return activation(l).has_value() && (l + 1 == layers || reads_f(l));
   };
@@ -130,7 +130,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
   downward = downward && (need_input || need_weights || need_biases);
 
   // What a block keeps per row: its layers' inputs (converted, where the dtype is not T),
-  // the sources made in cache, every e_l, the g_l that a'' needs, f_bar, h_bar, and the
+  // the out_or_f made in cache, every e_l, the g_l that a'' needs, f_bar, h_bar, and the
   // working rows (g twice, e_bar, g_bar, h_cot twice, f_cot, v and dl/d(out) converted).
   std::vector<int64_t> widths{weights[0].size(1)};
   for (const auto& w : weights) widths.push_back(w.size(0));
@@ -183,13 +183,13 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
         T* f_cot = take(width).data;
 
         // The layers' inputs h_l, and their sources (h_{l+1} or made in cache).
-        std::vector<Rows<const T>> h(layers), source(layers), e(layers), g_kept(layers), derivative(layers);
+        std::vector<Rows<const T>> h(layers), out_or_f(layers), e(layers), g_kept(layers), derivative(layers);
         h[0] = read(in.input, widths[0]);
         for (size_t l = 1; l < layers; ++l) h[l] = read(in.hidden_outputs[l - 1], widths[l]);
         for (size_t l = 0; l < layers; ++l) {
           if (!activation(l).has_value()) continue;
           if (!source_in_cache(l)) {
-            source[l] = h[l + 1];
+            out_or_f[l] = h[l + 1];
             continue;
           }
           const Rows<T> f = take(widths[l + 1]);
@@ -198,10 +198,10 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
             activate_rows<T>(*activation(l), acts.params, f, n, widths[l + 1]);
             round_to_dtype<scalar_t, T>(f.data, n * widths[l + 1]);
           }
-          source[l] = {f.data, f.ld};
+          out_or_f[l] = {f.data, f.ld};
           if (keeps_derivative(l)) {
             const Rows<T> d = take(widths[l + 1]);
-            derivative_rows<T>(*activation(l), acts.params, source[l], d, n, widths[l + 1]);
+            derivative_rows<T>(*activation(l), acts.params, out_or_f[l], d, n, widths[l + 1]);
             derivative[l] = {d.data, d.ld};
           }
         }
@@ -211,7 +211,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
           if (keeps_derivative(l)) {
             multiply_rows<T>(grad, derivative[l], out, n, d_out);
           } else {
-            activation_backward_rows<T>(*activation(l), acts.params, !reads_f(l), grad, source[l], out, n, d_out);
+            activation_backward_rows<T>(*activation(l), acts.params, !reads_f(l), grad, out_or_f[l], out, n, d_out);
           }
         };
 
@@ -282,7 +282,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
             if (has_a2(l)) {  // e_l = g_l * a'[f_l]: f_l's cotangent
               const Rows<T> fb = take(d_out);
               second_derivative_rows<T>(*activation(l), acts.params, {e_bar, d_out},
-                                        reads_f(l) ? g_kept[l] : e[l], source[l], fb, n, d_out);
+                                        reads_f(l) ? g_kept[l] : e[l], out_or_f[l], fb, n, d_out);
               round_to_dtype<scalar_t, T>(fb.data, n * d_out);
               f_bar[l] = {fb.data, fb.ld};
             }
