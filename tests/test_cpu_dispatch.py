@@ -20,6 +20,7 @@ import handgrad
 from handgrad import _capability
 
 PACKAGE = os.path.dirname(handgrad.__file__)
+TESTS = os.path.dirname(os.path.abspath(__file__))  # samples.py, for the emulated run
 QEMU = shutil.which("qemu-x86_64-static")
 X86 = os.uname().machine in ("x86_64", "amd64")
 
@@ -28,33 +29,25 @@ X86 = os.uname().machine in ("x86_64", "amd64")
 EMULATED_CHECK = r"""
 import sys, torch, torch.nn.functional as F
 import handgrad, handgrad.functional as hf
+sys.path.insert(0, TESTS)
+from samples import eager_activation, eager_layer, fused_layer, handgrad_activation, tolerances
 info = handgrad.build_info()
 print("capability", info["cpu_capability"], info["cpu_capability_offered"])
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.float64):
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
+    tol = tolerances(dtype, summed=True)
     x = torch.randn(37, 29, dtype=dtype, requires_grad=True)
     w = (torch.randn(21, 29, dtype=dtype) / 5).requires_grad_()
     b = torch.randn(21, dtype=dtype, requires_grad=True)
-    for ours, eager in [(hf.linear_relu, lambda x, w, b: F.relu(F.linear(x, w, b))),
-                        (hf.linear_sigmoid, lambda x, w, b: torch.sigmoid(F.linear(x, w, b))),
-                        (lambda x, w, b: hf.linear_leaky_relu(x, w, b, -0.2),
-                         lambda x, w, b: F.leaky_relu(F.linear(x, w, b), -0.2)),
-                        (hf.linear_tanh, lambda x, w, b: torch.tanh(F.linear(x, w, b))),
-                        (hf.linear_silu, lambda x, w, b: F.silu(F.linear(x, w, b))),
-                        (lambda x, w, b: hf.linear_gelu(x, w, b, approximate="tanh"),
-                         lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")),
-                        (lambda x, w, b: hf.linear_softplus(x, w, b, 3.0, 1.0),
-                         lambda x, w, b: F.softplus(F.linear(x, w, b), 3.0, 1.0))]:
-        out, want = ours(x, w, b), eager(x, w, b)
+    for name, parameters in [("relu", {}), ("sigmoid", {}), ("leaky_relu", {"negative_slope": -0.2}), ("tanh", {}),
+                             ("silu", {}), ("gelu_tanh", {}), ("softplus", {"beta": 3.0, "threshold": 1.0})]:
+        out, want = fused_layer(name, **parameters)(x, w, b), eager_layer(name, **parameters)(x, w, b)
         torch.testing.assert_close(out, want, **tol)
         g = torch.randn_like(out)
         for a, e in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)):
             torch.testing.assert_close(a, e, **tol)
-    torch.testing.assert_close(hf.sigmoid(x), torch.sigmoid(x), **tol)
-    torch.testing.assert_close(hf.tanh(x), torch.tanh(x), **tol)
-    torch.testing.assert_close(hf.gelu(x), F.gelu(x), **tol)
-    torch.testing.assert_close(hf.softplus(x, 100.0), F.softplus(x, 100.0), **tol)
+    for name, parameters in [("sigmoid", {}), ("tanh", {}), ("gelu", {}), ("softplus", {"beta": 100.0})]:
+        torch.testing.assert_close(handgrad_activation(name, **parameters)(x), eager_activation(name, **parameters)(x), **tol)
     sizes = [29, 40, 33, 40, 5]
     ws = [(torch.randn(o, i, dtype=dtype) / i ** 0.5).requires_grad_() for i, o in zip(sizes, sizes[1:])]
     bs = [torch.randn(o, dtype=dtype, requires_grad=True) for o in sizes[1:]]
@@ -90,7 +83,7 @@ def test_one_build_runs_on_an_emulated_older_cpu(cpu, capability):
         # Killed (SIGKILL) there: AddressSanitizer's shadow memory does not fit qemu-user.
         pytest.skip("the sanitized build (make sanitize) does not run under qemu-user")
     env = {k: v for k, v in os.environ.items() if k not in ("HANDGRAD_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
-    result = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", EMULATED_CHECK], env=env,
+    result = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", f"TESTS = {TESTS!r}\n" + EMULATED_CHECK], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"capability {capability} {capability}" in result.stdout

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from samples import (
+    tolerances,
     ONE_ACTIVATION_OF_EACH,
     ONE_LAYER_OF_EACH,
     assert_close_to_eager_gradient,
     check_layer,
     random_tensor,
-    summation_order_tolerances,
 )
 from torch import nn
 
@@ -64,18 +64,18 @@ def test_backward_ops_with_misaligned_and_strided_arguments(activation, dtype):
             d64 = g.double() * {"relu": (saved > 0).double(), "leaky_relu": torch.where(saved > 0, 1.0, slope).double(),
                                 "sigmoid": (saved.double() * (1 - saved.double()))}[activation]
             pre = ops.activation_backward(g, saved, activation, slope)
-            torch.testing.assert_close(pre.double(), d64, **summation_order_tolerances(dtype))
+            torch.testing.assert_close(pre.double(), d64, **tolerances(dtype, summed=True))
             pre2, bias = ops.bias_activation_backward(g, saved, activation, slope)
             assert torch.equal(pre2, pre)
-            torch.testing.assert_close(bias.double(), pre.double().sum(0), **summation_order_tolerances(dtype))
+            torch.testing.assert_close(bias.double(), pre.double().sum(0), **tolerances(dtype, summed=True))
         x = torch.randn(rows * 8 + 1, device="cuda").to(dtype)[1:].view(rows, 8)
         w = torch.randn(cols * 8 + 1, device="cuda").to(dtype)[1:].view(cols, 8)
         grad_input, grad_weight, grad_bias = ops.linear_activation_backward(
             grad, x, w, saved, activation, slope, [True, True, True])
         pre = ops.activation_backward(grad, saved, activation, slope)
-        torch.testing.assert_close(grad_input, pre @ w, **summation_order_tolerances(dtype))
-        torch.testing.assert_close(grad_weight, pre.t() @ x, **summation_order_tolerances(dtype))
-        torch.testing.assert_close(grad_bias.double(), pre.double().sum(0), **summation_order_tolerances(dtype))
+        torch.testing.assert_close(grad_input, pre @ w, **tolerances(dtype, summed=True))
+        torch.testing.assert_close(grad_weight, pre.t() @ x, **tolerances(dtype, summed=True))
+        torch.testing.assert_close(grad_bias.double(), pre.double().sum(0), **tolerances(dtype, summed=True))
 
 
 @pytest.mark.sanitizer
@@ -89,12 +89,12 @@ def test_every_kernel_path_once(dtype):
             b, _ = random_tensor(cols, dtype=dtype, seed=6, device="cuda", layout=layout)
             for fn, reference in FUSED_PAIRS:
                 out, expected = fn(x, w, b), reference(x, w, b)
-                torch.testing.assert_close(out, expected, **summation_order_tolerances(dtype))
+                torch.testing.assert_close(out, expected, **tolerances(dtype, summed=True))
                 g = torch.randn_like(out)
                 for a, e in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(expected, (x, w, b), g)):
                     assert_close_to_eager_gradient(a, e, dtype)
             for fn, reference in ACTIVATION_PAIRS:
-                torch.testing.assert_close(fn(x), reference(x), **summation_order_tolerances(dtype))
+                torch.testing.assert_close(fn(x), reference(x), **tolerances(dtype, summed=True))
             y = x.detach().clone()  # the in-place kernel, once per layout
             torch.testing.assert_close(hf.relu(y, inplace=True), F.relu(x.detach()))
     model = hnn.MLP([8, 16, 24, 4], checkpoint_every=1, device="cuda", dtype=dtype)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from samples import fused_layer
 from torch import nn
 
 import handgrad.functional as F
@@ -66,8 +67,7 @@ def _placements():
     return [(R, R, R), (Shard(0), R, R), (R, Shard(0), Shard(0)), (Shard(1), Shard(1), R)]
 
 
-LAYERS = {"relu": F.linear_relu, "sigmoid": F.linear_sigmoid,
-          "leaky_relu": lambda x, w, b: F.linear_leaky_relu(x, w, b, negative_slope=-0.5)}
+LAYERS = {name: fused_layer(name, negative_slope=-0.5) for name in ("relu", "sigmoid", "leaky_relu")}
 
 
 def _check_fused_layer(layer, placements, m):

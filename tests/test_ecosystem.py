@@ -16,7 +16,6 @@ from samples import (
     FUSED_LAYERS,
     ONE_LAYER_OF_EACH,
     assert_close_to_eager_gradient,
-    summation_order_tolerances,
     tolerances,
 )
 from torch import nn
@@ -159,7 +158,7 @@ def test_autocast_matches_nn_linear_on_every_device(device, dtype, fn, reference
     with torch.autocast(device, dtype=dtype):
         out, expected = fn(x, w, b), reference(x, w, b)
     assert out.dtype == expected.dtype == dtype
-    torch.testing.assert_close(out, expected, **summation_order_tolerances(dtype))
+    torch.testing.assert_close(out, expected, **tolerances(dtype, summed=True))
     for a, e in zip(torch.autograd.grad(out.float().sum(), (x, w, b)), torch.autograd.grad(expected.float().sum(), (x, w, b))):
         assert a.dtype == torch.float32
         assert_close_to_eager_gradient(a, e, dtype)

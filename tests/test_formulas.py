@@ -6,6 +6,7 @@ Notation: f = beta + Omega h, out = a[f], l a scalar loss with dl/d(out) = g.
 
 import pytest
 import torch
+from samples import fused_layer
 
 import handgrad.functional as hf
 
@@ -30,11 +31,7 @@ def derivative(activation, f, slope=0.0):
     return s * (1 - s)
 
 
-LAYER_OF = {
-    "relu": lambda h, o, b: hf.linear_relu(h, o, b),
-    "leaky_relu": lambda h, o, b: hf.linear_leaky_relu(h, o, b, 0.2),
-    "sigmoid": lambda h, o, b: hf.linear_sigmoid(h, o, b),
-}
+LAYER_OF = {name: fused_layer(name, negative_slope=0.2) for name in ("relu", "leaky_relu", "sigmoid")}
 
 
 def test_7_6_dz_dh_is_omega_transpose():

@@ -5,35 +5,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from samples import eager_activation, fused_layer, tolerances
 
-import handgrad.functional as hf
 
 ACTIVATION_NAMES = ["relu", "leaky_relu", "sigmoid"]
 
 
-def eager(activation, f, slope):
-    if activation == "relu":
-        return F.relu(f)
-    if activation == "leaky_relu":
-        return F.leaky_relu(f, slope)
-    return torch.sigmoid(f)
-
-
-def handgrad_layer(activation, x, w, b, slope):
-    if activation == "relu":
-        return hf.linear_relu(x, w, b)
-    if activation == "leaky_relu":
-        return hf.linear_leaky_relu(x, w, b, slope)
-    return hf.linear_sigmoid(x, w, b)
-
-
 def random(shape, dtype, g):
     return torch.randn(*shape, generator=g).to(dtype)
-
-
-# Against eager: the forward rounds as eager's does; gradients may add in another order.
-TOLERANCES = {torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}, torch.float16: {"rtol": 1e-2, "atol": 1e-2},
-              torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-4, "atol": 1e-4}}
 
 
 def make(shape, dtype, layout, seed):
@@ -68,7 +47,7 @@ def test_fused_layers_match_eager(activation, batch, in_features, out_features, 
     b, b_leaf = make((out_features,), dtype, "contiguous", seed + 2) if bias else (None, None)
     leaves = [t for t in (x_leaf, w_leaf, b_leaf) if t is not None]
 
-    out = handgrad_layer(activation, x, w, b, slope)
+    out = fused_layer(activation, negative_slope=slope)(x, w, b)
     # F.linear as a 2-D addmm: on an N-D input that is not contiguous, eager's F.linear takes
     # matmul and then adds the bias, rounding bfloat16/float16 twice where handgrad (and
     # eager's 2-D path) rounds once, which can flip a ReLU mask.
@@ -76,8 +55,8 @@ def test_fused_layers_match_eager(activation, batch, in_features, out_features, 
     for size in batch:
         rows *= size
     flat = F.linear(x.reshape(rows, in_features), w, b).reshape(*batch, out_features)
-    expected = eager(activation, flat, slope)
-    tolerance = TOLERANCES[dtype]
+    expected = eager_activation(activation, negative_slope=slope)(flat)
+    tolerance = tolerances(dtype, summed=True)  # gradients may add in another order
     torch.testing.assert_close(out, expected, **tolerance)
     grad_output = random(out.shape, dtype, torch.Generator().manual_seed(seed + 3))
     got = torch.autograd.grad(out, leaves, grad_output, allow_unused=True)
