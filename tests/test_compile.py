@@ -64,22 +64,33 @@ def opcheck_samples():
             for output_activation in (None, "tanh"):
                 add(f"mlp_double_backward_{name}_{cotangents}_{output_activation}", ops.mlp_double_backward.default,
                     lambda d, a=a, s=s, c=cotangents, o=output_activation: _mlp_double_backward_args(d, a, s, c, o))
+    # The network's other arguments: layers without biases, and an output activation.
+    for bias, output_activation in ((False, None), (True, "sigmoid"), (False, "leaky_relu")):
+        name = f"{'bias' if bias else 'no_bias'}_output_{output_activation}"
+        add(f"mlp_{name}", ops.mlp.default,
+            lambda d, b=bias, o=output_activation: (
+                t(2, 4, device=d), [t(5, 4, device=d), t(6, 5, device=d), t(3, 6, device=d)],
+                [t(5, device=d), t(6, device=d), t(3, device=d)] if b else [], "relu", 0.1, 0, o))
+        add(f"mlp_forward_{name}", ops.mlp_forward.default,
+            lambda d, b=bias, o=output_activation: (*_plain_network(d, b), "relu", 0.1, 0, o))
+        add(f"mlp_backward_{name}", ops.mlp_backward.default,
+            lambda d, b=bias, o=output_activation: _mlp_backward_args(d, "relu", 0.1, 0, True, b, o))
     return samples
 
 
-def _plain_network(device):
+def _plain_network(device, bias=True):
     """(input, weights, biases) of a 4 -> 5 -> 6 -> 3 network, none requiring grad."""
     def t(*shape):
         return torch.randn(*shape, dtype=torch.float64, device=device)
 
-    return t(7, 4), [t(5, 4), t(6, 5), t(3, 6)], [t(5), t(6), t(3)]
+    return t(7, 4), [t(5, 4), t(6, 5), t(3, 6)], [t(5), t(6), t(3)] if bias else []
 
 
-def _mlp_backward_args(device, activation, slope, every, input_grad):
-    x, weights, biases = _plain_network(device)
-    _, hidden_outputs = ops.mlp_forward(x, weights, biases, activation, slope, every)
+def _mlp_backward_args(device, activation, slope, every, input_grad, bias=True, output_activation=None):
+    x, weights, biases = _plain_network(device, bias)
+    _, hidden_outputs = ops.mlp_forward(x, weights, biases, activation, slope, every, output_activation)
     grad_output = torch.randn(7, 3, dtype=torch.float64, device=device)
-    return (grad_output, x, weights, biases, hidden_outputs, activation, slope, every, input_grad)
+    return (grad_output, x, weights, biases, hidden_outputs, activation, slope, every, input_grad, output_activation)
 
 
 def _mlp_double_backward_args(device, activation, slope, cotangents, output_activation):

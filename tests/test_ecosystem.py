@@ -16,7 +16,10 @@ from samples import (
     FUSED_LAYERS,
     ONE_LAYER_OF_EACH,
     assert_close_to_eager_gradient,
+    eager_layer,
+    fused_layer,
     tolerances,
+    twin,
 )
 from torch import nn
 
@@ -46,6 +49,45 @@ def test_autocast_leaves_standalone_activations_alone_as_torch_does():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert hf.relu(x).dtype == F.relu(x).dtype == torch.float32
         assert hf.sigmoid(x).dtype == torch.sigmoid(x).dtype == torch.float32
+
+
+def test_float16_autocast_on_cpu_matches_nn_linear():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    for activation in ("relu", "leaky_relu", "sigmoid"):
+        layer, eager = fused_layer(activation, negative_slope=0.1), eager_layer(activation, negative_slope=0.1)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out, expected = layer(x, w, b), eager(x, w, b)
+        assert out.dtype == expected.dtype == torch.float16
+        # One rounding to float16 of a float32 sum, as eager's, in another order.
+        torch.testing.assert_close(out, expected, **tolerances(torch.float16))
+        got = torch.autograd.grad(out.float().sum(), (x, w, b))
+        want = torch.autograd.grad(expected.float().sum(), (x, w, b))
+        for g, e in zip(got, want):
+            assert g.dtype == e.dtype == torch.float32
+            torch.testing.assert_close(g, e, **tolerances(torch.float16))
+
+
+def test_autocast_leaves_float64_alone_as_it_does_for_nn_linear():
+    x, w, b = (torch.randn(*s, dtype=torch.float64) for s in ((3, 4), (2, 4), (2,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert hf.linear_relu(x, w, b).dtype == F.linear(x, w, b).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_of_the_mlp_matches_its_torch_nn_twin(dtype):
+    torch.manual_seed(0)
+    model = hnn.MLP([6, 8, 3])
+    reference = twin(model)
+    x = torch.randn(5, 6)
+    with torch.autocast("cpu", dtype=dtype):
+        out, expected = model(x), reference(x)
+    assert out.dtype == expected.dtype == dtype
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grads = torch.autograd.grad(out.float().sum(), list(model.parameters()))
+    assert all(g.dtype == torch.float32 for g in grads)
 
 
 def make_model(seed=0):

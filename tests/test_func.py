@@ -1,11 +1,10 @@
 """Forward-mode AD (problem 7.13) and torch.func: jvp, vmap, per-sample gradients, jacrev,
-jacfwd, hessian; and gradcheck with forward, backward and batched checks for every op."""
+jacfwd, hessian (gradcheck in every mode is in test_gradcheck.py)."""
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from samples import ACTIVATIONS, FUSED_LAYERS
-from torch.autograd import gradcheck, gradgradcheck
 
 import handgrad
 import handgrad.autograd
@@ -90,28 +89,6 @@ def test_jacrev_jacfwd_and_hessian_agree_with_eager(fn, reference):
         torch.func.hessian(lambda v: fn(v, w, b).pow(2).sum())(x),
         torch.func.hessian(lambda v: reference(v, w, b).pow(2).sum())(x),
     )
-
-
-FULL_CHECKS = dict(check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
-                   check_batched_forward_grad=True)
-
-
-@pytest.mark.parametrize("fn,_", FUSED_LAYERS)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_fused_gradcheck_every_mode(fn, _, bias):
-    args = [double(2, 3, 5, seed=1).requires_grad_(), double(4, 5, seed=2).requires_grad_()]
-    if bias:
-        args.append(double(4, seed=3).requires_grad_())
-    layer = (lambda x, w, b: fn(x, w, b)) if bias else (lambda x, w: fn(x, w, None))
-    assert gradcheck(layer, args, **FULL_CHECKS)
-    assert gradgradcheck(layer, args, check_fwd_over_rev=True, check_batched_grad=True)
-
-
-@pytest.mark.parametrize("fn,_", ACTIVATIONS)
-def test_activation_gradcheck_every_mode(fn, _):
-    x = double(3, 7, seed=5).requires_grad_()
-    assert gradcheck(fn, (x,), **FULL_CHECKS)
-    assert gradgradcheck(fn, (x,), check_fwd_over_rev=True, check_batched_grad=True)
 
 
 # The C++ autograd kernels (csrc/autograd/) and the Python Functions

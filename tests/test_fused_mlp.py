@@ -254,22 +254,6 @@ def test_gradcheck_and_gradgradcheck_without_bias_and_with_an_output_activation(
     assert gradgradcheck(network, (x, *weights))
 
 
-def test_opcheck_of_the_new_arguments():
-    def t(*shape, grad=True):
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
-
-    weights, biases = [t(5, 4), t(6, 5), t(3, 6)], [t(5), t(6), t(3)]
-    for layer_biases, output_activation in (([], None), (biases, "sigmoid"), ([], "leaky_relu")):
-        torch.library.opcheck(ops.mlp.default, (t(2, 4), weights, layer_biases, "relu", 0.1, 0, output_activation))
-        plain_w, plain_b = [w.detach() for w in weights], [b.detach() for b in layer_biases]
-        x = t(7, 4, grad=False)
-        args = (x, plain_w, plain_b, "relu", 0.1, 0, output_activation)
-        torch.library.opcheck(ops.mlp_forward.default, args)
-        _, saved = ops.mlp_forward(*args)
-        torch.library.opcheck(ops.mlp_backward.default, (t(7, 3, grad=False), x, plain_w, plain_b, saved,
-                                                         "relu", 0.1, 0, True, output_activation))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mlp_module_without_bias_and_with_an_output_activation(dtype):
     torch.manual_seed(0)

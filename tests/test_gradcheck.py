@@ -1,5 +1,6 @@
 """gradcheck and gradgradcheck in float64 for every op: with and without bias, 1-D, 2-D and
-3-D inputs, and the slopes 0.01, 0.2, 1.0, 0, -0.5 (plus 1.5)."""
+3-D inputs, every slope of samples.SLOPES, and every mode (forward AD, batched, forward over
+reverse)."""
 
 import pytest
 import torch
@@ -59,3 +60,26 @@ def test_fused_gradcheck_with_forward_ad_and_batched_grad(device, fn, _):
     b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
     assert gradcheck(fn, (x, w, b), check_forward_ad=True, check_batched_grad=True)
     assert gradgradcheck(fn, (x, w, b))
+
+
+# Every mode of gradcheck: forward AD, backward, batched (vmap) and forward-over-reverse.
+FULL_CHECKS = dict(check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
+                   check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("fn,_", FUSED_LAYERS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_fused_gradcheck_every_mode(fn, _, bias):
+    args = [double(2, 3, 5, seed=1), double(4, 5, seed=2)]
+    if bias:
+        args.append(double(4, seed=3))
+    layer = (lambda x, w, b: fn(x, w, b)) if bias else (lambda x, w: fn(x, w, None))
+    assert gradcheck(layer, args, **FULL_CHECKS)
+    assert gradgradcheck(layer, args, check_fwd_over_rev=True, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("fn,_", ACTIVATIONS)
+def test_activation_gradcheck_every_mode(fn, _):
+    x = double(3, 7, seed=5)
+    assert gradcheck(fn, (x,), **FULL_CHECKS)
+    assert gradgradcheck(fn, (x,), check_fwd_over_rev=True, check_batched_grad=True)

@@ -1,6 +1,6 @@
 """The whole-network op (torch.ops.handgrad.mlp) and handgrad.nn.MLP: the same values and
 gradients as the network in torch.nn, in every dtype and shape, and everything PyTorch
-offers around it: gradcheck, double backward, opcheck, compile, export, autocast, torch.func,
+offers around it: gradcheck, double backward, opcheck, compile, export, torch.func,
 hooks."""
 
 import io
@@ -133,20 +133,6 @@ def test_vmap_of_the_op_itself():
     torch.testing.assert_close(
         torch.func.vmap(lambda xi, wi: ops.mlp(xi, [wi, weights[1]], biases, "relu", 0.0, 0))(x, first_weights),
         torch.stack([ops.mlp(x[i], [first_weights[i], weights[1]], biases, "relu", 0.0, 0) for i in range(3)]))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast(dtype):
-    torch.manual_seed(0)
-    model = hnn.MLP([6, 8, 3])
-    reference = twin(model)
-    x = torch.randn(5, 6)
-    with torch.autocast("cpu", dtype=dtype):
-        out, expected = model(x), reference(x)
-    assert out.dtype == expected.dtype == dtype
-    torch.testing.assert_close(out, expected, **tolerances(dtype))
-    grads = torch.autograd.grad(out.float().sum(), list(model.parameters()))
-    assert all(g.dtype == torch.float32 for g in grads)
 
 
 def test_hooks_on_a_layer_keep_firing():

@@ -106,25 +106,3 @@ def test_opinfo_samples_of_linear(activation, dtype):
                 assert_as_accurate_as_eager(mine, eagers, exact)
 
 
-def test_float16_autocast_on_cpu_matches_nn_linear():
-    torch.manual_seed(0)
-    x = torch.randn(6, 8, requires_grad=True)
-    w = torch.randn(5, 8, requires_grad=True)
-    b = torch.randn(5, requires_grad=True)
-    for activation, (layer, _) in LAYERS.items():
-        with torch.autocast("cpu", dtype=torch.float16):
-            out, expected = layer(x, w, b), eager(activation, x, w, b)
-        assert out.dtype == expected.dtype == torch.float16
-        # One rounding to float16 of a float32 sum, as eager's, in another order.
-        torch.testing.assert_close(out, expected, **tolerances(torch.float16))
-        got = torch.autograd.grad(out.float().sum(), (x, w, b))
-        want = torch.autograd.grad(expected.float().sum(), (x, w, b))
-        for g, e in zip(got, want):
-            assert g.dtype == e.dtype == torch.float32
-            torch.testing.assert_close(g, e, **tolerances(torch.float16))
-
-
-def test_autocast_leaves_float64_alone_as_it_does_for_nn_linear():
-    x, w, b = (torch.randn(*s, dtype=torch.float64) for s in ((3, 4), (2, 4), (2,)))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert hf.linear_relu(x, w, b).dtype == F.linear(x, w, b).dtype == torch.float64
