@@ -190,25 +190,46 @@ def assert_close_to_eager_gradient(got, want, dtype):
         torch.testing.assert_close(got, want, **tolerances(dtype, summed=True))
 
 
+# The tests' one vocabulary of argument layouts (random_tensor): "contiguous"; "offset",
+# contiguous but one element into its storage (not 16-byte aligned, so the scalar paths
+# run); "transposed", the last two dimensions swapped in memory; "sliced", every other
+# element of a wider last dimension, from the second on; "expanded", the first dimension a
+# stride-0 broadcast of one row.
+LAYOUTS = ("contiguous", "offset", "transposed", "sliced", "expanded")
+
+
+def _leaf_shape(shape, layout):
+    if layout == "transposed" and len(shape) >= 2:
+        return (*shape[:-2], shape[-1], shape[-2])
+    if layout == "sliced" and len(shape) >= 1:
+        return (*shape[:-1], 2 * shape[-1])
+    if layout == "expanded" and len(shape) >= 1:
+        return (1, *shape[1:])
+    return (math.prod(shape) + (layout == "offset"),)
+
+
 def tensor_view(shape, layout):
     """How the tensor of `shape` is seen through its leaf (see random_tensor)."""
     if layout == "transposed" and len(shape) >= 2:
         return lambda leaf: leaf.transpose(-1, -2)
+    if layout == "sliced" and len(shape) >= 1:
+        return lambda leaf: leaf[..., 1::2]
+    if layout == "expanded" and len(shape) >= 1:
+        return lambda leaf: leaf.expand(shape)
     if layout == "offset":
         return lambda leaf: leaf[1:].view(shape)
     return lambda leaf: leaf.view(shape)
 
 
-def random_tensor(*shape, dtype, seed, device, layout="contiguous", scale=1.0):
-    """A leaf on `device` of random normal values, and the tensor of `shape` seen through it.
-    "offset" is contiguous but starts one element into its storage (not 16-byte aligned, so
-    the scalar paths run); "transposed" has its last two dimensions swapped in memory."""
+def random_tensor(*shape, dtype, seed, device="cpu", layout="contiguous", scale=1.0, integers=False):
+    """A leaf on `device` of random normal values (or, with `integers`, small integers: exact
+    in every dtype, so that f = 0 occurs), and the tensor of `shape` seen through it in one
+    of LAYOUTS."""
+    assert layout in LAYOUTS, layout
     g = torch.Generator().manual_seed(seed)
-    if layout == "transposed" and len(shape) >= 2:
-        leaf_shape = (*shape[:-2], shape[-1], shape[-2])
-    else:
-        leaf_shape = (math.prod(shape) + (layout == "offset"),)
-    leaf = (scale * torch.randn(*leaf_shape, generator=g)).to(device, dtype).requires_grad_()
+    leaf_shape = _leaf_shape(shape, layout)
+    values = torch.randint(-3, 4, leaf_shape, generator=g).double() if integers else torch.randn(*leaf_shape, generator=g)
+    leaf = (scale * values).to(device, dtype).requires_grad_()
     return tensor_view(shape, layout)(leaf), leaf
 
 

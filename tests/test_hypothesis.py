@@ -5,27 +5,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from samples import eager_activation, fused_layer, tolerances
+from samples import LAYOUTS, eager_activation, fused_layer, random_tensor, tolerances
 
 
 ACTIVATION_NAMES = ["relu", "leaky_relu", "sigmoid"]
-
-
-def random(shape, dtype, g):
-    return torch.randn(*shape, generator=g).to(dtype)
-
-
-def make(shape, dtype, layout, seed):
-    """A tensor of `shape` in the given memory layout, and the leaf its gradient reaches."""
-    g = torch.Generator().manual_seed(seed)
-    if layout == "transposed" and len(shape) >= 2:
-        leaf = random((*shape[:-2], shape[-1], shape[-2]), dtype, g).requires_grad_()
-        return leaf.transpose(-1, -2), leaf
-    if layout == "sliced":
-        leaf = random((*shape[:-1], 2 * shape[-1]), dtype, g).requires_grad_()
-        return leaf[..., ::2], leaf
-    leaf = random(tuple(shape), dtype, g).requires_grad_()
-    return leaf, leaf
 
 
 @settings(max_examples=150, deadline=None)
@@ -35,16 +18,16 @@ def make(shape, dtype, layout, seed):
     in_features=st.integers(0, 40),
     out_features=st.integers(0, 40),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
-    layouts=st.tuples(*[st.sampled_from(["contiguous", "transposed", "sliced"])] * 2),
+    layouts=st.tuples(*[st.sampled_from(LAYOUTS)] * 2),
     bias=st.booleans(),
     slope=st.one_of(st.sampled_from([0.0, 1.0, -1.0]), st.floats(-3, 3, allow_nan=False)),
     seed=st.integers(0, 2**16),
 )
 def test_fused_layers_match_eager(activation, batch, in_features, out_features, dtype, layouts,
                                   bias, slope, seed):
-    x, x_leaf = make((*batch, in_features), dtype, layouts[0], seed)
-    w, w_leaf = make((out_features, in_features), dtype, layouts[1], seed + 1)
-    b, b_leaf = make((out_features,), dtype, "contiguous", seed + 2) if bias else (None, None)
+    x, x_leaf = random_tensor(*batch, in_features, dtype=dtype, seed=seed, layout=layouts[0])
+    w, w_leaf = random_tensor(out_features, in_features, dtype=dtype, seed=seed + 1, layout=layouts[1])
+    b, b_leaf = random_tensor(out_features, dtype=dtype, seed=seed + 2) if bias else (None, None)
     leaves = [t for t in (x_leaf, w_leaf, b_leaf) if t is not None]
 
     out = fused_layer(activation, negative_slope=slope)(x, w, b)
@@ -58,7 +41,7 @@ def test_fused_layers_match_eager(activation, batch, in_features, out_features, 
     expected = eager_activation(activation, negative_slope=slope)(flat)
     tolerance = tolerances(dtype, summed=True)  # gradients may add in another order
     torch.testing.assert_close(out, expected, **tolerance)
-    grad_output = random(out.shape, dtype, torch.Generator().manual_seed(seed + 3))
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 3)).to(dtype)
     got = torch.autograd.grad(out, leaves, grad_output, allow_unused=True)
     want = torch.autograd.grad(expected, leaves, grad_output, allow_unused=True)
     for g, e in zip(got, want):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from samples import (
+    LAYOUTS,
     ACTIVATION,
     ACTIVATIONS,
     DTYPES,
@@ -23,77 +24,45 @@ import handgrad.functional as hf
 ops = torch.ops.handgrad
 
 
-def make_linear_inputs(layout, dtype, in_features=12, out_features=9, bias=True, seed=0,
-                       integers=False):
-    """(input, weight, bias, leaves): the arguments in the given memory layout, and the leaf
+# The layer's argument cases: an input shape, and each argument's layout (samples.LAYOUTS).
+LINEAR_CASES = {
+    "2d": ((7,), {}), "1d": ((), {}), "3d": ((2, 3), {}), "4d": ((2, 1, 3), {}),
+    "transposed": ((7,), {"x": "transposed", "w": "transposed"}),
+    "sliced": ((5,), {"x": "sliced", "b": "sliced"}),
+    "offset": ((7,), {"x": "offset", "w": "offset", "b": "offset"}),
+    "expanded": ((6,), {"x": "expanded"}),
+    "empty_batch": ((0,), {}), "empty_3d": ((2, 0), {}),
+    "zero_features": ((5,), {}), "zero_outputs": ((5,), {}),
+}
+
+
+def make_linear_inputs(case, dtype, in_features=12, out_features=9, bias=True, seed=0, integers=False):
+    """(input, weight, bias, leaves): the arguments of LINEAR_CASES[case], and the leaf
     tensors whose gradients are compared."""
-    g = torch.Generator().manual_seed(seed)
+    batch, layouts = LINEAR_CASES[case]
+    K = 0 if case == "zero_features" else in_features
+    M = 0 if case == "zero_outputs" else out_features
 
-    def randn(*shape):
-        if integers:
-            # Small integers: exact in every dtype, so the kinks (f = 0) occur.
-            return torch.randint(-3, 4, shape, generator=g).to(dtype)
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    def make(name, *shape, seed):
+        return random_tensor(*shape, dtype=dtype, seed=seed, layout=layouts.get(name, "contiguous"), integers=integers)
 
-    K, M = in_features, out_features
     leaves = {}
-    if layout == "2d":
-        x = leaves["x"] = randn(7, K).requires_grad_()
-    elif layout == "1d":
-        x = leaves["x"] = randn(K).requires_grad_()
-    elif layout == "3d":
-        x = leaves["x"] = randn(2, 3, K).requires_grad_()
-    elif layout == "4d":
-        x = leaves["x"] = randn(2, 1, 3, K).requires_grad_()
-    elif layout == "transposed":
-        leaves["x"] = randn(K, 7).requires_grad_()
-        x = leaves["x"].t()
-    elif layout == "sliced":
-        leaves["x"] = randn(9, 2 * K).requires_grad_()
-        x = leaves["x"][::2, 1::2]
-    elif layout == "expanded":
-        leaves["x"] = randn(1, K).requires_grad_()
-        x = leaves["x"].expand(6, K)
-    elif layout == "empty_batch":
-        x = leaves["x"] = randn(0, K).requires_grad_()
-    elif layout == "empty_3d":
-        x = leaves["x"] = randn(2, 0, K).requires_grad_()
-    elif layout == "zero_features":
-        K = 0
-        x = leaves["x"] = randn(5, 0).requires_grad_()
-    elif layout == "zero_outputs":
-        M = 0
-        x = leaves["x"] = randn(5, K).requires_grad_()
-    else:
-        raise ValueError(layout)
-
-    if layout == "transposed":
-        leaves["w"] = randn(K, M).requires_grad_()
-        w = leaves["w"].t()  # a non-contiguous weight too
-    else:
-        w = leaves["w"] = randn(M, K).requires_grad_()
+    x, leaves["x"] = make("x", *batch, K, seed=seed)
+    w, leaves["w"] = make("w", M, K, seed=seed + 1)
     b = None
     if bias:
-        if layout == "sliced":
-            leaves["b"] = randn(2 * M).requires_grad_()
-            b = leaves["b"][::2]
-        else:
-            b = leaves["b"] = randn(M).requires_grad_()
+        b, leaves["b"] = make("b", M, seed=seed + 2)
     return x, w, b, leaves
 
 
-LAYOUTS = [
-    "2d", "1d", "3d", "4d", "transposed", "sliced", "expanded", "empty_batch", "empty_3d",
-    "zero_features", "zero_outputs",
-]
 
 
 @pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", LINEAR_CASES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_fused_matches_eager(fn, reference, dtype, layout, bias):
-    x, w, b, leaves = make_linear_inputs(layout, dtype, bias=bias)
+def test_fused_matches_eager(fn, reference, dtype, case, bias):
+    x, w, b, leaves = make_linear_inputs(case, dtype, bias=bias)
     out = fn(x, w, b)
     expected = reference(x, w, b)
     assert out.shape == expected.shape and out.dtype == expected.dtype
@@ -110,7 +79,7 @@ def test_fused_matches_eager(fn, reference, dtype, layout, bias):
 def test_fused_kinks_match_eager(fn, reference, dtype):
     # Integer data hits f = 0 exactly: a'(0) must be eager's (0 for ReLU, the slope for
     # LeakyReLU), and every value is exact, so forward and gradients agree bit for bit.
-    x, w, b, leaves = make_linear_inputs("3d", dtype, integers=True)
+    x, w, b, leaves = make_linear_inputs("3d", dtype, integers=True, seed=4)  # f = 0 three times
     out, expected = fn(x, w, b), reference(x, w, b)
     no_kink = NAME[fn] == "linear_sigmoid" or NAME[fn].startswith("linear_softplus")  # and never 0
     assert (expected == 0).any() or no_kink
@@ -269,15 +238,12 @@ def test_fused_against_eager_and_float64_truth(device, fn, reference, dtype, sha
 
 @pytest.mark.parametrize("fn,reference", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["contiguous", "offset", "channels_last", "expanded"])
+@pytest.mark.parametrize("layout", [*LAYOUTS, "channels_last"])
 def test_activation_layouts_match_eager(device, fn, reference, dtype, layout):
-    if layout == "channels_last":
+    if layout == "channels_last":  # a memory format of 4-D tensors, which eager's output keeps
         leaf = torch.randn(2, 3, 5, 7, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         leaf.requires_grad_()
         x = leaf
-    elif layout == "expanded":
-        leaf = torch.randn(1, 41, device=device, dtype=dtype, requires_grad=True)
-        x = leaf.expand(37, 41)
     else:
         x, leaf = random_tensor(37, 41, dtype=dtype, seed=3, device=device, layout=layout)
     out, expected = fn(x), reference(x)
