@@ -55,36 +55,40 @@ at::Tensor output_layer(const at::Tensor& h, at::TensorList weights, at::TensorL
   return at::linear(h, weights[l], bias_of(biases, l));
 }
 
+// The forward of mlp and mlp_forward. The latter's stored hidden outputs (h_1 ... h_L, or
+// with checkpointing h_k, h_2k, ... < h_L) go to hidden_outputs, where given; otherwise
+// nothing is kept, and each layer's output is freed once the next has used it.
+at::Tensor network_forward(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                           c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+                           OutputActivation output_activation, double beta, double threshold,
+                           std::vector<at::Tensor>* hidden_outputs) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp(input, weights, biases, activation, params, checkpoint_every, output_activation);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const size_t hidden = weights.size() - 1;
+  std::vector<at::Tensor> none;
+  const at::Tensor h = run_hidden(
+      as_matrix(input), weights, biases, 0, hidden, activation, params,
+      [&](size_t made) { return hidden_outputs != nullptr && is_stored_output(made, hidden, checkpoint_every); },
+      hidden_outputs != nullptr ? *hidden_outputs : none);
+  return output_shaped(output_layer(h, weights, biases, params, output_activation), input);
+}
+
 at::Tensor mlp_per_layer(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                          c10::string_view activation, double negative_slope,
                          int64_t checkpoint_every, OutputActivation output_activation, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp(input, weights, biases, activation, params, checkpoint_every,
-            output_activation);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const size_t hidden = weights.size() - 1;
-  // Nothing is kept: each layer's output is freed once the next has used it.
-  std::vector<at::Tensor> none;
-  const at::Tensor h = run_hidden(as_matrix(input), weights, biases, 0, hidden, activation,
-                                  params, [](size_t) { return false; }, none);
-  return output_shaped(output_layer(h, weights, biases, params, output_activation), input);
+  return network_forward(input, weights, biases, activation, negative_slope, checkpoint_every,
+                         output_activation, beta, threshold, nullptr);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_per_layer(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
     c10::string_view activation, double negative_slope, int64_t checkpoint_every,
     OutputActivation output_activation, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp(input, weights, biases, activation, params, checkpoint_every,
-            output_activation);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const size_t hidden = weights.size() - 1;
-  std::vector<at::Tensor> hidden_outputs;  // h_1 ... h_L, or with checkpointing h_k, h_2k, ... < h_L
-  const at::Tensor h = run_hidden(
-      as_matrix(input), weights, biases, 0, hidden, activation, params,
-      [&](size_t made) { return is_stored_output(made, hidden, checkpoint_every); }, hidden_outputs);
-  return {output_shaped(output_layer(h, weights, biases, params, output_activation), input),
-          hidden_outputs};
+  std::vector<at::Tensor> hidden_outputs;
+  at::Tensor out = network_forward(input, weights, biases, activation, negative_slope, checkpoint_every,
+                                   output_activation, beta, threshold, &hidden_outputs);
+  return {out, hidden_outputs};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_per_layer(

@@ -286,7 +286,10 @@ def twin(model):
     for layer in [*model.hidden, model.output]:
         linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                  dtype=layer.weight.dtype, device=layer.weight.device)
-        linear.load_state_dict(layer.state_dict())
+        with torch.no_grad():  # the weight as the layer computes it (under weight norm too)
+            linear.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
         layers += [linear, make(model.activation)]
     layers.pop()
     if model.output_activation is not None:

@@ -213,12 +213,7 @@ def test_wrapped_layers_are_called_as_modules_so_the_wrapper_does_its_job():
     # A layer under weight norm is called as a module too (its pre-hook recomputes the weight).
     normed = hnn.MLP([6, 9, 3])
     torch.nn.utils.parametrizations.weight_norm(normed.hidden[0])
-    torch.testing.assert_close(normed(x), twin_by_hand(normed, x))
-
-
-def twin_by_hand(model, x):
-    h = F.relu(F.linear(x, model.hidden[0].weight, model.hidden[0].bias))
-    return F.linear(h, model.output.weight, model.output.bias)
+    torch.testing.assert_close(normed(x), twin(normed)(x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -229,15 +224,7 @@ def test_mlp_matches_torch_nn_sequential(device, dtype, every, bias, output_acti
     torch.manual_seed(0)
     model = hnn.MLP([32, 64, 48, 40, 10], "leaky_relu", 0.1, checkpoint_every=every, bias=bias,
                     output_activation=output_activation, device=device, dtype=dtype)
-    layers = []
-    for layer in [*model.hidden, model.output]:
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=bias, device=device, dtype=dtype)
-        linear.load_state_dict(layer.state_dict())
-        layers += [linear, nn.LeakyReLU(0.1)]
-    layers.pop()
-    if output_activation is not None:
-        layers.append(nn.Sigmoid() if output_activation == "sigmoid" else nn.LeakyReLU(0.1))
-    reference = nn.Sequential(*layers)
+    reference = twin(model)
     x = torch.randn(300, 32, device=device, dtype=dtype, requires_grad=True)
     out, expected = model(x), reference(x)
     torch.testing.assert_close(out, expected, **tolerances(dtype, summed=True))

@@ -106,28 +106,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
 
 using OutputActivation = std::optional<c10::string_view>;
 
+// The forward of mlp and mlp_forward; the latter's stored hidden outputs go to
+// hidden_outputs, where given.
+at::Tensor fused_network_forward(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                                 c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+                                 OutputActivation output_activation, double beta, double threshold,
+                                 std::vector<at::Tensor>* hidden_outputs) {
+  const ActivationParameters params{negative_slope, beta, threshold};
+  check_mlp(input, weights, biases, activation, params, checkpoint_every, output_activation);
+  return cpu::kernels().fused_forward(input, weights, biases,
+                                      cpu::network_activations(activation, params, output_activation),
+                                      checkpoint_every, hidden_outputs);
+}
+
 at::Tensor mlp_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                    c10::string_view activation, double negative_slope, int64_t checkpoint_every,
                    OutputActivation output_activation, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp(input, weights, biases, activation, params, checkpoint_every,
-            output_activation);
-  return cpu::kernels().fused_forward(input, weights, biases,
-                            cpu::network_activations(activation, params, output_activation),
-                            checkpoint_every, nullptr);
+  return fused_network_forward(input, weights, biases, activation, negative_slope, checkpoint_every,
+                               output_activation, beta, threshold, nullptr);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_cpu(
     const at::Tensor& input, at::TensorList weights, at::TensorList biases,
     c10::string_view activation, double negative_slope, int64_t checkpoint_every,
     OutputActivation output_activation, double beta, double threshold) {
-  const ActivationParameters params{negative_slope, beta, threshold};
-  check_mlp(input, weights, biases, activation, params, checkpoint_every,
-            output_activation);
   std::vector<at::Tensor> hidden_outputs;
-  at::Tensor out = cpu::kernels().fused_forward(
-      input, weights, biases, cpu::network_activations(activation, params, output_activation),
-      checkpoint_every, &hidden_outputs);
+  at::Tensor out = fused_network_forward(input, weights, biases, activation, negative_slope, checkpoint_every,
+                                         output_activation, beta, threshold, &hidden_outputs);
   return {out, hidden_outputs};
 }
 
