@@ -183,7 +183,8 @@ class BiasActivationBackwardFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // grad_bias sums grad_pre over the rows, so its gradient reaches every row.
+    // grad_bias sums grad_pre over the rows, so its gradient reaches every row. Mirrored by
+    // autograd.py's _BiasActivationBackward.backward.
     const Variable &grad_grad_pre = grad_outputs[0], &grad_grad_bias = grad_outputs[1];
     if (!grad_grad_bias.defined()) return grads_of_activation_backward(ctx, grad_grad_pre);
     const Variable out_or_f = ctx->get_saved_variables()[1];  // a copy: the list is a temporary

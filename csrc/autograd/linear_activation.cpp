@@ -57,6 +57,8 @@ class LinearActivationFunction : public torch::autograd::Function<LinearActivati
     return out;
   }
 
+  // Mirrored by autograd.py's _LinearActivationFunction.backward, which forward-mode AD and
+  // torch.func use.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     if (!grad_outputs[0].defined()) return no_gradients(5);
     const auto saved_vars = ctx->get_saved_variables();

@@ -131,7 +131,8 @@ class _BiasActivationBackward(_ActivationBackward):
 
     @staticmethod
     def backward(ctx, grad_grad_pre, grad_grad_bias):
-        # grad_bias sums grad_pre over the rows, so its gradient reaches every row.
+        # grad_bias sums grad_pre over the rows, so its gradient reaches every row. Mirrors
+        # BiasActivationBackwardFunction::backward (csrc/autograd/activation.cpp).
         if grad_grad_bias is not None:  # (None only where the op's autograd is called)
             grad_grad_pre = grad_grad_bias if grad_grad_pre is None else grad_grad_pre + grad_grad_bias
         return _grads_of_activation_backward(ctx, grad_grad_pre)
@@ -177,6 +178,7 @@ class _LinearActivationFunction(_Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        # Mirrors LinearActivationFunction::backward (csrc/autograd/linear_activation.cpp).
         input, weight, bias, output = ctx.saved_tensors
         out_or_f = _out_or_f(ctx, input, weight, bias, output)
         output_mask = ctx.needs_input_grad[:3]

@@ -193,9 +193,10 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
             continue;
           }
           const Rows<T> f = take(widths[l + 1]);
-          layer_product<scalar_t, T>(p, l, w, h[l], n, f);
-          if (!reads_f(l)) {  // sigmoid's or tanh's output, as eager stores it
-            activate_rows<T>(*activation(l), acts.params, f, n, widths[l + 1]);
+          if (reads_f(l)) {
+            layer_product<scalar_t, T>(p, l, w, h[l], n, f);
+          } else {  // sigmoid's or tanh's output, as eager stores it: bias and a in one pass
+            layer_forward<scalar_t, T>(p, l, w, h[l], n, f, *activation(l), acts.params);
             round_to_dtype<scalar_t, T>(f.data, n * widths[l + 1]);
           }
           out_or_f[l] = {f.data, f.ld};
