@@ -81,35 +81,4 @@ inline variable_list no_gradients(size_t count) {
   return variable_list(count);
 }
 
-// The whole network's configuration, as the mlp ops take it.
-struct Network {
-  Activation hidden;
-  std::optional<Activation> output;  // none: a linear output layer
-  ActivationParameters params;
-  int64_t checkpoint_every;
-
-  std::optional<c10::string_view> output_name() const {
-    return output.has_value() ? std::optional<c10::string_view>(activation_name(*output)) : std::nullopt;
-  }
-};
-
-// A network's configuration and its count of layers in a Function's context (MLPFunction's
-// and MLPBackwardFunction's), and read back.
-inline void save_network(AutogradContext* ctx, const Network& network, size_t layers, bool has_bias) {
-  save_activation(ctx, network.hidden, network.params);
-  if (network.output.has_value()) save_parameters(ctx, *network.output, network.params);
-  ctx->saved_data["checkpoint"] = network.checkpoint_every;
-  ctx->saved_data["layers"] = static_cast<int64_t>(layers);
-  ctx->saved_data["has_bias"] = has_bias;
-  ctx->saved_data["out_activation"] =
-      network.output.has_value() ? static_cast<int64_t>(*network.output) : int64_t{-1};
-}
-
-inline Network saved_network(AutogradContext* ctx) {
-  const int64_t output = ctx->saved_data["out_activation"].toInt();
-  return {static_cast<Activation>(ctx->saved_data["activation"].toInt()),
-          output < 0 ? std::nullopt : std::optional<Activation>(static_cast<Activation>(output)),
-          saved_parameters(ctx), ctx->saved_data["checkpoint"].toInt()};
-}
-
 }  // namespace handgrad::autograd
