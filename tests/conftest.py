@@ -33,6 +33,9 @@ def cpu_capability(request):
     if request.param not in _capability.runnable():
         pytest.skip(f"{request.param} kernels: this CPU offers {_capability.offered()}, the build "
                     f"has {', '.join(_capability._build_config.CPU_CAPABILITIES)}")
+    if "device" in request.fixturenames and request.getfixturevalue("device") != "cpu" \
+            and request.param != _capability.runnable()[-1]:
+        pytest.skip("the CPU kernels do not run on this device: once is enough")
     chosen = _capability.running()[0]
     _capability.load(request.param)
     try:

@@ -128,6 +128,33 @@ def tolerances(dtype, summed=False):
     return {torch.float16: dict(rtol=4e-3, atol=4e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}.get(dtype, {})
 
 
+def leaves(tensors):
+    """Fresh leaves of the same values, each requiring grad."""
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def gradients(fn, args, grad_output):
+    """fn's output and its gradients with respect to every one of args (as fresh leaves)."""
+    args = leaves(args)
+    out = fn(*args)
+    return [out.detach(), *torch.autograd.grad(out, args, grad_output)]
+
+
+def same_bits_for_every_thread_count(fn, args, grad_output, blas=False):
+    """The engine's own kernel: the same bits on every run and thread count. Where the
+    products go to BLAS (blas=True), or on another device than the CPU, eager's guarantee:
+    the same bits on every run."""
+    reference = gradients(fn, args, grad_output)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3, 4, 1):
+            torch.set_num_threads(threads if blas else count)
+            for got, want in zip(gradients(fn, args, grad_output), reference):
+                assert torch.equal(got, want), f"different bits with {count} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def grads(output, inputs, grad_output):
     """Gradients of <output, grad_output> w.r.t. those of `inputs` that require grad."""
     wanted = [t for t in inputs if t is not None and t.requires_grad]

@@ -9,7 +9,17 @@ the kernels of every CPU capability the machine offers (the cpu_capability fixtu
 import pytest
 import torch
 import torch.nn.functional as F
-from samples import DTYPES, NETWORK_SLOPES, assert_as_accurate_as_eager, eager_activation, tolerances, twin
+from samples import (
+    DTYPES,
+    NETWORK_SLOPES,
+    assert_as_accurate_as_eager,
+    eager_activation,
+    gradients,
+    leaves,
+    same_bits_for_every_thread_count,
+    tolerances,
+    twin,
+)
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -41,10 +51,6 @@ def random_network(sizes, rows, dtype, bias=True, seed=0, scale=1.0):
     biases = [torch.randn(o, generator=g) for o in sizes[1:]] if bias else []
     grad_output = torch.randn(rows, sizes[-1], generator=g)
     return x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases], grad_output.to(dtype)
-
-
-def leaves(tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
 
 
 # thin and multi-block (several slots), wide, odd widths, widths 1 and 129, and no rows.
@@ -99,26 +105,6 @@ def test_bias_and_output_activation_match_the_eager_network(bias, output_activat
     for got, want in zip(torch.autograd.grad(out, ours_args, grad_output),
                          torch.autograd.grad(expected, eager_args, grad_output)):
         torch.testing.assert_close(got, want)
-
-
-def gradients(fn, args, grad_output):
-    args = leaves(args)
-    out = fn(*args)
-    return [out.detach(), *torch.autograd.grad(out, args, grad_output)]
-
-
-def same_bits_for_every_thread_count(fn, args, grad_output, blas=False):
-    """The engine's own kernel: the same bits on every run and thread count. Where the
-    products go to BLAS (blas=True), eager's guarantee: the same bits on every run."""
-    reference = gradients(fn, args, grad_output)
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3, 4, 1):
-            torch.set_num_threads(threads if blas else count)
-            for got, want in zip(gradients(fn, args, grad_output), reference):
-                assert torch.equal(got, want), f"different bits with {count} threads"
-    finally:
-        torch.set_num_threads(threads)
 
 
 def goes_to_blas(weights, rows, activation="relu", slope=0.0, every=0, output_activation=None):

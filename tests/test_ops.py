@@ -3,11 +3,11 @@
 import pytest
 import torch
 from samples import (
-    LAYOUTS,
     ACTIVATION,
     ACTIVATIONS,
     DTYPES,
     FUSED_LAYERS,
+    LAYOUTS,
     NAME,
     NOT_EAGERS_BITS,
     ONE_LAYER_OF_EACH,
@@ -15,6 +15,7 @@ from samples import (
     check_layer,
     grads,
     random_tensor,
+    same_bits_for_every_thread_count,
     tolerances,
 )
 
@@ -316,17 +317,8 @@ def test_bias_gradient_is_bitwise_deterministic_and_right(device, dtype, rows, c
     grad = torch.randn(rows, cols, generator=g).to(device, dtype)
     out = hf.linear_sigmoid(x, w, b)
     first = torch.autograd.grad(out, b, grad)[0]
-    # The same bits every time; on the CPU for every thread count too, where the engine runs
-    # the product (where BLAS does, eager's guarantee: the same thread count).
     blas = device != "cpu" or handgrad._C.cpu_products_go_to_blas(rows, [w], "sigmoid", 0.0, 0, "sigmoid", True)
-    previous = torch.get_num_threads()
-    for threads in (previous, previous) if blas else (1, 2, 3):
-        torch.set_num_threads(threads)
-        try:
-            again = torch.autograd.grad(hf.linear_sigmoid(x, w, b), b, grad)[0]
-        finally:
-            torch.set_num_threads(previous)
-        assert torch.equal(again, first), f"{threads} threads"
+    same_bits_for_every_thread_count(hf.linear_sigmoid, [x, w, b], grad, blas=blas)
     # Against the float64 sum of the same dl/df: as close as eager's grad.sum(0).
     grad_pre = ops.activation_backward(grad, out.detach(), "sigmoid", 0.0)
     truth = grad_pre.double().sum(0)

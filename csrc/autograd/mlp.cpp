@@ -100,7 +100,7 @@ struct Layers {
   }
 };
 
-// Every layer's input and a' source. The stored hidden outputs serve where they are all
+// Every layer's input and out_or_f. The stored hidden outputs serve where they are all
 // stored and have no history to keep; otherwise (checkpointing, or a third order under
 // grad mode, where they must carry their dependence on the input and the parameters) the
 // hidden layers are run again through the per-layer op.
