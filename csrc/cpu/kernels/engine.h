@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
 #include <optional>
@@ -31,15 +32,19 @@ constexpr int64_t kMaxBlockRows = 256, kMinBlockRows = 16;
 // kMaxSlots (12 shares evenly among 1, 2, 3, 4 or 6 threads), in at most kSlotBytes.
 constexpr int64_t kSlottedBlocks = 8, kMaxSlots = 12, kSlotBytes = int64_t{32} << 20;
 
+// Uninitialized memory for n elements, from PyTorch's CPU allocator (as at::empty's, so the
+// profiler sees it) but without a tensor around it: a tiny layer's call makes several, and
+// at::empty's dispatch and TensorImpl cost each of them measurable time.
 template <typename T>
 class Scratch {
  public:
   explicit Scratch(int64_t n)
-      : memory_(at::empty({std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T))}, at::kByte)) {}
-  T* get() const { return reinterpret_cast<T*>(memory_.data_ptr()); }
+      : memory_(c10::GetCPUAllocator()->allocate(
+            static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T))) {}
+  T* get() const { return static_cast<T*>(memory_.get()); }
 
  private:
-  at::Tensor memory_;
+  c10::DataPtr memory_;
 };
 
 // Per-thread scratch of n elements each, a cache line apart: thread_space(scratch, n) is the
