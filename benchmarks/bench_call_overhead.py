@@ -29,6 +29,7 @@ SHAPES = {  # name: (rows, in, out, head outputs)
     "actor-critic layer": (1, 4, 128, 2),
     "MNIST classifier layer": (64, 784, 256, 10),
 }
+SETTINGS = ("alone", "head", "backward")
 LAYERS = {
     "eager": lambda x, w, b: F.relu(F.linear(x, w, b)),
     "handgrad": handgrad.functional.linear_relu,
@@ -36,6 +37,7 @@ LAYERS = {
 
 
 def steps(rows, d_in, d_out, head_outputs):
+    """{(layer, setting): a step returning the weight's and bias's gradients}."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d_in, generator=g)
     w = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).requires_grad_()
@@ -48,13 +50,13 @@ def steps(rows, d_in, d_out, head_outputs):
         kept = layer(x, w, b)
 
         def alone(layer=layer):
-            torch.autograd.grad(layer(x, w, b).sum(), (w, b))
+            return torch.autograd.grad(layer(x, w, b).sum(), (w, b))
 
         def head(layer=layer):
-            torch.autograd.grad(F.linear(layer(x, w, b), w2, b2).sum(), (w, b))
+            return torch.autograd.grad(F.linear(layer(x, w, b), w2, b2).sum(), (w, b))
 
         def backward(kept=kept):
-            torch.autograd.grad(kept, (w, b), grad, retain_graph=True)
+            return torch.autograd.grad(kept, (w, b), grad, retain_graph=True)
 
         made.update({(name, "alone"): alone, (name, "head"): head, (name, "backward"): backward})
     return made
@@ -74,12 +76,15 @@ def main(argv=None):
     print(f"# One fused layer's cost per step, alone and followed by a head\n\n{machine_description('cpu')}\n")
     print("| layer (rows, in, out) | setting | eager µs | handgrad µs | handgrad − eager µs | handgrad/eager |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for name, shape in SHAPES.items():
         seconds = measure(steps(*shape), args.rounds, args.min_time)
-        for setting in ("alone", "head", "backward"):
+        for setting in SETTINGS:
             eager, ours = seconds[("eager", setting)], seconds[("handgrad", setting)]
+            rows.append({"layer": name, "setting": setting, "eager": eager, "handgrad": ours})
             print(f"| {name} {shape[:3]} | {setting} | {eager * 1e6:.1f} | {ours * 1e6:.1f} | "
                   f"{(ours - eager) * 1e6:+.1f} | **{ours / eager:.2f}** |", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

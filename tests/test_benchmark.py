@@ -104,3 +104,18 @@ def test_second_order_harness_checks_gradients_prints_its_table_and_writes_json(
     assert row["float64 agreement"] < 1e-12  # every candidate's parameter gradients are torch.nn's
     assert all(row[c] > 0 for c in bench_second_order.CANDIDATES)
     assert json.loads((tmp_path / "second_order.json").read_text())["rows"][0]["workload"] == row["workload"]
+
+
+def test_call_overhead_times_the_same_gradients_both_ways():
+    """bench_call_overhead.py compares eager and handgrad on the same work: in every setting
+    the two layers give the same gradients, and the table has a row per layer and setting."""
+    import bench_call_overhead
+
+    made = bench_call_overhead.steps(*bench_call_overhead.SHAPES["actor-critic layer"])
+    for setting in bench_call_overhead.SETTINGS:
+        eager, ours = made[("eager", setting)](), made[("handgrad", setting)]()
+        for e, o in zip(eager, ours, strict=True):
+            torch.testing.assert_close(o, e)
+    rows = bench_call_overhead.main(["--rounds", "1", "--min-time", "0.001"])
+    assert len(rows) == len(bench_call_overhead.SHAPES) * len(bench_call_overhead.SETTINGS)
+    assert all(row["eager"] > 0 and row["handgrad"] > 0 for row in rows)
