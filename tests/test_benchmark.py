@@ -119,3 +119,14 @@ def test_call_overhead_times_the_same_gradients_both_ways():
     rows = bench_call_overhead.main(["--rounds", "1", "--min-time", "0.001"])
     assert len(rows) == len(bench_call_overhead.SHAPES) * len(bench_call_overhead.SETTINGS)
     assert all(row["eager"] > 0 and row["handgrad"] > 0 for row in rows)
+
+
+def test_the_fma_limit_is_measured_once_per_capability():
+    """A table's header and its later columns read one measurement of the FMA limit: the same
+    capability, named or by default, is not probed again after the timings."""
+    import machine
+
+    machine._measured_fma_limit.cache_clear()
+    first = machine.fma_limit(1, machine.running_capability())
+    assert machine.fma_limit(1) == first
+    assert machine._measured_fma_limit.cache_info().misses == 1
