@@ -18,6 +18,7 @@ layer does. The candidates are timed round-robin in one run; each figure is the 
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -88,5 +89,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()

@@ -29,6 +29,7 @@
 #include "blas_network.h"
 #include "engine.h"
 
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 
 #include <algorithm>

@@ -20,6 +20,7 @@
 // shape, as the first backward's: the same bits on every run and for every thread count.
 #include "engine.h"
 
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/zeros.h>
 
