@@ -78,17 +78,20 @@ PYBIND11_MODULE(_C, m) {
                                       c10::string_view activation, double negative_slope,
                                       int64_t checkpoint_every,
                                       std::optional<c10::string_view> output_activation,
-                                      bool output_layer_source, double beta, double threshold) {
+                                      bool output_layer_source, double beta, double threshold,
+                                      bool backward) {
     std::optional<handgrad::Activation> output;
     if (output_activation.has_value()) output = handgrad::parse_activation(*output_activation);
-    return handgrad::cpu::kernels().blas_pays(
+    const auto& k = handgrad::cpu::kernels();
+    return (backward ? k.blas_backward_pays : k.blas_pays)(
         rows, weights, {handgrad::parse_activation(activation), output, {negative_slope, beta, threshold}},
         checkpoint_every, output_layer_source);
-  }, "whether the CPU engine gives this network's products to BLAS (by their shapes)",
+  }, "whether the CPU engine gives this network's products to BLAS (by their shapes), in the "
+     "forward or (backward=True) in the backward",
         pybind11::arg("rows"), pybind11::arg("weights"), pybind11::arg("activation"),
         pybind11::arg("negative_slope"), pybind11::arg("checkpoint_every"),
         pybind11::arg("output_activation"), pybind11::arg("output_layer_source"),
-        pybind11::arg("beta") = 1.0, pybind11::arg("threshold") = 20.0);
+        pybind11::arg("beta") = 1.0, pybind11::arg("threshold") = 20.0, pybind11::arg("backward") = false);
   m.def("cpu_second_order_goes_to_blas", [](int64_t rows, const std::vector<at::Tensor>& weights) {
     return handgrad::cpu::kernels().second_order_blas_pays(rows, weights);
   }, "whether the CPU double backward (mlp_double_backward) runs as its tensor formula on BLAS's "

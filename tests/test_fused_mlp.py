@@ -107,24 +107,36 @@ def test_bias_and_output_activation_match_the_eager_network(bias, output_activat
         torch.testing.assert_close(got, want)
 
 
-def goes_to_blas(weights, rows, activation="relu", slope=0.0, every=0, output_activation=None):
-    return handgrad._C.cpu_products_go_to_blas(rows, weights, activation, slope, every, output_activation, True)
+def goes_to_blas(weights, rows, activation="relu", slope=0.0, every=0, output_activation=None, backward=False):
+    return handgrad._C.cpu_products_go_to_blas(rows, weights, activation, slope, every, output_activation, True,
+                                               backward=backward)
 
 
-@pytest.mark.parametrize("sizes,rows,expected", [
-    ([784, 256, 256, 10], 64, True), ([512, 512], 256, True), ([1024, 1024], 4096, True),  # deep products
-    ([784, 256, 256, 10], 16, True), ([256, 256], 512, True),  # few rows for wide weights
-    ([40, 40, 40], 4096, True),  # too shallow for the streaming regime
-    ([64, 64, 64, 64, 16], 3000, False), ([63, 256, 256, 4], 4096, False), ([256, 256], 16384, False),
-    ([64, 64], 1024, True), ([64, 64], 512, True),  # fewer blocks than to keep threads busy
-    ([256, 1], 64, True), ([64, 8], 64, True),  # a single layer of few outputs: mostly masked vectors
-    ([10, 40, 40, 5], 100, False), ([64, 64], 256, False), ([10, 40, 40, 5], 16, False),  # small weights
+# (sizes, rows, the forward goes to BLAS, the backward does too). Where the forward goes to
+# BLAS, the backward of at most 64 rows for weights of at most 512 x 512 on average stays in
+# the engine, which packs nothing for it.
+@pytest.mark.parametrize("sizes,rows,expected,backward", [
+    ([784, 256, 256, 10], 64, True, False), ([512, 512], 256, True, True),
+    ([1024, 1024], 4096, True, True),  # deep products
+    ([784, 256, 256, 10], 16, True, False), ([256, 256], 512, True, True),  # few rows for wide weights
+    ([784, 256, 256, 10], 65, True, True), ([1024, 1024, 10], 64, True, True),  # past the backward's bounds
+    ([40, 40, 40], 4096, True, True),  # too shallow for the streaming regime
+    ([64, 64, 64, 64, 16], 3000, False, False), ([63, 256, 256, 4], 4096, False, False),
+    ([256, 256], 16384, False, False),
+    ([64, 64], 1024, True, True), ([64, 64], 512, True, True),  # fewer blocks than to keep threads busy
+    ([256, 1], 64, True, False), ([64, 8], 64, True, False),  # a single layer of few outputs: mostly masked vectors
+    ([10, 40, 40, 5], 100, False, False), ([64, 64], 256, False, False),
+    ([10, 40, 40, 5], 16, False, False),  # small weights
 ])
-def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, rows, expected):
+def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, rows, expected, backward):
     x, weights, biases, grad_output = random_network(sizes, rows, torch.float32)
-    # DEFAULT's tiles are scalar code: there the engine keeps small weights and fewer than 32 rows.
-    assert goes_to_blas(weights, rows) == (expected or (cpu_capability == "DEFAULT" and rows >= 32))
+    # DEFAULT's tiles are scalar code: there the engine keeps small weights and fewer than 32
+    # rows, and the backward goes where the forward does.
+    default = cpu_capability == "DEFAULT"
+    assert goes_to_blas(weights, rows) == (expected or (default and rows >= 32))
+    assert goes_to_blas(weights, rows, backward=True) == (goes_to_blas(weights, rows) if default else backward)
     assert not goes_to_blas(weights, rows, every=1)  # checkpointing recomputes in the engine
+    assert not goes_to_blas(weights, rows, every=1, backward=True)
     if len(weights) > 1:  # the engine recomputes f where the output hides its sign
         assert not goes_to_blas(weights, rows, "leaky_relu", -0.5)
     # Either way, eager's results, and the float64 truth's within eager's error.

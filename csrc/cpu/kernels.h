@@ -51,7 +51,7 @@ struct SecondOrderGradients {
 };
 
 // Bumped whenever this table changes, so that a library left from another build is refused.
-constexpr int kKernelsVersion = 3;
+constexpr int kKernelsVersion = 4;
 
 struct Kernels {
   int version;             // kKernelsVersion of the sources it was built from
@@ -90,6 +90,9 @@ struct Kernels {
   // output_layer_source: the backward is given the output layer's out_or_f.
   bool (*blas_pays)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                     int64_t checkpoint_every, bool output_layer_source);
+  // The same for its backward, which keeps few rows in the engine (blas_network.h).
+  bool (*blas_backward_pays)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                             int64_t checkpoint_every, bool output_layer_source);
 
   // Whether the double backward of this network is faster as the tensor formula on BLAS's
   // products than as fused_double_backward (blas_network.cpp says where, as measured).

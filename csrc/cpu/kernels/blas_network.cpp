@@ -55,6 +55,18 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
   return !overhead && !streaming;
 }
 
+bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                        int64_t checkpoint_every, bool output_layer_source) {
+  if (!blas_pays(rows, weights, activations, checkpoint_every, output_layer_source)) return false;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  const bool few_rows = rows <= kEngineBackwardMaxRows &&
+                        products_of(weights).work <= kEngineBackwardMaxWeights * static_cast<double>(weights.size());
+  return !few_rows;
+#else
+  return true;  // the scalar tiles lose to BLAS
+#endif
+}
+
 bool second_order_blas_pays(int64_t rows, at::TensorList weights) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   const auto [work, depth] = products_of(weights);

@@ -32,11 +32,26 @@ constexpr double kEngineRowsPerDepth = 16, kEngineMinDepth = 64, kEngineMaxDepth
 constexpr int64_t kEngineMaxRowsSmallWeights = 31, kEngineMinRowsStreaming = 0;
 constexpr double kEngineRowsPerDepth = 0, kEngineMinDepth = 0, kEngineMaxDepth = 0;  // none
 #endif
+// Where BLAS runs the forward, the backward of at most kEngineBackwardMaxRows rows still runs
+// in the engine while the weights are at most kEngineBackwardMaxWeights on average: it packs
+// nothing (it reads Omega as it is), and BLAS's weight gradient g^T h, a product only rows
+// deep, ran slower on 2 threads than on 1 where in_features > out_features (MKL, 64 x 784 x
+// 256: 405 us against 270). Measured per capability and thread count (RESULTS.md): the
+// MNIST-sized network at 16-64 rows 0.77-0.92 of torch.nn against BLAS's 0.94-1.00, 512-wide
+// ones 0.80-0.93 against 0.97-1.13; from 1024 x 1024 weights AVX2's engine loses (1.13-1.17).
+constexpr int64_t kEngineBackwardMaxRows = 64;
+constexpr double kEngineBackwardMaxWeights = 512 * 512;
 
 // Whether BLAS runs this network. output_layer_source: a' of the output layer can be read
 // off a tensor the backward is given.
 bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                int64_t checkpoint_every, bool output_layer_source);
+
+// Whether BLAS runs this network's backward: where it runs the forward, unless the rows are
+// few for the weights (kEngineBackwardMaxRows). The engine's backward reads the hidden
+// outputs BLAS's forward stored as it reads its own.
+bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                        int64_t checkpoint_every, bool output_layer_source);
 
 // Whether the double backward runs as its tensor formula on BLAS's products rather than in
 // the engine (fused_second_order.cpp). Measured against each other per capability

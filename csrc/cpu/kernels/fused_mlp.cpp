@@ -284,8 +284,8 @@ NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor&
                                 at::TensorList hidden_outputs, const at::Tensor& out_or_f,
                                 const NetworkActivations& activations, int64_t checkpoint_every,
                                 std::array<bool, 3> output_mask) {
-  if (blas_pays(leading_rows(input.sizes()), weight_list, activations, checkpoint_every,
-                out_or_f.defined() || !activations.output.has_value())) {
+  if (blas_backward_pays(leading_rows(input.sizes()), weight_list, activations, checkpoint_every,
+                         out_or_f.defined() || !activations.output.has_value())) {
     return blas_backward(grad_output, input, weight_list, bias_list, contiguous(hidden_outputs),
                          out_or_f, activations, output_mask);
   }
