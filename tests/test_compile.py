@@ -178,3 +178,26 @@ def test_compile_fullgraph_parity_of_a_wider_model(device):
     for got, want in zip(torch.autograd.grad(compiled(x).sum(), params),
                          torch.autograd.grad(model(x).sum(), params)):
         torch.testing.assert_close(got, want)
+
+
+def test_compiled_autograd_runs_our_backward_nodes():
+    # Compiled autograd (torch._dynamo.config.compiled_autograd, as its tutorial sets it)
+    # captures the backward graph, our Functions' nodes included, and must give eager's
+    # gradients: the whole network's op, a fused layer and an in-place activation.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(hnn.MLP([8, 16, 16, 6]), hnn.LinearTanh(6, 6), nn.Linear(6, 4), hnn.ReLU(inplace=True))
+    x = torch.randn(5, 8)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    expected = step()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        got = torch.compile(step)()
+    assert torch._dynamo.utils.counters["compiled_autograd"]["captures"] >= 1
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
