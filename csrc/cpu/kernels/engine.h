@@ -4,6 +4,7 @@
 // it is in cache.
 #pragma once
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/ceil_div.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -45,6 +46,12 @@ class Scratch {
  private:
   c10::DataPtr memory_;
 };
+
+// A tensor that the kernel fills in full (an output, a stored hidden output, a gradient), from
+// the same allocator as at::empty's but without its dispatch: a tiny network's step makes ten.
+inline at::Tensor uninitialized(at::IntArrayRef sizes, const at::Tensor& like) {
+  return at::Tensor(at::detail::empty_cpu(sizes, like.scalar_type()));
+}
 
 // Per-thread scratch of n elements each, a cache line apart: thread_space(scratch, n) is the
 // calling thread's.

@@ -29,7 +29,6 @@
 #include "blas_network.h"
 #include "engine.h"
 
-#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
@@ -261,14 +260,14 @@ at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
   const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
   at::DimVector out_sizes(input.sizes());
   out_sizes.back() = p.widths.back();
-  at::Tensor out = at::empty(out_sizes, input.options());
+  at::Tensor out = uninitialized(out_sizes, input);
   HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad_fused_forward", [&] {
     using T = at::opmath_type<scalar_t>;
     std::vector<scalar_t*> stored(p.hidden(), nullptr);
     if (hidden_outputs != nullptr) {
       for (size_t l = 0; l < p.hidden(); ++l) {
         if (!is_stored_output(l + 1, p.hidden(), checkpoint_every)) continue;
-        hidden_outputs->push_back(at::empty({p.rows, p.widths[l + 1]}, input.options()));
+        hidden_outputs->push_back(uninitialized({p.rows, p.widths[l + 1]}, input));
         stored[l] = hidden_outputs->back().data_ptr<scalar_t>();
       }
     }
@@ -297,11 +296,11 @@ NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor&
   const std::vector<at::Tensor> stored = contiguous(hidden_outputs);
   const auto [need_input, need_weights, need_biases] = output_mask;
 
-  at::Tensor grad_input = need_input ? at::empty({p.rows, p.widths[0]}, input.options()) : at::Tensor();
+  at::Tensor grad_input = need_input ? uninitialized({p.rows, p.widths[0]}, input) : at::Tensor();
   std::vector<at::Tensor> grad_weights, grad_biases;
   for (size_t l = 0; l < p.layers(); ++l) {
-    if (need_weights) grad_weights.push_back(at::empty(weights[l].sizes(), input.options()));
-    if (need_biases) grad_biases.push_back(at::empty({p.widths[l + 1]}, input.options()));
+    if (need_weights) grad_weights.push_back(uninitialized(weights[l].sizes(), input));
+    if (need_biases) grad_biases.push_back(uninitialized({p.widths[l + 1]}, input));
   }
   if (p.blocks == 0) {  // no rows: the sums are zero
     for (auto& t : grad_weights) t.zero_();

@@ -20,7 +20,6 @@
 // shape, as the first backward's: the same bits on every run and for every thread count.
 #include "engine.h"
 
-#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/zeros.h>
 
@@ -377,7 +376,7 @@ SecondOrderGradients fused_double_backward(
 
   SecondOrderGradients found;
   const auto options = input.options();
-  const auto make = [&](at::IntArrayRef sizes) { return rows == 0 ? at::zeros(sizes, options) : at::empty(sizes, options); };
+  const auto make = [&](at::IntArrayRef sizes) { return rows == 0 ? at::zeros(sizes, options) : uninitialized(sizes, input); };
   if (need_grad_output) found.grad_output = make(grad_output.sizes());
   if (need_input) found.input = make(input.sizes());
   for (size_t l = 0; l < weights.size(); ++l) {
