@@ -57,14 +57,13 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
 
 bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                         int64_t checkpoint_every, bool output_layer_source) {
-  if (!blas_pays(rows, weights, activations, checkpoint_every, output_layer_source)) return false;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // Few rows for the weights stay in the engine whichever way the forward went.
   const bool few_rows = rows <= kEngineBackwardMaxRows &&
                         products_of(weights).work <= kEngineBackwardMaxWeights * static_cast<double>(weights.size());
-  return !few_rows;
-#else
-  return true;  // the scalar tiles lose to BLAS
-#endif
+  if (few_rows) return false;
+#endif  // DEFAULT's scalar tiles lose to BLAS: the backward goes where the forward does
+  return blas_pays(rows, weights, activations, checkpoint_every, output_layer_source);
 }
 
 bool second_order_blas_pays(int64_t rows, at::TensorList weights) {
