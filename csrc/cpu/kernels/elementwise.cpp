@@ -1,6 +1,6 @@
 // The elementwise CPU kernels: the standalone activations and their backward, and the pass
 // that makes dl/df and the bias gradient together. Each loop runs the formulas of
-// csrc/activation.h on at::vec::Vectorized registers, in the accumulation type (bfloat16
+// csrc/activation.h on SIMD lanes (Lanes, vectorized.h), in the accumulation type (bfloat16
 // and float16 are widened to float), split across threads as ATen splits its own.
 #include <ATen/ceil_div.h>
 #include <ATen/OpMathType.h>
@@ -59,8 +59,8 @@ template <typename scalar_t, Activation A>
 void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel,
                              const ActivationParameters& params) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<opmath_t>;
-  const ActivationConstants<Vec> k(params);
+  using V = Lanes<opmath_t>;
+  const ActivationConstants<V> k(params);
   const ActivationConstants<opmath_t> scalar_k(params);
   in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
     if constexpr (A == Activation::Tanh) {  // eager's VML over the whole share, where it has one
@@ -69,7 +69,7 @@ void activation_forward_flat(const scalar_t* input, scalar_t* out, int64_t numel
     as_eager_walks<scalar_t>(
         begin, end,
         [&](int64_t first, int64_t last) {
-          at::vec::map([&](Vec f) { return activate<A>(f, k); }, out + first, input + first, last - first);
+          map_lanes([&](V f) { return activate<A>(f, k); }, out + first, input + first, last - first);
         },
         [&](int64_t i) {
           out[i] = static_cast<scalar_t>(activate<A>(static_cast<opmath_t>(input[i]), scalar_k));
@@ -82,14 +82,14 @@ template <typename scalar_t, Activation A>
 void activation_backward_flat(const scalar_t* grad, const scalar_t* out_or_f, scalar_t* grad_pre,
                               int64_t numel, const ActivationParameters& params) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<opmath_t>;
-  const ActivationConstants<Vec> k(params);
+  using V = Lanes<opmath_t>;
+  const ActivationConstants<V> k(params);
   const ActivationConstants<opmath_t> scalar_k(params);
   in_atens_pieces(numel, kGrainElements, [&](int64_t begin, int64_t end) {
     as_eager_walks<scalar_t>(
         begin, end,
         [&](int64_t first, int64_t last) {
-          at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, k); },
+          map2_lanes([&](V g, V s) { return activation_backward<A>(g, s, k); },
                         grad_pre + first, grad + first, out_or_f + first, last - first);
         },
         [&](int64_t i) {
@@ -115,8 +115,8 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_
                                    scalar_t* grad_pre, scalar_t* grad_bias, int64_t rows,
                                    int64_t cols, const ActivationParameters& params) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<opmath_t>;
-  const ActivationConstants<Vec> k(params);
+  using V = Lanes<opmath_t>;
+  const ActivationConstants<V> k(params);
   const int64_t num_blocks = std::max<int64_t>(1, at::ceil_div<int64_t>(rows, kSumBlockRows));
   std::vector<opmath_t> block_sums(num_blocks * cols, opmath_t(0));
   const int64_t grain_blocks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kSumBlockRows * cols, 1));
@@ -129,7 +129,7 @@ void bias_activation_backward_rows(const scalar_t* grad, const scalar_t* out_or_
       const int64_t row_end = std::min(rows, (block + 1) * kSumBlockRows);
       for (int64_t i = block * kSumBlockRows; i < row_end; ++i) {
         scalar_t* grad_pre_row = grad_pre + i * cols;
-        at::vec::map2([&](Vec g, Vec s) { return activation_backward<A>(g, s, k); },
+        map2_lanes([&](V g, V s) { return activation_backward<A>(g, s, k); },
                       grad_pre_row, grad + i * cols, out_or_f + i * cols, cols);
         const opmath_t* row = nullptr;
         if constexpr (std::is_same_v<scalar_t, opmath_t>) {

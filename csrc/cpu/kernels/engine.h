@@ -221,14 +221,14 @@ void activation_backward_rows(Activation activation, const ActivationParameters&
                               int64_t cols) {
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    const ActivationConstants<Vec<T>> k(params);
+    const ActivationConstants<Lanes<T>> k(params);
     for (int64_t i = 0; i < rows; ++i) {
       if (from_output) {
-        at::vec::map2([&](Vec<T> d, Vec<T> s) { return activation_backward<A>(d, s, k); },
+        map2_lanes([&](Lanes<T> d, Lanes<T> s) { return activation_backward<A>(d, s, k); },
                       g.row(i), grad.row(i), out_or_f.row(i), cols);
       } else {
-        at::vec::map2(
-            [&](Vec<T> d, Vec<T> f) { return activation_backward_from_preactivation<A>(d, f, k); },
+        map2_lanes(
+            [&](Lanes<T> d, Lanes<T> f) { return activation_backward_from_preactivation<A>(d, f, k); },
             g.row(i), grad.row(i), out_or_f.row(i), cols);
       }
     }
@@ -293,14 +293,14 @@ void layer_forward(const Plan& p, size_t layer, const Weights<T>& w, Rows<const 
   gemm<T>(rows, d_out, d_in, h.data, h.ld, 1, w.transposed[layer], d_out, f.data, f.ld, Init::Zero);
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    const ActivationConstants<Vec<T>> k(params);
+    const ActivationConstants<Lanes<T>> k(params);
     for (int64_t i = 0; i < rows; ++i) {
       T* row = f.row(i);
       if constexpr (A == Activation::Tanh) {  // eager's VML tanh, as activate_span runs it
-        at::vec::map2([](Vec<T> x, Vec<T> b) { return x + b; }, row, row, bias, d_out);
+        map2_lanes([](Lanes<T> x, Lanes<T> b) { return x + b; }, row, row, bias, d_out);
         activate_span<A, T>(row, row, d_out, params);
       } else {
-        at::vec::map2([&](Vec<T> x, Vec<T> b) { return activate<A>(x + b, k); }, row, row, bias, d_out);
+        map2_lanes([&](Lanes<T> x, Lanes<T> b) { return activate<A>(x + b, k); }, row, row, bias, d_out);
       }
     }
   });

@@ -42,10 +42,10 @@ void second_derivative_rows(Activation activation, const ActivationParameters& p
                             Rows<T> out, int64_t rows, int64_t cols) {
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    const ActivationConstants<Vec<T>> k(params);
+    const ActivationConstants<Lanes<T>> k(params);
     for (int64_t i = 0; i < rows; ++i) {
-      at::vec::map3(
-          [&](Vec<T> eb, Vec<T> wv, Vec<T> s) { return eb * wv * derivative_of_derivative<A>(s, k); },
+      map3_lanes(
+          [&](Lanes<T> eb, Lanes<T> wv, Lanes<T> s) { return eb * wv * derivative_of_derivative<A>(s, k); },
           out.row(i), e_bar.row(i), w.row(i), out_or_f.row(i), cols);
     }
   });
@@ -59,9 +59,9 @@ void derivative_rows(Activation activation, const ActivationParameters& params, 
                      Rows<T> d, int64_t rows, int64_t cols) {
   dispatch_activation(activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    const ActivationConstants<Vec<T>> k(params);
+    const ActivationConstants<Lanes<T>> k(params);
     for (int64_t i = 0; i < rows; ++i) {
-      at::vec::map([&](Vec<T> x) { return activation_backward_from_preactivation<A>(Vec<T>(1), x, k); },
+      map_lanes([&](Lanes<T> x) { return activation_backward_from_preactivation<A>(Lanes<T>(1), x, k); },
                    d.row(i), f.row(i), cols);
     }
   });
@@ -70,7 +70,7 @@ void derivative_rows(Activation activation, const ActivationParameters& params, 
 template <typename T>
 void multiply_rows(Rows<const T> x, Rows<const T> y, Rows<T> out, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; ++i) {
-    at::vec::map2([](Vec<T> a, Vec<T> b) { return a * b; }, out.row(i), x.row(i), y.row(i), cols);
+    map2_lanes([](Lanes<T> a, Lanes<T> b) { return a * b; }, out.row(i), x.row(i), y.row(i), cols);
   }
 }
 
@@ -78,7 +78,7 @@ void multiply_rows(Rows<const T> x, Rows<const T> y, Rows<T> out, int64_t rows, 
 template <typename T>
 void add_rows(Rows<const T> x, Rows<T> y, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; ++i) {
-    at::vec::map2([](Vec<T> a, Vec<T> b) { return a + b; }, y.row(i), y.row(i), x.row(i), cols);
+    map2_lanes([](Lanes<T> a, Lanes<T> b) { return a + b; }, y.row(i), y.row(i), x.row(i), cols);
   }
 }
 
@@ -266,7 +266,7 @@ void double_backward_blocks(const NetworkActivations& acts, at::TensorList weigh
             const Rows<T> eb{e_bar, d_out};
             for (int64_t i = 0; i < n; ++i) {
               if (have_e_bar) {
-                at::vec::map2([](Vec<T> a, Vec<T> b) { return a + b; }, eb.row(i), eb.row(i), u_t[l].data(), d_out);
+                map2_lanes([](Lanes<T> a, Lanes<T> b) { return a + b; }, eb.row(i), eb.row(i), u_t[l].data(), d_out);
               } else {
                 std::copy_n(u_t[l].data(), d_out, eb.row(i));
               }
