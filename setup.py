@@ -73,8 +73,13 @@ SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefi
 # Compiler flags for each CPU capability, as ATen's CMake gives its kernels
 # (aten/src/ATen/native/cpu/README.md); torch.backends.cpu.get_cpu_capability() names the
 # level a CPU offers.
+#
+# DEFAULT's elementwise formulas are plain scalar loops the compiler vectorizes itself
+# (csrc/cpu/kernels/vectorized.h: Lanes). -fno-trapping-math lets GCC compute both sides of a
+# select, as LeakyReLU's f > 0 ? f : slope * f, and so vectorize it (9.5 ms -> <1 ms over 4M
+# floats); it changes no value, only the assumption that an FP exception may trap.
 CPU_CAPABILITY_FLAGS = {
-    "DEFAULT": [],
+    "DEFAULT": ["-fno-trapping-math"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
