@@ -330,7 +330,7 @@ def test_the_engines_double_backward_takes_strided_inputs_and_no_rows():
 def test_the_engine_runs_the_double_backward_where_it_measured_faster():
     # The shapes the tests above use run in the engine on AVX2 and AVX-512 (so those tests
     # test its kernel), as do the PINNs' narrow networks; wide layers with few rows go to the
-    # formula on BLAS's products, and every shape on the DEFAULT path, whose scalar tiles lose.
+    # formula on BLAS's products, and every shape on the DEFAULT path, whose SSE2 tiles lose.
     vectorized = handgrad.build_info()["cpu_capability"] != "DEFAULT"
     for sizes, rows in (([5, 32, 24, 3], 7), ([3, 64, 64, 64, 1], 600), ([4, 32, 32, 2], 200),
                         ([2] + [20] * 8 + [1], 4096), ([3, 256, 256, 256, 256, 1], 10240)):

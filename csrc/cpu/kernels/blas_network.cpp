@@ -62,7 +62,7 @@ bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActiv
   const bool few_rows = rows <= kEngineBackwardMaxRows &&
                         products_of(weights).work <= kEngineBackwardMaxWeights * static_cast<double>(weights.size());
   if (few_rows) return false;
-#endif  // DEFAULT's scalar tiles lose to BLAS: the backward goes where the forward does
+#endif  // DEFAULT's SSE2 tiles lose to BLAS: the backward goes where the forward does
   return blas_pays(rows, weights, activations, checkpoint_every, output_layer_source);
 }
 

@@ -18,8 +18,10 @@ inline namespace CPU_CAPABILITY {
 //    thread count, so that the path, and so the bits, do not either.)
 // Elsewhere the engine loses: few rows pay for packing Omega^T on every call (up to 3x eager
 // at 32 x 256 x 256), and fewer blocks than threads share columns inside each product.
-// On the DEFAULT path handgrad's tiles are scalar code while BLAS picks the CPU's own
-// vectors (measured: thin64 12x eager's time), so only the overhead regime is left there.
+// On the DEFAULT path handgrad's tiles have SSE2's registers (NEON's on aarch64) while BLAS
+// picks the CPU's own vectors (measured with the tiles at at::vec's portable Vectorized:
+// thin64 12x eager's time; they are 6x faster since, at 64-70 % of SSE2's limit), so only
+// the overhead regime is left there.
 constexpr double kEngineMaxWeights = 64 * 64;
 // A single layer with fewer outputs than this goes to BLAS even with small weights: the
 // tiles' vectors run across the outputs, mostly masked off (a 256 -> 1 layer at 64 rows took
@@ -59,7 +61,7 @@ bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActiv
 // are narrow (mean depth below kEngineMaxDepth) and either the weights are small or the rows
 // many for the depth (the PINNs' narrow networks most, where the formula's elementwise passes
 // and calls dominate); the formula wins on wide layers and on few rows of mid-sized weights.
-// On the DEFAULT path the engine's scalar tiles lose everywhere.
+// On the DEFAULT path the engine's SSE2 tiles lose to BLAS's wider vectors everywhere.
 bool second_order_blas_pays(int64_t rows, at::TensorList weights);
 
 at::Tensor blas_forward(const at::Tensor& input, at::TensorList weights, at::TensorList biases,

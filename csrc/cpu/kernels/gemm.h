@@ -1,4 +1,5 @@
-// handgrad's own matrix-product micro-kernel for the CPU, on at::vec::Vectorized.
+// handgrad's own matrix-product micro-kernel for the CPU, on at::vec::Vectorized (SSE2
+// registers of GCC's vector extension on x86-64's DEFAULT path).
 //
 //   C (rows x cols) = init + A (rows x depth) B (depth x cols)
 //
@@ -21,6 +22,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -28,8 +30,49 @@
 namespace handgrad::cpu {
 inline namespace CPU_CAPABILITY {
 
+#if defined(CPU_CAPABILITY_DEFAULT) && (defined(__x86_64__) || defined(_M_X64))
+// One SSE2 register, by GCC's vector extension, with the part of Vectorized's interface the
+// tile uses. at::vec's portable Vectorized keeps a tile's accumulators in memory: its tile ran
+// at 5.7 GFLOP/s, 10 % of the DEFAULT limit (bench_microkernels.py). a * b + c is two
+// roundings, as Vectorized's DEFAULT fmadd: no FMA instruction on this path.
+template <typename T>
+struct Sse2Raw;
+template <>
+struct Sse2Raw<float> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct Sse2Raw<double> {
+  typedef double type __attribute__((vector_size(16)));
+};
+
+template <typename T>
+struct Sse2Register {
+  using Raw = typename Sse2Raw<T>::type;
+  Raw v;
+
+  static constexpr int64_t size() { return 16 / sizeof(T); }
+  Sse2Register() = default;
+  Sse2Register(Raw raw) : v(raw) {}
+  explicit Sse2Register(T x) {  // lane by lane: Raw{} + x would be an addition (0 + -0 is +0)
+    for (int64_t i = 0; i < size(); ++i) v[i] = x;
+  }
+  static Sse2Register loadu(const T* p, int64_t count = size()) {
+    Raw raw{};
+    std::memcpy(&raw, p, count * sizeof(T));
+    return raw;
+  }
+  void store(T* p, int64_t count = size()) const { std::memcpy(p, &v, count * sizeof(T)); }
+  friend Sse2Register operator+(Sse2Register a, Sse2Register b) { return a.v + b.v; }
+  friend Sse2Register fmadd(Sse2Register a, Sse2Register b, Sse2Register c) { return a.v * b.v + c.v; }
+};
+template <typename T>
+using Vec = Sse2Register<T>;
+#else
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+using at::vec::fmadd;
+#endif
 
 // The tile is sized for the register file of the capability it is compiled for: the
 // accumulators, one register of A and kTileVectors of B must fit, or every FMA waits on a
@@ -44,12 +87,16 @@ constexpr bool kUseBrgemm = true;
 constexpr int kTileRows = 6, kTileVectors = 2;
 constexpr const char* kMicroKernel = "6 rows x 2 ymm registers (AVX2: 15 of 16 registers)";
 constexpr bool kUseBrgemm = true;
+#elif defined(CPU_CAPABILITY_DEFAULT) && (defined(__x86_64__) || defined(_M_X64))
+// 6 rows by 2 xmm: 12 accumulators + 2 + 1 of SSE2's 16 registers.
+constexpr int kTileRows = 6, kTileVectors = 2;
+constexpr const char* kMicroKernel = "6 rows x 2 xmm registers (DEFAULT: 15 of 16 registers)";
+constexpr bool kUseBrgemm = false;  // the portable path
 #else
-// at::vec's portable vectors (8 floats: two SSE2 registers of 16, or NEON's own type): 4
-// rows by one vector.
+// at::vec's vectors on other CPUs (NEON's 8 floats on aarch64): 4 rows by one vector.
 constexpr int kTileRows = 4, kTileVectors = 1;
 constexpr const char* kMicroKernel = "4 rows x 1 at::vec::Vectorized (DEFAULT)";
-constexpr bool kUseBrgemm = false;  // the portable path; aarch64 too
+constexpr bool kUseBrgemm = false;  // the portable path
 #endif
 
 // What the product is added to: nothing, C's own values (accumulate), or a row of bias
@@ -80,7 +127,7 @@ void tile(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b, i
     }
     for (int i = 0; i < Rows; ++i) {
       const Vec<T> av(a[i * a_row + p * a_col]);
-      for (int v = 0; v < Vectors; ++v) acc[i][v] = at::vec::fmadd(av, bv[v], acc[i][v]);
+      for (int v = 0; v < Vectors; ++v) acc[i][v] = fmadd(av, bv[v], acc[i][v]);
     }
   }
   for (int i = 0; i < Rows; ++i) {
@@ -148,7 +195,8 @@ inline void brgemm_on_this_thread(int64_t rows, int64_t cols, int64_t depth, con
   }
   if (init == Init::BiasRow) {
     for (int64_t i = 0; i < rows; ++i) {
-      at::vec::map2([](Vec<float> x, Vec<float> y) { return x + y; }, c + i * ldc, c + i * ldc, bias, cols);
+      at::vec::map2([](at::vec::Vectorized<float> x, at::vec::Vectorized<float> y) { return x + y; },
+                    c + i * ldc, c + i * ldc, bias, cols);
     }
   }
 }
