@@ -3,6 +3,7 @@ activations with torch.nn's signatures, eager's memory formats, clear refusals o
 nested tensors, PyTorch's own ModuleInfo samples, and the C++ autograd path itself."""
 
 import inspect
+import weakref
 
 import pytest
 import torch
@@ -285,13 +286,59 @@ def test_module_info_samples_of_linear(ours, activation):
 # --- The wiring ---
 
 
-def test_layers_record_the_cpp_autograd_node_and_forward_ad_uses_the_python_function():
+def test_layers_record_their_own_node_and_forward_ad_uses_the_python_function():
     x, w, b = leaves()
-    assert "LinearActivationFunction" in hf.linear_relu(x, w, b).grad_fn.name()
+    assert hf.linear_relu(x, w, b).grad_fn.name() == "LinearActivationBackward0"
     assert "ActivationFunction" in hf.sigmoid(x).grad_fn.name()
     with fwAD.dual_level():
         dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
         assert type(hf.linear_relu(dual, w, b).grad_fn).__name__ == "LinearReLUFunctionBackward"
+
+
+def test_the_layers_node_frees_what_it_saved_and_refuses_a_tangent_it_cannot_carry():
+    x, w, b = leaves()
+
+    class Packed:  # what the node holds for each tensor it saves
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    for activation, count in (("relu", 3), ("silu", 3)):  # h, Omega, out; h, Omega, beta (f recomputed)
+        held = []
+
+        def pack(tensor):
+            packed = Packed(tensor)
+            held.append(weakref.ref(packed))
+            return packed
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed.tensor):
+            out = torch.ops.handgrad.linear_activation(x, w, b, activation)
+        assert len(held) == count and all(ref() is not None for ref in held)
+        out.sum().backward()
+        assert all(ref() is None for ref in held), activation
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            out.sum().backward()
+    # The whole network's node: h, the parameters and the stored hidden outputs.
+    weights = [w.detach().clone().requires_grad_(), torch.randn(2, 4, dtype=w.dtype, requires_grad=True)]
+    biases = [b.detach().clone().requires_grad_(), torch.randn(2, dtype=b.dtype, requires_grad=True)]
+    held = []
+
+    def pack(tensor):
+        packed = Packed(tensor)
+        held.append(weakref.ref(packed))
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed.tensor):
+        out = torch.ops.handgrad.mlp(x, weights, biases, "relu")
+    assert len(held) >= 5 and all(ref() is not None for ref in held)
+    out.sum().backward()
+    assert all(ref() is None for ref in held)
+    # Called as the op, below handgrad.functional, a tangent is refused rather than dropped.
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="forward AD with handgrad::linear_activation.*linear_relu"):
+            torch.ops.handgrad.linear_activation(dual, w, b, "relu")
+        with pytest.raises(RuntimeError, match="forward AD with handgrad::mlp.*handgrad.nn.MLP"):
+            torch.ops.handgrad.mlp(dual, weights, biases, "relu")
 
 
 def test_calls_autograd_does_not_record_make_no_node():

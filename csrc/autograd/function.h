@@ -7,7 +7,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <initializer_list>
+#include <memory>
 #include <optional>
+#include <type_traits>
+#include <utility>
 
 #include "../checks.h"
 
@@ -72,6 +75,25 @@ inline bool needs_function(std::initializer_list<const at::Tensor*> tensors) {
     }
   }
   return false;
+}
+
+// A new node of type N, held as the engine holds nodes: by std::shared_ptr (deleted by
+// deleteNode, which unwinds long graphs without deep recursion) before torch 2.13's
+// c10::intrusive_ptr. (The aarch64 build's torch is 2.10.)
+using NodePointer = decltype(std::declval<torch::autograd::Node&>().getptr());
+
+template <typename N>
+void delete_node(N* node) {
+  deleteNode(node);  // torch::autograd::deleteNode, found through N's base
+}
+
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<N>(new N(), &delete_node<N>);
+  } else {
+    return c10::make_intrusive<N>();
+  }
 }
 
 // Every Function here turns off the materialization of undefined output gradients: autograd

@@ -1,20 +1,22 @@
 // The Autograd kernels of the fused layer, out = a[beta + Omega h], and of its fused backward
-// op: torch::autograd::Functions, as torchvision's csrc/ops/autograd are. What every
-// Autograd kernel shares is in function.h; the activations' own are in activation.cpp, the
-// whole network's in mlp.cpp.
+// op. The layer records a node of its own (LinearActivationBackward0, written as PyTorch's
+// generated nodes are); the activations and the whole network use torch::autograd::Functions
+// (activation.cpp, mlp.cpp). What every Autograd kernel shares is in function.h.
 //
-// The forward runs the op below autograd and saves what the chapter's backward needs: h,
-// Omega and out, never f (except where out hides its sign). A plain backward (grad mode
-// off) runs the whole of it as one fused op; a recorded one (create_graph=True) is built
-// from the differentiable backward pieces (activation.cpp), so double backward works.
+// The forward runs the op below autograd. A plain backward (grad mode off) runs the whole of
+// it as one fused op; a recorded one (create_graph=True) is built from the differentiable
+// backward pieces (activation.cpp), so double backward works.
 //
-// The C++ Function API has no forward-mode AD and no torch.func support: handgrad.functional
-// sends those calls to the Python Functions of handgrad.autograd instead, which keep the
-// same tensors (test_func.py checks that the two agree on what they save).
+// The node has no forward derivative and no torch.func rule: handgrad.functional sends those
+// calls to the Python Functions of handgrad.autograd instead, which keep the same tensors
+// (test_func.py checks that the two agree on what they save).
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
@@ -32,70 +34,99 @@ using namespace handgrad::autograd;
 
 // --- The fused layer: out = a[beta + Omega h] ---
 
-class LinearActivationFunction : public torch::autograd::Function<LinearActivationFunction> {
- public:
-  static Variable forward(AutogradContext* ctx, const Variable& input, const Variable& weight,
-                          const std::optional<Variable>& bias, c10::string_view activation,
-                          const ActivationParameters& params) {
-    const Activation act = parse_activation(activation);
-    at::Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = ops::linear_activation(input, weight, bias, activation, params);
-    }
-    ctx->set_materialize_grads(false);
-    save_activation(ctx, act, params);
-    // Without a bias the Function has no input edge for it, so needs_input_grad(2) is not
-    // to be asked.
-    ctx->saved_data["has_bias"] = defined(bias);
-    // a' is read off out, or off f recomputed from the input, weight and bias (which is kept
-    // only then). out is kept only where it is read, so that an in-place edit of it is
-    // refused exactly where eager's would be (eager's SiLU keeps its input, ReLU its output).
-    // autograd.py's _setup_linear keeps the same.
-    const bool reads_f = derivative_needs_preactivation(act, params);
-    ctx->save_for_backward({input, weight, defined(bias) && reads_f ? *bias : Variable(), reads_f ? Variable() : out});
-    return out;
+// The layer's node in the graph, written out as PyTorch's generated nodes are
+// (torch/csrc/autograd/generated/Functions.h) rather than as a torch::autograd::Function:
+// without the Function's context, its string-keyed map and its generic wrapping, the
+// engine's work around a small layer shrinks (the actor-critic's 4 -> 128 layer at 1 row:
+// 87.6 -> 74 us per training step, eager 77.6; RESULTS.md).
+//
+// It keeps what the chapter's backward needs: h, Omega and out, never f (except where out
+// hides its sign). out is kept only where it is read, so that an in-place edit of it is
+// refused exactly where eager's would be (eager's SiLU keeps its input, ReLU its output);
+// autograd.py's _setup_linear keeps the same.
+struct LinearActivationBackward0 : public torch::autograd::Node {
+  torch::autograd::SavedVariable input_, weight_, bias_, out_;  // bias_ where f is recomputed, out_ where read
+  Activation activation_ = Activation::ReLU;
+  ActivationParameters params_;
+  bool has_bias_ = false;
+
+  std::string name() const override { return "LinearActivationBackward0"; }
+
+  void release_variables() override {
+    input_.reset_data();
+    weight_.reset_data();
+    bias_.reset_data();
+    out_.reset_data();
   }
 
   // Mirrored by autograd.py's _LinearActivationFunction.backward, which forward-mode AD and
   // torch.func use.
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    if (!grad_outputs[0].defined()) return no_gradients(5);
-    const auto saved_vars = ctx->get_saved_variables();
-    const Variable &input = saved_vars[0], &weight = saved_vars[1], &bias = saved_vars[2],
-                   &out = saved_vars[3];
-    const auto [act, activation, params] = saved_activation(ctx);
-    const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
-    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
-    const Variable& grad_output = grad_outputs[0];
+  variable_list apply(variable_list&& grads) override {
+    const size_t outputs = num_outputs();
+    if (!grads[0].defined()) return no_gradients(outputs);  // an undefined gradient gives undefined ones
+    const Variable input = input_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
+    const bool need_input = task_should_compute_output(0), need_weight = task_should_compute_output(1);
+    const bool need_bias = has_bias_ && task_should_compute_output(2);
+    const Variable& grad_output = grads[0];
+    const c10::string_view activation = activation_name(activation_);
 
     // a' is read off out, or off f recomputed where it must be: with its history where a
     // recorded backward differentiates a' in turn (SiLU, GELU), else below autograd.
-    Variable out_or_f = out;
-    if (derivative_needs_preactivation(act, params)) {
+    Variable out_or_f;
+    if (derivative_needs_preactivation(activation_, params_)) {
       std::optional<c10::NoGradGuard> no_grad;
-      if (!has_second_derivative(act)) no_grad.emplace();
+      if (!has_second_derivative(activation_)) no_grad.emplace();
       out_or_f = ops::preactivation(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    } else {
+      out_or_f = out_.unpack(getptr());
     }
     Variable grad_input, grad_weight, grad_bias;
     if (!c10::GradMode::is_enabled()) {
       // A plain backward: the whole of it in one fused op.
       std::tie(grad_input, grad_weight, grad_bias) = ops::linear_activation_backward(
-          grad_output, input, weight, out_or_f, activation, params,
-          {need_input, need_weight, need_bias});
+          grad_output, input, weight, out_or_f, activation, params_, {need_input, need_weight, need_bias});
     } else {
       // create_graph: differentiable pieces, each with its own autograd.
       Variable grad_pre;
       if (need_bias) {
-        std::tie(grad_pre, grad_bias) =
-            ops::bias_activation_backward(grad_output, out_or_f, activation, params);
+        std::tie(grad_pre, grad_bias) = ops::bias_activation_backward(grad_output, out_or_f, activation, params_);
       } else {
-        grad_pre = ops::activation_backward(grad_output, out_or_f, activation, params);
+        grad_pre = ops::activation_backward(grad_output, out_or_f, activation, params_);
       }
       if (need_input) grad_input = grad_pre.matmul(weight);  // dl/dh = Omega^T dl/df (7.6)
       if (need_weight) grad_weight = as_matrix(grad_pre).t().mm(as_matrix(input));  // (7.9)
     }
-    return {grad_input, grad_weight, grad_bias, Variable(), Variable()};
+    variable_list result{grad_input, grad_weight, grad_bias};
+    result.resize(outputs);
+    return result;
+  }
+
+  // Compiled autograd: the node's state, and its backward run on the saved variables it is
+  // handed (the op it calls has a fake kernel, so the backward is traced as that op).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(input_, false);
+    args.collect(weight_, false);
+    args.collect(bias_, false);
+    args.collect(out_, true);
+    args.collect(static_cast<int8_t>(activation_));
+    args.collect(params_.negative_slope);
+    args.collect(params_.beta);
+    args.collect(params_.threshold);
+    args.collect(has_bias_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(input_);
+    saved.before(weight_);
+    saved.before(bias_);
+    saved.before(out_);
+    variable_list result = apply(variable_list(grads));
+    saved.after(input_);
+    saved.after(weight_);
+    saved.after(bias_);
+    saved.after(out_);
+    return result;
   }
 };
 
@@ -104,11 +135,30 @@ at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor&
                                       c10::string_view activation, double negative_slope, double beta, double threshold) {
   const ActivationParameters params{negative_slope, beta, threshold};
   const at::Tensor& bias_or_undefined = defined(bias) ? *bias : at::Tensor();
-  if (!needs_function({&input, &weight, &bias_or_undefined})) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto below_autograd = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
     return ops::linear_activation(input, weight, bias, activation, params);
-  }
-  return LinearActivationFunction::apply(input, weight, bias, activation, params);
+  };
+  if (!needs_function({&input, &weight, &bias_or_undefined})) return below_autograd();
+  TORCH_CHECK(!input._fw_grad(0).defined() && !weight._fw_grad(0).defined() &&
+                  !(defined(bias) && bias->_fw_grad(0).defined()),
+              "Trying to use forward AD with handgrad::linear_activation, which has no forward "
+              "derivative; handgrad.functional.linear_", activation, " and the handgrad.nn layers support it");
+  const Activation act = parse_activation(activation);
+  const bool reads_f = derivative_needs_preactivation(act, params);
+  auto node = make_node<LinearActivationBackward0>();
+  node->set_next_edges(defined(bias) ? torch::autograd::collect_next_edges(input, weight, *bias)
+                                     : torch::autograd::collect_next_edges(input, weight));
+  node->activation_ = act;
+  node->params_ = params;
+  node->has_bias_ = defined(bias);
+  at::Tensor out = below_autograd();
+  torch::autograd::set_history(out, node);
+  node->input_ = torch::autograd::SavedVariable(input, false);
+  node->weight_ = torch::autograd::SavedVariable(weight, false);
+  if (defined(bias) && reads_f) node->bias_ = torch::autograd::SavedVariable(*bias, false);
+  if (!reads_f) node->out_ = torch::autograd::SavedVariable(out, true);
+  return out;
 }
 
 // The fused backward op is used only where the backward is not itself recorded, so it has

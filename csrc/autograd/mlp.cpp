@@ -2,8 +2,9 @@
 // for create_graph=True: gradient penalties (WGAN-GP), eikonal losses (neural SDFs) and
 // PINNs differentiate the gradient. What every Autograd kernel shares is in function.h.
 //
-// MLPFunction's forward runs the op below autograd and saves the input, the parameters and
-// the stored hidden outputs; its plain backward is the fused backward op (mlp_backward).
+// The network's node (MLPBackward0) keeps the input, the parameters and the stored hidden
+// outputs of the op run below autograd; its plain backward is the fused backward op
+// (mlp_backward).
 // Under create_graph that same op is recorded as MLPBackwardFunction, whose backward,
 // the double backward, is the derivative of the chapter's backward pass (section 7.4) with
 // respect to everything that pass reads, written out (docs/second_order.md): an upward pass
@@ -26,6 +27,9 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -53,8 +57,8 @@ struct Network {
   }
 };
 
-// A network's configuration and its count of layers in a Function's context (MLPFunction's
-// and MLPBackwardFunction's), and read back.
+// A network's configuration and its count of layers in MLPBackwardFunction's context, and
+// read back.
 inline void save_network(AutogradContext* ctx, const Network& network, size_t layers, bool has_bias) {
   save_activation(ctx, network.hidden, network.params);
   if (network.output.has_value()) save_parameters(ctx, *network.output, network.params);
@@ -413,61 +417,49 @@ variable_list mlp_backward_recorded(const Variable& grad_output, const Variable&
 }
 
 
-// --- The network's own Function: forward and first backward ---
+// --- The network's own node: forward and first backward ---
 
-class MLPFunction : public torch::autograd::Function<MLPFunction> {
- public:
-  static Variable forward(AutogradContext* ctx, const Variable& input, at::TensorList weights,
-                          at::TensorList biases, c10::string_view activation,
-                          const ActivationParameters& params, int64_t checkpoint_every,
-                          std::optional<c10::string_view> output_activation) {
-    at::Tensor out;
-    std::vector<at::Tensor> hidden_outputs;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out, hidden_outputs) = ops::mlp_forward(input, weights, biases, activation, params,
-                                              checkpoint_every, output_activation);
+// The network's node in the graph, written out as PyTorch's generated nodes are (as
+// linear_activation.cpp's layer node): without a Function's context, its string-keyed map
+// and its generic wrapping, the engine's work around a small network shrinks (RESULTS.md).
+// It keeps h, the parameters (a recomputation needs them) and the stored hidden outputs.
+struct MLPBackward0 : public torch::autograd::Node {
+  torch::autograd::SavedVariable input_;
+  std::vector<torch::autograd::SavedVariable> weights_, biases_, hidden_;
+  Network network_{};
+
+  std::string name() const override { return "MLPBackward0"; }
+
+  void release_variables() override {
+    input_.reset_data();
+    for (auto* list : {&weights_, &biases_, &hidden_}) {
+      for (auto& saved : *list) saved.reset_data();
     }
-    ctx->set_materialize_grads(false);
-    const std::optional<Activation> output = output_activation.has_value()
-        ? std::optional<Activation>(parse_activation(*output_activation)) : std::nullopt;
-    save_network(ctx, {parse_activation(activation), output, params, checkpoint_every},
-                 weights.size(), !biases.empty());
-    // h, the parameters (a recomputation needs them) and the stored hidden outputs.
-    variable_list to_save{input};
-    to_save.insert(to_save.end(), weights.begin(), weights.end());
-    to_save.insert(to_save.end(), biases.begin(), biases.end());
-    to_save.insert(to_save.end(), hidden_outputs.begin(), hidden_outputs.end());
-    ctx->save_for_backward(std::move(to_save));
-    return out;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto layers = static_cast<size_t>(ctx->saved_data["layers"].toInt());
-    const size_t bias_count = ctx->saved_data["has_bias"].toBool() ? layers : 0;
-    const size_t argument_count = 1 + layers + bias_count + 4;  // the lists flattened
-    if (!grad_outputs[0].defined()) return no_gradients(argument_count);
-    const Network network = saved_network(ctx);
-    const variable_list saved_vars = ctx->get_saved_variables();
-    const Variable& input = saved_vars[0];
-    const at::TensorList weights(saved_vars.data() + 1, layers);
-    const at::TensorList biases(saved_vars.data() + 1 + layers, bias_count);
-    const size_t first_hidden = 1 + layers + bias_count;
-    const at::TensorList hidden(saved_vars.data() + first_hidden, saved_vars.size() - first_hidden);
-    const bool need_input = ctx->needs_input_grad(0);
+  variable_list apply(variable_list&& grad_outputs) override {
+    const size_t outputs = num_outputs();  // input, weights, biases
+    if (!grad_outputs[0].defined()) return no_gradients(outputs);
+    const Variable input = input_.unpack();
+    const auto unpack = [](const std::vector<torch::autograd::SavedVariable>& list) {
+      std::vector<at::Tensor> tensors;
+      tensors.reserve(list.size());
+      for (const auto& saved : list) tensors.push_back(saved.unpack());
+      return tensors;
+    };
+    const std::vector<at::Tensor> weights = unpack(weights_), biases = unpack(biases_), hidden = unpack(hidden_);
+    const bool need_input = task_should_compute_output(0);
     bool need_parameters = false;  // a gradient penalty's autograd.grad(out, input) asks for none
-    for (size_t i = 1; i < 1 + layers + bias_count; ++i) {
-      need_parameters = need_parameters || ctx->needs_input_grad(i);
-    }
+    for (size_t i = 1; i < outputs; ++i) need_parameters = need_parameters || task_should_compute_output(i);
 
-    variable_list grads;  // one per forward argument, the lists flattened
+    variable_list grads;  // one per forward tensor, the lists flattened
     if (!c10::GradMode::is_enabled()) {
       // Below autograd: mlp_backward has no autograd kernel, and its boxed fallback would
       // box every list argument for nothing (a tiny network's step measurably).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_input, grad_weights, grad_biases] = ops::mlp_backward(
-          grad_outputs[0], input, weights, biases, hidden, activation_name(network.hidden),
-          network.params, network.checkpoint_every, need_input, network.output_name(),
+          grad_outputs[0], input, weights, biases, hidden, activation_name(network_.hidden),
+          network_.params, network_.checkpoint_every, need_input, network_.output_name(),
           need_parameters);
       grads.push_back(grad_input);
       grads.insert(grads.end(), grad_weights.begin(), grad_weights.end());  // none if not needed
@@ -475,11 +467,40 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     } else {
       // create_graph: the same fused backward, recorded as a Function whose own backward
       // is the network's double backward (above).
-      grads = mlp_backward_recorded(grad_outputs[0], input, weights, biases, hidden, network,
+      grads = mlp_backward_recorded(grad_outputs[0], input, weights, biases, hidden, network_,
                                     need_input, need_parameters);
     }
-    grads.resize(argument_count);  // undefined for activation, ..., output_activation
+    grads.resize(outputs);
     return grads;
+  }
+
+  // Compiled autograd: the node's state, and its backward run on the saved variables it is
+  // handed (mlp_backward has a fake kernel, so the backward is traced as that op).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(input_, false);
+    args.collect(weights_, false);
+    args.collect(biases_, false);
+    args.collect(hidden_, false);
+    args.collect(static_cast<int8_t>(network_.hidden));
+    args.collect(static_cast<int8_t>(network_.output.has_value() ? static_cast<int8_t>(*network_.output) : -1));
+    args.collect(network_.params.negative_slope);
+    args.collect(network_.params.beta);
+    args.collect(network_.params.threshold);
+    args.collect(network_.checkpoint_every);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(input_);
+    saved.before(weights_);
+    saved.before(biases_);
+    saved.before(hidden_);
+    variable_list result = apply(variable_list(grads));
+    saved.after(input_);
+    saved.after(weights_);
+    saved.after(biases_);
+    saved.after(hidden_);
+    return result;
   }
 };
 
@@ -495,8 +516,31 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::Ten
     return ops::mlp(input, weights, biases, activation, params, checkpoint_every,
                     output_activation);
   }
-  return MLPFunction::apply(input, weights, biases, activation, params, checkpoint_every,
-                            output_activation);
+  bool tangent = input._fw_grad(0).defined();
+  for (const auto* list : {&weights, &biases}) {
+    for (const auto& t : *list) tangent = tangent || t._fw_grad(0).defined();
+  }
+  TORCH_CHECK(!tangent, "Trying to use forward AD with handgrad::mlp, which has no forward derivative; "
+              "handgrad.functional.mlp and handgrad.nn.MLP support it");
+  auto node = make_node<MLPBackward0>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weights, biases));
+  node->network_ = {parse_activation(activation),
+                    output_activation.has_value()
+                        ? std::optional<Activation>(parse_activation(*output_activation)) : std::nullopt,
+                    params, checkpoint_every};
+  at::Tensor out;
+  std::vector<at::Tensor> hidden_outputs;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(out, hidden_outputs) = ops::mlp_forward(input, weights, biases, activation, params,
+                                                     checkpoint_every, output_activation);
+  }
+  torch::autograd::set_history(out, node);
+  node->input_ = torch::autograd::SavedVariable(input, false);
+  for (const auto& w : weights) node->weights_.emplace_back(w, false);
+  for (const auto& b : biases) node->biases_.emplace_back(b, false);
+  for (const auto& h : hidden_outputs) node->hidden_.emplace_back(h, false);
+  return out;
 }
 
 }  // namespace
