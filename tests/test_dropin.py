@@ -2,6 +2,7 @@
 activations with torch.nn's signatures, eager's memory formats, clear refusals of sparse and
 nested tensors, PyTorch's own ModuleInfo samples, and the C++ autograd path itself."""
 
+import concurrent.futures
 import inspect
 import weakref
 
@@ -339,6 +340,20 @@ def test_the_layers_node_frees_what_it_saved_and_refuses_a_tangent_it_cannot_car
             torch.ops.handgrad.linear_activation(dual, w, b, "relu")
         with pytest.raises(RuntimeError, match="forward AD with handgrad::mlp.*handgrad.nn.MLP"):
             torch.ops.handgrad.mlp(dual, weights, biases, "relu")
+
+
+def test_the_nodes_serve_backwards_of_one_graph_on_several_threads_at_once():
+    x, w, b = leaves()
+    weights = [w, torch.randn(2, 4, dtype=w.dtype, requires_grad=True)]
+    biases = [b, torch.randn(2, dtype=b.dtype, requires_grad=True)]
+    outs = [hf.linear_relu(x, w, b), torch.ops.handgrad.mlp(x, weights, biases, "relu")]
+    expected = [torch.autograd.grad(out.sum(), (x, w, b), retain_graph=True) for out in outs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(
+            lambda i: torch.autograd.grad(outs[i % 2].sum(), (x, w, b), retain_graph=True), range(16)))
+    for i, got in enumerate(results):
+        for g, e in zip(got, expected[i % 2], strict=True):
+            assert torch.equal(g, e)
 
 
 def test_calls_autograd_does_not_record_make_no_node():

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <mutex>
 #include <optional>
 #include <tuple>
 
@@ -52,7 +53,10 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
 
   std::string name() const override { return "LinearActivationBackward0"; }
 
+  // Locked as PyTorch's generated nodes lock theirs: a retained graph's backward may run on
+  // several threads at once, and release_variables beside it.
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     input_.reset_data();
     weight_.reset_data();
     bias_.reset_data();
@@ -62,6 +66,7 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
   // Mirrored by autograd.py's _LinearActivationFunction.backward, which forward-mode AD and
   // torch.func use.
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const size_t outputs = num_outputs();
     if (!grads[0].defined()) return no_gradients(outputs);  // an undefined gradient gives undefined ones
     const Variable input = input_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();

@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -430,7 +431,10 @@ struct MLPBackward0 : public torch::autograd::Node {
 
   std::string name() const override { return "MLPBackward0"; }
 
+  // Locked as PyTorch's generated nodes lock theirs: a retained graph's backward may run on
+  // several threads at once, and release_variables beside it.
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     input_.reset_data();
     for (auto* list : {&weights_, &biases_, &hidden_}) {
       for (auto& saved : *list) saved.reset_data();
@@ -438,6 +442,7 @@ struct MLPBackward0 : public torch::autograd::Node {
   }
 
   variable_list apply(variable_list&& grad_outputs) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const size_t outputs = num_outputs();  // input, weights, biases
     if (!grad_outputs[0].defined()) return no_gradients(outputs);
     const Variable input = input_.unpack();
@@ -482,7 +487,7 @@ struct MLPBackward0 : public torch::autograd::Node {
     args.collect(biases_, false);
     args.collect(hidden_, false);
     args.collect(static_cast<int8_t>(network_.hidden));
-    args.collect(static_cast<int8_t>(network_.output.has_value() ? static_cast<int8_t>(*network_.output) : -1));
+    args.collect(network_.output.has_value() ? static_cast<int8_t>(*network_.output) : int8_t{-1});
     args.collect(network_.params.negative_slope);
     args.collect(network_.params.beta);
     args.collect(network_.params.threshold);
