@@ -1,7 +1,8 @@
 // The Autograd kernels of the fused layer, out = a[beta + Omega h], and of its fused backward
 // op. The layer records a node of its own (LinearActivationBackward0, written as PyTorch's
-// generated nodes are); the activations and the whole network use torch::autograd::Functions
-// (activation.cpp, mlp.cpp). What every Autograd kernel shares is in function.h.
+// generated nodes are), as the whole network does (mlp.cpp); the standalone activations use
+// torch::autograd::Functions (activation.cpp). What every Autograd kernel shares is in
+// function.h.
 //
 // The forward runs the op below autograd. A plain backward (grad mode off) runs the whole of
 // it as one fused op; a recorded one (create_graph=True) is built from the differentiable
