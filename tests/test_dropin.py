@@ -296,31 +296,12 @@ def test_layers_record_their_own_node_and_forward_ad_uses_the_python_function():
         assert type(hf.linear_relu(dual, w, b).grad_fn).__name__ == "LinearReLUFunctionBackward"
 
 
-def test_the_layers_node_frees_what_it_saved_and_refuses_a_tangent_it_cannot_carry():
-    x, w, b = leaves()
-
-    class Packed:  # what the node holds for each tensor it saves
+def _holding_saved(run):
+    """run()'s result, and weak references to what its node holds for each tensor it saves."""
+    class Packed:
         def __init__(self, tensor):
             self.tensor = tensor
 
-    for activation, count in (("relu", 3), ("silu", 3)):  # h, Omega, out; h, Omega, beta (f recomputed)
-        held = []
-
-        def pack(tensor):
-            packed = Packed(tensor)
-            held.append(weakref.ref(packed))
-            return packed
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed.tensor):
-            out = torch.ops.handgrad.linear_activation(x, w, b, activation)
-        assert len(held) == count and all(ref() is not None for ref in held)
-        out.sum().backward()
-        assert all(ref() is None for ref in held), activation
-        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-            out.sum().backward()
-    # The whole network's node: h, the parameters and the stored hidden outputs.
-    weights = [w.detach().clone().requires_grad_(), torch.randn(2, 4, dtype=w.dtype, requires_grad=True)]
-    biases = [b.detach().clone().requires_grad_(), torch.randn(2, dtype=b.dtype, requires_grad=True)]
     held = []
 
     def pack(tensor):
@@ -329,10 +310,26 @@ def test_the_layers_node_frees_what_it_saved_and_refuses_a_tangent_it_cannot_car
         return packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed.tensor):
-        out = torch.ops.handgrad.mlp(x, weights, biases, "relu")
-    assert len(held) >= 5 and all(ref() is not None for ref in held)
-    out.sum().backward()
-    assert all(ref() is None for ref in held)
+        return run(), held
+
+
+def test_the_layers_node_frees_what_it_saved_and_refuses_a_tangent_it_cannot_carry():
+    x, w, b = leaves()
+    weights = [w.detach().clone().requires_grad_(), torch.randn(2, 4, dtype=w.dtype, requires_grad=True)]
+    biases = [b.detach().clone().requires_grad_(), torch.randn(2, dtype=b.dtype, requires_grad=True)]
+    calls = {  # what each keeps: h, Omega, out; h, Omega, beta (f recomputed); h, the parameters
+        # and the hidden outputs the engine stored
+        "relu layer": (lambda: torch.ops.handgrad.linear_activation(x, w, b, "relu"), range(3, 4)),
+        "silu layer": (lambda: torch.ops.handgrad.linear_activation(x, w, b, "silu"), range(3, 4)),
+        "network": (lambda: torch.ops.handgrad.mlp(x, weights, biases, "relu"), range(5, 7)),
+    }
+    for name, (call, counts) in calls.items():
+        out, held = _holding_saved(call)
+        assert len(held) in counts and all(ref() is not None for ref in held), name
+        out.sum().backward()
+        assert all(ref() is None for ref in held), name
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            out.sum().backward()
     # Called as the op, below handgrad.functional, a tangent is refused rather than dropped.
     with fwAD.dual_level():
         dual = fwAD.make_dual(x.detach(), torch.ones_like(x))

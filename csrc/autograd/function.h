@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 
 #include <initializer_list>
 #include <memory>
@@ -94,6 +95,18 @@ auto make_node() {
   } else {
     return c10::make_intrusive<N>();
   }
+}
+
+// Compiled autograd's apply_with_saved for a node whose state is its saved variables: they
+// are swapped for the compiler's proxies around the node's own apply, as PyTorch's
+// generated nodes do.
+template <typename N, typename... Saved>
+variable_list apply_with_swapped(N& node, const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved, Saved&... members) {
+  (saved.before(members), ...);
+  variable_list result = node.apply(variable_list(grads));
+  (saved.after(members), ...);
+  return result;
 }
 
 // Every Function here turns off the materialization of undefined output gradients: autograd

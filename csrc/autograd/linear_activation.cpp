@@ -17,7 +17,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
@@ -123,16 +122,7 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
 
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    saved.before(input_);
-    saved.before(weight_);
-    saved.before(bias_);
-    saved.before(out_);
-    variable_list result = apply(variable_list(grads));
-    saved.after(input_);
-    saved.after(weight_);
-    saved.after(bias_);
-    saved.after(out_);
-    return result;
+    return apply_with_swapped(*this, grads, saved, input_, weight_, bias_, out_);
   }
 };
 

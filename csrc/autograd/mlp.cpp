@@ -29,7 +29,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -496,16 +495,7 @@ struct MLPBackward0 : public torch::autograd::Node {
 
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    saved.before(input_);
-    saved.before(weights_);
-    saved.before(biases_);
-    saved.before(hidden_);
-    variable_list result = apply(variable_list(grads));
-    saved.after(input_);
-    saved.after(weights_);
-    saved.after(biases_);
-    saved.after(hidden_);
-    return result;
+    return apply_with_swapped(*this, grads, saved, input_, weights_, biases_, hidden_);
   }
 };
 
