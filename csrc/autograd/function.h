@@ -65,17 +65,28 @@ inline bool defined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
-// Whether a call must go through its Function: autograd will record it, or an input carries
-// a forward-mode tangent (which the Function then refuses with PyTorch's own message rather
+// Whether t carries a forward-mode tangent.
+inline bool has_tangent(const at::Tensor& t) {
+  return t.defined() && t._fw_grad(/*level=*/0).defined();
+}
+
+// Whether a call must go through its Function or node: autograd will record it, or an input
+// carries a forward-mode tangent (which the Function, or refuse_tangent, then refuses rather
 // than dropping it). Any other call runs the op below autograd directly, which is cheaper.
 inline bool needs_function(std::initializer_list<const at::Tensor*> tensors) {
   const bool grad_mode = c10::GradMode::is_enabled();
   for (const at::Tensor* t : tensors) {
-    if (t->defined() && ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined())) {
-      return true;
-    }
+    if ((grad_mode && t->defined() && t->requires_grad()) || has_tangent(*t)) return true;
   }
   return false;
+}
+
+// The hand-written nodes have no forward derivative: a tangent that reaches their op directly
+// (handgrad.functional sends tangents to the Python Functions) is refused, naming what
+// carries it.
+inline void refuse_tangent(bool tangent, const char* op, c10::string_view carried_by) {
+  TORCH_CHECK(!tangent, "Trying to use forward AD with handgrad::", op,
+              ", which has no forward derivative; ", carried_by, " support it");
 }
 
 // A new node of type N, held as the engine holds nodes: by std::shared_ptr (deleted by

@@ -14,7 +14,6 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/GradMode.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
@@ -136,10 +135,9 @@ at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor&
     return ops::linear_activation(input, weight, bias, activation, params);
   };
   if (!needs_function({&input, &weight, &bias_or_undefined})) return below_autograd();
-  TORCH_CHECK(!input._fw_grad(0).defined() && !weight._fw_grad(0).defined() &&
-                  !(defined(bias) && bias->_fw_grad(0).defined()),
-              "Trying to use forward AD with handgrad::linear_activation, which has no forward "
-              "derivative; handgrad.functional.linear_", activation, " and the handgrad.nn layers support it");
+  refuse_tangent(has_tangent(input) || has_tangent(weight) || has_tangent(bias_or_undefined),
+                 "linear_activation",
+                 c10::str("handgrad.functional.linear_", activation, " and the handgrad.nn layers"));
   const Activation act = parse_activation(activation);
   const bool reads_f = derivative_needs_preactivation(act, params);
   auto node = make_node<LinearActivationBackward0>();

@@ -503,20 +503,19 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::Ten
                         c10::string_view activation, double negative_slope,
                         int64_t checkpoint_every, std::optional<c10::string_view> output_activation, double beta, double threshold) {
   const ActivationParameters params{negative_slope, beta, threshold};
-  bool record = needs_function({&input});
-  for (const auto& t : weights) record = record || needs_function({&t});
-  for (const auto& t : biases) record = record || needs_function({&t});
+  bool record = needs_function({&input}), tangent = has_tangent(input);
+  for (const at::TensorList list : {weights, biases}) {
+    for (const auto& t : list) {
+      record = record || needs_function({&t});
+      tangent = tangent || has_tangent(t);
+    }
+  }
   if (!record) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops::mlp(input, weights, biases, activation, params, checkpoint_every,
                     output_activation);
   }
-  bool tangent = input._fw_grad(0).defined();
-  for (const auto* list : {&weights, &biases}) {
-    for (const auto& t : *list) tangent = tangent || t._fw_grad(0).defined();
-  }
-  TORCH_CHECK(!tangent, "Trying to use forward AD with handgrad::mlp, which has no forward derivative; "
-              "handgrad.functional.mlp and handgrad.nn.MLP support it");
+  refuse_tangent(tangent, "mlp", "handgrad.functional.mlp and handgrad.nn.MLP");
   auto node = make_node<MLPBackward0>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weights, biases));
   node->network_ = {parse_activation(activation),

@@ -151,7 +151,7 @@ def _setup_linear(ctx, inputs, output, activation, parameters):
     ctx.activation, ctx.parameters = activation, parameters
     ctx.num_inputs = len(inputs)
     # a' is read off the output, or off f recomputed from the input, weight and bias (kept
-    # only then); the output is kept only where it is read, as LinearActivationFunction
+    # only then); the output is kept only where it is read, as LinearActivationBackward0
     # (csrc/autograd/linear_activation.cpp) keeps them; test_func.py checks that both agree.
     if _derivative_needs_preactivation(activation, *parameters):
         output = None
@@ -178,7 +178,7 @@ class _LinearActivationFunction(_Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # Mirrors LinearActivationFunction::backward (csrc/autograd/linear_activation.cpp).
+        # Mirrors LinearActivationBackward0::apply (csrc/autograd/linear_activation.cpp).
         input, weight, bias, output = ctx.saved_tensors
         out_or_f = _out_or_f(ctx, input, weight, bias, output)
         output_mask = ctx.needs_input_grad[:3]
