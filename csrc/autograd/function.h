@@ -83,10 +83,11 @@ inline bool needs_function(std::initializer_list<const at::Tensor*> tensors) {
 
 // The hand-written nodes have no forward derivative: a tangent that reaches their op directly
 // (handgrad.functional sends tangents to the Python Functions) is refused, naming what
-// carries it.
-inline void refuse_tangent(bool tangent, const char* op, c10::string_view carried_by) {
+// carries it. The message's pieces are joined only for a refusal: this runs on every call.
+template <typename... CarriedBy>
+void refuse_tangent(bool tangent, const char* op, const CarriedBy&... carried_by) {
   TORCH_CHECK(!tangent, "Trying to use forward AD with handgrad::", op,
-              ", which has no forward derivative; ", carried_by, " support it");
+              ", which has no forward derivative; ", carried_by..., " support it");
 }
 
 // A new node of type N, held as the engine holds nodes: by std::shared_ptr (deleted by

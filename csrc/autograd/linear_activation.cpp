@@ -136,8 +136,7 @@ at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor&
   };
   if (!needs_function({&input, &weight, &bias_or_undefined})) return below_autograd();
   refuse_tangent(has_tangent(input) || has_tangent(weight) || has_tangent(bias_or_undefined),
-                 "linear_activation",
-                 c10::str("handgrad.functional.linear_", activation, " and the handgrad.nn layers"));
+                 "linear_activation", "handgrad.functional.linear_", activation, " and the handgrad.nn layers");
   const Activation act = parse_activation(activation);
   const bool reads_f = derivative_needs_preactivation(act, params);
   auto node = make_node<LinearActivationBackward0>();
