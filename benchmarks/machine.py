@@ -68,9 +68,17 @@ def _measured_fma_limit(threads, capability):
                                 os.path.join(HERE, "fma_peak.c"), "-o", program], capture_output=True)
         if built.returncode != 0:
             return None
-        result = subprocess.run([program], capture_output=True, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        return float(result.stdout.strip()) if result.returncode == 0 else None
+        # The best of three processes (each the best of five runs): on a shared VM a
+        # neighbour took one vCPU for a whole process once, and the 2-thread figure read as
+        # the 1-thread one (117 against 228-234), which put the engine at 128 % of it.
+        best = None
+        for _ in range(3):
+            result = subprocess.run([program], capture_output=True, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            if result.returncode != 0:
+                return None
+            best = max(best or 0.0, float(result.stdout.strip()))
+        return best
 
 
 @functools.lru_cache(maxsize=None)
