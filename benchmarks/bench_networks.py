@@ -80,9 +80,24 @@ def first_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+# Issue 27's targets for fuse() of real model code, fused/unfused; every other model's is 1.00.
+REAL_TARGETS = {"NeRF-sized, 4096 rows": 0.60}
+
+
+def model_flops(step):
+    """The FLOPs of one call of step as eager runs it (torch.utils.flop_counter: the matrix
+    products and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def real_models(rounds, min_time, measure, names=None):
     """fuse() of models written as projects write them, against the same model unfused:
-    forward, a loss and loss.backward(), in training mode (dropout on)."""
+    forward, a loss and loss.backward(), in training mode (dropout on); and the FLOPs of the
+    unfused model's step, whose time at the FMA limit no implementation beats."""
     rows = []
     for name, (model, x) in real_model_cases().items():
         if names is not None and name not in names:
@@ -98,7 +113,8 @@ def real_models(rounds, min_time, measure, names=None):
             return run
 
         seconds = measure({"unfused": step(model), "fused": step(fused)}, rounds, min_time)
-        rows.append({"model": name, "fused layers": fused_layers, **seconds})
+        rows.append({"model": name, "fused layers": fused_layers, "flops": model_flops(step(model)),
+                     **seconds})
     return rows
 
 
@@ -257,7 +273,7 @@ def main(argv=None):
             parser.error(f"unknown network {name!r}; choose from {', '.join(NETWORKS)}")
 
     from bench_layers import measure
-    from machine import fma_limit, machine_description
+    from machine import blas_gflops, fma_limit, machine_description
 
     machine = machine_description("cpu")
     print(f"# Whole networks\n\n{machine}\n", flush=True)
@@ -313,12 +329,19 @@ def main(argv=None):
     real = real_models(args.rounds, args.min_time, measure) if args.real_models == "yes" else []
     if real:
         print("\nfuse() of real model code (forward, loss, loss.backward(), training mode), against "
-              "the same model unfused.\n")
-        print("| model | layers fused | unfused ms | fused ms | fused/unfused |")
-        print("|---|---|---|---|---|")
+              "the same model unfused. Bound: the unfused step's FLOPs (its products and "
+              "convolutions, forward and backward) at the FMA limit; a target below bound/unfused "
+              "cannot be met by any implementation on this machine. At BLAS's rate: the same FLOPs "
+              "at sgemm's 1024^3 GFLOP/s, what the best-shaped product reaches here.\n")
+        print("| model | layers fused | unfused ms | fused ms | GFLOP | fused/unfused | bound/unfused "
+              "| at BLAS's rate/unfused | target |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in real:
+            flops_bound = f"{r['flops'] / (limit * 1e9) / r['unfused']:.2f}" if limit else "-"
             print(f"| {r['model']} | {r['fused layers']} | {r['unfused'] * 1e3:.3f} | {r['fused'] * 1e3:.3f} | "
-                  f"**{r['fused'] / r['unfused']:.2f}** |")
+                  f"{r['flops'] / 1e9:.3g} | **{r['fused'] / r['unfused']:.2f}** | {flops_bound} | "
+                  f"{r['flops'] / (blas_gflops() * 1e9) / r['unfused']:.2f} | "
+                  f"{REAL_TARGETS.get(r['model'], 1.0):.2f} |")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_networks.json"), "w") as f:
         json.dump({"machine": machine, "results": rows, "real models": real}, f, indent=1)

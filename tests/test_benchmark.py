@@ -90,6 +90,10 @@ def test_real_models_of_the_network_harness_are_fused_and_timed():
     rows = {r["model"]: r for r in bench_networks.real_models(1, 0.001, bench_layers.measure, names)}
     nerf, actor_critic, deepsdf = (rows[name] for name in names)
     assert nerf["fused"] > 0 and actor_critic["unfused"] > 0
+    # The bound's FLOPs: NeRF's products (63-256, six 256-256, 319-256 after the skip, 256-4)
+    # on 4096 rows: forward, dl/dOmega, and dl/dh for all but the input.
+    forward = 63 * 256 + 6 * 256 * 256 + 319 * 256 + 256 * 4
+    assert nerf["flops"] == 2 * 4096 * (3 * forward - 63 * 256)
     # every hidden layer, the one shared layer, and the weight-normed layers behind a branch with the tanh output layer
     assert (nerf["fused layers"], actor_critic["fused layers"], deepsdf["fused layers"]) == (8, 1, 5)
 
