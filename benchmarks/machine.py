@@ -71,14 +71,14 @@ def _measured_fma_limit(threads, capability):
         # The best of three processes (each the best of five runs): on a shared VM a
         # neighbour took one vCPU for a whole process once, and the 2-thread figure read as
         # the 1-thread one (117 against 228-234), which put the engine at 128 % of it.
-        best = None
+        readings = []
         for _ in range(3):
             result = subprocess.run([program], capture_output=True, text=True,
                                     env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             if result.returncode != 0:
                 return None
-            best = max(best or 0.0, float(result.stdout.strip()))
-        return best
+            readings.append(float(result.stdout.strip()))
+        return max(readings)
 
 
 @functools.lru_cache(maxsize=None)
