@@ -80,18 +80,38 @@ PYBIND11_MODULE(_C, m) {
                                       std::optional<c10::string_view> output_activation,
                                       bool output_layer_source, double beta, double threshold,
                                       bool backward) {
-    std::optional<handgrad::Activation> output;
-    if (output_activation.has_value()) output = handgrad::parse_activation(*output_activation);
+    const auto activations = handgrad::cpu::network_activations(activation, {negative_slope, beta, threshold},
+                                                                 output_activation);
     const auto& k = handgrad::cpu::kernels();
-    return (backward ? k.blas_backward_pays : k.blas_pays)(
-        rows, weights, {handgrad::parse_activation(activation), output, {negative_slope, beta, threshold}},
-        checkpoint_every, output_layer_source);
+    if (backward) return k.blas_backward_pays(rows, weights, activations, checkpoint_every, output_layer_source);
+    return k.forward_path(rows, weights, activations, checkpoint_every, output_layer_source) ==
+           handgrad::cpu::ForwardPath::Blas;
   }, "whether the CPU engine gives this network's products to BLAS (by their shapes), in the "
      "forward or (backward=True) in the backward",
         pybind11::arg("rows"), pybind11::arg("weights"), pybind11::arg("activation"),
         pybind11::arg("negative_slope"), pybind11::arg("checkpoint_every"),
         pybind11::arg("output_activation"), pybind11::arg("output_layer_source"),
         pybind11::arg("beta") = 1.0, pybind11::arg("threshold") = 20.0, pybind11::arg("backward") = false);
+  m.def("cpu_forward_path", [](int64_t rows, const std::vector<at::Tensor>& weights,
+                               c10::string_view activation, double negative_slope, int64_t checkpoint_every,
+                               std::optional<c10::string_view> output_activation, bool output_layer_source,
+                               double beta, double threshold) {
+    const auto activations = handgrad::cpu::network_activations(activation, {negative_slope, beta, threshold},
+                                                                 output_activation);
+    switch (handgrad::cpu::kernels().forward_path(rows, weights, activations, checkpoint_every,
+                                                  output_layer_source)) {
+      case handgrad::cpu::ForwardPath::Blocks: return "blocks";
+      case handgrad::cpu::ForwardPath::Transposed: return "transposed";
+      case handgrad::cpu::ForwardPath::Blas: return "blas";
+    }
+    return "";
+  }, "which pass runs this network's CPU forward (by its shapes and dtype): 'blocks' (the fused "
+     "engine's blocks of rows), 'transposed' (the engine's pass over few rows, f^T = Omega h^T) or "
+     "'blas' (BLAS's products layer by layer)",
+        pybind11::arg("rows"), pybind11::arg("weights"), pybind11::arg("activation"),
+        pybind11::arg("negative_slope"), pybind11::arg("checkpoint_every"),
+        pybind11::arg("output_activation"), pybind11::arg("output_layer_source"),
+        pybind11::arg("beta") = 1.0, pybind11::arg("threshold") = 20.0);
   m.def("cpu_second_order_goes_to_blas", [](int64_t rows, const std::vector<at::Tensor>& weights) {
     return handgrad::cpu::kernels().second_order_blas_pays(rows, weights);
   }, "whether the CPU double backward (mlp_double_backward) runs as its tensor formula on BLAS's "

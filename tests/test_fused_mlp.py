@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from samples import (
     DTYPES,
+    NETWORK_ACTIVATIONS,
     NETWORK_SLOPES,
     assert_as_accurate_as_eager,
     eager_activation,
@@ -112,29 +113,41 @@ def goes_to_blas(weights, rows, activation="relu", slope=0.0, every=0, output_ac
                                                backward=backward)
 
 
-# (sizes, rows, the forward goes to BLAS, the backward does too). Where the forward goes to
-# BLAS, the backward of at most 64 rows for weights of at most 512 x 512 on average stays in
-# the engine, which packs nothing for it.
-@pytest.mark.parametrize("sizes,rows,expected,backward", [
-    ([784, 256, 256, 10], 64, True, False), ([512, 512], 256, True, True),
-    ([1024, 1024], 4096, True, True),  # deep products
-    ([784, 256, 256, 10], 16, True, False), ([256, 256], 512, True, True),  # few rows for wide weights
-    ([784, 256, 256, 10], 65, True, True), ([1024, 1024, 10], 64, True, True),  # past the backward's bounds
-    ([40, 40, 40], 4096, True, True),  # too shallow for the streaming regime
-    ([64, 64, 64, 64, 16], 3000, False, False), ([63, 256, 256, 4], 4096, False, False),
-    ([256, 256], 16384, False, False),
-    ([64, 64], 1024, True, True), ([64, 64], 512, True, True),  # fewer blocks than to keep threads busy
-    ([256, 1], 64, True, False), ([64, 8], 64, True, False),  # a single layer of few outputs: mostly masked vectors
-    ([10, 40, 40, 5], 100, False, False), ([64, 64], 256, False, False),
-    ([10, 40, 40, 5], 16, False, False),  # small weights
+def forward_path(weights, rows, activation="relu", slope=0.0, every=0, output_activation=None):
+    return handgrad._C.cpu_forward_path(rows, weights, activation, slope, every, output_activation, True)
+
+
+# (sizes, rows, the forward's path, the backward goes to BLAS) on AVX2 and AVX512. Where the
+# rows are few for the weights (at most 64, weights at most 512 x 512 on average), the
+# backward stays in the engine, which packs nothing for it, and the forward too from 16 rows,
+# as f^T = Omega h^T ("transposed").
+@pytest.mark.parametrize("sizes,rows,path,backward", [
+    ([784, 256, 256, 10], 64, "transposed", False), ([512, 512], 256, "blas", True),
+    ([1024, 1024], 4096, "blas", True),  # deep products
+    ([784, 256, 256, 10], 16, "transposed", False), ([256, 256], 512, "blas", True),  # few rows for wide weights
+    ([784, 256, 256, 10], 8, "blas", False),  # too few rows for the transposed pass's vectors
+    ([784, 256, 256, 10], 65, "blas", True), ([1024, 1024, 10], 64, "blas", True),  # past the backward's bounds
+    ([40, 40, 40], 4096, "blas", True),  # too shallow for the streaming regime
+    ([64, 64, 64, 64, 16], 3000, "blocks", False), ([63, 256, 256, 4], 4096, "blocks", False),
+    ([256, 256], 16384, "blocks", False),
+    ([64, 64], 1024, "blas", True), ([64, 64], 512, "blas", True),  # fewer blocks than to keep threads busy
+    ([256, 1], 64, "blas", False), ([64, 8], 64, "blas", False),  # a single layer of few outputs: mostly masked vectors
+    ([2048, 100], 64, "transposed", False), ([100, 2048], 16, "transposed", False),
+    ([10, 40, 40, 5], 100, "blocks", False), ([64, 64], 256, "blocks", False),
+    ([10, 40, 40, 5], 16, "blocks", False),  # small weights
 ])
-def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, rows, expected, backward):
+def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, rows, path, backward):
     x, weights, biases, grad_output = random_network(sizes, rows, torch.float32)
     # DEFAULT's tiles are scalar code: there the engine keeps small weights and fewer than 32
-    # rows, and the backward goes where the forward does.
+    # rows, has no transposed pass (no brgemm), and the backward goes where the forward does.
     default = cpu_capability == "DEFAULT"
-    assert goes_to_blas(weights, rows) == (expected or (default and rows >= 32))
-    assert goes_to_blas(weights, rows, backward=True) == (goes_to_blas(weights, rows) if default else backward)
+    if default:
+        path = "blas" if path == "transposed" or rows >= 32 else path
+    assert forward_path(weights, rows) == path
+    assert goes_to_blas(weights, rows) == (path == "blas")
+    assert goes_to_blas(weights, rows, backward=True) == (path == "blas" if default else backward)
+    if path == "transposed":  # float32's only: brgemm's
+        assert forward_path([w.double() for w in weights], rows) == "blas"
     assert not goes_to_blas(weights, rows, every=1)  # checkpointing recomputes in the engine
     assert not goes_to_blas(weights, rows, every=1, backward=True)
     if len(weights) > 1:  # the engine recomputes f where the output hides its sign
@@ -151,6 +164,60 @@ def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, r
                                torch.autograd.grad(expected_out, eager_args, grad_output),
                                torch.autograd.grad(truth, truth_args, grad_output.double())):
         assert_as_accurate_as_eager(got, want, true, factor=2)
+
+
+# The engine's transposed pass over few rows (f^T = Omega h^T): chunks of 32 outputs that the
+# widths 70 and 45 do not fill, rows that fill no vector evenly, a 3-d input, with and without
+# biases. Networks whose a' is read off the hidden outputs, with and without an output
+# activation; and single layers of every activation (the output layer's f is at hand).
+TRANSPOSED_CASES = [
+    *[pytest.param([300, 70, 45, 3], name, p, out, id=f"network_{i}_{out}") for name, p, i in (
+        (case.values[0], case.values[1], case.id) for case in NETWORK_ACTIVATIONS
+        if case.id in ("relu", "leaky_relu", "sigmoid", "tanh")) for out in (None, "sigmoid")],
+    *[pytest.param([300, 70], "relu", case.values[1], case.values[0], id=f"layer_{case.id}")
+      for case in NETWORK_ACTIVATIONS],
+]
+
+
+@pytest.mark.parametrize("rows", [16, 17, 33, 64])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("sizes,activation,params,output_activation", TRANSPOSED_CASES)
+def test_the_transposed_pass_of_few_rows_is_as_close_to_float64_as_eager(cpu_capability, rows, bias, sizes,
+                                                                          activation, params, output_activation):
+    x, weights, biases, grad_output = random_network(sizes, rows, torch.float32, bias=bias)
+    x, grad_output = x.view(1, rows, sizes[0]), grad_output.view(1, rows, sizes[-1])
+    slope = params.get("negative_slope", 0.0)
+    expected_path = "blas" if cpu_capability == "DEFAULT" else "transposed"
+    assert forward_path(weights, rows, activation, slope, output_activation=output_activation) == expected_path
+    truth_args = leaves([x.double(), *[w.double() for w in weights], *[b.double() for b in biases]])
+    ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
+    n = len(weights)
+
+    def eager(x, weights, biases, activation, output_activation, **p):
+        h = x
+        for layer, weight in enumerate(weights):
+            h = F.linear(h, weight, biases[layer] if biases else None)
+            name = activation if layer + 1 < len(weights) else output_activation
+            h = eager_activation(name, **p)(h) if name else h
+        return h
+
+    def network(args, run):
+        return run(args[0], args[1:n + 1], args[n + 1:], activation, **params, output_activation=output_activation)
+
+    out = network(ours_args, hf.mlp)
+    expected, truth = network(eager_args, eager), network(truth_args, eager)
+    assert out.shape == (1, rows, sizes[-1])
+    assert_as_accurate_as_eager(out, expected, truth, factor=2)
+    for got, want, true in zip(torch.autograd.grad(out, ours_args, grad_output),
+                               torch.autograd.grad(expected, eager_args, grad_output),
+                               torch.autograd.grad(truth, truth_args, grad_output.double())):
+        assert_as_accurate_as_eager(got, want, true, factor=2)
+    # NaN and inf go where float64 eager's go (float32 eager's GELU gives NaN at inf: samples.py).
+    x = x.detach().clone()
+    x[0, 3, 2], x[0, 7, 0], x[0, 9, 5] = float("nan"), float("inf"), -float("inf")
+    got = network([x, *weights, *biases], hf.mlp)
+    want = network([t.double() for t in (x, *weights, *biases)], eager)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

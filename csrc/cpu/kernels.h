@@ -50,8 +50,13 @@ struct SecondOrderGradients {
   std::vector<at::Tensor> weights, biases;
 };
 
+// Which pass runs a network's forward: the engine's blocks of rows, the engine's pass over
+// few rows as f^T = Omega h^T (csrc/cpu/kernels/fused_mlp.cpp), or BLAS's products layer by
+// layer (csrc/cpu/kernels/blas_network.cpp).
+enum class ForwardPath { Blocks, Transposed, Blas };
+
 // Bumped whenever this table changes, so that a library left from another build is refused.
-constexpr int kKernelsVersion = 4;
+constexpr int kKernelsVersion = 5;
 
 struct Kernels {
   int version;             // kKernelsVersion of the sources it was built from
@@ -85,12 +90,12 @@ struct Kernels {
       const std::vector<std::optional<at::Tensor>>& V, const std::vector<std::optional<at::Tensor>>& u,
       const NetworkActivations& activations, std::array<bool, 4> output_mask);
 
-  // Whether the engine gives this network's products to BLAS, layer by layer over all rows
-  // (csrc/cpu/kernels/blas_network.cpp), rather than run it in blocks with its own kernel.
+  // Which pass runs this network's forward (blas_network.h says where, as measured).
   // output_layer_source: the backward is given the output layer's out_or_f.
-  bool (*blas_pays)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
-                    int64_t checkpoint_every, bool output_layer_source);
-  // The same for its backward, which keeps few rows in the engine (blas_network.h).
+  ForwardPath (*forward_path)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                              int64_t checkpoint_every, bool output_layer_source);
+  // Whether the engine gives this network's backward to BLAS, layer by layer over all rows,
+  // rather than run it in blocks: it keeps few rows (blas_network.h).
   bool (*blas_backward_pays)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                              int64_t checkpoint_every, bool output_layer_source);
 

@@ -1,5 +1,5 @@
 // The network layer by layer over all rows with BLAS's products, for networks where fusion
-// saves nothing (blas_pays): what eager's F.linear
+// saves nothing (ForwardPath::Blas): what eager's F.linear
 // runs (addmm, the bias inside the product; mm for the gradients), with the activation in
 // one pass over each output and, in the backward, a' and the bias gradient in one pass.
 // Results are eager's, bit for bit in the products; so is the determinism (BLAS's).
@@ -35,10 +35,15 @@ Products products_of(at::TensorList weights) {
   return p;
 }
 
-}  // namespace
+// The products are few rows for the weights (kEngineBackwardMaxRows).
+[[maybe_unused]] bool few_rows(int64_t rows, at::TensorList weights) {
+  return rows <= kEngineBackwardMaxRows &&
+         products_of(weights).work <= kEngineBackwardMaxWeights * static_cast<double>(weights.size());
+}
 
-bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
-               int64_t checkpoint_every, bool output_layer_source) {
+// Where the engine's blocks lose to BLAS's products layer by layer.
+bool layer_by_layer_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                         int64_t checkpoint_every, bool output_layer_source) {
   // The engine alone recomputes: with checkpointing, and f where a' cannot be read off what
   // is stored.
   if (checkpoint_every > 0) return false;
@@ -55,15 +60,32 @@ bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& a
   return !overhead && !streaming;
 }
 
+}  // namespace
+
+ForwardPath forward_path(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                         int64_t checkpoint_every, bool output_layer_source) {
+  if (!layer_by_layer_pays(rows, weights, activations, checkpoint_every, output_layer_source)) {
+    return ForwardPath::Blocks;
+  }
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // brgemm makes float32 products only (gemm.h). Small weights (a narrow layer's) would not
+  // pay for the pass's fixed costs.
+  const bool small_weights = products_of(weights).work <= kEngineMaxWeights * static_cast<double>(weights.size());
+  if (weights[0].scalar_type() == at::kFloat && rows >= kTransposedMinRows && few_rows(rows, weights) &&
+      !small_weights) {
+    return ForwardPath::Transposed;
+  }
+#endif  // DEFAULT has no brgemm
+  return ForwardPath::Blas;
+}
+
 bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                         int64_t checkpoint_every, bool output_layer_source) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   // Few rows for the weights stay in the engine whichever way the forward went.
-  const bool few_rows = rows <= kEngineBackwardMaxRows &&
-                        products_of(weights).work <= kEngineBackwardMaxWeights * static_cast<double>(weights.size());
-  if (few_rows) return false;
+  if (few_rows(rows, weights)) return false;
 #endif  // DEFAULT's SSE2 tiles lose to BLAS: the backward goes where the forward does
-  return blas_pays(rows, weights, activations, checkpoint_every, output_layer_source);
+  return layer_by_layer_pays(rows, weights, activations, checkpoint_every, output_layer_source);
 }
 
 bool second_order_blas_pays(int64_t rows, at::TensorList weights) {

@@ -43,15 +43,24 @@ constexpr double kEngineRowsPerDepth = 0, kEngineMinDepth = 0, kEngineMaxDepth =
 // ones 0.80-0.93 against 0.97-1.13; from 1024 x 1024 weights AVX2's engine loses (1.13-1.17).
 constexpr int64_t kEngineBackwardMaxRows = 64;
 constexpr double kEngineBackwardMaxWeights = 512 * 512;
+// The forward of such few rows runs in the engine too, from kTransposedMinRows rows and for
+// weights larger than kEngineMaxWeights on average, as f^T = Omega h^T (fused_mlp.cpp): it
+// reads Omega as it is and packs only x^T, and its vectors run across the rows. Float32 only,
+// where brgemm makes the products (oneDNN's AVX2/AVX-512 kernels; measured, 2 threads,
+// AVX512: 784 -> 256 at 64 rows 231 GFLOP/s, 98 % of the FMA limit, where BLAS's addmm
+// reached 168). Below kTransposedMinRows most of each vector would be masked off; for small
+// weights (256 -> 1, 64 -> 8) the pass's fixed costs took 1.2-2.3x BLAS's time.
+constexpr int64_t kTransposedMinRows = 16;
 
-// Whether BLAS runs this network. output_layer_source: a' of the output layer can be read
-// off a tensor the backward is given.
-bool blas_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
-               int64_t checkpoint_every, bool output_layer_source);
+// Which pass runs a network's forward: the engine's blocks, where a regime above says so;
+// else the transposed pass over few rows (kTransposedMinRows); else BLAS. output_layer_source:
+// a' of the output layer can be read off a tensor the backward is given.
+ForwardPath forward_path(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                         int64_t checkpoint_every, bool output_layer_source);
 
-// Whether BLAS runs this network's backward: where it runs the forward, unless the rows are
-// few for the weights (kEngineBackwardMaxRows). The engine's backward reads the hidden
-// outputs BLAS's forward stored as it reads its own.
+// Whether BLAS runs this network's backward: where it would run the forward but for the
+// transposed pass, unless the rows are few for the weights (kEngineBackwardMaxRows). The
+// engine's backward reads the hidden outputs BLAS's forward stored as it reads its own.
 bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                         int64_t checkpoint_every, bool output_layer_source);
 

@@ -18,7 +18,7 @@ extern "C" C10_EXPORT const handgrad::cpu::Kernels* handgrad_cpu_kernels() {
       &k::fused_forward,
       &k::fused_backward,
       &k::fused_double_backward,
-      &k::blas_pays,
+      &k::forward_path,
       &k::blas_backward_pays,
       &k::second_order_blas_pays,
       &k::activation_kernel,
