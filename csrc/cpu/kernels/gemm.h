@@ -259,13 +259,15 @@ constexpr int64_t kShareProduct = int64_t{1} << 20;
 template <typename T>
 void gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
           const T* b, int64_t ldb, T* c, int64_t ldc, Init init, const T* bias = nullptr) {
-  constexpr int64_t kPanel = kTileVectors * Vec<T>::size();
-  const int64_t panels = (cols + kPanel - 1) / kPanel;
   const bool brgemm = brgemm_runs<T>(rows, cols, depth, a_row, a_col);
+  // The tiles' panels, or single vectors for brgemm, which takes any width: 784 columns in
+  // panels of 64 gave one thread of two 448 of them, the other 336.
+  const int64_t panel = brgemm ? Vec<T>::size() : kTileVectors * Vec<T>::size();
+  const int64_t panels = (cols + panel - 1) / panel;
   if (panels > 1 && rows * cols * depth >= kShareProduct && at::get_num_threads() > 1 &&
       !at::in_parallel_region()) {
     at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
-      const int64_t col = first * kPanel, width = std::min(cols, last * kPanel) - col;
+      const int64_t col = first * panel, width = std::min(cols, last * panel) - col;
       gemm_on_this_thread<T>(brgemm, rows, width, depth, a, a_row, a_col, b + col, ldb, c + col,
                              ldc, init, bias == nullptr ? nullptr : bias + col);
     });
