@@ -132,7 +132,8 @@ def forward_path(weights, rows, activation="relu", slope=0.0, every=0, output_ac
     ([256, 256], 16384, "blocks", False),
     ([64, 64], 1024, "blas", True), ([64, 64], 512, "blas", True),  # fewer blocks than to keep threads busy
     ([256, 1], 64, "blas", False), ([64, 8], 64, "blas", False),  # a single layer of few outputs: mostly masked vectors
-    ([2048, 100], 64, "transposed", False), ([100, 2048], 16, "transposed", False),
+    ([2048, 100, 10], 64, "transposed", False), ([100, 2048, 10], 16, "transposed", False),
+    ([784, 256], 64, "blas", False),  # a single layer: packing x^T and writing f back eat the gain
     ([10, 40, 40, 5], 100, "blocks", False), ([64, 64], 256, "blocks", False),
     ([10, 40, 40, 5], 16, "blocks", False),  # small weights
 ])
@@ -168,13 +169,13 @@ def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, r
 
 # The engine's transposed pass over few rows (f^T = Omega h^T): chunks of 32 outputs that the
 # widths 70 and 45 do not fill, rows that fill no vector evenly, a 3-d input, with and without
-# biases. Networks whose a' is read off the hidden outputs, with and without an output
-# activation; and single layers of every activation (the output layer's f is at hand).
+# biases. Hidden activations whose a' is read off their outputs, with and without an output
+# activation; and every output activation (the output layer's f is at hand).
 TRANSPOSED_CASES = [
-    *[pytest.param([300, 70, 45, 3], name, p, out, id=f"network_{i}_{out}") for name, p, i in (
+    *[pytest.param([300, 70, 45, 3], name, p, out, id=f"hidden_{i}_{out}") for name, p, i in (
         (case.values[0], case.values[1], case.id) for case in NETWORK_ACTIVATIONS
         if case.id in ("relu", "leaky_relu", "sigmoid", "tanh")) for out in (None, "sigmoid")],
-    *[pytest.param([300, 70], "relu", case.values[1], case.values[0], id=f"layer_{case.id}")
+    *[pytest.param([300, 70, 20], "relu", case.values[1], case.values[0], id=f"output_{case.id}")
       for case in NETWORK_ACTIVATIONS],
 ]
 

@@ -68,11 +68,11 @@ ForwardPath forward_path(int64_t rows, at::TensorList weights, const NetworkActi
     return ForwardPath::Blocks;
   }
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  // brgemm makes float32 products only (gemm.h). Small weights (a narrow layer's) would not
-  // pay for the pass's fixed costs.
+  // brgemm makes float32 products only (gemm.h). A single layer, or small weights, would not
+  // pay for the pass's fixed costs (packing x^T, writing f back in rows).
   const bool small_weights = products_of(weights).work <= kEngineMaxWeights * static_cast<double>(weights.size());
-  if (weights[0].scalar_type() == at::kFloat && rows >= kTransposedMinRows && few_rows(rows, weights) &&
-      !small_weights) {
+  if (weights[0].scalar_type() == at::kFloat && weights.size() > 1 && rows >= kTransposedMinRows &&
+      few_rows(rows, weights) && !small_weights) {
     return ForwardPath::Transposed;
   }
 #endif  // DEFAULT has no brgemm

@@ -43,13 +43,16 @@ constexpr double kEngineRowsPerDepth = 0, kEngineMinDepth = 0, kEngineMaxDepth =
 // ones 0.80-0.93 against 0.97-1.13; from 1024 x 1024 weights AVX2's engine loses (1.13-1.17).
 constexpr int64_t kEngineBackwardMaxRows = 64;
 constexpr double kEngineBackwardMaxWeights = 512 * 512;
-// The forward of such few rows runs in the engine too, from kTransposedMinRows rows and for
-// weights larger than kEngineMaxWeights on average, as f^T = Omega h^T (fused_mlp.cpp): it
-// reads Omega as it is and packs only x^T, and its vectors run across the rows. Float32 only,
-// where brgemm makes the products (oneDNN's AVX2/AVX-512 kernels; measured, 2 threads,
+// The forward of such few rows runs in the engine too, for networks of two layers or more,
+// from kTransposedMinRows rows and for weights larger than kEngineMaxWeights on average, as
+// f^T = Omega h^T (fused_mlp.cpp): it reads Omega as it is and packs only x^T, each layer's
+// output is the next one's operand as it lies, and its vectors run across the rows. Float32
+// only, where brgemm makes the products (oneDNN's AVX2/AVX-512 kernels; measured, 2 threads,
 // AVX512: 784 -> 256 at 64 rows 231 GFLOP/s, 98 % of the FMA limit, where BLAS's addmm
-// reached 168). Below kTransposedMinRows most of each vector would be masked off; for small
-// weights (256 -> 1, 64 -> 8) the pass's fixed costs took 1.2-2.3x BLAS's time.
+// reached 168). Below kTransposedMinRows most of each vector would be masked off. For a
+// single layer, packing x^T and writing f back in rows ate the gain (784 -> 256 and 256 ->
+// 256 at 64 rows: 0.96-1.30 of eager's forward); for small weights (256 -> 1, 64 -> 8) the
+// pass's fixed costs took 1.2-2.3x BLAS's time.
 constexpr int64_t kTransposedMinRows = 16;
 
 // Which pass runs a network's forward: the engine's blocks, where a regime above says so;
