@@ -50,6 +50,11 @@ inline Vectorized<T> erf(const Vectorized<T>& x) {
   return x.erf();
 }
 
+// float32's: the rational approximation (activation.h says why).
+inline Vectorized<float> erf(const Vectorized<float>& x) {
+  return handgrad::rational_erf(x);
+}
+
 template <typename T>
 inline Vectorized<T> log1p(const Vectorized<T>& x) {
   return x.log1p();
