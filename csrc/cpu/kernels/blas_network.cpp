@@ -21,10 +21,15 @@ namespace {
 // of the products, weighted by their work.
 struct Products {
   double work = 0, depth = 0;
+  size_t layers = 0;
+
+  // The weights average at most `per_layer` elements.
+  bool weights_at_most(double per_layer) const { return work <= per_layer * static_cast<double>(layers); }
 };
 
 Products products_of(at::TensorList weights) {
   Products p;
+  p.layers = weights.size();
   double depth_work = 0;
   for (const auto& w : weights) {
     const double layer = static_cast<double>(w.size(0)) * w.size(1);
@@ -36,24 +41,24 @@ Products products_of(at::TensorList weights) {
 }
 
 // The products are few rows for the weights (kEngineBackwardMaxRows).
-[[maybe_unused]] bool few_rows(int64_t rows, at::TensorList weights) {
-  return rows <= kEngineBackwardMaxRows &&
-         products_of(weights).work <= kEngineBackwardMaxWeights * static_cast<double>(weights.size());
+[[maybe_unused]] bool few_rows(int64_t rows, const Products& products) {
+  return rows <= kEngineBackwardMaxRows && products.weights_at_most(kEngineBackwardMaxWeights);
 }
 
 // Where the engine's blocks lose to BLAS's products layer by layer.
-bool layer_by_layer_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
-                         int64_t checkpoint_every, bool output_layer_source) {
+bool layer_by_layer_pays(int64_t rows, at::TensorList weights, const Products& products,
+                         const NetworkActivations& activations, int64_t checkpoint_every,
+                         bool output_layer_source) {
   // The engine alone recomputes: with checkpointing, and f where a' cannot be read off what
   // is stored.
   if (checkpoint_every > 0) return false;
   if (derivative_needs_preactivation(activations.hidden, activations.params) && weights.size() > 1) return false;
   if (activations.output.has_value() && !output_layer_source) return false;
-  const auto [work, depth] = products_of(weights);
-  if (work == 0) return false;
+  if (products.work == 0) return false;
+  const double depth = products.depth;
   const bool narrow_layer = weights.size() == 1 && weights[0].size(0) < kEngineMinLayerOutputs;
-  const bool overhead = work <= kEngineMaxWeights * static_cast<double>(weights.size()) &&
-                        rows <= kEngineMaxRowsSmallWeights && !narrow_layer;
+  const bool overhead = products.weights_at_most(kEngineMaxWeights) && rows <= kEngineMaxRowsSmallWeights &&
+                        !narrow_layer;
   const bool streaming = depth >= kEngineMinDepth && depth < kEngineMaxDepth &&
                          rows >= kEngineMinRowsStreaming &&
                          static_cast<double>(rows) >= kEngineRowsPerDepth * depth;
@@ -64,15 +69,15 @@ bool layer_by_layer_pays(int64_t rows, at::TensorList weights, const NetworkActi
 
 ForwardPath forward_path(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                          int64_t checkpoint_every, bool output_layer_source) {
-  if (!layer_by_layer_pays(rows, weights, activations, checkpoint_every, output_layer_source)) {
+  const Products products = products_of(weights);
+  if (!layer_by_layer_pays(rows, weights, products, activations, checkpoint_every, output_layer_source)) {
     return ForwardPath::Blocks;
   }
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   // brgemm makes float32 products only (gemm.h). A single layer, or small weights, would not
   // pay for the pass's fixed costs (packing x^T, writing f back in rows).
-  const bool small_weights = products_of(weights).work <= kEngineMaxWeights * static_cast<double>(weights.size());
   if (weights[0].scalar_type() == at::kFloat && weights.size() > 1 && rows >= kTransposedMinRows &&
-      few_rows(rows, weights) && !small_weights) {
+      few_rows(rows, products) && !products.weights_at_most(kEngineMaxWeights)) {
     return ForwardPath::Transposed;
   }
 #endif  // DEFAULT has no brgemm
@@ -81,18 +86,20 @@ ForwardPath forward_path(int64_t rows, at::TensorList weights, const NetworkActi
 
 bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                         int64_t checkpoint_every, bool output_layer_source) {
+  const Products products = products_of(weights);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   // Few rows for the weights stay in the engine whichever way the forward went.
-  if (few_rows(rows, weights)) return false;
+  if (few_rows(rows, products)) return false;
 #endif  // DEFAULT's SSE2 tiles lose to BLAS: the backward goes where the forward does
-  return layer_by_layer_pays(rows, weights, activations, checkpoint_every, output_layer_source);
+  return layer_by_layer_pays(rows, weights, products, activations, checkpoint_every, output_layer_source);
 }
 
 bool second_order_blas_pays(int64_t rows, at::TensorList weights) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  const auto [work, depth] = products_of(weights);
-  if (work == 0) return false;
-  const bool small_weights = work <= kEngineMaxWeights * static_cast<double>(weights.size());
+  const Products products = products_of(weights);
+  if (products.work == 0) return false;
+  const double depth = products.depth;
+  const bool small_weights = products.weights_at_most(kEngineMaxWeights);
   const bool many_rows = static_cast<double>(rows) >= kEngineRowsPerDepth * depth;
   return !(depth < kEngineMaxDepth && (small_weights || many_rows));
 #else

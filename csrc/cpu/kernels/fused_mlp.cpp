@@ -121,32 +121,25 @@ void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
 #endif
 }
 
-// f[i, :] = a[f[i, :] + bias[i]] for the rows of a chunk of f^T: one bias per row.
+// f[i, :] = a[f[i, :] + bias[i]] for the rows of a chunk of f^T: one bias per row, in the
+// activation's pass where it has one of its own (tanh runs eager's VML over whole rows).
 void add_row_bias_and_activate(float* f, int64_t rows, int64_t cols, const float* bias,
                                std::optional<Activation> activation, const ActivationParameters& params) {
   using V = Lanes<float>;
-  if (!activation.has_value()) {
+  if (bias == nullptr || !activation.has_value() || *activation == Activation::Tanh) {
     for (int64_t i = 0; i < rows && bias != nullptr; ++i) {
       const V b(bias[i]);
       map_lanes([&](V x) { return x + b; }, f + i * cols, f + i * cols, cols);
     }
+    if (activation.has_value()) activate_rows<float>(*activation, params, {f, cols}, rows, cols);
     return;
   }
   dispatch_activation(*activation, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
     const ActivationConstants<V> k(params);
     for (int64_t i = 0; i < rows; ++i) {
-      float* row = f + i * cols;
-      if (bias == nullptr || A == Activation::Tanh) {  // eager's VML tanh, as activate_span runs it
-        if (bias != nullptr) {
-          const V b(bias[i]);
-          map_lanes([&](V x) { return x + b; }, row, row, cols);
-        }
-        activate_span<A, float>(row, row, cols, params);
-      } else {
-        const V b(bias[i]);
-        map_lanes([&](V x) { return activate<A>(x + b, k); }, row, row, cols);
-      }
+      const V b(bias[i]);
+      map_lanes([&](V x) { return activate<A>(x + b, k); }, f + i * cols, f + i * cols, cols);
     }
   });
 }
