@@ -317,10 +317,10 @@ def test_the_layers_node_frees_what_it_saved_and_refuses_a_tangent_it_cannot_car
     x, w, b = leaves()
     weights = [w.detach().clone().requires_grad_(), torch.randn(2, 4, dtype=w.dtype, requires_grad=True)]
     biases = [b.detach().clone().requires_grad_(), torch.randn(2, dtype=b.dtype, requires_grad=True)]
-    calls = {  # what each keeps: h, Omega, out; h, Omega, beta (f recomputed); h, the parameters
-        # and the hidden outputs the engine stored
+    calls = {  # what each keeps: h, Omega, out; h, Omega, beta and f; h, the parameters and the
+        # hidden outputs the engine stored
         "relu layer": (lambda: torch.ops.handgrad.linear_activation(x, w, b, "relu"), range(3, 4)),
-        "silu layer": (lambda: torch.ops.handgrad.linear_activation(x, w, b, "silu"), range(3, 4)),
+        "silu layer": (lambda: torch.ops.handgrad.linear_activation(x, w, b, "silu"), range(4, 5)),
         "network": (lambda: torch.ops.handgrad.mlp(x, weights, biases, "relu"), range(5, 7)),
     }
     for name, (call, counts) in calls.items():

@@ -93,15 +93,17 @@ def test_jacrev_jacfwd_and_hessian_agree_with_eager(fn, reference):
 
 # The C++ autograd kernels (csrc/autograd/) and the Python Functions
 # (handgrad.autograd) keep the same tensors for the backward: each says so where it saves.
+# One difference is by design: where a' is read off f, the C++ layer also keeps f (as eager
+# does), and the Python Function, which can keep only its inputs and outputs, recomputes it.
 MIRRORED = [("relu", "LinearReLUFunction", (), {}), ("sigmoid", "LinearSigmoidFunction", (), {}),
             ("silu", "LinearSiLUFunction", (), {}), ("leaky_relu", "LinearLeakyReLUFunction", (0.2,), {}),
             ("leaky_relu", "LinearLeakyReLUFunction", (-0.3,), {"negative_slope": -0.3}),
             ("softplus", "LinearSoftplusFunction", (2.0, 5.0), {"beta": 2.0, "threshold": 5.0})]
 
 
-def _saved_names(run, known):
+def _saved_names(run, known, by_value=None):
     """What run() saves for its backward, each named by the tensor of `known` it is (by
-    storage and shape), or "other"."""
+    storage and shape), or else of `by_value` it equals, or "other"."""
     saved = []
 
     def pack(t):
@@ -110,8 +112,10 @@ def _saved_names(run, known):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     known = {**known, "output": out if isinstance(out, torch.Tensor) else out[0]}
-    return sorted(next((name for name, k in known.items() if t.data_ptr() == k.data_ptr() and t.shape == k.shape),
-                       "other") for t in saved)
+    def name(t):
+        return next((name for name, k in known.items() if t.data_ptr() == k.data_ptr() and t.shape == k.shape),
+                    next((name for name, v in (by_value or {}).items() if torch.equal(t, v)), "other"))
+    return sorted(name(t) for t in saved)
 
 
 @pytest.mark.parametrize("activation,function,arguments,parameters", MIRRORED,
@@ -124,11 +128,15 @@ def test_the_cpp_and_python_functions_of_a_layer_save_the_same_tensors(activatio
     slope = parameters.get("negative_slope", 0.01)
     keyword = {k: v for k, v in parameters.items() if k != "negative_slope"}
     known = {"input": x, "weight": w, "bias": b}
-    cpp = _saved_names(lambda: torch.ops.handgrad.linear_activation(x, w, b, activation, slope, **keyword), known)
-    python = _saved_names(lambda: getattr(handgrad.autograd, function).apply(x, w, b, *arguments), known)
-    assert cpp == python and "other" not in cpp
-    assert ("output" in cpp) != handgrad._C.derivative_needs_preactivation(
+    reads_f = handgrad._C.derivative_needs_preactivation(
         activation, slope, parameters.get("beta", 1.0), parameters.get("threshold", 20.0))
+    f = torch.nn.functional.linear(x, w, b).detach()
+    cpp = _saved_names(lambda: torch.ops.handgrad.linear_activation(x, w, b, activation, slope, **keyword), known,
+                       by_value={"f": f})
+    python = _saved_names(lambda: getattr(handgrad.autograd, function).apply(x, w, b, *arguments), known)
+    assert "other" not in cpp and "other" not in python
+    assert ("output" in cpp) != reads_f and ("f" in cpp) == reads_f
+    assert cpp == sorted(python + ["f"] * reads_f)
 
 
 @pytest.mark.parametrize("activation,function,arguments,parameters", MIRRORED,

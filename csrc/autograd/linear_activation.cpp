@@ -40,12 +40,18 @@ using namespace handgrad::autograd;
 // engine's work around a small layer shrinks (the actor-critic's 4 -> 128 layer at 1 row:
 // 87.6 -> 74 us per training step, eager 77.6; RESULTS.md).
 //
-// It keeps what the chapter's backward needs: h, Omega and out, never f (except where out
-// hides its sign). out is kept only where it is read, so that an in-place edit of it is
-// refused exactly where eager's would be (eager's SiLU keeps its input, ReLU its output);
-// autograd.py's _setup_linear keeps the same.
+// It keeps what the chapter's backward needs: h, Omega and out, never f where out tells
+// a'. Where out does not (SiLU, GELU, softplus; LeakyReLU with a negative slope), it keeps f,
+// as eager's activation does: recomputing f would cost the backward a fourth product where
+// eager's makes three (mid 256,512,512: 1.23-1.28 of eager's forward+backward). out is kept
+// only where it is read, so that an in-place edit of it is refused exactly where eager's
+// would be (eager's SiLU keeps its input, ReLU its output). autograd.py's _setup_linear,
+// for forward AD and torch.func, recomputes f instead: a Function there can keep only its
+// inputs and outputs.
 struct LinearActivationBackward0 : public torch::autograd::Node {
-  torch::autograd::SavedVariable input_, weight_, bias_, out_;  // bias_ where f is recomputed, out_ where read
+  // f_ and bias_ where a' is read off f (bias_ for the recorded backward's f with history);
+  // out_ where a' is read off out.
+  torch::autograd::SavedVariable input_, weight_, bias_, out_, f_;
   Activation activation_ = Activation::ReLU;
   ActivationParameters params_;
   bool has_bias_ = false;
@@ -60,6 +66,7 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
     weight_.reset_data();
     bias_.reset_data();
     out_.reset_data();
+    f_.reset_data();
   }
 
   // Mirrored by autograd.py's _LinearActivationFunction.backward, which forward-mode AD and
@@ -74,15 +81,15 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
     const Variable& grad_output = grads[0];
     const c10::string_view activation = activation_name(activation_);
 
-    // a' is read off out, or off f recomputed where it must be: with its history where a
-    // recorded backward differentiates a' in turn (SiLU, GELU), else below autograd.
+    // a' is read off out or off the kept f; a recorded backward that differentiates a' in
+    // turn (SiLU, GELU, softplus) recomputes f with its history.
     Variable out_or_f;
-    if (derivative_needs_preactivation(activation_, params_)) {
-      std::optional<c10::NoGradGuard> no_grad;
-      if (!has_second_derivative(activation_)) no_grad.emplace();
+    if (!derivative_needs_preactivation(activation_, params_)) {
+      out_or_f = out_.unpack(getptr());
+    } else if (c10::GradMode::is_enabled() && has_second_derivative(activation_)) {
       out_or_f = ops::preactivation(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
     } else {
-      out_or_f = out_.unpack(getptr());
+      out_or_f = f_.unpack();
     }
     Variable grad_input, grad_weight, grad_bias;
     if (!c10::GradMode::is_enabled()) {
@@ -112,6 +119,7 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
     args.collect(weight_, false);
     args.collect(bias_, false);
     args.collect(out_, true);
+    args.collect(f_, false);
     args.collect(static_cast<int8_t>(activation_));
     args.collect(params_.negative_slope);
     args.collect(params_.beta);
@@ -121,7 +129,7 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
 
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    return apply_with_swapped(*this, grads, saved, input_, weight_, bias_, out_);
+    return apply_with_swapped(*this, grads, saved, input_, weight_, bias_, out_, f_);
   }
 };
 
@@ -145,12 +153,26 @@ at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor&
   node->activation_ = act;
   node->params_ = params;
   node->has_bias_ = defined(bias);
-  at::Tensor out = below_autograd();
+  at::Tensor out, f;
+  if (reads_f) {
+    // f by the layer with the identity, then a[f]: both below autograd, checked under the
+    // layer's own name first.
+    check_linear_activation(input, weight, bias, activation, params);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    f = ops::preactivation(input, weight, bias);
+    out = ops::activation(f, activation, params);
+  } else {
+    out = below_autograd();
+  }
   torch::autograd::set_history(out, node);
   node->input_ = torch::autograd::SavedVariable(input, false);
   node->weight_ = torch::autograd::SavedVariable(weight, false);
-  if (defined(bias) && reads_f) node->bias_ = torch::autograd::SavedVariable(*bias, false);
-  if (!reads_f) node->out_ = torch::autograd::SavedVariable(out, true);
+  if (reads_f) {
+    if (defined(bias)) node->bias_ = torch::autograd::SavedVariable(*bias, false);
+    node->f_ = torch::autograd::SavedVariable(f, false);
+  } else {
+    node->out_ = torch::autograd::SavedVariable(out, true);
+  }
   return out;
 }
 
