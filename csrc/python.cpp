@@ -112,6 +112,17 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("negative_slope"), pybind11::arg("checkpoint_every"),
         pybind11::arg("output_activation"), pybind11::arg("output_layer_source"),
         pybind11::arg("beta") = 1.0, pybind11::arg("threshold") = 20.0);
+  m.def("cpu_network_runs_as_layers", [](int64_t rows, const std::vector<at::Tensor>& weights,
+                                         c10::string_view activation, double negative_slope,
+                                         int64_t checkpoint_every, double beta, double threshold) {
+    const auto activations = handgrad::cpu::network_activations(activation, {negative_slope, beta, threshold},
+                                                                 std::nullopt);
+    return handgrad::cpu::kernels().runs_as_layers(rows, weights, activations, checkpoint_every);
+  }, "whether the mlp op records this CPU network, when autograd records it, as a chain of "
+     "fused layers that each keep f (by its shapes; hidden activations whose a' is read off f)",
+        pybind11::arg("rows"), pybind11::arg("weights"), pybind11::arg("activation"),
+        pybind11::arg("negative_slope") = 0.01, pybind11::arg("checkpoint_every") = 0,
+        pybind11::arg("beta") = 1.0, pybind11::arg("threshold") = 20.0);
   m.def("cpu_second_order_goes_to_blas", [](int64_t rows, const std::vector<at::Tensor>& weights) {
     return handgrad::cpu::kernels().second_order_blas_pays(rows, weights);
   }, "whether the CPU double backward (mlp_double_backward) runs as its tensor formula on BLAS's "

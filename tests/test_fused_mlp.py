@@ -151,8 +151,9 @@ def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, r
         assert forward_path([w.double() for w in weights], rows) == "blas"
     assert not goes_to_blas(weights, rows, every=1)  # checkpointing recomputes in the engine
     assert not goes_to_blas(weights, rows, every=1, backward=True)
-    if len(weights) > 1:  # the engine recomputes f where the output hides its sign
-        assert not goes_to_blas(weights, rows, "leaky_relu", -0.5)
+    if len(weights) > 1:  # only the engine's backward recomputes f where the output hides its sign
+        assert forward_path(weights, rows, "leaky_relu", -0.5) == path
+        assert not goes_to_blas(weights, rows, "leaky_relu", -0.5, backward=True)
     # Either way, eager's results, and the float64 truth's within eager's error.
     truth_args = leaves([x.double(), *[w.double() for w in weights], *[b.double() for b in biases]])
     ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
@@ -167,14 +168,82 @@ def test_products_go_to_blas_where_fusion_saves_nothing(cpu_capability, sizes, r
         assert_as_accurate_as_eager(got, want, true, factor=2)
 
 
+# (sizes, rows, recorded as a chain of layers on AVX2 and AVX512) for hidden activations
+# whose a' is read off f: the chain, each layer keeping its f, wherever the engine's
+# backward, recomputing every f, would lose; the engine keeps small weights at few rows and
+# products narrower than 192 streamed over many rows. A single layer is a layer already.
+@pytest.mark.parametrize("sizes,rows,layers", [
+    ([784, 256, 256, 10], 64, True), ([784, 256, 256, 10], 8, True), ([1024, 1024, 10], 64, True),
+    ([512, 512, 512, 10], 256, True), ([40, 40, 40], 4096, True), ([2048, 100, 10], 64, True),
+    ([63, 256, 256, 4], 4096, True),  # mean depth 218: the engine's recomputation loses
+    ([64, 64, 64, 64, 16], 3000, False), ([3, 128, 128, 128, 1], 8192, False),  # streamed, narrow
+    ([10, 40, 40, 5], 100, False), ([10, 40, 40, 5], 16, False),  # small weights
+    ([512, 512], 256, False), ([784, 256], 64, False),  # a single layer
+])
+@pytest.mark.parametrize("activation,parameters", [("silu", {}), ("gelu", {}), ("softplus", {"beta": 2.0}),
+                                                   ("leaky_relu", {"negative_slope": -0.5})], ids=str)
+def test_networks_whose_a_prime_reads_f_are_recorded_as_layers_where_the_engine_would_lose(
+        cpu_capability, sizes, rows, layers, activation, parameters):
+    x, weights, biases, grad_output = random_network(sizes, rows, torch.float32)
+    if cpu_capability == "DEFAULT":  # no streaming regime; small weights below 32 rows only
+        layers = len(weights) > 1 and not (rows < 32 and max(sizes) <= 64)
+    runs_as_layers = handgrad._C.cpu_network_runs_as_layers
+    assert runs_as_layers(rows, weights, activation, **parameters) == layers
+    assert not runs_as_layers(rows, weights, activation, checkpoint_every=1, **parameters)
+    assert not runs_as_layers(rows, weights, "relu") and not runs_as_layers(rows, weights, "tanh")
+    args = leaves([x, *weights, *biases])
+    n = len(weights)
+    out = hf.mlp(args[0], args[1:n + 1], args[n + 1:], activation, **parameters)
+    nodes, todo = set(), [out.grad_fn]
+    while todo:  # the graph's node types
+        node = todo.pop()
+        nodes.add(node.name())
+        todo += [next_node for next_node, _ in node.next_functions if next_node is not None]
+    assert ("LinearActivationBackward0" in nodes) == layers and ("MLPBackward0" in nodes) != layers
+    with torch.no_grad():  # nothing recorded: the one op
+        torch.testing.assert_close(hf.mlp(x, weights, biases, activation, **parameters), out.detach())
+
+
+def test_a_network_recorded_as_layers_keeps_eagers_tensors_and_gives_eagers_gradients(cpu_capability):
+    # 256 rows of 512-wide layers: the chain. Each layer keeps h and f, as eager's Linear and
+    # SiLU do; within eager's error of the float64 truth, first and second order.
+    sizes, rows = [512, 512, 512, 10], 256
+    x, weights, biases, grad_output = random_network(sizes, rows, torch.float32)
+    n = len(weights)
+    ours, eager, truth = leaves([x, *weights, *biases]), leaves([x, *weights, *biases]), \
+        leaves([x.double(), *[w.double() for w in weights], *[b.double() for b in biases]])
+    def kept_bytes(run):  # distinct storage kept, the input and parameters excluded
+        kept, leaf_storage = {}, {t.untyped_storage().data_ptr() for t in ours + eager}
+
+        def keep(t):
+            if t.untyped_storage().data_ptr() not in leaf_storage:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            return run(), sum(kept.values())
+    out, ours_kept = kept_bytes(lambda: hf.mlp(ours[0], ours[1:n + 1], ours[n + 1:], "silu"))
+    expected, eager_kept = kept_bytes(lambda: eager_network(eager[0], eager[1:n + 1], eager[n + 1:], "silu", 0.0))
+    assert ours_kept == eager_kept
+    true_out = eager_network(truth[0], truth[1:n + 1], truth[n + 1:], "silu", 0.0)
+    assert_as_accurate_as_eager(out, expected, true_out, factor=2)
+    for got, want, true in zip(torch.autograd.grad(out, ours, grad_output, create_graph=True),
+                               torch.autograd.grad(expected, eager, grad_output, create_graph=True),
+                               torch.autograd.grad(true_out, truth, grad_output.double(), create_graph=True)):
+        assert_as_accurate_as_eager(got.detach(), want.detach(), true.detach(), factor=2)
+        if got is not None and got.shape == x.shape:  # a gradient penalty's second order
+            second = [torch.autograd.grad(g.square().sum(), args[1])[0] for g, args in
+                      ((got, ours), (want, eager), (true, truth))]
+            assert_as_accurate_as_eager(*second, factor=2)
+
+
 # The engine's transposed pass over few rows (f^T = Omega h^T): chunks of 32 outputs that the
 # widths 70 and 45 do not fill, rows that fill no vector evenly, a 3-d input, with and without
-# biases. Hidden activations whose a' is read off their outputs, with and without an output
-# activation; and every output activation (the output layer's f is at hand).
+# biases. Every hidden activation, with and without an output activation (those whose a' is
+# read off f run there without autograd; recorded, they are a chain of layers); and every
+# output activation (the output layer's f is at hand).
 TRANSPOSED_CASES = [
     *[pytest.param([300, 70, 45, 3], name, p, out, id=f"hidden_{i}_{out}") for name, p, i in (
-        (case.values[0], case.values[1], case.id) for case in NETWORK_ACTIVATIONS
-        if case.id in ("relu", "leaky_relu", "sigmoid", "tanh")) for out in (None, "sigmoid")],
+        (case.values[0], case.values[1], case.id) for case in NETWORK_ACTIVATIONS) for out in (None, "sigmoid")],
     *[pytest.param([300, 70, 20], "relu", case.values[1], case.values[0], id=f"output_{case.id}")
       for case in NETWORK_ACTIVATIONS],
 ]
@@ -206,9 +275,12 @@ def test_the_transposed_pass_of_few_rows_is_as_close_to_float64_as_eager(cpu_cap
         return run(args[0], args[1:n + 1], args[n + 1:], activation, **params, output_activation=output_activation)
 
     out = network(ours_args, hf.mlp)
+    with torch.no_grad():
+        inference = network(ours_args, hf.mlp)  # nothing recorded: the transposed pass
     expected, truth = network(eager_args, eager), network(truth_args, eager)
-    assert out.shape == (1, rows, sizes[-1])
+    assert out.shape == inference.shape == (1, rows, sizes[-1])
     assert_as_accurate_as_eager(out, expected, truth, factor=2)
+    assert_as_accurate_as_eager(inference, expected, truth, factor=2)
     for got, want, true in zip(torch.autograd.grad(out, ours_args, grad_output),
                                torch.autograd.grad(expected, eager_args, grad_output),
                                torch.autograd.grad(truth, truth_args, grad_output.double())):

@@ -499,6 +499,24 @@ struct MLPBackward0 : public torch::autograd::Node {
   }
 };
 
+// Whether a CPU network is recorded as a chain of fused layers, each keeping its f
+// (cpu::Kernels::runs_as_layers): plain CPU tensors of concrete sizes only. A tensor
+// subclass (DTensor, and the fake tensors that torch.compile traces with) keeps the one op.
+bool runs_as_layers(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                    c10::string_view activation, const ActivationParameters& params,
+                    int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
+  if (!input.device().is_cpu() || checkpoint_every > 0 || weights.size() < 2) return false;
+  if (!derivative_needs_preactivation(parse_activation(activation), params)) return false;
+  const auto plain = [](const at::Tensor& t) {
+    return !t.key_set().has(c10::DispatchKey::Python) && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  };
+  if (!plain(input) || !std::all_of(weights.begin(), weights.end(), plain)) return false;
+  check_mlp(input, weights, biases, activation, params, checkpoint_every, output_activation);
+  return cpu::kernels().runs_as_layers(leading_rows(input.sizes()), weights,
+                                       cpu::network_activations(activation, params, output_activation),
+                                       checkpoint_every);
+}
+
 at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
                         c10::string_view activation, double negative_slope,
                         int64_t checkpoint_every, std::optional<c10::string_view> output_activation, double beta, double threshold) {
@@ -516,6 +534,18 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::Ten
                     output_activation);
   }
   refuse_tangent(tangent, "mlp", "handgrad.functional.mlp and handgrad.nn.MLP");
+  if (runs_as_layers(input, weights, biases, activation, params, checkpoint_every, output_activation)) {
+    // Each layer records its own node (linear_activation.cpp), which keeps h and f.
+    at::Tensor h = input;
+    for (size_t l = 0; l + 1 < weights.size(); ++l) {
+      h = ops::linear_activation(h, weights[l], ops::bias_of(biases, l), activation, params);
+    }
+    const size_t l = weights.size() - 1;
+    if (output_activation.has_value()) {
+      return ops::linear_activation(h, weights[l], ops::bias_of(biases, l), *output_activation, params);
+    }
+    return at::linear(h, weights[l], ops::bias_of(biases, l));
+  }
   auto node = make_node<MLPBackward0>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weights, biases));
   node->network_ = {parse_activation(activation),

@@ -56,7 +56,7 @@ struct SecondOrderGradients {
 enum class ForwardPath { Blocks, Transposed, Blas };
 
 // Bumped whenever this table changes, so that a library left from another build is refused.
-constexpr int kKernelsVersion = 5;
+constexpr int kKernelsVersion = 6;
 
 struct Kernels {
   int version;             // kKernelsVersion of the sources it was built from
@@ -98,6 +98,11 @@ struct Kernels {
   // rather than run it in blocks: it keeps few rows (blas_network.h).
   bool (*blas_backward_pays)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                              int64_t checkpoint_every, bool output_layer_source);
+
+  // Whether this network's recorded graph is a chain of fused layers, each keeping its f,
+  // rather than one node (blas_network.h says where, as measured).
+  bool (*runs_as_layers)(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                         int64_t checkpoint_every);
 
   // Whether the double backward of this network is faster as the tensor formula on BLAS's
   // products than as fused_double_backward (blas_network.cpp says where, as measured).

@@ -45,24 +45,32 @@ Products products_of(at::TensorList weights) {
   return rows <= kEngineBackwardMaxRows && products.weights_at_most(kEngineBackwardMaxWeights);
 }
 
-// Where the engine's blocks lose to BLAS's products layer by layer.
-bool layer_by_layer_pays(int64_t rows, at::TensorList weights, const Products& products,
-                         const NetworkActivations& activations, int64_t checkpoint_every,
-                         bool output_layer_source) {
-  // The engine alone recomputes: with checkpointing, and f where a' cannot be read off what
-  // is stored.
-  if (checkpoint_every > 0) return false;
-  if (derivative_needs_preactivation(activations.hidden, activations.params) && weights.size() > 1) return false;
-  if (activations.output.has_value() && !output_layer_source) return false;
-  if (products.work == 0) return false;
+// Whether the network is in one of the engine's regimes (blas_network.h): small weights at
+// few rows (the overhead regime), or products narrower than max_depth streamed over many rows.
+bool in_engine_regime(int64_t rows, at::TensorList weights, const Products& products, double max_depth) {
   const double depth = products.depth;
   const bool narrow_layer = weights.size() == 1 && weights[0].size(0) < kEngineMinLayerOutputs;
   const bool overhead = products.weights_at_most(kEngineMaxWeights) && rows <= kEngineMaxRowsSmallWeights &&
                         !narrow_layer;
-  const bool streaming = depth >= kEngineMinDepth && depth < kEngineMaxDepth &&
-                         rows >= kEngineMinRowsStreaming &&
+  const bool streaming = depth >= kEngineMinDepth && depth < max_depth && rows >= kEngineMinRowsStreaming &&
                          static_cast<double>(rows) >= kEngineRowsPerDepth * depth;
-  return !overhead && !streaming;
+  return overhead || streaming;
+}
+
+// Where the engine's blocks lose to BLAS's products layer by layer.
+bool layer_by_layer_pays(int64_t rows, at::TensorList weights, const Products& products,
+                         const NetworkActivations& activations, int64_t checkpoint_every,
+                         bool output_layer_source) {
+  // The engine alone recomputes, with checkpointing.
+  if (checkpoint_every > 0) return false;
+  if (activations.output.has_value() && !output_layer_source) return false;
+  if (products.work == 0) return false;
+  return !in_engine_regime(rows, weights, products, kEngineMaxDepth);
+}
+
+// The hidden layers' a' is read off f, which the network does not store.
+bool hidden_layers_read_f(at::TensorList weights, const NetworkActivations& activations) {
+  return weights.size() > 1 && derivative_needs_preactivation(activations.hidden, activations.params);
 }
 
 }  // namespace
@@ -86,12 +94,21 @@ ForwardPath forward_path(int64_t rows, at::TensorList weights, const NetworkActi
 
 bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                         int64_t checkpoint_every, bool output_layer_source) {
+  // The engine alone recomputes f where a' cannot be read off what is stored.
+  if (hidden_layers_read_f(weights, activations)) return false;
   const Products products = products_of(weights);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   // Few rows for the weights stay in the engine whichever way the forward went.
   if (few_rows(rows, products)) return false;
 #endif  // DEFAULT's SSE2 tiles lose to BLAS: the backward goes where the forward does
   return layer_by_layer_pays(rows, weights, products, activations, checkpoint_every, output_layer_source);
+}
+
+bool runs_as_layers(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                    int64_t checkpoint_every) {
+  if (checkpoint_every > 0 || !hidden_layers_read_f(weights, activations)) return false;
+  const Products products = products_of(weights);
+  return products.work > 0 && !in_engine_regime(rows, weights, products, kLayersMinDepth);
 }
 
 bool second_order_blas_pays(int64_t rows, at::TensorList weights) {

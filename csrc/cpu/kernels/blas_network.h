@@ -62,10 +62,30 @@ ForwardPath forward_path(int64_t rows, at::TensorList weights, const NetworkActi
                          int64_t checkpoint_every, bool output_layer_source);
 
 // Whether BLAS runs this network's backward: where it would run the forward but for the
-// transposed pass, unless the rows are few for the weights (kEngineBackwardMaxRows). The
+// transposed pass, unless the rows are few for the weights (kEngineBackwardMaxRows), and
+// never where the hidden layers' a' is read off f, which only the engine recomputes. The
 // engine's backward reads the hidden outputs BLAS's forward stored as it reads its own.
 bool blas_backward_pays(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
                         int64_t checkpoint_every, bool output_layer_source);
+
+// Whether the network's graph is better recorded as a chain of fused layers, each keeping
+// its f, than as one node that keeps the hidden outputs only: where the hidden layers' a' is
+// read off f (SiLU, GELU, softplus; LeakyReLU with a negative slope), the engine's backward
+// recomputes every f, one product more per hidden layer than eager makes. That pays only in
+// the engine's regimes, and there only for products narrower than kLayersMinDepth. Measured
+// (2 threads, AVX512, SiLU, forward+backward against torch.nn; the network / the chain):
+// 64 x 784-256-256-10 1.30 / 0.91; 256 x 512-512-512-512-10 1.51 / 1.00; 4096 x 1024-wide
+// 1.59 / 0.99; 16384 x 256-wide 0.98 / 0.79; 16384 x 128-wide 0.77 / 0.71; 65536 x 64-wide
+// 0.67 / 0.67; 8192 x 3-128x4-1 0.66 / 0.71; figure 7.8 at 10 rows 0.65 / 0.94. The chain
+// keeps eager's memory (h and f of each layer), the network half of it. Not with
+// checkpointing, whose point is the memory.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+constexpr double kLayersMinDepth = 192;
+#else
+constexpr double kLayersMinDepth = 0;  // no streaming regime
+#endif
+bool runs_as_layers(int64_t rows, at::TensorList weights, const NetworkActivations& activations,
+                    int64_t checkpoint_every);
 
 // Whether the double backward runs as its tensor formula on BLAS's products rather than in
 // the engine (fused_second_order.cpp). Measured against each other per capability

@@ -20,6 +20,7 @@ extern "C" C10_EXPORT const handgrad::cpu::Kernels* handgrad_cpu_kernels() {
       &k::fused_double_backward,
       &k::forward_path,
       &k::blas_backward_pays,
+      &k::runs_as_layers,
       &k::second_order_blas_pays,
       &k::activation_kernel,
       &k::activation_backward_kernel,
