@@ -293,6 +293,11 @@ inline bool derivative_needs_preactivation(Activation activation, const Activati
          (activation == Activation::LeakyReLU && params.negative_slope < 0);
 }
 
+// LeakyReLU of slope 1, the identity (ops::preactivation's): a' is 1 wherever it is read.
+inline bool is_identity(Activation activation, const ActivationParameters& params) {
+  return activation == Activation::LeakyReLU && params.negative_slope == 1.0;
+}
+
 // Double backward: whether a'' is not zero (ReLU's and LeakyReLU's a' is constant wherever
 // it is defined), and then d(a')/d(out_or_f) for the tensor a' is read off: by the output for
 // sigmoid (d/d(out) of out (1 - out) = 1 - 2 out) and tanh (-2 out), a''[f] for the others.

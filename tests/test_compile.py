@@ -183,10 +183,12 @@ def test_compile_fullgraph_parity_of_a_wider_model(device):
 def test_compiled_autograd_runs_our_backward_nodes():
     # Compiled autograd (torch._dynamo.config.compiled_autograd, as its tutorial sets it)
     # captures the backward graph, our Functions' nodes included, and must give eager's
-    # gradients: the whole network's op, a fused layer and an in-place activation.
+    # gradients: the whole network's op, fused layers (SiLU's as f's node and a[f]'s), an
+    # activation and an in-place one.
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = nn.Sequential(hnn.MLP([8, 16, 16, 6]), hnn.LinearTanh(6, 6), nn.Linear(6, 4), hnn.ReLU(inplace=True))
+    model = nn.Sequential(hnn.MLP([8, 16, 16, 6]), hnn.LinearTanh(6, 6), hnn.LinearSiLU(6, 6), hnn.Sigmoid(),
+                          nn.Linear(6, 4), hnn.ReLU(inplace=True))
     x = torch.randn(5, 8)
 
     def step():

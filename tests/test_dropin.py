@@ -290,7 +290,8 @@ def test_module_info_samples_of_linear(ours, activation):
 def test_layers_record_their_own_node_and_forward_ad_uses_the_python_function():
     x, w, b = leaves()
     assert hf.linear_relu(x, w, b).grad_fn.name() == "LinearActivationBackward0"
-    assert "ActivationFunction" in hf.sigmoid(x).grad_fn.name()
+    assert hf.sigmoid(x).grad_fn.name() == "ActivationBackward0"
+    assert hf.linear_silu(x, w, b).grad_fn.name() == "ActivationBackward0"  # a[f] over f's own node
     with fwAD.dual_level():
         dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
         assert type(hf.linear_relu(dual, w, b).grad_fn).__name__ == "LinearReLUFunctionBackward"
@@ -317,10 +318,12 @@ def test_the_layers_node_frees_what_it_saved_and_refuses_a_tangent_it_cannot_car
     x, w, b = leaves()
     weights = [w.detach().clone().requires_grad_(), torch.randn(2, 4, dtype=w.dtype, requires_grad=True)]
     biases = [b.detach().clone().requires_grad_(), torch.randn(2, dtype=b.dtype, requires_grad=True)]
-    calls = {  # what each keeps: h, Omega, out; h, Omega, beta and f; h, the parameters and the
-        # hidden outputs the engine stored
+    calls = {  # what each keeps: h, Omega, out; h and Omega (f's node), f (a[f]'s); h, the
+        # parameters and the hidden outputs the engine stored
         "relu layer": (lambda: torch.ops.handgrad.linear_activation(x, w, b, "relu"), range(3, 4)),
-        "silu layer": (lambda: torch.ops.handgrad.linear_activation(x, w, b, "silu"), range(4, 5)),
+        "silu layer": (lambda: torch.ops.handgrad.linear_activation(x, w, b, "silu"), range(3, 4)),
+        "sigmoid": (lambda: torch.ops.handgrad.activation(x, "sigmoid"), range(1, 2)),  # out
+        "silu": (lambda: torch.ops.handgrad.activation(x, "silu"), range(1, 2)),  # its input
         "network": (lambda: torch.ops.handgrad.mlp(x, weights, biases, "relu"), range(5, 7)),
     }
     for name, (call, counts) in calls.items():
@@ -337,6 +340,8 @@ def test_the_layers_node_frees_what_it_saved_and_refuses_a_tangent_it_cannot_car
             torch.ops.handgrad.linear_activation(dual, w, b, "relu")
         with pytest.raises(RuntimeError, match="forward AD with handgrad::mlp.*handgrad.nn.MLP"):
             torch.ops.handgrad.mlp(dual, weights, biases, "relu")
+        with pytest.raises(RuntimeError, match="forward AD with handgrad::activation.*handgrad.functional"):
+            torch.ops.handgrad.activation(dual, "silu")
 
 
 def test_the_nodes_serve_backwards_of_one_graph_on_several_threads_at_once():

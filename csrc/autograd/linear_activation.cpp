@@ -41,17 +41,17 @@ using namespace handgrad::autograd;
 // 87.6 -> 74 us per training step, eager 77.6; RESULTS.md).
 //
 // It keeps what the chapter's backward needs: h, Omega and out, never f where out tells
-// a'. Where out does not (SiLU, GELU, softplus; LeakyReLU with a negative slope), it keeps f,
-// as eager's activation does: recomputing f would cost the backward a fourth product where
-// eager's makes three (mid 256,512,512: 1.23-1.28 of eager's forward+backward). out is kept
-// only where it is read, so that an in-place edit of it is refused exactly where eager's
+// a' (nothing more for the identity, whose a' is 1). Where out does not, f is kept, as eager's
+// activation keeps it: recomputing f would cost the backward a fourth product where eager's
+// makes three (mid 256,512,512: 1.23-1.28 of eager's forward+backward). LeakyReLU with a
+// negative slope keeps it in this node; SiLU, GELU and softplus are two nodes (below). out is
+// kept only where it is read, so that an in-place edit of it is refused exactly where eager's
 // would be (eager's SiLU keeps its input, ReLU its output). autograd.py's _setup_linear,
 // for forward AD and torch.func, recomputes f instead: a Function there can keep only its
 // inputs and outputs.
 struct LinearActivationBackward0 : public torch::autograd::Node {
-  // f_ and bias_ where a' is read off f (bias_ for the recorded backward's f with history);
-  // out_ where a' is read off out.
-  torch::autograd::SavedVariable input_, weight_, bias_, out_, f_;
+  // f_ where a' is read off f, out_ where it is read off out (neither for the identity).
+  torch::autograd::SavedVariable input_, weight_, out_, f_;
   Activation activation_ = Activation::ReLU;
   ActivationParameters params_;
   bool has_bias_ = false;
@@ -64,7 +64,6 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     input_.reset_data();
     weight_.reset_data();
-    bias_.reset_data();
     out_.reset_data();
     f_.reset_data();
   }
@@ -75,22 +74,17 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     const size_t outputs = num_outputs();
     if (!grads[0].defined()) return no_gradients(outputs);  // an undefined gradient gives undefined ones
-    const Variable input = input_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
+    const Variable input = input_.unpack(), weight = weight_.unpack();
     const bool need_input = task_should_compute_output(0), need_weight = task_should_compute_output(1);
     const bool need_bias = has_bias_ && task_should_compute_output(2);
     const Variable& grad_output = grads[0];
     const c10::string_view activation = activation_name(activation_);
 
-    // a' is read off out or off the kept f; a recorded backward that differentiates a' in
-    // turn (SiLU, GELU, softplus) recomputes f with its history.
-    Variable out_or_f;
-    if (!derivative_needs_preactivation(activation_, params_)) {
-      out_or_f = out_.unpack(getptr());
-    } else if (c10::GradMode::is_enabled() && has_second_derivative(activation_)) {
-      out_or_f = ops::preactivation(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
-    } else {
-      out_or_f = f_.unpack();
-    }
+    // a' is read off out, or off the kept f; the identity's is 1 off any tensor.
+    const bool identity = is_identity(activation_, params_);
+    const Variable out_or_f = identity ? grad_output
+                              : derivative_needs_preactivation(activation_, params_) ? f_.unpack()
+                                                                                       : out_.unpack(getptr());
     Variable grad_input, grad_weight, grad_bias;
     if (!c10::GradMode::is_enabled()) {
       // A plain backward: the whole of it in one fused op.
@@ -98,8 +92,10 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
           grad_output, input, weight, out_or_f, activation, params_, {need_input, need_weight, need_bias});
     } else {
       // create_graph: differentiable pieces, each with its own autograd.
-      Variable grad_pre;
-      if (need_bias) {
+      Variable grad_pre = grad_output;
+      if (identity) {
+        if (need_bias) grad_bias = as_matrix(grad_output).sum(0);
+      } else if (need_bias) {
         std::tie(grad_pre, grad_bias) = ops::bias_activation_backward(grad_output, out_or_f, activation, params_);
       } else {
         grad_pre = ops::activation_backward(grad_output, out_or_f, activation, params_);
@@ -117,7 +113,6 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
     args.collect(input_, false);
     args.collect(weight_, false);
-    args.collect(bias_, false);
     args.collect(out_, true);
     args.collect(f_, false);
     args.collect(static_cast<int8_t>(activation_));
@@ -129,7 +124,7 @@ struct LinearActivationBackward0 : public torch::autograd::Node {
 
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    return apply_with_swapped(*this, grads, saved, input_, weight_, bias_, out_, f_);
+    return apply_with_swapped(*this, grads, saved, input_, weight_, out_, f_);
   }
 };
 
@@ -147,6 +142,15 @@ at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor&
                  "linear_activation", "handgrad.functional.linear_", activation, " and the handgrad.nn layers");
   const Activation act = parse_activation(activation);
   const bool reads_f = derivative_needs_preactivation(act, params);
+  if (reads_f && has_second_derivative(act)) {
+    // SiLU, GELU, softplus: recorded as eager records them, as two nodes, f = beta + Omega h
+    // by the layer with the identity, then a[f], which keeps f. A recorded backward
+    // (create_graph) differentiates a' through f's node, where the gradients of both orders
+    // meet, as in eager's graph: with one node keeping f, a second-order loss took a product
+    // more per layer than eager's (256 x 512-wide SiLU gradient penalty 1.25-1.37 of eager).
+    check_linear_activation(input, weight, bias, activation, params);
+    return ops::activation(ops::preactivation(input, weight, bias), activation, params);
+  }
   auto node = make_node<LinearActivationBackward0>();
   node->set_next_edges(defined(bias) ? torch::autograd::collect_next_edges(input, weight, *bias)
                                      : torch::autograd::collect_next_edges(input, weight));
@@ -154,9 +158,7 @@ at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor&
   node->params_ = params;
   node->has_bias_ = defined(bias);
   at::Tensor out, f;
-  if (reads_f) {
-    // f by the layer with the identity, then a[f]: both below autograd, checked under the
-    // layer's own name first.
+  if (reads_f) {  // LeakyReLU with a negative slope: f, then a[f], both below autograd
     check_linear_activation(input, weight, bias, activation, params);
     at::AutoDispatchBelowADInplaceOrView guard;
     f = ops::preactivation(input, weight, bias);
@@ -168,9 +170,8 @@ at::Tensor linear_activation_autograd(const at::Tensor& input, const at::Tensor&
   node->input_ = torch::autograd::SavedVariable(input, false);
   node->weight_ = torch::autograd::SavedVariable(weight, false);
   if (reads_f) {
-    if (defined(bias)) node->bias_ = torch::autograd::SavedVariable(*bias, false);
     node->f_ = torch::autograd::SavedVariable(f, false);
-  } else {
+  } else if (!is_identity(act, params)) {
     node->out_ = torch::autograd::SavedVariable(out, true);
   }
   return out;

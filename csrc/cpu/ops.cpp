@@ -20,7 +20,12 @@ namespace {
 
 // A fused layer is a network of one layer whose output layer has the activation: the fused
 // engine (csrc/cpu/kernels/fused_mlp.cpp) runs it, the bias inside the accumulation, a[.] while each
-// block of rows is in cache.
+// block of rows is in cache. With the identity (ops::preactivation's f) the output layer is
+// linear: no pass for a or a'.
+cpu::NetworkActivations layer_activations(Activation act, const ActivationParameters& params) {
+  return {act, is_identity(act, params) ? std::nullopt : std::optional<Activation>(act), params};
+}
+
 at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias,
                                  c10::string_view activation, double negative_slope, double beta, double threshold) {
@@ -28,7 +33,7 @@ at::Tensor linear_activation_cpu(const at::Tensor& input, const at::Tensor& weig
   const Activation act = check_linear_activation(input, weight, bias, activation, params);
   const at::Tensor biases[1] = {bias.has_value() ? *bias : at::Tensor()};
   return cpu::kernels().fused_forward(input, weight, bias.has_value() ? at::TensorList(biases) : at::TensorList(),
-                            {act, act, params}, 0, nullptr);
+                                      layer_activations(act, params), 0, nullptr);
 }
 
 at::Tensor activation_cpu(const at::Tensor& input, c10::string_view activation,
@@ -96,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_activation_backward_cpu(
   const Activation act = check_linear_activation_backward(grad_output, input, weight, out_or_f,
                                                           activation, params);
   auto [grad_input, grad_weights, grad_biases] =
-      cpu::kernels().fused_backward(grad_output, input, weight, {}, {}, out_or_f, {act, act, params},
-                          0, output_mask);
+      cpu::kernels().fused_backward(grad_output, input, weight, {}, {}, out_or_f, layer_activations(act, params),
+                                    0, output_mask);
   return {grad_input, output_mask[1] ? grad_weights[0] : at::Tensor(),
           output_mask[2] ? grad_biases[0] : at::Tensor()};
 }
