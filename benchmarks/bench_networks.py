@@ -41,7 +41,14 @@ NETWORKS = {  # name: (sizes, rows)
     "thin64 16k": ([64, 64, 64, 64, 64, 16], 16384),
     "thin64 64k": ([64, 64, 64, 64, 64, 16], 65536),
     "thin128 16k": ([64, 128, 128, 128, 128, 16], 16384),
+    "wide512 batch 256": ([512, 512, 512, 512, 10], 256),
+    "wide1024 batch 4096": ([1024, 1024, 1024, 10], 4096),
 }
+# The networks run by default; the wide ones are for --activation silu and the like, where
+# the network is recorded as a chain of layers (README, "Networks whose a' is read off f").
+DEFAULT_NETWORKS = [name for name in NETWORKS if not name.startswith("wide")]
+TORCH_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+                     "silu": nn.SiLU, "gelu": nn.GELU, "softplus": nn.Softplus}
 CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(Sequential)", "compile(torch.nn)"]
 # Issue 27's targets for the MLP, MLP/torch.nn: {(network, mode): target}.
 TARGETS = {
@@ -121,16 +128,16 @@ def real_models(rounds, min_time, measure, names=None):
 MODES = ["step", "fwd+bwd", "inference"]
 
 
-def models(sizes, seed=0, compile=False):
+def models(sizes, seed=0, compile=False, activation="relu"):
     """The same network three ways (four with torch.compile of the torch.nn one), with
-    identical weights."""
+    identical weights, and torch.nn's defaults for the activation's parameters."""
     torch.manual_seed(seed)
-    mlp = hnn.MLP(sizes, activation="relu")
+    mlp = hnn.MLP(sizes, activation=activation)
     layers = []
     for layer in [*mlp.hidden, mlp.output]:
         linear = nn.Linear(layer.in_features, layer.out_features)
         linear.load_state_dict(layer.state_dict())
-        layers += [linear, nn.ReLU()]
+        layers += [linear, TORCH_ACTIVATIONS[activation]()]
     reference = nn.Sequential(*layers[:-1])  # no activation after the output layer
     fused = hnn.fuse(copy.deepcopy(reference))
     candidates = {"torch.nn": reference, "handgrad MLP": mlp, "fuse(Sequential)": fused}
@@ -167,7 +174,7 @@ def inference(model, x):
     return step
 
 
-def op_gflops(mlp, x, y, rounds, min_time, measure):
+def op_gflops(mlp, x, y, rounds, min_time, measure, activation="relu"):
     """The MLP op's own forward (storing activations) and backward, and the GFLOP/s of the
     products they make: 2 rows d_in d_out per layer forward, twice that backward (dl/dOmega
     and dl/dh; none for dl/dx of the input)."""
@@ -178,12 +185,12 @@ def op_gflops(mlp, x, y, rounds, min_time, measure):
     grad_output = torch.randn(x.shape[0], weights[-1].shape[0])
 
     def forward():
-        return ops.mlp_forward(x, weights, biases, "relu", 0.01, 0)
+        return ops.mlp_forward(x, weights, biases, activation, 0.01, 0)
 
     _, saved = forward()
 
     def backward():
-        ops.mlp_backward(grad_output, x, weights, biases, saved, "relu", 0.01, 0, False)
+        ops.mlp_backward(grad_output, x, weights, biases, saved, activation, 0.01, 0, False)
 
     seconds = measure({"forward": forward, "backward": backward}, rounds, min_time)
     rows = x.shape[0]
@@ -257,8 +264,11 @@ def ratio_table(rows, mode, candidates):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--networks", default=",".join(NETWORKS),
-                        help="comma-separated, of: " + ", ".join(NETWORKS))
+    parser.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
+                        help="comma-separated, of: " + ", ".join(NETWORKS) + " (default: all but the wide ones)")
+    parser.add_argument("--activation", default="relu", choices=list(TORCH_ACTIVATIONS),
+                        help="the hidden layers' activation, torch.nn's defaults for its parameters "
+                             "(issue 27's targets are ReLU's)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per sample")
     parser.add_argument("--out", default="benchmarks/out")
@@ -276,13 +286,13 @@ def main(argv=None):
     from machine import blas_gflops, fma_limit, machine_description
 
     machine = machine_description("cpu")
-    print(f"# Whole networks\n\n{machine}\n", flush=True)
+    print(f"# Whole networks, {args.activation}\n\n{machine}\n", flush=True)
     rows = []
     for name in names:
         sizes, batch = NETWORKS[name]
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(batch, sizes[0], generator=g), torch.randn(batch, sizes[-1], generator=g)
-        candidates = models(sizes, compile=args.compile == "yes")
+        candidates = models(sizes, compile=args.compile == "yes", activation=args.activation)
         steps = {}
         for c, model in candidates.items():
             steps[f"{c} step"] = training_step(model, x, y)
@@ -290,7 +300,7 @@ def main(argv=None):
             steps[f"{c} inference"] = inference(model, x)
         steps.update(node_steps(candidates["torch.nn"], x, y)[0])
         row = {"network": name, "sizes": sizes, "rows": batch, **measure(steps, args.rounds, args.min_time)}
-        row["op"] = op_gflops(candidates["handgrad MLP"], x, y, args.rounds, args.min_time, measure)
+        row["op"] = op_gflops(candidates["handgrad MLP"], x, y, args.rounds, args.min_time, measure, args.activation)
         row["page faults"] = {c: page_faults(steps[f"{c} step"]) for c in candidates}
         rows.append(row)
         print(f"  {name}: " + ", ".join(f"{c} {row[f'{c} fwd+bwd'] * 1e3:.3f} ms" for c in candidates),
@@ -312,7 +322,7 @@ def main(argv=None):
     for r in rows:
         for mode in MODES:
             base, b = r[f"torch.nn {mode}"], bound(r, mode, limit)
-            target = TARGETS.get((r["network"], mode))
+            target = TARGETS.get((r["network"], mode)) if args.activation == "relu" else None
             print(f"| {r['network']} | {mode} | {base * 1e3:.3f} | {r[f'node {mode}'] * 1e3:.3f} "
                   f"| {b * 1e3:.3f} | **{r[f'handgrad MLP {mode}'] / base:.2f}** | {b / base:.2f} "
                   f"| {bound(r, mode, blas_gflops()) / base:.2f} | {'-' if target is None else f'{target:.2f}'} |")
@@ -345,8 +355,10 @@ def main(argv=None):
                   f"{r['flops'] / (blas_gflops() * 1e9) / r['unfused']:.2f} | "
                   f"{REAL_TARGETS.get(r['model'], 1.0):.2f} |")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_networks.json"), "w") as f:
-        json.dump({"machine": machine, "results": rows, "real models": real}, f, indent=1)
+    suffix = "" if args.activation == "relu" else f"_{args.activation}"
+    with open(os.path.join(args.out, f"bench_networks{suffix}.json"), "w") as f:
+        json.dump({"machine": machine, "activation": args.activation, "results": rows, "real models": real},
+                  f, indent=1)
     return rows
 
 

@@ -16,7 +16,9 @@ in float64. Tables are markdown; the raw figures go to JSON.
     (0.01/pi) u_xx, which needs u_xx, a third order in the step's backward;
   - DeepXDE's 2-20-20-20-1 tanh, the same residual;
   - an eikonal loss on a smooth network, 3-128x4-1 SiLU (second order only);
-  - IGR's and NeuS's SDF activation, softplus(beta=100), on the 3-256x4-1 eikonal network.
+  - IGR's and NeuS's SDF activation, softplus(beta=100), on the 3-256x4-1 eikonal network;
+  - WGAN-GP's loss on a wide SiLU critic, 784-512x3-1 at batch 256, which handgrad.nn.MLP
+    records as a chain of layers (README, "Networks whose a' is read off f").
 
     python benchmarks/bench_second_order.py [--workloads wgan-gp,...] [--rounds 7] [--out DIR]
 """
@@ -42,8 +44,10 @@ WORKLOADS = {  # name: (sizes, activation, its parameters, loss, rows)
     "eikonal 3-128x4-1 silu, 8192+2048 points": ([3, 128, 128, 128, 128, 1], "silu", {}, "eikonal", 10240),
     "eikonal 3-256x4-1 softplus(beta=100), 8192+2048 points": ([3, 256, 256, 256, 256, 1], "softplus",
                                                                {"beta": 100.0}, "eikonal", 10240),
+    "gradient penalty 784-512x3-1 silu, batch 256": ([784, 512, 512, 512, 1], "silu", {}, "wgan-gp", 256),
 }
-SHORT = {"wgan-gp": 0, "eikonal": 1, "burgers": 2, "deepxde": 3, "eikonal-silu": 4, "eikonal-softplus": 5}
+SHORT = {"wgan-gp": 0, "eikonal": 1, "burgers": 2, "deepxde": 3, "eikonal-silu": 4, "eikonal-softplus": 5,
+         "penalty-silu": 6}
 CANDIDATES = ["torch.nn", "handgrad MLP", "fuse(torch.nn)"]
 TORCH_ACTIVATIONS = {"relu": lambda p: nn.ReLU(), "leaky_relu": lambda p: nn.LeakyReLU(**p),
                      "sigmoid": lambda p: nn.Sigmoid(), "tanh": lambda p: nn.Tanh(), "silu": lambda p: nn.SiLU(),

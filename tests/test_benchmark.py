@@ -82,6 +82,18 @@ def test_network_harness_prints_its_tables_and_writes_json(tmp_path, capsys):
     assert json.loads((tmp_path / "bench_networks.json").read_text())["results"][0]["rows"] == 10
 
 
+def test_network_harness_times_other_activations_without_relus_targets(tmp_path, capsys):
+    import bench_networks
+
+    bench_networks.main(["--networks", "wide512 batch 256", "--activation", "silu", "--rounds", "1",
+                         "--min-time", "0.001", "--out", str(tmp_path), "--real-models", "no", "--compile", "no"])
+    printed = capsys.readouterr().out
+    assert "# Whole networks, silu" in printed and "| wide512 batch 256 | 512-512-512-512-10 | 256 |" in printed
+    assert "| wide512 batch 256 | fwd+bwd |" in printed and printed.count("| - |") >= len(bench_networks.MODES)
+    saved = json.loads((tmp_path / "bench_networks_silu.json").read_text())
+    assert saved["activation"] == "silu" and saved["results"][0]["rows"] == 256
+
+
 def test_real_models_of_the_network_harness_are_fused_and_timed():
     import bench_layers
     import bench_networks
