@@ -145,7 +145,7 @@ def test_the_cpp_and_python_functions_of_a_layer_save_the_same_tensors(activatio
                          ids=[f"{m[1]}{m[2]}" for m in MIRRORED])
 def test_the_cpp_and_python_functions_of_an_activation_and_its_backward_save_the_same_tensors(
         activation, function, arguments, parameters):
-    # The standalone activation (ActivationFunction / <stem>Function) and the differentiable
+    # The standalone activation (ActivationBackward0 / <stem>Function) and the differentiable
     # backward pieces a recorded backward is built of (ActivationBackwardFunction and
     # BiasActivationBackwardFunction / _ActivationBackward and _BiasActivationBackward).
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

@@ -248,7 +248,7 @@ class LinearSoftplusFunction(_LinearActivationFunction):
 def _setup_activation(ctx, inputs, output, activation, parameters):
     ctx.activation, ctx.parameters = activation, parameters
     ctx.num_inputs = len(inputs)
-    # As ActivationFunction (csrc/autograd/activation.cpp) keeps it (checked by test_func.py).
+    # As ActivationBackward0 (csrc/autograd/activation.cpp) keeps it (checked by test_func.py).
     out_or_f = inputs[0] if _derivative_needs_preactivation(activation, *parameters) else output
     ctx.save_for_backward(out_or_f)
     ctx.save_for_forward(out_or_f)
