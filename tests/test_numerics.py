@@ -127,3 +127,21 @@ def test_float32_gelu_across_its_range_is_as_close_to_float64_as_eagers():
         eager_error = (eagers.double() - truth)[finite].abs()
         assert error.max() <= 2 * eager_error.max(), (error.max().item(), eager_error.max().item())
         assert error.mean() <= 2 * eager_error.mean(), (error.mean().item(), eager_error.mean().item())
+
+
+@pytest.mark.usefixtures("cpu_capability")
+def test_float32_gelu_gives_an_element_the_same_bits_in_a_vector_lane_as_alone():
+    # Lanes and the scalar tail run the same e^y and Phi, operation for operation
+    # (csrc/activation.h, csrc/cpu/kernels/vectorized.h): an element's value and gradient do
+    # not depend on where it sits. Underflow, signed zero, the tails and NaN included.
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(509) * 4, torch.tensor([-20., -13.3, -13.1, 0., -0., 1e-30, 50., float("nan")])])
+    leaf = x.clone().requires_grad_()
+    out = hf.gelu(leaf)
+    grad = torch.autograd.grad(out, leaf, torch.ones_like(x))[0]
+    for i in range(0, len(x), 7):
+        alone = x[i:i + 1].clone().requires_grad_()
+        alone_out = hf.gelu(alone)
+        alone_grad = torch.autograd.grad(alone_out, alone, torch.ones(1))[0]
+        assert torch.equal(out[i:i + 1].detach(), alone_out.detach()) or (out[i].isnan() and alone_out.isnan()).item()
+        assert torch.equal(grad[i:i + 1], alone_grad) or (grad[i].isnan() and alone_grad.isnan()).item()

@@ -50,9 +50,17 @@ inline Vectorized<T> erf(const Vectorized<T>& x) {
   return x.erf();
 }
 
-// float32's: the rational approximation (activation.h says why).
-inline Vectorized<float> erf(const Vectorized<float>& x) {
-  return handgrad::rational_erf(x);
+// activation.h's exp_of_nonpositive, lane for lane the same operations and so the same bits.
+inline Vectorized<float> exp_of_nonpositive(const Vectorized<float>& y) {
+  using F = Vectorized<float>;
+  using I = Vectorized<int32_t>;
+  const F x = where(y > F(-87.f), y, F(-87.f));  // NaN too, so that n is an integer
+  const F n = fmadd(x, F(handgrad::kLog2E), F(handgrad::kExpShifter)) - F(handgrad::kExpShifter);
+  const F r = fmadd(-n, F(handgrad::kLn2Low), fmadd(-n, F(handgrad::kLn2High), x));
+  F p(handgrad::kExpTaylor[0]);
+  for (int i = 1; i < 8; ++i) p = fmadd(p, r, F(handgrad::kExpTaylor[i]));
+  const F scale = cast<float>((convert_to_int_of_same_size(n) + I(127)) << I(23));  // 2^n
+  return where(y >= F(-87.f), p * scale, where(y < F(-87.f), F(0.f), y));
 }
 
 template <typename T>
@@ -74,6 +82,10 @@ inline Vectorized<T> multiply_add(const Vectorized<T>& a, const Vectorized<T>& b
 
 }  // namespace CPU_CAPABILITY
 }  // namespace at::vec
+
+// Float32 lanes take handgrad's own e^y and Phi, as float32 scalars do (activation.h).
+template <>
+struct handgrad::is_float32_on_cpu<at::vec::Vectorized<float>> : std::true_type {};
 
 namespace handgrad::cpu {
 inline namespace CPU_CAPABILITY {
