@@ -167,6 +167,10 @@ inline float exp_of_nonpositive(float y) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return y >= -87.f ? p * scale : (y < -87.f ? 0.f : y);
 }
+
+inline float magnitude(float x) {
+  return std::fabs(x);
+}
 #endif
 
 // e^{-f^2 / 2}, the normal density's shape in GELU's a'.
@@ -204,7 +208,7 @@ template <typename V>
 C10_HOST_DEVICE inline V normal_cdf(V f, V density_shape) {
 #if !defined(__CUDACC__)
   if constexpr (is_float32_on_cpu<V>::value) {
-    const V z = where(f < V(0.f), -f, f) * V(static_cast<float>(kGeluAlpha));
+    const V z = magnitude(f) * V(static_cast<float>(kGeluAlpha));
     const V t = V(1.f) / multiply_add(V(0.3275911f), z, V(1.f));
     V p = V(1.061405429f);
     for (const float a : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) p = multiply_add(p, t, V(a));

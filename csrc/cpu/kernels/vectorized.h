@@ -50,17 +50,23 @@ inline Vectorized<T> erf(const Vectorized<T>& x) {
   return x.erf();
 }
 
-// activation.h's exp_of_nonpositive, lane for lane the same operations and so the same bits.
+// activation.h's exp_of_nonpositive, lane for lane the same operations and so the same bits
+// (NaN aside: here it stays NaN through the polynomial). The clamp and the zero below -87
+// take one instruction each where the scalar's selects take two: this runs once per GELU.
 inline Vectorized<float> exp_of_nonpositive(const Vectorized<float>& y) {
   using F = Vectorized<float>;
   using I = Vectorized<int32_t>;
-  const F x = where(y > F(-87.f), y, F(-87.f));  // NaN too, so that n is an integer
+  const F x = clamp_min(y, F(-87.f));
   const F n = fmadd(x, F(handgrad::kLog2E), F(handgrad::kExpShifter)) - F(handgrad::kExpShifter);
   const F r = fmadd(-n, F(handgrad::kLn2Low), fmadd(-n, F(handgrad::kLn2High), x));
   F p(handgrad::kExpTaylor[0]);
   for (int i = 1; i < 8; ++i) p = fmadd(p, r, F(handgrad::kExpTaylor[i]));
   const F scale = cast<float>((convert_to_int_of_same_size(n) + I(127)) << I(23));  // 2^n
-  return where(y >= F(-87.f), p * scale, where(y < F(-87.f), F(0.f), y));
+  return where(y < F(-87.f), F(0.f), p * scale);
+}
+
+inline Vectorized<float> magnitude(const Vectorized<float>& x) {
+  return x.abs();
 }
 
 template <typename T>
