@@ -148,7 +148,10 @@ struct is_float32_on_cpu : std::is_same<V, float> {};
 // r = y - n ln 2 (ln 2 in two parts, Cody and Waite's), e^r by its Taylor polynomial to
 // degree 7 (|r| <= ln 2 / 2: within 1e-8 of it): code every capability vectorizes, where
 // libm's exp is a call per element and Sleef's (at::vec's) made GELU's forward 1.04-1.15 of
-// eager's on AVX2 (this one: 0.92-0.96). 0 below -87 (e^y no longer normal), NaN stays NaN.
+// eager's on AVX2 (this one: 0.92-0.96). 0 below -87 (e^y no longer normal). NaN gives a
+// number: GELU, its one user, multiplies by f, and so stays NaN; one select fewer made GELU's
+// forward on the DEFAULT capability (GCC's SSE2 vectorization of these scalars) 3.98 -> 2.54
+// ns an element.
 // Scalars here, lanes in vectorized.h, operation for operation.
 #if !defined(__CUDACC__)
 constexpr float kExpShifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -165,7 +168,7 @@ inline float exp_of_nonpositive(float y) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return y >= -87.f ? p * scale : (y < -87.f ? 0.f : y);
+  return y < -87.f ? 0.f : p * scale;
 }
 
 inline float magnitude(float x) {
@@ -196,14 +199,15 @@ constexpr double kGeluTanhBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
 constexpr double kGeluTanhKappa = 0.044715;
 
 // Phi[f] = (1 + erf[f / sqrt 2]) / 2, the normal distribution function of GELU, given the
-// density's shape e = e^{-f^2 / 2}. Float32 on the CPU takes erfc(z) = t P(t) e^{-z^2}, t = 1 / (1 + p z), z = |f| / sqrt 2 (Abramowitz and
-// Stegun 7.1.26, at most 1.5e-7 from erfc; at::vec's erf uses it too), and Phi = erfc(z) / 2
-// below 0, 1 - erfc(z) / 2 above: nothing cancels in the tail, and a' shares e with the
-// density. GELU's forward is then within 4.1e-7 of the float64 truth on [-10, 10] (eager's
-// oneDNN: 3.8e-7), a' within 2.7e-7 (2.6e-7), with FMA and without. (Eigen's rational erf,
-// used before, was 9e-7 to 1.2e-6 from it: near 1, x P / Q carries its rounding.) Multiply-
-// adds, a division and the exp that every capability vectorizes, where libm's erf is a call
-// per element. Other types: erf itself. NaN stays NaN.
+// density's shape e = e^{-f^2 / 2}. Float32 on the CPU takes erfc(z) = t P(t) e^{-z^2},
+// t = 1 / (1 + p z), z = |f| / sqrt 2 (Abramowitz and Stegun 7.1.26, at most 1.5e-7 from
+// erfc; at::vec's erf uses it too), and Phi = erfc(z) / 2 below 0, 1 - erfc(z) / 2 above:
+// nothing cancels in the tail, and a' shares e with the density. GELU's forward is then
+// within 4.1e-7 of the float64 truth on [-10, 10] (eager's oneDNN: 3.8e-7), a' within 2.7e-7
+// (2.6e-7), with FMA and without. (Eigen's rational erf, used before, was 9e-7 to 1.2e-6
+// from it: near 1, x P / Q carries its rounding.) Multiply-adds, a division and the exp that
+// every capability vectorizes, where libm's erf is a call per element. Other types: erf
+// itself. NaN stays NaN (through t).
 template <typename V>
 C10_HOST_DEVICE inline V normal_cdf(V f, V density_shape) {
 #if !defined(__CUDACC__)
@@ -211,7 +215,9 @@ C10_HOST_DEVICE inline V normal_cdf(V f, V density_shape) {
     const V z = magnitude(f) * V(static_cast<float>(kGeluAlpha));
     const V t = V(1.f) / multiply_add(V(0.3275911f), z, V(1.f));
     V p = V(1.061405429f);
-    for (const float a : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) p = multiply_add(p, t, V(a));
+    for (const float a : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) {
+      p = multiply_add(p, t, V(a));
+    }
     const V half_erfc = V(0.5f) * t * p * density_shape;
     return where(f < V(0.f), half_erfc, V(1.f) - half_erfc);
   } else
@@ -227,9 +233,8 @@ template <typename V>
 C10_HOST_DEVICE inline V normal_cdf(V f) {
 #if !defined(__CUDACC__)
   if constexpr (is_float32_on_cpu<V>::value) return normal_cdf(f, exp_minus_half_square(f));
-  else
 #endif
-    return V(0.5) * (V(1) + erf(f * V(kGeluAlpha)));
+  return normal_cdf(f, V(0));  // erf's formula, which has no use for the density's shape
 }
 
 // Forward: out = a[f].

@@ -135,7 +135,7 @@ def test_float32_gelu_gives_an_element_the_same_bits_in_a_vector_lane_as_alone()
     # (csrc/activation.h, csrc/cpu/kernels/vectorized.h): an element's value and gradient do
     # not depend on where it sits. Underflow, signed zero, the tails and NaN included.
     torch.manual_seed(0)
-    x = torch.cat([torch.randn(509) * 4, torch.tensor([-20., -13.3, -13.1, 0., -0., 1e-30, 50., float("nan")])])
+    x = torch.cat([torch.randn(509) * 4, torch.tensor([-20., -13.3, -13.1, 0., -0., 1e-30, 50., float("inf"), -float("inf"), float("nan")])])
     leaf = x.clone().requires_grad_()
     out = hf.gelu(leaf)
     grad = torch.autograd.grad(out, leaf, torch.ones_like(x))[0]

@@ -51,8 +51,8 @@ inline Vectorized<T> erf(const Vectorized<T>& x) {
 }
 
 // activation.h's exp_of_nonpositive, lane for lane the same operations and so the same bits
-// (NaN aside: here it stays NaN through the polynomial). The clamp and the zero below -87
-// take one instruction each where the scalar's selects take two: this runs once per GELU.
+// (NaN aside: here it stays NaN through the polynomial; GELU's f carries it either way). The
+// clamp and the zero below -87 take one instruction each: this runs once per GELU.
 inline Vectorized<float> exp_of_nonpositive(const Vectorized<float>& y) {
   using F = Vectorized<float>;
   using I = Vectorized<int32_t>;
