@@ -218,9 +218,9 @@ C10_HOST_DEVICE inline V normal_cdf(V f, V density_shape) {
     for (const float a : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) {
       p = multiply_add(p, t, V(a));
     }
-    // 1 - erfc / 2 as one explicit multiply-add, so that no build contracts it on its own.
-    const V half_t_p = V(0.5f) * t * p;
-    return where(f < V(0.f), half_t_p * density_shape, multiply_add(-half_t_p, density_shape, V(1.f)));
+    const V half_t_p = V(0.5f) * t * p;  // 1 - erfc / 2 by multiply_add, as a' below
+    return where(f < V(0.f), half_t_p * density_shape,
+                 multiply_add(-half_t_p, density_shape, V(1.f)));
   } else
 #endif
   {
@@ -289,9 +289,8 @@ C10_HOST_DEVICE inline V activation_backward(V grad, V out_or_f, const Activatio
     const V f = out_or_f;
     const V density_shape = exp_minus_half_square(f);
     const V pdf = V(kGeluDensity) * density_shape;
-    // a' = Phi[f] + f phi[f], the sum an explicit multiply-add: GCC contracts a * b + c where
-    // it sees one, in lanes and scalars alike, but a sanitizer's build did so in one and not
-    // the other, and an element's gradient then depended on where it sat.
+    // a' = Phi[f] + f phi[f], by multiply_add: lanes and scalars then round it alike in
+    // every build (a sanitizer's build contracted it in one and not the other).
     return grad * multiply_add(f, pdf, normal_cdf(f, density_shape));
   } else if constexpr (A == Activation::GELUTanh) {
     const V f = out_or_f, f_squared = f * f;
