@@ -147,8 +147,7 @@ void transpose_weight(const at::Tensor& weight, const T* natural, T* t) {
   const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(d_in, 1));
   at::parallel_for(0, d_out, grain, [&](int64_t first, int64_t last) {
     if (natural != nullptr) {
-      at::vec::transpose_mxn<T>(natural + first * d_in, d_in, t + first, d_out,
-                                static_cast<int>(last - first), static_cast<int>(d_in));
+      transpose<T>(natural + first * d_in, d_in, t + first, d_out, last - first, d_in);
       return;
     }
     for (int64_t i = first; i < last; ++i) {

@@ -101,26 +101,6 @@ void forward_blocks(const Plan& p, const NetworkActivations& acts, const scalar_
 // 3, 4 or 6 threads), of at least kTransposedMinChunk outputs each.
 constexpr int64_t kTransposedChunks = 12, kTransposedMinChunk = 8;
 
-// dst (cols x rows) = src (rows x cols)^T, in register blocks where at::vec has them.
-void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
-#if defined(CPU_CAPABILITY_AVX2)
-  // at::vec's transpose of any shape is scalar code on AVX2; its 8 x 8 blocks are not.
-  int64_t i = 0;
-  for (; i + 8 <= rows; i += 8) {
-    int64_t j = 0;
-    for (; j + 8 <= cols; j += 8) {
-      at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
-    }
-    at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst, 8,
-                                  static_cast<int>(cols - j));
-  }
-  at::vec::transpose_mxn<float>(src + i * ld_src, ld_src, dst + i, ld_dst, static_cast<int>(rows - i),
-                                static_cast<int>(cols));
-#else
-  at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(rows), static_cast<int>(cols));
-#endif
-}
-
 // f[i, :] = a[f[i, :] + bias[i]] for the rows of a chunk of f^T: one bias per row, in the
 // activation's pass where it has one of its own (tanh runs eager's VML over whole rows).
 void add_row_bias_and_activate(float* f, int64_t rows, int64_t cols, const float* bias,
