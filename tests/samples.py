@@ -33,6 +33,25 @@ def eager_activation(name, negative_slope=0.01, beta=1.0, threshold=20.0):
             "softplus": lambda f: F.softplus(f, beta, threshold)}[name]
 
 
+def eager_network(x, weights, biases, activation, slope, output_activation=None, stored_as=None,
+                  beta=1.0, threshold=20.0):
+    """The network in eager PyTorch: F.linear and torch's activations (both activations take
+    slope, beta and threshold). stored_as=dtype rounds each hidden output to dtype, as a
+    network in that dtype stores it: the truth for a low-precision network is the float64
+    network with its stored values."""
+    parameters = dict(negative_slope=slope, beta=beta, threshold=threshold)
+    h = x
+    for layer, weight in enumerate(weights):
+        h = F.linear(h, weight, biases[layer] if biases else None)
+        if layer + 1 < len(weights):
+            h = eager_activation(activation, **parameters)(h)
+            if stored_as is not None:
+                h = h.to(stored_as).to(h.dtype)
+        elif output_activation is not None:
+            h = eager_activation(output_activation, **parameters)(h)
+    return h
+
+
 def handgrad_activation(name, negative_slope=0.01, beta=1.0, threshold=20.0):
     return {"relu": hf.relu, "leaky_relu": lambda x: hf.leaky_relu(x, negative_slope=negative_slope),
             "sigmoid": hf.sigmoid, "tanh": hf.tanh, "silu": hf.silu, "gelu": hf.gelu,

@@ -15,6 +15,7 @@ from samples import (
     NETWORK_SLOPES,
     assert_as_accurate_as_eager,
     eager_activation,
+    eager_network,
     gradients,
     leaves,
     same_bits_for_every_thread_count,
@@ -29,22 +30,6 @@ import handgrad.functional as hf
 import handgrad.nn as hnn
 
 ops = torch.ops.handgrad
-def eager_network(x, weights, biases, activation, slope, output_activation=None, stored_as=None):
-    """The network in eager PyTorch: F.linear and torch's activations. stored_as=dtype rounds
-    each hidden output to dtype, as a network in that dtype stores it: the truth for a
-    low-precision network is the float64 network with its stored values."""
-    h = x
-    for layer, weight in enumerate(weights):
-        h = F.linear(h, weight, biases[layer] if biases else None)
-        if layer + 1 < len(weights):
-            h = eager_activation(activation, negative_slope=slope)(h)
-            if stored_as is not None:
-                h = h.to(stored_as).to(h.dtype)
-        elif output_activation is not None:
-            h = eager_activation(output_activation, negative_slope=slope)(h)
-    return h
-
-
 def random_network(sizes, rows, dtype, bias=True, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, sizes[0], generator=g)
