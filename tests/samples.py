@@ -4,6 +4,7 @@ comparisons the concern files hold them to. Tests import what they need from her
 conftest.py gives the `device` fixture.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -157,6 +158,17 @@ def gradients(fn, args, grad_output):
     args = leaves(args)
     out = fn(*args)
     return [out.detach(), *torch.autograd.grad(out, args, grad_output)]
+
+
+@contextlib.contextmanager
+def num_threads(count):
+    """torch's intra-op thread count set to count inside the block, and restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def same_bits_for_every_thread_count(fn, args, grad_output, blas=False):

@@ -8,13 +8,11 @@ the kernels of every CPU capability the machine offers (the cpu_capability fixtu
 
 import pytest
 import torch
-import torch.nn.functional as F
 from samples import (
     DTYPES,
     NETWORK_ACTIVATIONS,
     NETWORK_SLOPES,
     assert_as_accurate_as_eager,
-    eager_activation,
     eager_network,
     gradients,
     leaves,
@@ -30,6 +28,8 @@ import handgrad.functional as hf
 import handgrad.nn as hnn
 
 ops = torch.ops.handgrad
+
+
 def random_network(sizes, rows, dtype, bias=True, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, sizes[0], generator=g)
@@ -248,13 +248,8 @@ def test_the_transposed_pass_of_few_rows_is_as_close_to_float64_as_eager(cpu_cap
     ours_args, eager_args = leaves([x, *weights, *biases]), leaves([x, *weights, *biases])
     n = len(weights)
 
-    def eager(x, weights, biases, activation, output_activation, **p):
-        h = x
-        for layer, weight in enumerate(weights):
-            h = F.linear(h, weight, biases[layer] if biases else None)
-            name = activation if layer + 1 < len(weights) else output_activation
-            h = eager_activation(name, **p)(h) if name else h
-        return h
+    def eager(x, weights, biases, activation, output_activation, negative_slope=0.01, **softplus):
+        return eager_network(x, weights, biases, activation, negative_slope, output_activation, **softplus)
 
     def network(args, run):
         return run(args[0], args[1:n + 1], args[n + 1:], activation, **params, output_activation=output_activation)

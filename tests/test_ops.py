@@ -14,6 +14,7 @@ from samples import (
     assert_as_accurate_as_eager,
     check_layer,
     grads,
+    num_threads,
     random_tensor,
     same_bits_for_every_thread_count,
     tolerances,
@@ -215,15 +216,11 @@ def test_activations_are_eagers_to_the_last_bit(fn, reference, dtype, numel):
 def test_activations_are_eagers_to_the_last_bit_on_any_thread_count(threads):
     # Eager's threads each walk their own piece, pairs of registers then a scalar tail;
     # handgrad cuts the same pieces (and keeps them without OpenMP), so the tails match.
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         x = 4 * torch.randn(100_003, generator=torch.Generator().manual_seed(threads))
         for name in ("sigmoid", "relu"):
             fn, reference = ACTIVATION[name]
             assert torch.equal(fn(x), reference(x)), f"{name} on {threads} threads"
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("fn,reference", FUSED_LAYERS)
