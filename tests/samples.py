@@ -74,7 +74,7 @@ def eager_layer(name, **parameters):
 
 
 # Each activation once, leaky_relu at every slope of SLOPES and softplus at every SOFTPLUS.
-_CASES = ([("relu", {}, ""), ("sigmoid", {}, ""), ("tanh", {}, ""), ("silu", {}, ""), ("gelu", {}, ""),
+CASES = ([("relu", {}, ""), ("sigmoid", {}, ""), ("tanh", {}, ""), ("silu", {}, ""), ("gelu", {}, ""),
            ("gelu_tanh", {}, "")]
           + [("leaky_relu", {"negative_slope": s}, f"[{s}]") for s in SLOPES]
           + [("softplus", {"beta": b, "threshold": t}, f"[{b},{t}]") for b, t in SOFTPLUS])
@@ -82,12 +82,12 @@ _CASES = ([("relu", {}, ""), ("sigmoid", {}, ""), ("tanh", {}, ""), ("silu", {},
 
 def _fused_cases():
     return [pytest.param(fused_layer(name, **p), eager_layer(name, **p), id=f"linear_{name}{suffix}")
-            for name, p, suffix in _CASES]
+            for name, p, suffix in CASES]
 
 
 def _activation_cases():
     return [pytest.param(handgrad_activation(name, **p), eager_activation(name, **p), id=f"{name}{suffix}")
-            for name, p, suffix in _CASES]
+            for name, p, suffix in CASES]
 
 
 # The activations of the network tests, with their parameters as handgrad.nn.MLP takes them:

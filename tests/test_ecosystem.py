@@ -1,4 +1,4 @@
-"""What nn.Linear + activation gives users keeps working: autocast, torch.export,
+"""What nn.Linear + activation gives users keeps working: autocast, torch.export, TorchScript,
 DistributedDataParallel, threads, and long runs without leaks."""
 
 import faulthandler
@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from samples import (
+    CASES,
     FUSED_LAYERS,
     assert_close_to_eager_gradient,
     tolerances,
@@ -172,3 +173,136 @@ def test_ddp_two_processes_match_full_batch_gradients(tmp_path):
     F.mse_loss(model(x), y).backward()
     for got, want in zip(torch.load(out_path), [p.grad for p in model.parameters()]):
         torch.testing.assert_close(got, want)
+
+
+# --- TorchScript: torch.jit.script compiles the modules, and fused models, as it does torch.nn's ---
+
+# torch deprecates TorchScript (it warns on each script, save and load) but still ships it.
+torchscript = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+
+def _module_pair(name, parameters):
+    """The fused layer and the standalone activation module for an activation case."""
+    kwargs = dict(parameters)
+    if name == "gelu_tanh":
+        name, kwargs = "gelu", {"approximate": "tanh"}
+    layer = {"relu": hnn.LinearReLU, "leaky_relu": hnn.LinearLeakyReLU, "sigmoid": hnn.LinearSigmoid,
+             "tanh": hnn.LinearTanh, "silu": hnn.LinearSiLU, "gelu": hnn.LinearGELU,
+             "softplus": hnn.LinearSoftplus}[name](6, 5, dtype=torch.float64, **kwargs)
+    activation = {"relu": hnn.ReLU, "leaky_relu": hnn.LeakyReLU, "sigmoid": hnn.Sigmoid, "tanh": hnn.Tanh,
+                  "silu": hnn.SiLU, "gelu": hnn.GELU, "softplus": hnn.Softplus}[name](**kwargs)
+    return layer, activation
+
+
+def _scripted_and_reloaded(module):
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+def _results_and_gradients(module, x):
+    """module(x), and the gradients of a gradient penalty of it: d/dx, then d/dparameters of
+    |d/dx|^2 (the double backward)."""
+    x = x.clone().requires_grad_()
+    out = module(x)
+    grad_x, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    parameters = list(module.parameters())
+    second = torch.autograd.grad(grad_x.square().sum(), parameters, allow_unused=True) if parameters else []
+    return [out.detach(), grad_x.detach(), *(torch.zeros(()) if g is None else g for g in second)]
+
+
+@torchscript
+@pytest.mark.parametrize("name,parameters", [pytest.param(n, p, id=f"{n}{s}") for n, p, s in CASES])
+def test_torchscript_modules_give_eagers_bits(name, parameters):
+    torch.manual_seed(0)
+    layer, activation = _module_pair(name, parameters)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    for module, input in ((layer, x), (activation, x), (nn.Sequential(layer, activation), x)):
+        scripted = _scripted_and_reloaded(module)
+        for got, want in zip(_results_and_gradients(scripted, input), _results_and_gradients(module, input)):
+            assert torch.equal(got, want)
+
+
+@torchscript
+@pytest.mark.parametrize("inplace_module", [hnn.ReLU(inplace=True), hnn.SiLU(inplace=True),
+                                            hnn.LeakyReLU(0.2, inplace=True)], ids=["relu", "silu", "leaky_relu"])
+def test_torchscript_inplace_activations_overwrite_their_input(inplace_module):
+    x = torch.randn(4, 5)
+    want = inplace_module(x.clone())
+    y = x.clone()
+    out = _scripted_and_reloaded(inplace_module)(y)
+    assert torch.equal(y, want) and out.data_ptr() == y.data_ptr()
+
+
+@torchscript
+@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"checkpoint_every": 1},
+                                    {"output_activation": "sigmoid"},
+                                    {"activation": "leaky_relu", "negative_slope": -0.3, "output_activation": "leaky_relu"},
+                                    {"activation": "gelu_tanh"},
+                                    {"activation": "softplus", "beta": 3.0, "threshold": 2.0, "output_activation": "softplus"}],
+                         ids=["relu", "no_bias", "checkpointed", "sigmoid_output", "leaky_relu", "gelu_tanh", "softplus"])
+def test_torchscript_mlp_runs_the_one_op_as_eager(kwargs):
+    torch.manual_seed(0)
+    mlp = hnn.MLP([6, 5, 4, 3], dtype=torch.float64, **kwargs)
+    scripted = _scripted_and_reloaded(mlp)
+    assert "handgrad::mlp" in str(scripted.inlined_graph)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    for got, want in zip(_results_and_gradients(scripted, x), _results_and_gradients(mlp, x)):
+        assert torch.equal(got, want)
+
+
+def _doubled(module: hnn.LinearReLU, input: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+    return 2 * output
+
+
+@torchscript
+def test_torchscript_mlp_calls_its_layers_where_one_has_a_hook():
+    torch.manual_seed(0)
+    mlp = hnn.MLP([6, 5, 4, 3], dtype=torch.float64)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    plain = mlp(x)
+    mlp.hidden[1].register_forward_hook(_doubled)
+    hooked = mlp(x)
+    assert not torch.allclose(hooked, plain)
+    torch.testing.assert_close(torch.jit.script(mlp)(x), hooked, rtol=0, atol=0)
+    mlp.hidden[1]._forward_hooks.clear()  # scripted again without it: the one op
+    assert "handgrad::mlp" in str(torch.jit.script(mlp).inlined_graph)
+
+
+class _CallsRelu(nn.Module):
+    """A model whose forward calls F.relu: fuse() fuses it through a traced program."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.fc1, self.fc2 = nn.Linear(8, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(self.body(x))))
+
+
+@torchscript
+def test_torchscript_of_a_fused_model_gives_its_results_and_leaves_it_fused():
+    torch.manual_seed(0)
+    model = _CallsRelu().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    want = model(x)
+    hnn.fuse(model)
+    scripted = _scripted_and_reloaded(model)
+    torch.testing.assert_close(scripted(x), want)
+    # The nn.Sequential pair stays fused; the calls in forward run unfused.
+    assert str(scripted.inlined_graph).count("handgrad::linear_activation") == 1
+    assert "forward" in model.__dict__  # the eager model still runs its fused program
+    torch.testing.assert_close(model(x), want)
+
+
+@torchscript
+def test_torchscript_functional_errors_name_the_argument():
+    gelu = torch.jit.script(hf.gelu)
+    with pytest.raises(Exception, match="approximate must be 'none' or 'tanh', got 'erf'"):
+        gelu(torch.randn(3), "erf")
+    layer = torch.jit.script(hf.linear_leaky_relu)
+    with pytest.raises(RuntimeError, match="negative_slope must be a finite number"):
+        layer(torch.randn(2, 3), torch.randn(4, 3), None, float("nan"))
+    with pytest.raises(RuntimeError, match="weight has 5 columns but input has 3 features"):
+        layer(torch.randn(2, 3), torch.randn(4, 5), None, 0.1)

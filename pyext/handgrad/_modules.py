@@ -3,7 +3,10 @@ that fuse.py, which builds on them, and nn.py, which re-exports fuse(), import t
 importing each other. Each class says it is handgrad.nn's, as its users know it (repr,
 pickles of whole models)."""
 
-from torch import nn
+from typing import List
+
+import torch
+from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from . import functional as HF
@@ -88,17 +91,13 @@ class LinearSoftplus(nn.Linear):
 
 
 class _InplaceActivation(nn.Module):
-    """An elementwise activation that takes inplace=, as torch.nn's do; subclasses name the
-    function of handgrad.functional that they call."""
+    """An elementwise activation that takes inplace=, as torch.nn's do."""
 
     __constants__ = ["inplace"]
 
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.inplace = inplace
-
-    def forward(self, input):
-        return type(self)._function(input, inplace=self.inplace)
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""
@@ -107,7 +106,8 @@ class _InplaceActivation(nn.Module):
 class ReLU(_InplaceActivation):
     """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
 
-    _function = HF.relu
+    def forward(self, input):
+        return HF.relu(input, self.inplace)
 
 
 class LeakyReLU(nn.Module):
@@ -144,7 +144,8 @@ class Tanh(nn.Module):
 class SiLU(_InplaceActivation):
     """silu(input), elementwise; the signature of nn.SiLU."""
 
-    _function = HF.silu
+    def forward(self, input):
+        return HF.silu(input, self.inplace)
 
 
 class GELU(nn.Module):
@@ -262,6 +263,8 @@ class MLP(nn.Module):
         self.checkpoint_every = checkpoint_every
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
         # _modules and _parameters directly: Module.__getattr__ would cost a tiny network
         # measurable time.
         layers = (*self._modules["hidden"]._modules.values(), self._modules["output"])
@@ -274,6 +277,45 @@ class MLP(nn.Module):
 
     def _activation_parameters(self):
         return (self.negative_slope, self.beta, self.threshold)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script compiles forward once, without Python's checks at each call: it
+        decides now, as forward does at each call, whether the one op may stand for the
+        layers (their hooks and wrappers are in place by then; TorchScript runs no global
+        hooks). Where it may not, the compiled forward calls the layers. The module itself is
+        returned (TorchScript puts what it gets in the parent's place)."""
+        if all(map(_runs_in_the_op, (*self.hidden, self.output))):
+            self.__dict__.pop("_script_calls_layers", None)
+        else:
+            self._script_calls_layers = True
+        return self
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """forward under TorchScript (hasattr is decided as it compiles)."""
+        if hasattr(self, "_script_calls_layers"):
+            for layer in self.hidden:
+                input = layer(input)
+            input = self.output(input)
+            output_activation = self.output_activation
+            if output_activation is not None:
+                input = torch.ops.handgrad.activation(input, output_activation, self.negative_slope, self.beta,
+                                                      self.threshold)
+            return input
+        weights: List[Tensor] = []
+        biases: List[Tensor] = []
+        for layer in self.hidden:
+            weights.append(layer.weight)
+            bias = layer.bias
+            if bias is not None:
+                biases.append(bias)
+        weights.append(self.output.weight)
+        bias = self.output.bias
+        if bias is not None:
+            biases.append(bias)
+        checkpoint_every = self.checkpoint_every
+        return torch.ops.handgrad.mlp(input, weights, biases, self.activation, self.negative_slope,
+                                      checkpoint_every if checkpoint_every is not None else 0,
+                                      self.output_activation, self.beta, self.threshold)
 
     def extra_repr(self):
         parts = [f"checkpoint_every={self.checkpoint_every}"] if self.checkpoint_every else []

@@ -11,14 +11,17 @@ is called through handgrad._C, which reaches the same op through the dispatcher 
 than torch.ops's argument parsing; while torch.compile traces, through torch.ops, which
 Dynamo records. Forward-mode AD and torch.func transforms, which the C++ autograd API does
 not support, go to the Python Functions of handgrad.autograd: the same ops, the same
-formulas.
+formulas. Under torch.jit.script, which compiles only the branch it takes, each function
+calls its op directly; the op checks its arguments as in eager mode.
 """
 
 import functools
 import math
 import numbers
+from typing import Optional
 
 import torch
+from torch import Tensor
 import torch.autograd.forward_ad as _forward_ad
 from torch.overrides import handle_torch_function, has_torch_function
 
@@ -124,14 +127,15 @@ _FUNCTIONS = {"relu": ReLUFunction, "leaky_relu": LeakyReLUFunction, "sigmoid": 
               "softplus": SoftplusFunction}
 
 
-def gelu_activation(approximate):
+def gelu_activation(approximate: str) -> str:
     """The activation name of GELU with `approximate` as torch.nn.GELU takes it: "none"
-    (x Phi[x], with erf) is "gelu", "tanh" is "gelu_tanh"; anything else is refused."""
+    (x Phi[x], with erf) is "gelu", "tanh" is "gelu_tanh"; anything else is refused.
+    TorchScript compiles it too, which knows no !r."""
     if approximate == "none":
         return "gelu"
     if approximate == "tanh":
         return "gelu_tanh"
-    raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    raise ValueError(f"approximate must be 'none' or 'tanh', got '{approximate}'")
 
 
 def _function_arguments(activation, parameters):
@@ -163,53 +167,70 @@ def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
         raise
 
 
-def linear_relu(input, weight, bias=None):
+def linear_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """relu(input @ weight.T + bias)."""
+    if torch.jit.is_scripting():  # TorchScript compiles this branch only: the op itself
+        return torch.ops.handgrad.linear_activation(input, weight, bias, "relu")
     if has_torch_function((input, weight, bias)):  # torch.fx proxies, tensor subclasses
         return handle_torch_function(linear_relu, (input, weight, bias), input, weight, bias)
     return _linear(input, weight, bias, "relu")
 
 
-def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
+def linear_leaky_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                      negative_slope: float = 0.01) -> Tensor:
     """leaky_relu(input @ weight.T + bias, negative_slope), for any finite slope."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.linear_activation(input, weight, bias, "leaky_relu", negative_slope)
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_leaky_relu, (input, weight, bias), input, weight, bias,
                                      negative_slope=negative_slope)
     return _linear(input, weight, bias, "leaky_relu", parameters_of("leaky_relu", negative_slope))
 
 
-def linear_sigmoid(input, weight, bias=None):
+def linear_sigmoid(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """sigmoid(input @ weight.T + bias)."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.linear_activation(input, weight, bias, "sigmoid")
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_sigmoid, (input, weight, bias), input, weight, bias)
     return _linear(input, weight, bias, "sigmoid")
 
 
-def linear_tanh(input, weight, bias=None):
+def linear_tanh(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """tanh(input @ weight.T + bias)."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.linear_activation(input, weight, bias, "tanh")
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_tanh, (input, weight, bias), input, weight, bias)
     return _linear(input, weight, bias, "tanh")
 
 
-def linear_silu(input, weight, bias=None):
+def linear_silu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """silu(input @ weight.T + bias): x sigmoid(x) of the layer's pre-activation."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.linear_activation(input, weight, bias, "silu")
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_silu, (input, weight, bias), input, weight, bias)
     return _linear(input, weight, bias, "silu")
 
 
-def linear_gelu(input, weight, bias=None, approximate="none"):
+def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                approximate: str = "none") -> Tensor:
     """gelu(input @ weight.T + bias, approximate), approximate "none" or "tanh" as F.gelu."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.linear_activation(input, weight, bias, gelu_activation(approximate))
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_gelu, (input, weight, bias), input, weight, bias,
                                      approximate=approximate)
     return _linear(input, weight, bias, gelu_activation(approximate))
 
 
-def linear_softplus(input, weight, bias=None, beta=1.0, threshold=20.0):
+def linear_softplus(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, beta: float = 1.0,
+                    threshold: float = 20.0) -> Tensor:
     """softplus(input @ weight.T + bias, beta, threshold): log(1 + exp(beta f)) / beta, and f
     itself where beta f > threshold, as F.softplus."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.linear_activation(input, weight, bias, "softplus", 0.01, beta, threshold)
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear_softplus, (input, weight, bias), input, weight, bias,
                                      beta=beta, threshold=threshold)
@@ -231,52 +252,74 @@ def _elementwise(input, activation, parameters=DEFAULT_PARAMETERS, inplace=False
         raise
 
 
-def relu(input, inplace=False):
+def _scripted_activation(input: Tensor, activation: str, inplace: bool, negative_slope: float = 0.01) -> Tensor:
+    """The elementwise functions under TorchScript: the op, in place or not."""
+    if inplace:
+        torch.ops.handgrad.activation_(input, activation, negative_slope)
+        return input
+    return torch.ops.handgrad.activation(input, activation, negative_slope)
+
+
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
     """relu(input), elementwise; with inplace=True it overwrites input and returns it."""
+    if torch.jit.is_scripting():
+        return _scripted_activation(input, "relu", inplace)
     if has_torch_function((input,)):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
     return _elementwise(input, "relu", inplace=inplace)
 
 
-def leaky_relu(input, negative_slope=0.01, inplace=False):
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     """leaky_relu(input, negative_slope), elementwise, for any finite slope; with
     inplace=True it overwrites input and returns it."""
+    if torch.jit.is_scripting():
+        return _scripted_activation(input, "leaky_relu", inplace, negative_slope)
     if has_torch_function((input,)):
         return handle_torch_function(leaky_relu, (input,), input, negative_slope=negative_slope,
                                      inplace=inplace)
     return _elementwise(input, "leaky_relu", parameters_of("leaky_relu", negative_slope), inplace)
 
 
-def sigmoid(input):
+def sigmoid(input: Tensor) -> Tensor:
     """sigmoid(input), elementwise."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.activation(input, "sigmoid")
     if has_torch_function((input,)):
         return handle_torch_function(sigmoid, (input,), input)
     return _elementwise(input, "sigmoid")
 
 
-def tanh(input):
+def tanh(input: Tensor) -> Tensor:
     """tanh(input), elementwise."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.activation(input, "tanh")
     if has_torch_function((input,)):
         return handle_torch_function(tanh, (input,), input)
     return _elementwise(input, "tanh")
 
 
-def silu(input, inplace=False):
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
     """silu(input) = input * sigmoid(input), elementwise; the signature of F.silu."""
+    if torch.jit.is_scripting():
+        return _scripted_activation(input, "silu", inplace)
     if has_torch_function((input,)):
         return handle_torch_function(silu, (input,), input, inplace=inplace)
     return _elementwise(input, "silu", inplace=inplace)
 
 
-def gelu(input, approximate="none"):
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """gelu(input), elementwise: input * Phi(input), or its tanh approximation; as F.gelu."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.activation(input, gelu_activation(approximate))
     if has_torch_function((input,)):
         return handle_torch_function(gelu, (input,), input, approximate=approximate)
     return _elementwise(input, gelu_activation(approximate))
 
 
-def softplus(input, beta=1.0, threshold=20.0):
+def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     """softplus(input, beta, threshold), elementwise; the signature of F.softplus."""
+    if torch.jit.is_scripting():
+        return torch.ops.handgrad.activation(input, "softplus", 0.01, beta, threshold)
     if has_torch_function((input,)):
         return handle_torch_function(softplus, (input,), input, beta=beta, threshold=threshold)
     return _elementwise(input, "softplus", parameters_of("softplus", beta=beta, threshold=threshold))

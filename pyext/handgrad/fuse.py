@@ -386,6 +386,17 @@ class _FusedForward:
             return type(model).forward(model, *args, **kwargs)
         return program(model, *args, **kwargs)
 
+    def unfused_for_script(self):
+        """The model's __prepare_scriptable__: what torch.jit.script compiles in its place.
+        TorchScript cannot run the traced Python programs, so it gets a shallow copy of the
+        model without them and compiles the class's own forward: the same results, with the
+        pairs of forward's calls unfused (those in nn.Sequential stay fused)."""
+        scripted = copy.copy(self.model)
+        for name in ("forward", "__prepare_scriptable__"):
+            scripted.__dict__.pop(name, None)
+        prepare = getattr(type(scripted), "__prepare_scriptable__", None)
+        return scripted if prepare is None else prepare(scripted)
+
     def __getstate__(self):
         return {"model": self.model, "by_shape": self.by_shape}
 
@@ -416,6 +427,12 @@ def _untraceable_message(model, error, when):
             "unfused.")
 
 
+def _install(model, fused_forward):
+    """Give model its fused forward, and torch.jit.script its unfused one."""
+    model.forward = fused_forward
+    model.__prepare_scriptable__ = fused_forward.unfused_for_script
+
+
 def _fuse_calls(model, example_inputs, decisions, apply=True):
     """Install a fused forward on model (with apply) if its forward calls fusable pairs, or
     may (one that can be traced only with its inputs' shapes known, at its first call)."""
@@ -433,7 +450,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
             decisions.extend(FusionDecision(name, False, reason) for name, module in model.named_modules()
                              if _is_linear(module) and name not in decided)
             if apply:
-                model.forward = _FusedForward(model, True, {})
+                _install(model, _FusedForward(model, True, {}))
             return
         try:
             graphs = {training: _trace(model, training, shapes) for training in (True, False)}
@@ -457,7 +474,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
         programs = {(training, *((shapes,) if by_shape else ())):
                     _program(graphs[training], found[training][0], f"{type(model).__name__}, training={training}")
                     for training in (True, False)}
-        model.forward = _FusedForward(model, by_shape, programs)
+        _install(model, _FusedForward(model, by_shape, programs))
 
 
 def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
@@ -492,6 +509,7 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
         model = copy.deepcopy(model)
     if isinstance(model.__dict__.get("forward"), _FusedForward):
         del model.forward  # fused before: trace the model's own forward again
+        model.__dict__.pop("__prepare_scriptable__", None)
     decisions = []
     _fuse_sequentials(model, "", decisions)
     _fuse_calls(model, example_inputs, decisions)
