@@ -180,16 +180,14 @@ def test_ddp_two_processes_match_full_batch_gradients(tmp_path):
 # torch deprecates TorchScript (it warns on each script, save and load) but still ships it.
 torchscript = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 
+
 def _module_pair(name, parameters):
-    """The fused layer and the standalone activation module for an activation case."""
-    kwargs = dict(parameters)
-    if name == "gelu_tanh":
-        name, kwargs = "gelu", {"approximate": "tanh"}
-    layer = {"relu": hnn.LinearReLU, "leaky_relu": hnn.LinearLeakyReLU, "sigmoid": hnn.LinearSigmoid,
-             "tanh": hnn.LinearTanh, "silu": hnn.LinearSiLU, "gelu": hnn.LinearGELU,
-             "softplus": hnn.LinearSoftplus}[name](6, 5, dtype=torch.float64, **kwargs)
+    """The fused layer (as handgrad.nn.MLP builds its hidden layers) and the standalone
+    activation module for an activation case."""
+    layer = hnn.MLP([6, 5, 1], activation=name, dtype=torch.float64, **parameters).hidden[0]
+    kwargs = {"approximate": "tanh"} if name == "gelu_tanh" else parameters
     activation = {"relu": hnn.ReLU, "leaky_relu": hnn.LeakyReLU, "sigmoid": hnn.Sigmoid, "tanh": hnn.Tanh,
-                  "silu": hnn.SiLU, "gelu": hnn.GELU, "softplus": hnn.Softplus}[name](**kwargs)
+                  "silu": hnn.SiLU, "gelu": hnn.GELU, "gelu_tanh": hnn.GELU, "softplus": hnn.Softplus}[name](**kwargs)
     return layer, activation
 
 
@@ -217,9 +215,9 @@ def test_torchscript_modules_give_eagers_bits(name, parameters):
     torch.manual_seed(0)
     layer, activation = _module_pair(name, parameters)
     x = torch.randn(7, 6, dtype=torch.float64)
-    for module, input in ((layer, x), (activation, x), (nn.Sequential(layer, activation), x)):
+    for module in (layer, activation, nn.Sequential(layer, activation)):
         scripted = _scripted_and_reloaded(module)
-        for got, want in zip(_results_and_gradients(scripted, input), _results_and_gradients(module, input)):
+        for got, want in zip(_results_and_gradients(scripted, x), _results_and_gradients(module, x)):
             assert torch.equal(got, want)
 
 
