@@ -47,8 +47,8 @@ def outputs_and_grads(model, x):
     return (out, *torch.autograd.grad(out.square().sum(), [x, *model.parameters()]))
 
 
-def handgrad_ops(model, *args):
-    """The handgrad ops model(*args) calls, by name, in order."""
+def handgrad_ops(model, *args, **kwargs):
+    """The handgrad ops model(*args, **kwargs) calls, by name, in order."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     called = []
@@ -60,7 +60,7 @@ def handgrad_ops(model, *args):
             return func(*args, **(kwargs or {}))
 
     with Record():
-        model(*args)
+        model(*args, **kwargs)
     return called
 
 
@@ -89,6 +89,49 @@ def test_fuses_activations_called_in_forward():
     fresh = hnn.fuse(FunctionalNet())
     fresh.load_state_dict(reference.state_dict())
     torch.testing.assert_close(fresh(x), reference(x))
+
+
+class OptionalArguments(nn.Module):
+    """forward's optional arguments as real models take them: a mask that may be None, a flag
+    and a mode, each choosing a branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x, mask=None, return_features: bool = False, *, mode: str = "sum"):
+        h = F.relu(self.fc1(x))
+        if mask is None:
+            h = h + 1
+        else:
+            h = h * mask
+        h = torch.sigmoid(self.fc2(h))
+        if return_features:
+            return h
+        return self.head(h) if mode == "sum" else -self.head(h)
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_arguments_that_choose_a_branch_take_it_in_every_call(example):
+    # torch.fx traces each argument as a proxy, and `proxy is None` is False: a program
+    # traced so takes the mask's branch in every call. Each call's None, bool and str
+    # arguments pick a program traced with their values.
+    torch.manual_seed(0)
+    model = OptionalArguments()
+    x, mask = torch.randn(5, 4), torch.rand(5, 8)
+    fused = hnn.fuse(copy.deepcopy(model), example_inputs=(x,) if example else None)
+    calls = [((x,), {}), ((x, mask), {}), ((x, None, True), {}), ((x,), {"mask": mask, "return_features": True}),
+             ((x,), {"mode": "negate"}), ((x, None, False), {"mode": "negate"}), ((x,), {"mask": None, "mode": "negate"}), ((x,), {})]
+    for args, kwargs in calls:
+        assert handgrad_ops(fused, *args, **kwargs) == ["linear_activation"] * 2, (args, kwargs)
+        out, expected = fused(*args, **kwargs), model(*args, **kwargs)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        grads = torch.autograd.grad(out.sum(), list(fused.parameters()), allow_unused=True)
+        expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()), allow_unused=True)
+        torch.testing.assert_close(grads, expected_grads)
+    # One program per training mode and set of values, kept: fuse()'s two (training and
+    # eval, no mask, no flag, "sum") and the four other sets the calls in training mode gave.
+    assert len(fused.forward.programs) == 6
 
 
 def test_fused_model_compiles():

@@ -12,9 +12,10 @@ so an optimizer built before (and its state, restored by position) keeps working
   instance attribute, a forward with those pairs fused: one traced program for training and
   one for evaluation, chosen at call time by model.training, so nothing is frozen. The
   Linear modules themselves stay as they are, so the model's own methods (which call them
-  directly) compute what they always did. A forward that branches on shapes is traced with
-  the inputs' shapes known, at its first call (or now, for example inputs), and again for
-  each new input shape.
+  directly) compute what they always did. Arguments that are None, a bool or a str in a
+  call (`if mask is None:`) are traced as those values, a program for each set of values. A
+  forward that branches on shapes is traced with the inputs' shapes known, at its first call
+  (or now, for example inputs), and again for each new input shape.
 """
 
 import copy
@@ -230,16 +231,65 @@ class _Mode:
             module.training = flag
 
 
-def _trace(model, training, shapes):
-    """The graph of type(model).forward in one training mode; with shapes (for each
-    positional argument, (shape, dtype), or (None, None) for a non-tensor), traced for the
-    inputs' shapes."""
+# --- Arguments that choose a branch ---
+#
+# torch.fx gives forward a proxy for each argument, and `mask is None` of a proxy is False: a
+# program traced so would take the branch of a call that passes a mask, whichever call runs
+# it. So the arguments that are None, a bool or a str in a call are traced as those values,
+# and the values are part of the program's key: other values, another program.
+
+def _forward_parameters(model):
+    """The named parameters of type(model).forward after self, as (name, default, positional)."""
+    parameters = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    return tuple((p.name, p.default, p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+                 for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def _branch_arguments(parameters, args, kwargs):
+    """((name, value), ...) for the arguments of a call (defaults included) that are None, a
+    bool or a str."""
+    fixed = []
+    for index, (name, default, positional) in enumerate(parameters):
+        value = args[index] if positional and index < len(args) else kwargs.get(name, default)
+        if value is None or isinstance(value, (bool, str)):
+            fixed.append((name, value))
+    return tuple(fixed)
+
+
+_SPECIALIZATION_ASSERTS = (torch._assert, torch.fx._symbolic_trace._assert_is_none)
+
+
+def _unspecialize(graph, fixed):
+    """torch.fx, tracing with concrete_args, renames each fixed argument (mask becomes mask_1)
+    and asserts its value in the program. The program's key holds the values, so the names
+    are given back (for calls by keyword) and the asserts taken out."""
+    renamed = {f"{name}_1": name for name, _ in fixed}
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target in renamed:
+            node.target = renamed[node.target]
+        elif (node.op == "call_function" and node.target in _SPECIALIZATION_ASSERTS
+              and isinstance(node.args[1], str) and "has been specialized to have value" in node.args[1]):
+            condition = node.args[0]
+            graph.erase_node(node)
+            if condition.op == "call_function" and not condition.users:
+                graph.erase_node(condition)  # the `argument == value` the assert tested
+
+
+def _trace(model, training, shapes, fixed):
+    """The graph of type(model).forward in one training mode, with the arguments in fixed
+    ((name, value) pairs) taken as those values; with shapes (for each positional argument,
+    (shape, dtype), or (None, None) for a non-tensor), traced for the inputs' shapes."""
+    concrete = dict(fixed) or None
     with _Mode(model, training), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fx's and the meta tracer's notes on what they skip
         if shapes is None:
-            return _Tracer().trace(model)
-        names = list(inspect.signature(type(model).forward).parameters)[1:]
-        return _ShapeTracer({name: shape for name, (shape, _) in zip(names, shapes)}).trace(model)
+            graph = _Tracer().trace(model, concrete_args=concrete)
+        else:
+            names = list(inspect.signature(type(model).forward).parameters)[1:]
+            tracer = _ShapeTracer({name: shape for name, (shape, _) in zip(names, shapes)})
+            graph = tracer.trace(model, concrete_args=concrete)
+    _unspecialize(graph, fixed)
+    return graph
 
 
 def _activation_of(node, modules):
@@ -341,14 +391,16 @@ def _shapes_of(args):
 
 class _FusedForward:
     """The forward fuse() gives a model with fusable calls in its forward: a traced program
-    per training mode (and per input shapes, where the forward branches on shapes), chosen
-    at call time. A forward that torch.fx cannot trace without its inputs' shapes (a branch on
-    them) is traced at its first call, with the real inputs' shapes, and again for each new
-    signature. Pickled and deep-copied with the model; the programs are traced again, for the
-    copy, on its first call."""
+    per training mode and values of the arguments that choose a branch (None, bools and
+    strings), and per input shapes where the forward branches on shapes, chosen at call time.
+    A forward that torch.fx cannot trace without its inputs' shapes (a branch on them) is
+    traced at its first call, with the real inputs' shapes, and again for each new signature.
+    Pickled and deep-copied with the model; the programs are traced again, for the copy, on
+    its first call."""
 
     def __init__(self, model, by_shape, programs):
         self.model, self.by_shape, self.programs = model, by_shape, programs
+        self.parameters = _forward_parameters(model)
         self.warned = False
 
     def program(self, key, shapes):
@@ -358,7 +410,7 @@ class _FusedForward:
             if len(self.programs) >= 2 * _MAX_SHAPES:
                 self.programs.clear()
             try:
-                graph = _trace(self.model, key[0], shapes)
+                graph = _trace(self.model, key[0], shapes, key[1])
                 pairs, _ = _pairs(graph, self.model)
                 self.programs[key] = (_program(graph, pairs, f"{type(self.model).__name__}, {key}")
                                       if pairs else None)
@@ -372,16 +424,17 @@ class _FusedForward:
 
     def __call__(self, *args, **kwargs):
         model = self.model
+        key = (model.training, _branch_arguments(self.parameters, args, kwargs))
+        shapes = None
         if self.by_shape:
             shapes = _shapes_of(args)
-            key = (model.training, shapes)
-            if kwargs or (key not in self.programs and torch.compiler.is_compiling()):
-                # Keyword arguments, or a first trace inside torch.compile (which traces
-                # forward itself): the model's own forward.
-                return type(model).forward(model, *args, **kwargs)
-            program = self.program(key, shapes)
-        else:
-            program = self.program((model.training,), None)
+            key = (*key, shapes)
+        if (self.by_shape and kwargs) or (key not in self.programs and torch.compiler.is_compiling()):
+            # Keyword arguments where the program depends on shapes (taken from positional
+            # ones), or a first trace inside torch.compile (which traces forward itself):
+            # the model's own forward.
+            return type(model).forward(model, *args, **kwargs)
+        program = self.program(key, shapes)
         if program is None:
             return type(model).forward(model, *args, **kwargs)
         return program(model, *args, **kwargs)
@@ -401,7 +454,7 @@ class _FusedForward:
         return {"model": self.model, "by_shape": self.by_shape}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, programs={}, warned=False)
+        self.__dict__.update(state, programs={}, parameters=_forward_parameters(state["model"]), warned=False)
 
     def __deepcopy__(self, memo):
         copied = _FusedForward.__new__(_FusedForward)
@@ -437,8 +490,10 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
     """Install a fused forward on model (with apply) if its forward calls fusable pairs, or
     may (one that can be traced only with its inputs' shapes known, at its first call)."""
     shapes = None if example_inputs is None else _shapes_of(tuple(example_inputs))
+    # The call fuse() plans for: example_inputs, or the required arguments and the defaults.
+    fixed = _branch_arguments(_forward_parameters(model), tuple(example_inputs or ()), {})
     try:
-        graphs = {training: _trace(model, training, None) for training in (True, False)}
+        graphs = {training: _trace(model, training, None, fixed) for training in (True, False)}
         by_shape = False
     except Exception as error:  # torch.fx raises many kinds for untraceable code
         if shapes is None:
@@ -453,7 +508,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
                 _install(model, _FusedForward(model, True, {}))
             return
         try:
-            graphs = {training: _trace(model, training, shapes) for training in (True, False)}
+            graphs = {training: _trace(model, training, shapes, fixed) for training in (True, False)}
             by_shape = True
         except Exception as shaped_error:
             warnings.warn(_untraceable_message(model, shaped_error, "even for the shapes of example_inputs"),
@@ -471,7 +526,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
             decisions.append(FusionDecision(name, False, found[True][1].get(name) or found[False][1][name]))
     if apply and any(found[training][0] for training in (True, False)):
         # Both programs made now, so that torch.compile finds them made.
-        programs = {(training, *((shapes,) if by_shape else ())):
+        programs = {(training, fixed, *((shapes,) if by_shape else ())):
                     _program(graphs[training], found[training][0], f"{type(model).__name__}, training={training}")
                     for training in (True, False)}
         _install(model, _FusedForward(model, by_shape, programs))
@@ -490,7 +545,9 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
       activation nn.Identity.
     - Calls in forward are found by torch.fx, in training and in eval mode; the model gets a
       forward that runs the traced program of its current mode, so dropout, `if
-      self.training:` branches and model.train()/eval() behave as before.
+      self.training:` branches and model.train()/eval() behave as before. The arguments of a
+      call that are None, a bool or a str (`if mask is None:`, a flag) are traced as those
+      values: a program for each set of values, made at its first call.
     - A forward that branches on input shapes (DeepSDF's decoder) is traced at its first call,
       with the real inputs' shapes, and again for each new shape; with example_inputs (a
       tuple of the forward's positional arguments) it is traced now, for their shapes.
