@@ -95,12 +95,23 @@ def test_activation_output_can_be_edited_in_place(fn, reference):
 # --- In-place activations: nn.ReLU(inplace=True), nn.LeakyReLU(slope, inplace=True) ---
 
 
-@pytest.mark.parametrize("ours,theirs", [(hnn.ReLU, nn.ReLU), (hnn.LeakyReLU, nn.LeakyReLU)])
-def test_activation_modules_have_torch_nn_signatures_and_reprs(ours, theirs):
+@pytest.mark.parametrize("ours,theirs,arguments", [
+    (hnn.ReLU, nn.ReLU, [(), (True,)]), (hnn.LeakyReLU, nn.LeakyReLU, [(), (0.2,), (0.2, True), (1,)]),
+    (hnn.Sigmoid, nn.Sigmoid, [()]), (hnn.Tanh, nn.Tanh, [()]), (hnn.SiLU, nn.SiLU, [(), (True,)]),
+    (hnn.GELU, nn.GELU, [(), ("tanh",)]), (hnn.Softplus, nn.Softplus, [(), (2,), (0.5, 10)])],
+    ids=lambda value: value.__name__ if isinstance(value, type) else "")
+def test_activation_modules_are_torch_nn_activations(ours, theirs, arguments):
+    # Subclasses of torch.nn's, with their signatures, attributes and reprs: code that finds
+    # activations by isinstance (initialization by gain, a hook on every ReLU) finds these.
+    assert issubclass(ours, theirs)
     assert inspect.signature(ours.__init__) == inspect.signature(theirs.__init__)
-    for args in [(), (True,)] if ours is hnn.ReLU else [(), (0.2,), (0.2, True)]:
-        assert repr(ours(*args)) == repr(theirs(*args))
-    assert inspect.signature(hnn.Sigmoid.__init__) == inspect.signature(nn.Sigmoid.__init__)
+    for args in arguments:
+        module, reference = ours(*args), theirs(*args)
+        assert repr(module) == repr(reference)
+        assert {k: v for k, v in vars(module).items() if not k.startswith("_")} == \
+               {k: v for k, v in vars(reference).items() if not k.startswith("_")}
+        x = torch.randn(3, 5, dtype=torch.float64)
+        torch.testing.assert_close(module(x.clone()), reference(x.clone()))
 
 
 INPLACE = [

@@ -90,95 +90,69 @@ class LinearSoftplus(nn.Linear):
         return f"{super().extra_repr()}, beta={self.beta}, threshold={self.threshold}"
 
 
-class _InplaceActivation(nn.Module):
-    """An elementwise activation that takes inplace=, as torch.nn's do."""
+# The activation modules subclass torch.nn's own, with their signatures, attributes and
+# reprs, so that code which finds activations by isinstance(m, nn.ReLU) (initialization by
+# gain, hooks on every ReLU) finds these too; only forward differs.
 
-    __constants__ = ["inplace"]
-
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__()
-        self.inplace = inplace
-
-    def extra_repr(self):
-        return "inplace=True" if self.inplace else ""
-
-
-class ReLU(_InplaceActivation):
+class ReLU(nn.ReLU):
     """relu(input), elementwise; inplace=True overwrites the input, as nn.ReLU(inplace=True)."""
 
     def forward(self, input):
         return HF.relu(input, self.inplace)
 
 
-class LeakyReLU(nn.Module):
+class LeakyReLU(nn.LeakyReLU):
     """leaky_relu(input, negative_slope), elementwise; the signature of nn.LeakyReLU."""
 
-    __constants__ = ["inplace", "negative_slope"]
-
     def __init__(self, negative_slope: float = 0.01, inplace: bool = False) -> None:
-        super().__init__()
-        self.negative_slope = HF.check_negative_slope(negative_slope)
-        self.inplace = inplace
+        HF.check_negative_slope(negative_slope)
+        super().__init__(negative_slope, inplace)
 
     def forward(self, input):
         return HF.leaky_relu(input, self.negative_slope, inplace=self.inplace)
 
-    def extra_repr(self):
-        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
 
-
-class Sigmoid(nn.Module):
+class Sigmoid(nn.Sigmoid):
     """sigmoid(input), elementwise."""
 
     def forward(self, input):
         return HF.sigmoid(input)
 
 
-class Tanh(nn.Module):
+class Tanh(nn.Tanh):
     """tanh(input), elementwise."""
 
     def forward(self, input):
         return HF.tanh(input)
 
 
-class SiLU(_InplaceActivation):
+class SiLU(nn.SiLU):
     """silu(input), elementwise; the signature of nn.SiLU."""
 
     def forward(self, input):
         return HF.silu(input, self.inplace)
 
 
-class GELU(nn.Module):
+class GELU(nn.GELU):
     """gelu(input, approximate), elementwise; the signature of nn.GELU."""
 
-    __constants__ = ["approximate"]
-
     def __init__(self, approximate: str = "none") -> None:
-        super().__init__()
         HF.gelu_activation(approximate)
-        self.approximate = approximate
+        super().__init__(approximate)
 
     def forward(self, input):
         return HF.gelu(input, approximate=self.approximate)
 
-    def extra_repr(self):
-        return f"approximate={self.approximate!r}"
 
-
-class Softplus(nn.Module):
+class Softplus(nn.Softplus):
     """softplus(input, beta, threshold), elementwise; the signature of nn.Softplus."""
 
-    __constants__ = ["beta", "threshold"]
-
     def __init__(self, beta: float = 1.0, threshold: float = 20.0) -> None:
-        super().__init__()
-        self.beta, self.threshold = HF.check_softplus(beta, threshold)
+        HF.check_softplus(beta, threshold)
+        super().__init__(beta, threshold)
 
     def forward(self, input):
         return HF.softplus(input, self.beta, self.threshold)
-
-    def extra_repr(self):
-        return f"beta={self.beta}, threshold={self.threshold}"
 
 
 _FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": LinearSigmoid,
