@@ -304,3 +304,21 @@ def test_torchscript_functional_errors_name_the_argument():
         layer(torch.randn(2, 3), torch.randn(4, 3), None, float("nan"))
     with pytest.raises(RuntimeError, match="weight has 5 columns but input has 3 features"):
         layer(torch.randn(2, 3), torch.randn(4, 5), None, 0.1)
+
+
+@torchscript
+def test_torchscript_refuses_forward_ad_and_says_eager_mode_carries_it():
+    # Eager mode runs forward-mode AD through the Python Functions; TorchScript reaches the
+    # ops, which have no forward derivative: a clear refusal, not a wrong tangent.
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    modules = [hnn.MLP([3, 4, 2]), hnn.LinearSigmoid(3, 2), hnn.GELU()]
+    for module in modules:
+        scripted = torch.jit.script(module)
+        x, tangent = torch.randn(5, 3), torch.randn(5, 3)
+        with fwAD.dual_level():
+            eager_tangent = fwAD.unpack_dual(module(fwAD.make_dual(x, tangent))).tangent
+            assert eager_tangent is not None  # eager mode carries it
+            with pytest.raises(RuntimeError, match=r"has no forward derivative; .* support it in eager mode"):
+                scripted(fwAD.make_dual(x, tangent))

@@ -87,7 +87,9 @@ inline bool needs_function(std::initializer_list<const at::Tensor*> tensors) {
 template <typename... CarriedBy>
 void refuse_tangent(bool tangent, const char* op, const CarriedBy&... carried_by) {
   TORCH_CHECK(!tangent, "Trying to use forward AD with handgrad::", op,
-              ", which has no forward derivative; ", carried_by..., " support it");
+              ", which has no forward derivative; ", carried_by...,
+              " support it in eager mode, through Python (under TorchScript, or called as torch.ops.handgrad.",
+              op, ", the op itself is reached)");
 }
 
 // A new node of type N, held as the engine holds nodes: by std::shared_ptr (deleted by
