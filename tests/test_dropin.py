@@ -264,8 +264,13 @@ def module_samples(module_cls):
                                    training=True)
 
 
-@pytest.mark.parametrize("ours,theirs", [(hnn.ReLU, nn.ReLU), (hnn.LeakyReLU, nn.LeakyReLU), (hnn.Sigmoid, nn.Sigmoid)])
+ACTIVATION_MODULES = [(hnn.ReLU, nn.ReLU), (hnn.LeakyReLU, nn.LeakyReLU), (hnn.Sigmoid, nn.Sigmoid),
+                      (hnn.Tanh, nn.Tanh), (hnn.SiLU, nn.SiLU), (hnn.GELU, nn.GELU), (hnn.Softplus, nn.Softplus)]
+
+
+@pytest.mark.parametrize("ours,theirs", ACTIVATION_MODULES, ids=lambda cls: cls.__name__)
 def test_module_info_samples_of_activations(ours, theirs):
+    # Softplus(2, -100) among them: a negative threshold is torch's too.
     samples = module_samples(theirs)
     assert samples
     for sample in samples:
@@ -278,8 +283,10 @@ def test_module_info_samples_of_activations(ours, theirs):
         torch.testing.assert_close(grads(out, [x], g), grads(expected, [x], g))
 
 
-@pytest.mark.parametrize("ours,activation", [(hnn.LinearReLU, nn.ReLU()), (hnn.LinearSigmoid, nn.Sigmoid()),
-                                             (hnn.LinearLeakyReLU, nn.LeakyReLU())])
+@pytest.mark.parametrize("ours,activation", [
+    (hnn.LinearReLU, nn.ReLU()), (hnn.LinearSigmoid, nn.Sigmoid()), (hnn.LinearLeakyReLU, nn.LeakyReLU()),
+    (hnn.LinearTanh, nn.Tanh()), (hnn.LinearSiLU, nn.SiLU()), (hnn.LinearGELU, nn.GELU()),
+    (hnn.LinearSoftplus, nn.Softplus())], ids=lambda value: value.__name__ if isinstance(value, type) else "")
 def test_module_info_samples_of_linear(ours, activation):
     for sample in module_samples(nn.Linear):
         args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs

@@ -108,6 +108,32 @@ def test_opinfo_samples_of_linear(activation, dtype):
 
 
 
+ACTIVATION_OPS = {"nn.functional.relu": hf.relu, "nn.functional.leaky_relu": hf.leaky_relu, "sigmoid": hf.sigmoid,
+                  "tanh": hf.tanh, "nn.functional.silu": hf.silu, "nn.functional.gelu": hf.gelu,
+                  "nn.functional.softplus": hf.softplus}
+
+
+@pytest.mark.parametrize("name", ACTIVATION_OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_opinfo_samples_of_activations(name, dtype):
+    """Every sample PyTorch tests the activation with (0-d, zero-size, both GELUs, softplus with
+    beta=3 and threshold=0.2, ...), its arguments passed as PyTorch passes them."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (op,) = [op for op in op_db if op.name == name and op.variant_test_name == ""]
+    samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
+    assert samples
+    for sample in samples:
+        out = ACTIVATION_OPS[name](sample.input, *sample.args, **sample.kwargs)
+        expected = op(sample.input, *sample.args, **sample.kwargs)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        torch.testing.assert_close(out, expected, **tolerances(dtype))
+        if expected.numel():
+            grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+            torch.testing.assert_close(torch.autograd.grad(out, sample.input, grad_output),
+                                       torch.autograd.grad(expected, sample.input, grad_output), **tolerances(dtype))
+
+
 @pytest.mark.usefixtures("cpu_capability")
 def test_float32_gelu_across_its_range_is_as_close_to_float64_as_eagers():
     # handgrad's float32 erf on the CPU is a rational approximation (csrc/activation.h), eager's
