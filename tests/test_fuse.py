@@ -134,6 +134,39 @@ def test_arguments_that_choose_a_branch_take_it_in_every_call(example):
     assert len(fused.forward.programs) == 6
 
 
+class ResidualSequential(nn.Sequential):
+    """A Sequential subclass with a forward of its own that does not run its modules in order."""
+
+    def forward(self, x):
+        h = self[0](x)
+        return self[1](h) + h
+
+
+class LoopSequential(nn.Sequential):
+    """A Sequential subclass whose own forward does run its modules in order."""
+
+    def forward(self, x):
+        for module in self:
+            x = module(x)
+        return x
+
+
+def test_sequential_subclasses_with_a_forward_of_their_own_are_fused_as_their_forward_calls():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    residual = ResidualSequential(nn.Linear(4, 4), nn.ReLU())
+    fused = hnn.fuse(copy.deepcopy(residual))
+    # The Linear's output is used twice: nothing fuses, and the result is the model's.
+    assert type(fused[0]) is nn.Linear and type(fused[1]) is nn.ReLU
+    assert handgrad_ops(fused, x) == []
+    torch.testing.assert_close(fused(x), residual(x), rtol=0, atol=0)
+    loop = nn.Sequential(nn.Linear(4, 6), LoopSequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)))
+    fused = hnn.fuse(copy.deepcopy(loop))
+    assert type(fused[1][0]) is nn.Linear  # fused in the traced forward, not in place
+    assert handgrad_ops(fused, x) == ["linear_activation"]
+    torch.testing.assert_close(fused(x), loop(x))
+
+
 def test_fused_model_compiles():
     torch._dynamo.reset()
     fused = hnn.fuse(FunctionalNet())

@@ -149,7 +149,10 @@ def _become_fused(linear, activation, parameters):
 
 
 def _fuse_sequentials(module, prefix, decisions, apply=True):
-    if isinstance(module, nn.Sequential):
+    # Only containers that run their modules in order: a subclass with a forward of its own
+    # may use them otherwise (one module's output twice, one skipped), and torch.fx's pass
+    # sees how it calls them.
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         for index in range(len(module) - 1):
             linear, activation = module[index], module[index + 1]
             name = _module_activation(activation)
@@ -542,7 +545,8 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     so optimizers and their checkpoints keep working, and state_dicts load both ways.
 
     - Inside nn.Sequential containers the Linear becomes its fused form in place and the
-      activation nn.Identity.
+      activation nn.Identity (not in a subclass with a forward of its own: its calls fuse as
+      calls).
     - Calls in forward are found by torch.fx, in training and in eval mode; the model gets a
       forward that runs the traced program of its current mode, so dropout, `if
       self.training:` branches and model.train()/eval() behave as before. The arguments of a
