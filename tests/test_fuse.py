@@ -167,6 +167,47 @@ def test_sequential_subclasses_with_a_forward_of_their_own_are_fused_as_their_fo
     torch.testing.assert_close(fused(x), loop(x))
 
 
+class SharedLinear(nn.Module):
+    """One Linear in an nn.Sequential before a sigmoid and, shared, called alone."""
+
+    def __init__(self):
+        super().__init__()
+        linear = nn.Linear(4, 4)
+        self.net = nn.Sequential(linear, nn.Sigmoid())
+        self.projection = linear
+
+    def forward(self, x):
+        return self.net(x) + self.projection(x)
+
+
+class SharedSequential(nn.Module):
+    """One nn.Sequential called twice: its Linear is always followed by its ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def forward(self, x):
+        return self.net(self.net(x))
+
+
+def test_a_linear_registered_in_two_places_is_not_fused_in_place():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    model = SharedLinear()
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert type(fused.net[0]) is nn.Linear and fused.net[0] is fused.projection
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    reasons = {d.reason for d in hnn.fusion_decisions(model) if d.name == "net.0"}
+    assert "it is registered in more than one place in the model, and may be called without the activation" in reasons
+    # A container used twice holds its Linear in one place: fused, and reported once.
+    model = SharedSequential()
+    assert hnn.fusion_decisions(model) == [hnn.FusionDecision("net.0", True, "fused with the relu after it")]
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert type(fused.net[0]) is hnn.LinearReLU
+    torch.testing.assert_close(fused(x), model(x))
+
+
 def test_fused_model_compiles():
     torch._dynamo.reset()
     fused = hnn.fuse(FunctionalNet())

@@ -18,6 +18,7 @@ so an optimizer built before (and its state, restored by position) keeps working
   (or now, for example inputs), and again for each new input shape.
 """
 
+import collections
 import copy
 import functools
 import inspect
@@ -148,7 +149,16 @@ def _become_fused(linear, activation, parameters):
         linear.approximate = "tanh" if activation == "gelu_tanh" else "none"
 
 
-def _fuse_sequentials(module, prefix, decisions, apply=True):
+def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None):
+    # A Linear registered in more than one place (module sharing) may also be called without
+    # the activation: changed in place, it would apply the activation there too.
+    # (A container registered twice holds its Linear in one place still.)
+    if shared is None:
+        places = collections.defaultdict(set)
+        for parent in module.modules():
+            for child_name, child in parent.named_children():
+                places[id(child)].add((id(parent), child_name))
+        shared = {key for key, held in places.items() if len(held) > 1}
     # Only containers that run their modules in order: a subclass with a forward of its own
     # may use them otherwise (one module's output twice, one skipped), and torch.fx's pass
     # sees how it calls them.
@@ -160,6 +170,8 @@ def _fuse_sequentials(module, prefix, decisions, apply=True):
                 continue
             qualified = f"{prefix}{index}"
             reason = _why_not_fusable(linear, activation)
+            if reason is None and id(linear) in shared:
+                reason = "it is registered in more than one place in the model, and may be called without the activation"
             if reason is not None:
                 decisions.append(FusionDecision(qualified, False, reason))
                 continue
@@ -168,7 +180,7 @@ def _fuse_sequentials(module, prefix, decisions, apply=True):
                 module[index + 1] = nn.Identity()
             decisions.append(FusionDecision(qualified, True, f"fused with the {name} after it"))
     for child_name, child in module.named_children():
-        _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply)
+        _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply, shared)
 
 
 # --- Calls in forward: traced programs ---
@@ -519,7 +531,10 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
             return
     found = {training: _pairs(graph, model) for training, graph in graphs.items()}
     names = dict.fromkeys([*found[True][0], *found[True][1], *found[False][0], *found[False][1]])
-    for name in names:
+    # What the nn.Sequential pass fused stays its decision (fusion_decisions() traces the
+    # model before that pass changes it, and would see the plain Linear).
+    in_place = {d.name for d in decisions if d.fused}
+    for name in [name for name in names if name not in in_place]:
         in_train, in_eval = name in found[True][0], name in found[False][0]
         if in_train or in_eval:
             activation = (found[True][0] if in_train else found[False][0])[name][0]
