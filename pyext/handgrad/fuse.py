@@ -290,12 +290,62 @@ def _unspecialize(graph, fixed):
                 graph.erase_node(condition)  # the `argument == value` the assert tested
 
 
+# --- Attributes that forward reads ---
+#
+# torch.fx runs forward's Python once, so a plain attribute it reads (self.temperature, a
+# flag self.use_head) goes into the program as the value it had then. Each program keeps
+# what its trace read, and a call after one of them has changed traces forward again.
+
+_MODULE_INTERNALS = frozenset([*vars(nn.Module()), "forward", "__prepare_scriptable__"])
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
+_MAX_RETRACES = 16  # traces after attributes changed, before a model's calls run unfused
+
+
+class _AttributeReads:
+    """While active: the plain attributes (in a module's __dict__; not its parameters, buffers
+    or submodules) that code reads from any nn.Module, as (module, name, value) guards."""
+
+    def __enter__(self):
+        self.reads = {}
+        self.saved = nn.Module.__dict__.get("__getattribute__")
+
+        def recording(module, name, read=object.__getattribute__):
+            value = read(module, name)
+            if name not in _MODULE_INTERNALS and name in read(module, "__dict__"):
+                self.reads.setdefault((id(module), name), (module, name, value))
+            return value
+
+        nn.Module.__getattribute__ = recording
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            del nn.Module.__getattribute__
+        else:
+            nn.Module.__getattribute__ = self.saved
+
+    @property
+    def guards(self):
+        return tuple(self.reads.values())
+
+
+def _unchanged(guards):
+    """Whether every attribute a trace read still has the value it read."""
+    for module, name, value in guards:
+        current = module.__dict__.get(name, guards)
+        if current is not value and not (type(current) is type(value) and isinstance(value, _PLAIN_VALUES)
+                                         and current == value):
+            return False
+    return True
+
+
 def _trace(model, training, shapes, fixed):
     """The graph of type(model).forward in one training mode, with the arguments in fixed
-    ((name, value) pairs) taken as those values; with shapes (for each positional argument,
-    (shape, dtype), or (None, None) for a non-tensor), traced for the inputs' shapes."""
+    ((name, value) pairs) taken as those values, and the guards of the attributes it read;
+    with shapes (for each positional argument, (shape, dtype), or (None, None) for a
+    non-tensor), traced for the inputs' shapes."""
     concrete = dict(fixed) or None
-    with _Mode(model, training), warnings.catch_warnings():
+    with _Mode(model, training), warnings.catch_warnings(), _AttributeReads() as reads:
         warnings.simplefilter("ignore")  # fx's and the meta tracer's notes on what they skip
         if shapes is None:
             graph = _Tracer().trace(model, concrete_args=concrete)
@@ -304,7 +354,7 @@ def _trace(model, training, shapes, fixed):
             tracer = _ShapeTracer({name: shape for name, (shape, _) in zip(names, shapes)})
             graph = tracer.trace(model, concrete_args=concrete)
     _unspecialize(graph, fixed)
-    return graph
+    return graph, reads.guards
 
 
 def _activation_of(node, modules):
@@ -410,32 +460,51 @@ class _FusedForward:
     strings), and per input shapes where the forward branches on shapes, chosen at call time.
     A forward that torch.fx cannot trace without its inputs' shapes (a branch on them) is
     traced at its first call, with the real inputs' shapes, and again for each new signature.
+    A program is traced again where an attribute its trace read (self.temperature) has
+    changed; after _MAX_RETRACES such traces, the model's calls run unfused, with a warning.
     Pickled and deep-copied with the model; the programs are traced again, for the copy, on
     its first call."""
 
     def __init__(self, model, by_shape, programs):
-        self.model, self.by_shape, self.programs = model, by_shape, programs
+        self.model, self.by_shape, self.programs = model, by_shape, programs  # key: (program, guards)
         self.parameters = _forward_parameters(model)
-        self.warned = False
+        self.warned, self.retraces = False, 0
+
+    def current(self, key):
+        """Whether the program for key is made and its guards hold."""
+        entry = self.programs.get(key)
+        return entry is not None and _unchanged(entry[1])
 
     def program(self, key, shapes):
-        """The traced program for key, made on first use; None where there is nothing to fuse
-        or it cannot be traced (the model's own forward runs then)."""
-        if key not in self.programs:
-            if len(self.programs) >= 2 * _MAX_SHAPES:
-                self.programs.clear()
-            try:
-                graph = _trace(self.model, key[0], shapes, key[1])
-                pairs, _ = _pairs(graph, self.model)
-                self.programs[key] = (_program(graph, pairs, f"{type(self.model).__name__}, {key}")
-                                      if pairs else None)
-            except Exception as error:  # not traceable for these inputs: the model's own forward
-                self.programs[key] = None
-                if not self.warned:  # once per model: every later call runs as it did
-                    self.warned = True
-                    warnings.warn(_untraceable_message(self.model, error, "even for its inputs' shapes"),
-                                  stacklevel=5)
-        return self.programs[key]
+        """The traced program for key, made on first use or when an attribute its trace read
+        has changed; None where there is nothing to fuse, or it cannot be traced, or its
+        attributes keep changing (the model's own forward runs then)."""
+        if self.current(key):
+            return self.programs[key][0]
+        if key in self.programs:  # an attribute its trace read has changed
+            self.retraces += 1
+            if self.retraces > _MAX_RETRACES:
+                if self.retraces == _MAX_RETRACES + 1:
+                    changed = sorted({name for entry in self.programs.values() for _, name, _ in entry[1]})
+                    warnings.warn(f"handgrad.nn.fuse: {type(self.model).__name__}'s forward reads attributes "
+                                  f"that keep changing ({', '.join(changed)}); its calls run unfused from now on.",
+                                  stacklevel=4)
+                self.programs[key] = (None, ())
+                return None
+        elif len(self.programs) >= 2 * _MAX_SHAPES:
+            self.programs.clear()
+        try:
+            graph, guards = _trace(self.model, key[0], shapes, key[1])
+            pairs, _ = _pairs(graph, self.model)
+            program = _program(graph, pairs, f"{type(self.model).__name__}, {key}") if pairs else None
+            self.programs[key] = (program, guards)
+        except Exception as error:  # not traceable for these inputs: the model's own forward
+            self.programs[key] = (None, ())
+            if not self.warned:  # once per model: every later call runs as it did
+                self.warned = True
+                warnings.warn(_untraceable_message(self.model, error, "even for its inputs' shapes"),
+                              stacklevel=5)
+        return self.programs[key][0]
 
     def __call__(self, *args, **kwargs):
         model = self.model
@@ -444,10 +513,10 @@ class _FusedForward:
         if self.by_shape:
             shapes = _shapes_of(args)
             key = (*key, shapes)
-        if (self.by_shape and kwargs) or (key not in self.programs and torch.compiler.is_compiling()):
+        if (self.by_shape and kwargs) or (torch.compiler.is_compiling() and not self.current(key)):
             # Keyword arguments where the program depends on shapes (taken from positional
-            # ones), or a first trace inside torch.compile (which traces forward itself):
-            # the model's own forward.
+            # ones), or a trace due inside torch.compile (which traces forward itself): the
+            # model's own forward.
             return type(model).forward(model, *args, **kwargs)
         program = self.program(key, shapes)
         if program is None:
@@ -469,7 +538,8 @@ class _FusedForward:
         return {"model": self.model, "by_shape": self.by_shape}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, programs={}, parameters=_forward_parameters(state["model"]), warned=False)
+        self.__dict__.update(state, programs={}, parameters=_forward_parameters(state["model"]), warned=False,
+                             retraces=0)
 
     def __deepcopy__(self, memo):
         copied = _FusedForward.__new__(_FusedForward)
@@ -508,7 +578,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
     # The call fuse() plans for: example_inputs, or the required arguments and the defaults.
     fixed = _branch_arguments(_forward_parameters(model), tuple(example_inputs or ()), {})
     try:
-        graphs = {training: _trace(model, training, None, fixed) for training in (True, False)}
+        traced = {training: _trace(model, training, None, fixed) for training in (True, False)}
         by_shape = False
     except Exception as error:  # torch.fx raises many kinds for untraceable code
         if shapes is None:
@@ -523,13 +593,13 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
                 _install(model, _FusedForward(model, True, {}))
             return
         try:
-            graphs = {training: _trace(model, training, shapes, fixed) for training in (True, False)}
+            traced = {training: _trace(model, training, shapes, fixed) for training in (True, False)}
             by_shape = True
         except Exception as shaped_error:
             warnings.warn(_untraceable_message(model, shaped_error, "even for the shapes of example_inputs"),
                           stacklevel=3)
             return
-    found = {training: _pairs(graph, model) for training, graph in graphs.items()}
+    found = {training: _pairs(graph, model) for training, (graph, _) in traced.items()}
     names = dict.fromkeys([*found[True][0], *found[True][1], *found[False][0], *found[False][1]])
     # What the nn.Sequential pass fused stays its decision (fusion_decisions() traces the
     # model before that pass changes it, and would see the plain Linear).
@@ -545,8 +615,8 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
     if apply and any(found[training][0] for training in (True, False)):
         # Both programs made now, so that torch.compile finds them made.
         programs = {(training, fixed, *((shapes,) if by_shape else ())):
-                    _program(graphs[training], found[training][0], f"{type(model).__name__}, training={training}")
-                    for training in (True, False)}
+                    (_program(graph, found[training][0], f"{type(model).__name__}, training={training}"), guards)
+                    for training, (graph, guards) in traced.items()}
         _install(model, _FusedForward(model, by_shape, programs))
 
 
@@ -566,7 +636,8 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
       forward that runs the traced program of its current mode, so dropout, `if
       self.training:` branches and model.train()/eval() behave as before. The arguments of a
       call that are None, a bool or a str (`if mask is None:`, a flag) are traced as those
-      values: a program for each set of values, made at its first call.
+      values: a program for each set of values, made at its first call. A call after an
+      attribute that forward read has changed (self.temperature) traces forward again.
     - A forward that branches on input shapes (DeepSDF's decoder) is traced at its first call,
       with the real inputs' shapes, and again for each new shape; with example_inputs (a
       tuple of the forward's positional arguments) it is traced now, for their shapes.
