@@ -214,10 +214,12 @@ class Tempered(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
-        self.temperature, self.use_head = 1.0, True
+        self.temperature, self.use_head, self.scales = 1.0, True, [1.0]
 
     def forward(self, x):
         h = F.relu(self.fc(x))
+        for scale in self.scales:
+            h = h * scale
         return self.head(h) / self.temperature if self.use_head else h
 
 
@@ -226,15 +228,18 @@ def test_a_changed_attribute_that_forward_reads_traces_it_again():
     torch.manual_seed(0)
     model, x = Tempered(), torch.randn(3, 4)
     fused = hnn.fuse(copy.deepcopy(model))
-    for temperature, use_head in [(1.0, True), (2.0, True), (2.0, False), (1, True)]:
+    for temperature, use_head, scale in [(1.0, True, None), (2.0, True, None), (2.0, False, None), (1, True, None),
+                                         (1, True, 3.0)]:
         for m in (model, fused):
             m.temperature, m.use_head = temperature, use_head
+            if scale is not None:
+                m.scales.append(scale)  # changed in place
         assert handgrad_ops(fused, x) == ["linear_activation"]
         torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
     assert "__getattribute__" not in nn.Module.__dict__  # the recording is gone after each trace
     # An attribute that changes at every call: traced again up to a limit, then unfused, with
     # one warning; the results stay the model's.
-    with pytest.warns(UserWarning, match=r"reads attributes that keep changing \(temperature, use_head\)"):
+    with pytest.warns(UserWarning, match=r"reads attributes that keep changing \(scales, temperature, use_head\)"):
         for step in range(30):
             model.temperature = fused.temperature = 1.0 + step / 10
             torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)

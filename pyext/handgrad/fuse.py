@@ -301,9 +301,22 @@ _PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
 _MAX_RETRACES = 16  # traces after attributes changed, before a model's calls run unfused
 
 
+def _snapshot(value):
+    """A copy of a list, tuple, set or dict of plain values, to compare with later (it may be
+    changed in place); None for anything else."""
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    else:
+        return None
+    return copy.copy(value) if all(type(item) in _PLAIN_VALUES for item in items) else None
+
+
 class _AttributeReads:
     """While active: the plain attributes (in a module's __dict__; not its parameters, buffers
-    or submodules) that code reads from any nn.Module, as (module, name, value) guards."""
+    or submodules) that code reads from any nn.Module, as (module, name, value, snapshot)
+    guards."""
 
     def __enter__(self):
         self.reads = {}
@@ -326,15 +339,18 @@ class _AttributeReads:
 
     @property
     def guards(self):
-        return tuple(self.reads.values())
+        return tuple((module, name, value, _snapshot(value)) for module, name, value in self.reads.values())
 
 
 def _unchanged(guards):
-    """Whether every attribute a trace read still has the value it read."""
-    for module, name, value in guards:
+    """Whether every attribute a trace read still has the value it read: equal where it is a
+    plain value or a container of them, the same object otherwise."""
+    for module, name, value, snapshot in guards:
         current = module.__dict__.get(name, guards)
-        if current is not value and not (type(current) is type(value) and isinstance(value, _PLAIN_VALUES)
-                                         and current == value):
+        if snapshot is not None or isinstance(value, _PLAIN_VALUES):
+            if type(current) is not type(value) or current != (value if snapshot is None else snapshot):
+                return False
+        elif current is not value:
             return False
     return True
 
@@ -485,7 +501,7 @@ class _FusedForward:
             self.retraces += 1
             if self.retraces > _MAX_RETRACES:
                 if self.retraces == _MAX_RETRACES + 1:
-                    changed = sorted({name for entry in self.programs.values() for _, name, _ in entry[1]})
+                    changed = sorted({guard[1] for entry in self.programs.values() for guard in entry[1]})
                     warnings.warn(f"handgrad.nn.fuse: {type(self.model).__name__}'s forward reads attributes "
                                   f"that keep changing ({', '.join(changed)}); its calls run unfused from now on.",
                                   stacklevel=4)
