@@ -3,7 +3,7 @@ state_dicts and parameters kept, and a clear report of what was fused and why.""
 
 import copy
 import logging
-
+import threading
 import warnings
 
 import pytest
@@ -244,6 +244,29 @@ def test_a_changed_attribute_that_forward_reads_traces_it_again():
             model.temperature = fused.temperature = 1.0 + step / 10
             torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
     assert handgrad_ops(fused, x) == []
+
+
+def test_traces_at_call_time_leave_other_threads_modules_alone():
+    # torch.fx patches nn.Module.__call__ for every thread while it traces: another thread's
+    # module call then went through the tracer ("module is not installed as a submodule").
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    pairs = [(Tempered(),) * 2 for _ in range(4)]
+    pairs = [(model, hnn.fuse(copy.deepcopy(model))) for model, _ in pairs]
+    results = []
+
+    def run(model, fused):
+        for step in range(12):  # a new temperature at every call: each call traces again
+            model.temperature = fused.temperature = 1.0 + step
+            results.append(torch.equal(fused(x), model(x)))
+
+    threads = [threading.Thread(target=run, args=pair) for pair in pairs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 48
+    assert "__getattribute__" not in nn.Module.__dict__
 
 
 def test_fused_model_compiles():

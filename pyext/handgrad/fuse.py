@@ -24,6 +24,7 @@ import functools
 import inspect
 import linecache
 import logging
+import threading
 import traceback
 import warnings
 from typing import NamedTuple
@@ -191,9 +192,25 @@ def _is_leaf_module(tracer, module, qualified_name):
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with handgrad's modules kept whole."""
+    """torch.fx's tracer, with handgrad's modules kept whole. While it traces, torch.fx
+    patches nn.Module's __call__ and __getattr__ for every thread: other threads' modules (a
+    server's other requests, the same model's included) run as usual."""
 
     is_leaf_module = _is_leaf_module
+
+    def trace(self, root, concrete_args=None):
+        self.thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 class _ShapedProxy(torch.fx.Proxy):
@@ -318,13 +335,16 @@ class _AttributeReads:
     or submodules) that code reads from any nn.Module, as (module, name, value, snapshot)
     guards."""
 
+    _lock = threading.RLock()  # one recording at a time (nn.DataParallel's threads trace too)
+
     def __enter__(self):
-        self.reads = {}
+        self._lock.acquire()
+        self.reads, thread = {}, threading.get_ident()
         self.saved = nn.Module.__dict__.get("__getattribute__")
 
         def recording(module, name, read=object.__getattribute__):
             value = read(module, name)
-            if name not in _MODULE_INTERNALS and name in read(module, "__dict__"):
+            if name not in _MODULE_INTERNALS and name in read(module, "__dict__") and threading.get_ident() == thread:
                 self.reads.setdefault((id(module), name), (module, name, value))
             return value
 
@@ -336,6 +356,7 @@ class _AttributeReads:
             del nn.Module.__getattribute__
         else:
             nn.Module.__getattribute__ = self.saved
+        self._lock.release()
 
     @property
     def guards(self):
