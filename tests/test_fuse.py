@@ -269,6 +269,35 @@ def test_traces_at_call_time_leave_other_threads_modules_alone():
     assert "__getattribute__" not in nn.Module.__dict__
 
 
+def _replicas(model, scales):
+    """What nn.DataParallel's replicate() makes of model, one replica per scale, on the CPU:
+    each module's _replicate_for_data_parallel(), its children set to their replicas and its
+    parameters to copies (here scaled, to tell the replicas apart)."""
+    modules = list(model.modules())
+    copies = [[module._replicate_for_data_parallel() for module in modules] for _ in scales]
+    for i, module in enumerate(modules):
+        for replica, scale in zip((c[i] for c in copies), scales):
+            for key, child in module._modules.items():
+                setattr(replica, key, copies[scales.index(scale)][modules.index(child)])
+            for key, parameter in module._parameters.items():
+                setattr(replica, key, parameter.detach() * scale)
+    return [c[0] for c in copies]
+
+
+def test_data_parallel_replicas_run_their_own_parameters():
+    # A replica copies the model's __dict__, fused forward included: that forward ran the
+    # original model, not the replica and its parameters on its device.
+    torch.manual_seed(0)
+    model, x = Tempered(), torch.randn(3, 4)
+    fused = hnn.fuse(copy.deepcopy(model))
+    fused(x)
+    for fused_replica, replica in zip(_replicas(fused, [2.0, 3.0]), _replicas(model, [2.0, 3.0])):
+        assert fused_replica.forward.model is fused_replica
+        assert fused_replica.forward.programs is fused.forward.programs  # traced once, shared
+        assert handgrad_ops(fused_replica, x) == ["linear_activation"]
+        torch.testing.assert_close(fused_replica(x), replica(x), rtol=0, atol=0)
+
+
 def test_fused_model_compiles():
     torch._dynamo.reset()
     fused = hnn.fuse(FunctionalNet())

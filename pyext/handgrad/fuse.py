@@ -313,7 +313,9 @@ def _unspecialize(graph, fixed):
 # flag self.use_head) goes into the program as the value it had then. Each program keeps
 # what its trace read, and a call after one of them has changed traces forward again.
 
-_MODULE_INTERNALS = frozenset([*vars(nn.Module()), "forward", "__prepare_scriptable__"])
+# What fuse() puts in a model's __dict__: its fused forward, TorchScript's and nn.DataParallel's hooks.
+_INSTALLED = ("forward", "__prepare_scriptable__", "_replicate_for_data_parallel")
+_MODULE_INTERNALS = frozenset([*vars(nn.Module()), *_INSTALLED])
 _PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
 _MAX_RETRACES = 16  # traces after attributes changed, before a model's calls run unfused
 
@@ -566,10 +568,21 @@ class _FusedForward:
         model without them and compiles the class's own forward: the same results, with the
         pairs of forward's calls unfused (those in nn.Sequential stay fused)."""
         scripted = copy.copy(self.model)
-        for name in ("forward", "__prepare_scriptable__"):
+        for name in _INSTALLED:
             scripted.__dict__.pop(name, None)
         prepare = getattr(type(scripted), "__prepare_scriptable__", None)
         return scripted if prepare is None else prepare(scripted)
+
+    def replicate_for_data_parallel(self):
+        """The model's _replicate_for_data_parallel: nn.DataParallel's replica for one device,
+        with a fused forward of its own that runs the same programs on the replica (whose
+        parameters are the copies on that device). The class's own replica would keep this
+        forward, which runs the original model."""
+        replica = type(self.model)._replicate_for_data_parallel(self.model)
+        fused = _FusedForward.__new__(_FusedForward)
+        fused.__dict__.update(self.__dict__, model=replica)  # the programs shared
+        _install(replica, fused)
+        return replica
 
     def __getstate__(self):
         return {"model": self.model, "by_shape": self.by_shape}
@@ -606,6 +619,7 @@ def _install(model, fused_forward):
     """Give model its fused forward, and torch.jit.script its unfused one."""
     model.forward = fused_forward
     model.__prepare_scriptable__ = fused_forward.unfused_for_script
+    model._replicate_for_data_parallel = fused_forward.replicate_for_data_parallel
 
 
 def _fuse_calls(model, example_inputs, decisions, apply=True):
@@ -692,8 +706,8 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     if not inplace:
         model = copy.deepcopy(model)
     if isinstance(model.__dict__.get("forward"), _FusedForward):
-        del model.forward  # fused before: trace the model's own forward again
-        model.__dict__.pop("__prepare_scriptable__", None)
+        for name in _INSTALLED:  # fused before: trace the model's own forward again
+            model.__dict__.pop(name, None)
     decisions = []
     _fuse_sequentials(model, "", decisions)
     _fuse_calls(model, example_inputs, decisions)
