@@ -13,8 +13,9 @@ so an optimizer built before (and its state, restored by position) keeps working
   one for evaluation, chosen at call time by model.training, so nothing is frozen. The
   Linear modules themselves stay as they are, so the model's own methods (which call them
   directly) compute what they always did. Arguments that are None, a bool or a str in a
-  call (`if mask is None:`) are traced as those values, a program for each set of values. A
-  forward that branches on shapes is traced with the inputs' shapes known, at its first call
+  call (`if mask is None:`) are traced as those values, a program for each set of values, and
+  a program is traced again once a plain attribute its trace read (self.temperature) has
+  changed. A forward that branches on shapes is traced with the inputs' shapes known, at its first call
   (or now, for example inputs), and again for each new input shape.
 """
 
