@@ -523,15 +523,14 @@ class _FusedForward:
             return self.programs[key][0]
         if key in self.programs:  # an attribute its trace read has changed
             self.retraces += 1
-            if self.retraces > _MAX_RETRACES:
-                if self.retraces == _MAX_RETRACES + 1:
-                    changed = sorted({guard[1] for entry in self.programs.values() for guard in entry[1]})
-                    warnings.warn(f"handgrad.nn.fuse: {type(self.model).__name__}'s forward reads attributes "
-                                  f"that keep changing ({', '.join(changed)}); its calls run unfused from now on.",
-                                  stacklevel=4)
-                self.programs[key] = (None, ())
-                return None
-        elif len(self.programs) >= 2 * _MAX_SHAPES:
+            if self.retraces == _MAX_RETRACES + 1:
+                changed = sorted({guard[1] for entry in self.programs.values() for guard in entry[1]})
+                warnings.warn(f"handgrad.nn.fuse: {type(self.model).__name__}'s forward reads attributes "
+                              f"that keep changing ({', '.join(changed)}); its calls run unfused from now on.",
+                              stacklevel=4)
+        if self.retraces > _MAX_RETRACES:
+            return None
+        if len(self.programs) >= 2 * _MAX_SHAPES:
             self.programs.clear()
         try:
             graph, guards = _trace(self.model, key[0], shapes, key[1])
@@ -617,7 +616,8 @@ def _untraceable_message(model, error, when):
 
 
 def _install(model, fused_forward):
-    """Give model its fused forward, and torch.jit.script its unfused one."""
+    """Give model its fused forward, torch.jit.script its unfused one, and nn.DataParallel
+    replicas with fused forwards of their own."""
     model.forward = fused_forward
     model.__prepare_scriptable__ = fused_forward.unfused_for_script
     model._replicate_for_data_parallel = fused_forward.replicate_for_data_parallel
