@@ -2,6 +2,7 @@
 state_dicts and parameters kept, and a clear report of what was fused and why."""
 
 import copy
+import inspect
 import logging
 import threading
 import warnings
@@ -267,6 +268,21 @@ def test_traces_at_call_time_leave_other_threads_modules_alone():
         thread.join()
     assert results == [True] * 48
     assert "__getattribute__" not in nn.Module.__dict__
+
+
+def test_a_fused_model_exports_with_its_forwards_signature():
+    # torch.export reads forward.__code__ and binds the arguments by forward's signature.
+    torch.manual_seed(0)
+    model = OptionalArguments()
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert inspect.signature(fused.forward) == inspect.signature(model.forward)
+    x, mask = torch.randn(5, 4), torch.rand(5, 8)
+    program = torch.export.export(fused, (x,))
+    called = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert called.count(torch.ops.handgrad.linear_activation.default) == 2
+    torch.testing.assert_close(program.module()(x), model(x))
+    # A call fuse() has not traced (a mask given) exports the model's own forward.
+    torch.testing.assert_close(torch.export.export(fused, (x, mask)).module()(x, mask), model(x, mask))
 
 
 def _replicas(model, scales):

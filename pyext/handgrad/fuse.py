@@ -510,6 +510,16 @@ class _FusedForward:
         self.parameters = _forward_parameters(model)
         self.warned, self.retraces = False, 0
 
+    # What tools read off a forward (torch.export its code's name and place, and binds its
+    # arguments by its signature): those of the model's own forward.
+    @property
+    def __code__(self):
+        return type(self.model).forward.__code__
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
     def current(self, key):
         """Whether the program for key is made and its guards hold."""
         entry = self.programs.get(key)
