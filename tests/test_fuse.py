@@ -247,6 +247,46 @@ def test_a_changed_attribute_that_forward_reads_traces_it_again():
     assert handgrad_ops(fused, x) == []
 
 
+class KLEncoder(nn.Module):
+    """A VAE's encoder as tutorials write it: forward keeps its KL term as an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.mu, self.log_sigma = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.hidden(x))
+        mu, sigma = self.mu(h), torch.exp(self.log_sigma(h))
+        self.kl = (sigma**2 + mu**2 - torch.log(sigma) - 1 / 2).sum()
+        return mu + sigma
+
+
+class KLAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = KLEncoder(), nn.Linear(2, 4)
+
+    def forward(self, x):
+        return torch.sigmoid(self.decoder(self.encoder(x)))
+
+
+def test_a_forward_that_sets_attributes_is_left_unfused_and_keeps_setting_them():
+    # torch.fx's program has no setattr: fused, encoder.kl would stay the trace's proxy.
+    torch.manual_seed(0)
+    model, x = KLAutoencoder(), torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"KLAutoencoder's forward sets KLEncoder.kl, which a traced program would not"):
+        fused = hnn.fuse(copy.deepcopy(model))
+    assert "kl" not in vars(fused.encoder)  # the trace's write undone
+    with pytest.warns(UserWarning, match="sets KLEncoder.kl"):  # as fuse() warns
+        decisions = hnn.fusion_decisions(model)
+    assert decisions and all(not d.fused and "sets KLEncoder.kl" in d.reason for d in decisions)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    assert isinstance(fused.encoder.kl, torch.Tensor)
+    torch.testing.assert_close(fused.encoder.kl, model.encoder.kl, rtol=0, atol=0)
+    # The recording's own __setattr__ and __getattribute__ are gone.
+    assert nn.Module.__setattr__.__qualname__ == "Module.__setattr__" and "__getattribute__" not in nn.Module.__dict__
+
+
 def test_traces_at_call_time_leave_other_threads_modules_alone():
     # torch.fx patches nn.Module.__call__ for every thread while it traces: another thread's
     # module call then went through the tracer ("module is not installed as a submodule").

@@ -312,7 +312,9 @@ def _unspecialize(graph, fixed):
 #
 # torch.fx runs forward's Python once, so a plain attribute it reads (self.temperature, a
 # flag self.use_head) goes into the program as the value it had then. Each program keeps
-# what its trace read, and a call after one of them has changed traces forward again.
+# what its trace read, and a call after one of them has changed traces forward again. An
+# attribute forward sets (self.features = h, a VAE's self.kl, a counter) is not in the
+# program at all: such a forward is not fused, and the trace's writes are undone.
 
 # What fuse() puts in a model's __dict__: its fused forward, TorchScript's and nn.DataParallel's hooks.
 _INSTALLED = ("forward", "__prepare_scriptable__", "_replicate_for_data_parallel")
@@ -333,33 +335,60 @@ def _snapshot(value):
     return copy.copy(value) if all(type(item) in _PLAIN_VALUES for item in items) else None
 
 
-class _AttributeReads:
-    """While active: the plain attributes (in a module's __dict__; not its parameters, buffers
-    or submodules) that code reads from any nn.Module, as (module, name, value, snapshot)
-    guards."""
+_ABSENT = object()
+_MODULE_SETATTR = nn.Module.__setattr__
+
+
+class _SetsAttributes(Exception):
+    """forward sets module attributes, which a traced program would not."""
+
+
+class _AttributeAccess:
+    """While active, in this thread: the plain attributes (in a module's __dict__; not its
+    parameters, buffers or submodules) that code reads from any nn.Module, as (module, name,
+    value, snapshot) guards, and the attributes it sets, which are undone on exit (it
+    raises _SetsAttributes then, naming them, where no other error is on its way)."""
 
     _lock = threading.RLock()  # one recording at a time (nn.DataParallel's threads trace too)
 
     def __enter__(self):
         self._lock.acquire()
-        self.reads, thread = {}, threading.get_ident()
+        self.reads, self.writes, thread = {}, [], threading.get_ident()
         self.saved = nn.Module.__dict__.get("__getattribute__")
 
-        def recording(module, name, read=object.__getattribute__):
+        def reading(module, name, read=object.__getattribute__):
             value = read(module, name)
             if name not in _MODULE_INTERNALS and name in read(module, "__dict__") and threading.get_ident() == thread:
                 self.reads.setdefault((id(module), name), (module, name, value))
             return value
 
-        nn.Module.__getattribute__ = recording
+        def writing(module, name, value):
+            # torch.fx's own: the tensor constants it puts on the root module.
+            if threading.get_ident() == thread and not name.startswith("_tensor_constant"):
+                places = (module.__dict__, module._parameters, module._buffers, module._modules)
+                self.writes.append((module, name, [(place, place.get(name, _ABSENT)) for place in places]))
+            _MODULE_SETATTR(module, name, value)
+
+        nn.Module.__getattribute__ = reading
+        nn.Module.__setattr__ = writing
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, trace):
+        nn.Module.__setattr__ = _MODULE_SETATTR
         if self.saved is None:
             del nn.Module.__getattribute__
         else:
             nn.Module.__getattribute__ = self.saved
         self._lock.release()
+        for module, name, held in reversed(self.writes):  # undone, last first
+            for place, value in held:
+                if value is _ABSENT:
+                    place.pop(name, None)
+                else:
+                    place[name] = value
+        if self.writes and kind is None:
+            names = ", ".join(dict.fromkeys(f"{type(module).__name__}.{name}" for module, name, _ in self.writes))
+            raise _SetsAttributes(f"forward sets {names}, which a traced program would not")
 
     @property
     def guards(self):
@@ -385,7 +414,7 @@ def _trace(model, training, shapes, fixed):
     with shapes (for each positional argument, (shape, dtype), or (None, None) for a
     non-tensor), traced for the inputs' shapes."""
     concrete = dict(fixed) or None
-    with _Mode(model, training), warnings.catch_warnings(), _AttributeReads() as reads:
+    with _Mode(model, training), warnings.catch_warnings(), _AttributeAccess() as access:
         warnings.simplefilter("ignore")  # fx's and the meta tracer's notes on what they skip
         if shapes is None:
             graph = _Tracer().trace(model, concrete_args=concrete)
@@ -394,7 +423,7 @@ def _trace(model, training, shapes, fixed):
             tracer = _ShapeTracer({name: shape for name, (shape, _) in zip(names, shapes)})
             graph = tracer.trace(model, concrete_args=concrete)
     _unspecialize(graph, fixed)
-    return graph, reads.guards
+    return graph, access.guards
 
 
 def _activation_of(node, modules):
@@ -619,10 +648,11 @@ def _traced_line(error):
 
 
 def _untraceable_message(model, error, when):
-    return (f"handgrad.nn.fuse: torch.fx cannot trace {type(model).__name__} {when} "
-            f"({type(error).__name__}: {error}) {_traced_line(error)}; only Linear + activation "
-            "pairs inside nn.Sequential containers were fused, and the rest of the model runs "
-            "unfused.")
+    why = (f"{type(model).__name__}'s {error}" if isinstance(error, _SetsAttributes) else
+           f"torch.fx cannot trace {type(model).__name__} {when} ({type(error).__name__}: {error}) "
+           f"{_traced_line(error)}")
+    return (f"handgrad.nn.fuse: {why}; only Linear + activation pairs inside nn.Sequential "
+            "containers were fused, and the rest of the model runs unfused.")
 
 
 def _install(model, fused_forward):
@@ -643,6 +673,12 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
         traced = {training: _trace(model, training, None, fixed) for training in (True, False)}
         by_shape = False
     except Exception as error:  # torch.fx raises many kinds for untraceable code
+        if isinstance(error, _SetsAttributes):  # whatever the shapes
+            decided = {d.name for d in decisions}
+            decisions.extend(FusionDecision(name, False, f"{type(model).__name__}'s {error}")
+                             for name, module in model.named_modules() if _is_linear(module) and name not in decided)
+            warnings.warn(_untraceable_message(model, error, ""), stacklevel=3)
+            return
         if shapes is None:
             # Perhaps a branch on the inputs' shapes: traced at the first call, with them.
             decided = {d.name for d in decisions}
