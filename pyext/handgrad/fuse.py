@@ -336,7 +336,6 @@ def _snapshot(value):
 
 
 _ABSENT = object()
-_MODULE_SETATTR = nn.Module.__setattr__
 
 
 class _SetsAttributes(Exception):
@@ -354,7 +353,10 @@ class _AttributeAccess:
     def __enter__(self):
         self._lock.acquire()
         self.reads, self.writes, thread = {}, [], threading.get_ident()
+        # What was there: torch's own, or an outer recording's (a fused model's forward may
+        # call a separately fused submodule, which traces at its first call).
         self.saved = nn.Module.__dict__.get("__getattribute__")
+        self.saved_setattr = nn.Module.__dict__["__setattr__"]
 
         def reading(module, name, read=object.__getattribute__):
             value = read(module, name)
@@ -367,14 +369,14 @@ class _AttributeAccess:
             if threading.get_ident() == thread and not name.startswith("_tensor_constant"):
                 places = (module.__dict__, module._parameters, module._buffers, module._modules)
                 self.writes.append((module, name, [(place, place.get(name, _ABSENT)) for place in places]))
-            _MODULE_SETATTR(module, name, value)
+            self.saved_setattr(module, name, value)
 
         nn.Module.__getattribute__ = reading
         nn.Module.__setattr__ = writing
         return self
 
     def __exit__(self, kind, error, trace):
-        nn.Module.__setattr__ = _MODULE_SETATTR
+        nn.Module.__setattr__ = self.saved_setattr
         if self.saved is None:
             del nn.Module.__getattribute__
         else:
