@@ -287,6 +287,30 @@ def test_a_forward_that_sets_attributes_is_left_unfused_and_keeps_setting_them()
     assert nn.Module.__setattr__.__qualname__ == "Module.__setattr__" and "__getattribute__" not in nn.Module.__dict__
 
 
+class WithFusedChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.fc = Tempered(), nn.Linear(2, 4)
+
+    def forward(self, x, mask=None):
+        h = torch.tanh(self.fc(self.inner(x)))
+        return h if mask is None else h * mask
+
+
+def test_a_model_whose_submodule_was_fused_on_its_own_fuses_and_traces_through_it():
+    # The parent's trace runs the child's fused forward, which traces a call of its own there.
+    torch.manual_seed(0)
+    model, x, mask = WithFusedChild(), torch.randn(3, 4), torch.rand(3, 4)
+    fused = copy.deepcopy(model)
+    hnn.fuse(fused.inner)
+    fused.inner.temperature = model.inner.temperature = 3.0
+    hnn.fuse(fused)
+    assert handgrad_ops(fused, x, mask) == ["linear_activation"] * 2
+    torch.testing.assert_close(fused(x, mask), model(x, mask), rtol=0, atol=0)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    assert nn.Module.__setattr__.__qualname__ == "Module.__setattr__" and "__getattribute__" not in nn.Module.__dict__
+
+
 def test_traces_at_call_time_leave_other_threads_modules_alone():
     # torch.fx patches nn.Module.__call__ for every thread while it traces: another thread's
     # module call then went through the tracer ("module is not installed as a submodule").

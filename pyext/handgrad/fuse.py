@@ -365,8 +365,10 @@ class _AttributeAccess:
             return value
 
         def writing(module, name, value):
-            # torch.fx's own: the tensor constants it puts on the root module.
-            if threading.get_ident() == thread and not name.startswith("_tensor_constant"):
+            # Not torch.fx's own (the tensor constants it puts on the root module), nor the
+            # training flags a trace inside this one sets and restores (a submodule fused
+            # on its own, tracing at its first call).
+            if threading.get_ident() == thread and name not in _MODULE_INTERNALS and not name.startswith("_tensor_constant"):
                 places = (module.__dict__, module._parameters, module._buffers, module._modules)
                 self.writes.append((module, name, [(place, place.get(name, _ABSENT)) for place in places]))
             self.saved_setattr(module, name, value)
