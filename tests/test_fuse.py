@@ -287,6 +287,57 @@ def test_a_forward_that_sets_attributes_is_left_unfused_and_keeps_setting_them()
     assert nn.Module.__setattr__.__qualname__ == "Module.__setattr__" and "__getattribute__" not in nn.Module.__dict__
 
 
+class Distilled(nn.Module):
+    """A student with its teacher inside forward, run without gradients, as distillation and
+    momentum-encoder code (MoCo, BYOL) writes it; and a layer kept in float32 under autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.student, self.teacher, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = F.relu(self.teacher(x))
+        h = torch.sigmoid(self.student(x)) * target.norm()
+        with torch.autocast("cpu", enabled=False):
+            return torch.relu(self.head(h.float()))
+
+
+class Float32Head(nn.Module):
+    """A head kept in float32 under autocast, as mixed-precision models keep their last layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.body(x))
+        with torch.autocast("cpu", enabled=False):
+            return torch.sigmoid(self.head(h.float()))
+
+
+@pytest.mark.parametrize("model_class", [Distilled, Float32Head])
+def test_a_forward_that_switches_grad_or_autocast_mode_inside_is_left_unfused(model_class):
+    # torch.fx records no mode: the program ran the teacher with gradients (it got .grad, and
+    # the student's gradient changed through target.norm()).
+    # autocast(enabled=False) changes nothing where fuse() traces, outside autocast, but the
+    # program would run the head in bfloat16 under the caller's autocast.
+    torch.manual_seed(0)
+    model, x = model_class(), torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="runs part of itself in another grad or autocast mode"):
+        fused = hnn.fuse(copy.deepcopy(model))
+    for m in (model, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+            out.sum().backward()
+        assert out.dtype == torch.float32
+    for a, b in zip(fused.parameters(), model.parameters()):
+        assert (a.grad is None) == (b.grad is None)  # the teacher has none
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert not hasattr(torch.no_grad.__enter__, "__wrapped__")  # torch's own again
+
+
 class WithFusedChild(nn.Module):
     def __init__(self):
         super().__init__()

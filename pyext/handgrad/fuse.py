@@ -20,6 +20,7 @@ so an optimizer built before (and its state, restored by position) keeps working
 """
 
 import collections
+import contextlib
 import copy
 import functools
 import inspect
@@ -200,8 +201,9 @@ class _Tracer(torch.fx.Tracer):
     is_leaf_module = _is_leaf_module
 
     def trace(self, root, concrete_args=None):
-        self.thread = threading.get_ident()
-        return super().trace(root, concrete_args)
+        self.thread, self.modes = threading.get_ident(), _modes()
+        with _refusing_mode_switches(self.thread):
+            return super().trace(root, concrete_args)
 
     def call_module(self, m, forward, args, kwargs):
         if threading.get_ident() != self.thread:
@@ -212,6 +214,51 @@ class _Tracer(torch.fx.Tracer):
         if threading.get_ident() != self.thread:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # The program records no grad or autocast mode: a forward that switches one for part of
+    # itself (`with torch.no_grad():` around a teacher network) is not replayed by it. The
+    # switches are refused as they are entered (_refusing_mode_switches), even where they
+    # change nothing at the trace (autocast(enabled=False) outside autocast), and any other
+    # change of mode when it is seen.
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if _modes() != self.modes:
+            raise _NotReplayable(_MODE_SWITCH)
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+
+
+_MODE_SWITCH = ("forward runs part of itself in another grad or autocast mode (torch.no_grad(), "
+                "torch.autocast(...)), which a traced program would not")
+# torch's context managers of those modes, and the method of each that switches the mode.
+_MODE_SWITCHES = ((torch.no_grad, "__enter__"), (torch.enable_grad, "__enter__"), (torch.inference_mode, "__enter__"),
+                  (torch.set_grad_enabled, "__init__"), (torch.amp.autocast, "__enter__"))
+
+
+@contextlib.contextmanager
+def _refusing_mode_switches(thread):
+    """While active, in thread, entering one of _MODE_SWITCHES raises _NotReplayable."""
+    saved = [(cls, name, cls.__dict__[name]) for cls, name in _MODE_SWITCHES]
+
+    def refusing(method):
+        @functools.wraps(method)
+        def switch(*args, **kwargs):
+            if threading.get_ident() == thread:
+                raise _NotReplayable(_MODE_SWITCH)
+            return method(*args, **kwargs)
+        return switch
+
+    for cls, name, method in saved:
+        setattr(cls, name, refusing(method))
+    try:
+        yield
+    finally:
+        for cls, name, method in saved:
+            setattr(cls, name, method)
+
+
+def _modes():
+    """The grad and autocast modes that ops run in."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            *((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")))
 
 
 class _ShapedProxy(torch.fx.Proxy):
@@ -338,15 +385,16 @@ def _snapshot(value):
 _ABSENT = object()
 
 
-class _SetsAttributes(Exception):
-    """forward sets module attributes, which a traced program would not."""
+class _NotReplayable(Exception):
+    """forward does something at each call that a traced program would not do: sets module
+    attributes, or runs part of itself in another grad or autocast mode."""
 
 
 class _AttributeAccess:
     """While active, in this thread: the plain attributes (in a module's __dict__; not its
     parameters, buffers or submodules) that code reads from any nn.Module, as (module, name,
     value, snapshot) guards, and the attributes it sets, which are undone on exit (it
-    raises _SetsAttributes then, naming them, where no other error is on its way)."""
+    raises _NotReplayable then, naming them, where no other error is on its way)."""
 
     _lock = threading.RLock()  # one recording at a time (nn.DataParallel's threads trace too)
 
@@ -392,7 +440,7 @@ class _AttributeAccess:
                     place[name] = value
         if self.writes and kind is None:
             names = ", ".join(dict.fromkeys(f"{type(module).__name__}.{name}" for module, name, _ in self.writes))
-            raise _SetsAttributes(f"forward sets {names}, which a traced program would not")
+            raise _NotReplayable(f"forward sets {names}, which a traced program would not")
 
     @property
     def guards(self):
@@ -652,7 +700,7 @@ def _traced_line(error):
 
 
 def _untraceable_message(model, error, when):
-    why = (f"{type(model).__name__}'s {error}" if isinstance(error, _SetsAttributes) else
+    why = (f"{type(model).__name__}'s {error}" if isinstance(error, _NotReplayable) else
            f"torch.fx cannot trace {type(model).__name__} {when} ({type(error).__name__}: {error}) "
            f"{_traced_line(error)}")
     return (f"handgrad.nn.fuse: {why}; only Linear + activation pairs inside nn.Sequential "
@@ -677,7 +725,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
         traced = {training: _trace(model, training, None, fixed) for training in (True, False)}
         by_shape = False
     except Exception as error:  # torch.fx raises many kinds for untraceable code
-        if isinstance(error, _SetsAttributes):  # whatever the shapes
+        if isinstance(error, _NotReplayable):  # whatever the shapes
             decided = {d.name for d in decisions}
             decisions.extend(FusionDecision(name, False, f"{type(model).__name__}'s {error}")
                              for name, module in model.named_modules() if _is_linear(module) and name not in decided)
