@@ -338,6 +338,28 @@ def test_a_forward_that_switches_grad_or_autocast_mode_inside_is_left_unfused(mo
     assert not hasattr(torch.no_grad.__enter__, "__wrapped__")  # torch's own again
 
 
+class WithMLP(nn.Module):
+    """A model that uses handgrad.nn.MLP for part of itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.mlp = nn.Linear(4, 6), hnn.MLP([6, 8, 2])
+
+    def forward(self, x):
+        return self.mlp(F.relu(self.pre(x)))
+
+
+def test_a_model_holding_an_mlp_fuses_around_it():
+    # torch.fx keeps MLP whole, as it keeps torch.nn's modules (its op cannot take a proxy).
+    torch.manual_seed(0)
+    model, x = WithMLP(), torch.randn(3, 4, requires_grad=True)
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert hnn.fusion_decisions(model) == [hnn.FusionDecision("pre", True, "fused with the relu after it")]
+    assert handgrad_ops(fused, x.detach()) == ["linear_activation", "mlp_forward"]
+    for a, b in zip(outputs_and_grads(fused, x), outputs_and_grads(model, x)):
+        torch.testing.assert_close(a, b)
+
+
 class WithFusedChild(nn.Module):
     def __init__(self):
         super().__init__()

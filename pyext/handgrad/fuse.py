@@ -52,6 +52,7 @@ from ._modules import (
     SiLU,
     GELU,
     LinearSoftplus,
+    MLP,
     Softplus,
     _has_hooks,
     _module_activation,
@@ -73,7 +74,7 @@ _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "s
 # with their defaults, as F.leaky_relu and F.softplus take them.
 _FUNCTION_PARAMETERS = {"leaky_relu": {"negative_slope": 0.01}, "softplus": {"beta": 1.0, "threshold": 20.0}}
 _FUSED_TYPES = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU, LinearSoftplus)
-_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, Softplus)
+_HANDGRAD_MODULES = (*_FUSED_TYPES, ReLU, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, Softplus, MLP)
 _FUSED_CALLS = {"relu": HF.linear_relu, "sigmoid": HF.linear_sigmoid, "tanh": HF.linear_tanh,
                 "silu": HF.linear_silu, "gelu": HF.linear_gelu,
                 "gelu_tanh": lambda x, w, b: HF.linear_gelu(x, w, b, approximate="tanh")}
