@@ -452,7 +452,7 @@ def _unchanged(guards):
     """Whether every attribute a trace read still has the value it read: equal where it is a
     plain value or a container of them, the same object otherwise."""
     for module, name, value, snapshot in guards:
-        current = module.__dict__.get(name, guards)
+        current = module.__dict__.get(name, _ABSENT)
         if snapshot is not None or isinstance(value, _PLAIN_VALUES):
             if type(current) is not type(value) or current != (value if snapshot is None else snapshot):
                 return False
@@ -716,6 +716,13 @@ def _install(model, fused_forward):
     model._replicate_for_data_parallel = fused_forward.replicate_for_data_parallel
 
 
+def _leave_undecided_unfused(model, decisions, reason):
+    """A decision not to fuse, for reason, for each Linear of model that has none yet."""
+    decided = {d.name for d in decisions}
+    decisions.extend(FusionDecision(name, False, reason) for name, module in model.named_modules()
+                     if _is_linear(module) and name not in decided)
+
+
 def _fuse_calls(model, example_inputs, decisions, apply=True):
     """Install a fused forward on model (with apply) if its forward calls fusable pairs, or
     may (one that can be traced only with its inputs' shapes known, at its first call)."""
@@ -727,19 +734,14 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
         by_shape = False
     except Exception as error:  # torch.fx raises many kinds for untraceable code
         if isinstance(error, _NotReplayable):  # whatever the shapes
-            decided = {d.name for d in decisions}
-            decisions.extend(FusionDecision(name, False, f"{type(model).__name__}'s {error}")
-                             for name, module in model.named_modules() if _is_linear(module) and name not in decided)
+            _leave_undecided_unfused(model, decisions, f"{type(model).__name__}'s {error}")
             warnings.warn(_untraceable_message(model, error, ""), stacklevel=3)
             return
         if shapes is None:
             # Perhaps a branch on the inputs' shapes: traced at the first call, with them.
-            decided = {d.name for d in decisions}
-            reason = (f"decided at the first call: torch.fx cannot trace forward without its "
-                      f"inputs' shapes ({type(error).__name__} {_traced_line(error)}); "
-                      "example_inputs=(...) decides now")
-            decisions.extend(FusionDecision(name, False, reason) for name, module in model.named_modules()
-                             if _is_linear(module) and name not in decided)
+            _leave_undecided_unfused(model, decisions, (
+                f"decided at the first call: torch.fx cannot trace forward without its inputs' shapes "
+                f"({type(error).__name__} {_traced_line(error)}); example_inputs=(...) decides now"))
             if apply:
                 _install(model, _FusedForward(model, True, {}))
             return
