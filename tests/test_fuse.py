@@ -240,7 +240,7 @@ def test_a_changed_attribute_that_forward_reads_traces_it_again():
     assert "__getattribute__" not in nn.Module.__dict__  # the recording is gone after each trace
     # An attribute that changes at every call: traced again up to a limit, then unfused, with
     # one warning; the results stay the model's.
-    with pytest.warns(UserWarning, match=r"reads attributes that keep changing \(scales, temperature, use_head\)"):
+    with pytest.warns(UserWarning, match=r"attributes its forward reads \(scales, temperature, use_head\)"):
         for step in range(30):
             model.temperature = fused.temperature = 1.0 + step / 10
             torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
@@ -472,6 +472,76 @@ def test_hooked_modules_are_left_unfused_and_their_hooks_fire(capsys):
     x = torch.randn(5, 8)
     torch.testing.assert_close(fused(x), reference(x))
     assert seen and seen[-1] < 0  # the hook saw the Linear's own output, before its ReLU
+
+
+class LowRankAdapted(nn.Module):
+    """A LoRA-style wrapper put in a Linear's place, as adapter libraries do."""
+
+    def __init__(self, base, rank=2):
+        super().__init__()
+        self.base = base
+        self.down, self.up = nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+class TwoActivations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc2(self.act(self.fc1(x)))))
+
+
+CHANGES_AFTER_FUSING = {
+    "forward hook on a fused Linear": lambda m, seen: m.fc2.register_forward_hook(
+        lambda module, args, out: seen.append(out.min().item())),
+    "forward hook that changes the output": lambda m, seen: m.fc1.register_forward_hook(
+        lambda module, args, out: out * 2),
+    "full backward hook": lambda m, seen: m.fc1.register_full_backward_hook(
+        lambda module, grad_input, grad_output: seen.append(grad_output[0].abs().sum().item())),
+    "hook on the activation module": lambda m, seen: m.act.register_forward_hook(lambda module, args, out: out + 1),
+    "activation's slope": lambda m, seen: setattr(m.act, "negative_slope", 0.3),
+    "activation replaced": lambda m, seen: setattr(m, "act", nn.Tanh()),
+    "Linear wrapped by an adapter": lambda m, seen: setattr(m, "fc1", LowRankAdapted(m.fc1)),
+    "Linear replaced by a container": lambda m, seen: setattr(m, "fc2", nn.Sequential(nn.Linear(16, 16))),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES_AFTER_FUSING)
+def test_hooks_and_modules_changed_after_fusing_are_respected(change):
+    # The trace decided on the modules as they were; the program calls neither module of a
+    # fused pair, so it would skip a hook registered since, or run the old module.
+    torch.manual_seed(0)
+    model, x = TwoActivations(), torch.randn(5, 8, requires_grad=True)
+    fused = hnn.fuse(copy.deepcopy(model))
+    fused(x)  # the programs are traced and run once before the change
+    seen, seen_fused = [], []
+    for m, log in ((model, seen), (fused, seen_fused)):
+        torch.manual_seed(1)  # the same initial values for a new module
+        CHANGES_AFTER_FUSING[change](m, log)
+    for a, b in zip(outputs_and_grads(model, x), outputs_and_grads(fused, x)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert seen_fused == pytest.approx(seen)
+
+
+def test_hooks_registered_for_every_module_see_every_module_of_a_fused_model():
+    torch.manual_seed(0)
+    model, x = TwoActivations(), torch.randn(5, 8)
+    fused = hnn.fuse(copy.deepcopy(model))
+    fused(x)
+    called = []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: called.append(type(module)))
+    try:
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    finally:
+        handle.remove()
+    assert called[:len(called) // 2] == called[len(called) // 2:]
+    assert called.count(nn.Linear) == 6
+    assert handgrad_ops(fused, x) == ["linear_activation"] * 2  # fused again once it is removed
 
 
 def test_report_says_what_was_fused_and_why_not(caplog, capsys):

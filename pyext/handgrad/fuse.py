@@ -15,7 +15,8 @@ so an optimizer built before (and its state, restored by position) keeps working
   directly) compute what they always did. Arguments that are None, a bool or a str in a
   call (`if mask is None:`) are traced as those values, a program for each set of values, and
   a program is traced again once a plain attribute its trace read (self.temperature) has
-  changed. A forward that branches on shapes is traced with the inputs' shapes known, at its first call
+  changed, or a hook or module of a pair it fuses has (a hook registered since, a Linear
+  wrapped by an adapter). A forward that branches on shapes is traced with the inputs' shapes known, at its first call
   (or now, for example inputs), and again for each new input shape.
 """
 
@@ -54,6 +55,7 @@ from ._modules import (
     LinearSoftplus,
     MLP,
     Softplus,
+    _global_hooks,
     _has_hooks,
     _module_activation,
 )
@@ -540,6 +542,48 @@ def _pairs(graph, model):
     return pairs, reasons
 
 
+def _submodule(model, path):
+    """The module at path (a tuple of names) under model, or None."""
+    for name in path:
+        if model is None:
+            return None
+        model = model._modules.get(name)
+    return model
+
+
+def _fused_modules(pairs, model):
+    """What a program's fusion rests on: the paths of the Linear layers it fuses, and for each
+    activation module it fuses, (its path, its class, its parameters' (name, value) pairs)."""
+    modules = {}
+    for activation, _, _, activation_node in pairs.values():
+        if activation_node.op == "call_module":
+            module = model.get_submodule(activation_node.target)
+            keys = [*_FUNCTION_PARAMETERS.get(activation, ()), *(("approximate",) if "gelu" in activation else ())]
+            modules[activation_node.target] = (tuple(activation_node.target.split(".")), type(module),
+                                               tuple((key, getattr(module, key)) for key in keys))
+    return tuple(tuple(name.split(".")) for name in pairs), tuple(modules.values())
+
+
+def _still_fusable(model, fused_modules):
+    """Whether the pairs a program fuses may still be fused as they were traced: no hook
+    registered on their modules since, no module replaced by another kind (a LoRA wrapper),
+    no activation module changed (its slope, or nn.Tanh in its place). The program calls
+    neither module, so it would skip the hook or the new module."""
+    linear_paths, activation_modules = fused_modules
+    for path in linear_paths:
+        linear = _submodule(model, path)
+        if not isinstance(linear, nn.Linear) or _why_not_fusable(linear) is not None:
+            return False
+    for path, kind, parameters in activation_modules:
+        module = _submodule(model, path)
+        if type(module) is not kind or _has_hooks(module):
+            return False
+        for name, value in parameters:
+            if getattr(module, name, _ABSENT) != value:
+                return False
+    return True
+
+
 def _run_fused(linear, input, activation, parameters):
     """linear followed by activation, in one op: the module's forward pre-hooks first
     (torch.nn.utils.weight_norm recomputes the weight there), then the weight as the module
@@ -588,7 +632,8 @@ class _FusedForward:
     its first call."""
 
     def __init__(self, model, by_shape, programs):
-        self.model, self.by_shape, self.programs = model, by_shape, programs  # key: (program, guards)
+        # key: (program, the guards of the attributes its trace read, _fused_modules of its pairs)
+        self.model, self.by_shape, self.programs = model, by_shape, programs
         self.parameters = _forward_parameters(model)
         self.warned, self.retraces = False, 0
 
@@ -603,9 +648,9 @@ class _FusedForward:
         return inspect.signature(type(self.model).forward.__get__(self.model))
 
     def current(self, key):
-        """Whether the program for key is made and its guards hold."""
+        """Whether the program for key is made, its guards hold and its pairs may still be fused."""
         entry = self.programs.get(key)
-        return entry is not None and _unchanged(entry[1])
+        return entry is not None and _unchanged(entry[1]) and _still_fusable(self.model, entry[2])
 
     def program(self, key, shapes):
         """The traced program for key, made on first use or when an attribute its trace read
@@ -613,13 +658,14 @@ class _FusedForward:
         attributes keep changing (the model's own forward runs then)."""
         if self.current(key):
             return self.programs[key][0]
-        if key in self.programs:  # an attribute its trace read has changed
+        if key in self.programs:  # an attribute its trace read, or a module it fuses, has changed
             self.retraces += 1
             if self.retraces == _MAX_RETRACES + 1:
-                changed = sorted({guard[1] for entry in self.programs.values() for guard in entry[1]})
-                warnings.warn(f"handgrad.nn.fuse: {type(self.model).__name__}'s forward reads attributes "
-                              f"that keep changing ({', '.join(changed)}); its calls run unfused from now on.",
-                              stacklevel=4)
+                read = sorted({guard[1] for entry in self.programs.values() for guard in entry[1]})
+                warnings.warn(f"handgrad.nn.fuse: {type(self.model).__name__}'s traced programs keep going "
+                              f"stale: attributes its forward reads ({', '.join(read) or 'none'}), or the hooks "
+                              f"or modules of the layers it fuses, keep changing; its calls run unfused from "
+                              f"now on.", stacklevel=4)
         if self.retraces > _MAX_RETRACES:
             return None
         if len(self.programs) >= 2 * _MAX_SHAPES:
@@ -627,10 +673,11 @@ class _FusedForward:
         try:
             graph, guards = _trace(self.model, key[0], shapes, key[1])
             pairs, _ = _pairs(graph, self.model)
+            fused_modules = _fused_modules(pairs, self.model)
             program = _program(graph, pairs, f"{type(self.model).__name__}, {key}") if pairs else None
-            self.programs[key] = (program, guards)
+            self.programs[key] = (program, guards, fused_modules)
         except Exception as error:  # not traceable for these inputs: the model's own forward
-            self.programs[key] = (None, ())
+            self.programs[key] = (None, (), ((), ()))
             if not self.warned:  # once per model: every later call runs as it did
                 self.warned = True
                 warnings.warn(_untraceable_message(self.model, error, "even for its inputs' shapes"),
@@ -639,6 +686,8 @@ class _FusedForward:
 
     def __call__(self, *args, **kwargs):
         model = self.model
+        if _global_hooks():  # registered for every module: they must see each module's call
+            return type(model).forward(model, *args, **kwargs)
         key = (model.training, _branch_arguments(self.parameters, args, kwargs))
         shapes = None
         if self.by_shape:
@@ -767,9 +816,12 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
             decisions.append(FusionDecision(name, False, found[True][1].get(name) or found[False][1][name]))
     if apply and any(found[training][0] for training in (True, False)):
         # Both programs made now, so that torch.compile finds them made.
-        programs = {(training, fixed, *((shapes,) if by_shape else ())):
-                    (_program(graph, found[training][0], f"{type(model).__name__}, training={training}"), guards)
-                    for training, (graph, guards) in traced.items()}
+        programs = {}
+        for training, (graph, guards) in traced.items():
+            pairs = found[training][0]
+            fused_modules = _fused_modules(pairs, model)
+            program = _program(graph, pairs, f"{type(model).__name__}, training={training}") if pairs else None
+            programs[(training, fixed, *((shapes,) if by_shape else ()))] = (program, guards, fused_modules)
         _install(model, _FusedForward(model, by_shape, programs))
 
 
