@@ -247,6 +247,42 @@ def test_a_changed_attribute_that_forward_reads_traces_it_again():
     assert handgrad_ops(fused, x) == []
 
 
+class DtypeAndDevice(nn.Module):
+    """Properties read off the parameters, as Hugging Face models and diffusers have them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 8), nn.Linear(10, 2)
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def forward(self, x):
+        h = F.relu(self.fc(x.to(self.dtype)))
+        padding = torch.zeros(x.shape[0], 2, dtype=self.dtype, device=self.device)
+        return self.head(torch.cat([h, padding], 1))
+
+
+def test_a_property_that_forward_reads_is_read_again_after_the_model_moves():
+    # torch.fx takes self.dtype into the program as the value it had at the trace: after
+    # model.double(), the program cast the input to float32 and raised.
+    torch.manual_seed(0)
+    model, x = DtypeAndDevice(), torch.randn(3, 4)
+    fused = hnn.fuse(copy.deepcopy(model))
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    for dtype in (torch.float64, torch.bfloat16, torch.float32):
+        model.to(dtype), fused.to(dtype)
+        out = fused(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+        assert handgrad_ops(fused, x) == ["linear_activation"]
+
+
 class KLEncoder(nn.Module):
     """A VAE's encoder as tutorials write it: forward keeps its KL term as an attribute."""
 

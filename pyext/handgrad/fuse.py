@@ -369,7 +369,7 @@ def _unspecialize(graph, fixed):
 # What fuse() puts in a model's __dict__: its fused forward, TorchScript's and nn.DataParallel's hooks.
 _INSTALLED = ("forward", "__prepare_scriptable__", "_replicate_for_data_parallel")
 _MODULE_INTERNALS = frozenset([*vars(nn.Module()), *_INSTALLED])
-_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None), torch.device, torch.dtype)
 _MAX_RETRACES = 16  # traces after attributes changed, before a model's calls run unfused
 
 
@@ -386,6 +386,7 @@ def _snapshot(value):
 
 
 _ABSENT = object()
+_PROPERTY = object()  # a guard's snapshot for a property's value: read again to compare
 
 
 class _NotReplayable(Exception):
@@ -395,8 +396,8 @@ class _NotReplayable(Exception):
 
 class _AttributeAccess:
     """While active, in this thread: the plain attributes (in a module's __dict__; not its
-    parameters, buffers or submodules) that code reads from any nn.Module, as (module, name,
-    value, snapshot) guards, and the attributes it sets, which are undone on exit (it
+    parameters, buffers or submodules) and the properties with plain values (a device, a
+    dtype) that code reads from any nn.Module, as (module, name, value, snapshot) guards, and the attributes it sets, which are undone on exit (it
     raises _NotReplayable then, naming them, where no other error is on its way)."""
 
     _lock = threading.RLock()  # one recording at a time (nn.DataParallel's threads trace too)
@@ -411,8 +412,14 @@ class _AttributeAccess:
 
         def reading(module, name, read=object.__getattribute__):
             value = read(module, name)
-            if name not in _MODULE_INTERNALS and name in read(module, "__dict__") and threading.get_ident() == thread:
-                self.reads.setdefault((id(module), name), (module, name, value))
+            if name not in _MODULE_INTERNALS and threading.get_ident() == thread:
+                if name in read(module, "__dict__"):
+                    self.reads.setdefault((id(module), name), (module, name, value, False))
+                elif type(value) in _PLAIN_VALUES and isinstance(
+                        inspect.getattr_static(type(module), name, None), property):
+                    # A property's value (the model's device or dtype, read off its
+                    # parameters), which changes with model.to(...).
+                    self.reads.setdefault((id(module), name), (module, name, value, True))
             return value
 
         def writing(module, name, value):
@@ -447,13 +454,22 @@ class _AttributeAccess:
 
     @property
     def guards(self):
-        return tuple((module, name, value, _snapshot(value)) for module, name, value in self.reads.values())
+        return tuple((module, name, value, _PROPERTY if is_property else _snapshot(value))
+                     for module, name, value, is_property in self.reads.values())
 
 
 def _unchanged(guards):
     """Whether every attribute a trace read still has the value it read: equal where it is a
     plain value or a container of them, the same object otherwise."""
     for module, name, value, snapshot in guards:
+        if snapshot is _PROPERTY:
+            try:
+                current = getattr(module, name)
+            except Exception:
+                return False
+            if type(current) is not type(value) or current != value:
+                return False
+            continue
         current = module.__dict__.get(name, _ABSENT)
         if snapshot is not None or isinstance(value, _PLAIN_VALUES):
             if type(current) is not type(value) or current != (value if snapshot is None else snapshot):
