@@ -374,6 +374,64 @@ def test_a_forward_that_switches_grad_or_autocast_mode_inside_is_left_unfused(mo
     assert not hasattr(torch.no_grad.__enter__, "__wrapped__")  # torch's own again
 
 
+class TanhBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class CheckpointedBlocks(nn.Module):
+    """Activation checkpointing in forward, as memory-bound training code writes it."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.block = TanhBlock()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.use_reentrant)
+        return self.out(F.relu(h))
+
+
+def outputs_and_accumulated_grads(model, x):
+    """As outputs_and_grads, through backward() (reentrant checkpointing refuses .grad())."""
+    x = x.detach().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    return (out, x.grad, *(p.grad for p in model.parameters()))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_in_forward_is_kept(use_reentrant):
+    # torch.fx traces through checkpoint(): the program ran the block once and kept its
+    # activations, the memory the user checkpointed to free.
+    torch.manual_seed(0)
+    model, x = CheckpointedBlocks(use_reentrant), torch.randn(4, 8)
+    fused = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"activation checkpointing \(torch.utils.checkpoint\)"
+                      if not use_reentrant else "another grad or autocast mode"):
+        hnn.fuse(fused)
+    runs = {}
+    for name, m in (("model", model), ("fused", fused)):
+        m.block.register_forward_pre_hook(lambda module, args, name=name: runs.update({name: runs.get(name, 0) + 1}))
+    for a, b in zip(outputs_and_accumulated_grads(model, x), outputs_and_accumulated_grads(fused, x)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert runs == {"model": 2, "fused": 2}  # forward, and again in backward
+    # The checkpointed modules fuse on their own: fused as the warning says.
+    hnn.fuse(fused.block)
+    assert handgrad_ops(fused, x) == ["linear_activation"]
+    runs.clear()
+    for a, b in zip(outputs_and_accumulated_grads(model, x), outputs_and_accumulated_grads(fused, x)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert runs == {"model": 2, "fused": 2}
+
+
 class WithMLP(nn.Module):
     """A model that uses handgrad.nn.MLP for part of itself."""
 

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 import torch.fx
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -231,31 +232,41 @@ class _Tracer(torch.fx.Tracer):
 
 _MODE_SWITCH = ("forward runs part of itself in another grad or autocast mode (torch.no_grad(), "
                 "torch.autocast(...)), which a traced program would not")
-# torch's context managers of those modes, and the method of each that switches the mode.
-_MODE_SWITCHES = ((torch.no_grad, "__enter__"), (torch.enable_grad, "__enter__"), (torch.inference_mode, "__enter__"),
-                  (torch.set_grad_enabled, "__init__"), (torch.amp.autocast, "__enter__"))
+_CHECKPOINT = ("forward runs part of itself under activation checkpointing (torch.utils.checkpoint), "
+               "which a traced program would drop; fuse the checkpointed modules themselves "
+               "(fuse(model.block)) to fuse their calls")
+# What a traced program cannot replay, refused as it is entered: torch's context managers of
+# those modes, and the method of each that switches the mode; and activation checkpointing
+# (torch.fx traces through it, so the program would keep every activation that checkpoint()
+# frees; its reentrant form runs the function under torch.no_grad(), refused already).
+_REFUSED = tuple((owner, name, message) for owner, name, message in (
+    (torch.no_grad, "__enter__", _MODE_SWITCH), (torch.enable_grad, "__enter__", _MODE_SWITCH),
+    (torch.inference_mode, "__enter__", _MODE_SWITCH), (torch.set_grad_enabled, "__init__", _MODE_SWITCH),
+    (torch.amp.autocast, "__enter__", _MODE_SWITCH),
+    (torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", _CHECKPOINT),
+) if name in vars(owner))
 
 
 @contextlib.contextmanager
 def _refusing_mode_switches(thread):
-    """While active, in thread, entering one of _MODE_SWITCHES raises _NotReplayable."""
-    saved = [(cls, name, cls.__dict__[name]) for cls, name in _MODE_SWITCHES]
+    """While active, in thread, entering one of _REFUSED raises _NotReplayable."""
+    saved = [(owner, name, vars(owner)[name], message) for owner, name, message in _REFUSED]
 
-    def refusing(method):
+    def refusing(method, message):
         @functools.wraps(method)
         def switch(*args, **kwargs):
             if threading.get_ident() == thread:
-                raise _NotReplayable(_MODE_SWITCH)
+                raise _NotReplayable(message)
             return method(*args, **kwargs)
         return switch
 
-    for cls, name, method in saved:
-        setattr(cls, name, refusing(method))
+    for owner, name, method, message in saved:
+        setattr(owner, name, refusing(method, message))
     try:
         yield
     finally:
-        for cls, name, method in saved:
-            setattr(cls, name, method)
+        for owner, name, method, _ in saved:
+            setattr(owner, name, method)
 
 
 def _modes():
