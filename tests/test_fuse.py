@@ -374,6 +374,64 @@ def test_a_forward_that_switches_grad_or_autocast_mode_inside_is_left_unfused(mo
     assert not hasattr(torch.no_grad.__enter__, "__wrapped__")  # torch's own again
 
 
+class TwoLayers(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 8), nn.Linear(8, width)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class KLOnTheRoot(nn.Module):
+    """A VAE that keeps its KL term on itself; its encoder and decoder are plain."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = TwoLayers(), TwoLayers()
+
+    def forward(self, x):
+        h = self.encoder(x)
+        self.kl = h.square().mean()
+        return self.decoder(h)
+
+
+class MomentumEncoder(nn.Module):
+    """MoCo and BYOL: a key encoder run without gradients, in a list of encoders."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleList([TwoLayers(), TwoLayers()])
+
+    def forward(self, x):
+        query = self.encoders[0](x)
+        with torch.no_grad():
+            key = self.encoders[1](x)
+        return (query * key).sum(1)
+
+
+@pytest.mark.parametrize("model_class", [KLOnTheRoot, MomentumEncoder])
+def test_a_model_whose_forward_cannot_be_fused_fuses_its_submodules_on_their_own(model_class):
+    torch.manual_seed(0)
+    model, x = model_class(), torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="calls of its submodules that have a forward of their own"):
+        fused = hnn.fuse(copy.deepcopy(model))
+    decisions = {d.name: d.fused for d in hnn.fusion_decisions(fused)}
+    assert sorted(name for name, is_fused in decisions.items() if is_fused) == (
+        ["decoder.fc1", "encoder.fc1"] if model_class is KLOnTheRoot else ["encoders.0.fc1", "encoders.1.fc1"])
+    assert handgrad_ops(fused, x) == ["linear_activation"] * 2
+    x.requires_grad_()
+    for m in (model, fused):
+        m(x).square().sum().backward()
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=1e-6)
+    for a, b in zip(model.parameters(), fused.parameters()):
+        assert (a.grad is None) == (b.grad is None)  # the key encoder has none
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-6)
+    if model_class is KLOnTheRoot:
+        torch.testing.assert_close(fused.kl, model.kl)
+
+
 class TanhBlock(nn.Module):
     def __init__(self):
         super().__init__()
@@ -408,28 +466,26 @@ def outputs_and_accumulated_grads(model, x):
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing_in_forward_is_kept(use_reentrant):
+def test_activation_checkpointing_in_forward_is_kept_and_the_checkpointed_block_fuses(use_reentrant):
     # torch.fx traces through checkpoint(): the program ran the block once and kept its
-    # activations, the memory the user checkpointed to free.
+    # activations, the memory the user checkpointed to free. The model's own calls stay
+    # unfused; the block, fused on its own, fuses inside the checkpoint.
     torch.manual_seed(0)
     model, x = CheckpointedBlocks(use_reentrant), torch.randn(4, 8)
     fused = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"activation checkpointing \(torch.utils.checkpoint\)"
                       if not use_reentrant else "another grad or autocast mode"):
         hnn.fuse(fused)
+    decisions = {d.name: d.fused for d in hnn.fusion_decisions(model)}
+    assert decisions == {"fc": False, "block.fc1": True, "block.fc2": False, "out": False}
     runs = {}
     for name, m in (("model", model), ("fused", fused)):
         m.block.register_forward_pre_hook(lambda module, args, name=name: runs.update({name: runs.get(name, 0) + 1}))
-    for a, b in zip(outputs_and_accumulated_grads(model, x), outputs_and_accumulated_grads(fused, x)):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
-    assert runs == {"model": 2, "fused": 2}  # forward, and again in backward
-    # The checkpointed modules fuse on their own: fused as the warning says.
-    hnn.fuse(fused.block)
     assert handgrad_ops(fused, x) == ["linear_activation"]
     runs.clear()
     for a, b in zip(outputs_and_accumulated_grads(model, x), outputs_and_accumulated_grads(fused, x)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
-    assert runs == {"model": 2, "fused": 2}
+    assert runs == {"model": 2, "fused": 2}  # forward, and again in backward
 
 
 class WithMLP(nn.Module):

@@ -233,8 +233,7 @@ class _Tracer(torch.fx.Tracer):
 _MODE_SWITCH = ("forward runs part of itself in another grad or autocast mode (torch.no_grad(), "
                 "torch.autocast(...)), which a traced program would not")
 _CHECKPOINT = ("forward runs part of itself under activation checkpointing (torch.utils.checkpoint), "
-               "which a traced program would drop; fuse the checkpointed modules themselves "
-               "(fuse(model.block)) to fuse their calls")
+               "which a traced program would drop")
 # What a traced program cannot replay, refused as it is entered: torch's context managers of
 # those modes, and the method of each that switches the mode; and activation checkpointing
 # (torch.fx traces through it, so the program would keep every activation that checkpoint()
@@ -707,6 +706,7 @@ class _FusedForward:
             self.programs[key] = (None, (), ((), ()))
             if not self.warned:  # once per model: every later call runs as it did
                 self.warned = True
+                _fuse_children(self.model, [], apply=True)
                 warnings.warn(_untraceable_message(self.model, error, "even for its inputs' shapes"),
                               stacklevel=5)
         return self.programs[key][0]
@@ -780,8 +780,32 @@ def _untraceable_message(model, error, when):
     why = (f"{type(model).__name__}'s {error}" if isinstance(error, _NotReplayable) else
            f"torch.fx cannot trace {type(model).__name__} {when} ({type(error).__name__}: {error}) "
            f"{_traced_line(error)}")
-    return (f"handgrad.nn.fuse: {why}; only Linear + activation pairs inside nn.Sequential "
-            "containers were fused, and the rest of the model runs unfused.")
+    return (f"handgrad.nn.fuse: {why}; its own calls run unfused. Linear + activation pairs inside "
+            "nn.Sequential containers, and the calls of its submodules that have a forward of their "
+            "own (each traced on its own), are fused.")
+
+
+def _fuse_children(model, decisions, apply, prefix="", seen=None):
+    """Where model's forward cannot be fused as a whole (untraceable, or not replayable): each
+    submodule with a forward of its own, fused on its own, so that its calls fuse when
+    model's forward calls it (a VAE that stores its KL term keeps fused encoder and decoder;
+    blocks under activation checkpointing fuse inside the checkpoint). Containers are looked
+    into; torch's and handgrad's own modules are left as they are. A submodule that cannot be
+    fused either is looked into in turn, without a warning of its own: its decisions say why."""
+    seen = set() if seen is None else seen
+    for name, child in model.named_children():
+        if id(child) in seen or isinstance(child, (_HANDGRAD_MODULES, nn.Linear)):
+            continue
+        seen.add(id(child))
+        path = f"{prefix}{name}"
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or type(child).forward is nn.Sequential.forward:
+            _fuse_children(child, decisions, apply, f"{path}.", seen)
+        elif not type(child).__module__.startswith("torch."):
+            found = []
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _fuse_calls(child, None, found, apply)
+            decisions.extend(FusionDecision(f"{path}.{d.name}", d.fused, d.reason) for d in found)
 
 
 def _install(model, fused_forward):
@@ -810,6 +834,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
         by_shape = False
     except Exception as error:  # torch.fx raises many kinds for untraceable code
         if isinstance(error, _NotReplayable):  # whatever the shapes
+            _fuse_children(model, decisions, apply)
             _leave_undecided_unfused(model, decisions, f"{type(model).__name__}'s {error}")
             warnings.warn(_untraceable_message(model, error, ""), stacklevel=3)
             return
@@ -825,6 +850,10 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
             traced = {training: _trace(model, training, shapes, fixed) for training in (True, False)}
             by_shape = True
         except Exception as shaped_error:
+            _fuse_children(model, decisions, apply)
+            _leave_undecided_unfused(model, decisions, (
+                f"torch.fx cannot trace {type(model).__name__}'s forward ({type(shaped_error).__name__} "
+                f"{_traced_line(shaped_error)})"))
             warnings.warn(_untraceable_message(model, shaped_error, "even for the shapes of example_inputs"),
                           stacklevel=3)
             return
@@ -878,8 +907,10 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     - Left unfused: a Linear subclass; a Linear with forward or backward hooks (they must keep
       seeing its own output); an activation module with hooks; a Linear whose output is used
       more than once. A model torch.fx cannot trace even with its inputs' shapes known
-      (data-dependent control flow) gets the nn.Sequential pass only, and one warning, at its
-      first call, naming the line.
+      (data-dependent control flow), or whose forward a traced program cannot replay (it
+      sets attributes, switches grad or autocast mode, checkpoints), runs its own calls
+      unfused, with one warning naming why; its nn.Sequential containers and its submodules
+      with a forward of their own are fused on their own.
 
     Each decision, with its reason, is logged to the "handgrad.fuse" logger; verbose=True
     prints them.
