@@ -748,6 +748,52 @@ def test_untraceable_model_gets_the_sequential_pass_and_one_warning():
             torch.testing.assert_close(fused(inputs), reference(inputs))
 
 
+class FlatFeatures(nn.Module):
+    """PyTorch's tutorial network as it was long written: the flattened width counted from
+    the size of an intermediate tensor, in a method; with batch norm and dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.norm = nn.BatchNorm1d(3 * 3 * 3)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(27, 16), nn.Linear(16, 8), nn.Linear(8, 2)
+
+    def num_flat_features(self, x):
+        count = 1
+        for size in x.size()[1:]:
+            count *= size
+        return count
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)
+        x = self.norm(x.view(-1, self.num_flat_features(x)))
+        x = F.dropout(F.relu(self.fc1(x)), 0.5, training=self.training)
+        return self.fc3(torch.sigmoid(self.fc2(x[:len(x)])))
+
+
+def test_a_forward_that_reads_the_shapes_of_what_it_computes_is_traced_for_its_inputs_shapes():
+    # torch.fx cannot iterate x.size() of an intermediate tensor; traced with the shapes of
+    # the call's inputs, each op also runs on fake tensors, which know theirs.
+    torch.manual_seed(0)
+    model = FlatFeatures()
+    fused = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hnn.fuse(fused)
+        for rows in (4, 4, 7):
+            x = torch.randn(rows, 1, 8, 8)
+            torch.manual_seed(rows)
+            expected = outputs_and_grads(model, x.requires_grad_())
+            torch.manual_seed(rows)  # the trace, at the first call of a shape, draws nothing
+            for a, b in zip(expected, outputs_and_grads(fused, x)):
+                torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):  # counted once a call
+                torch.testing.assert_close(getattr(fused.norm, name), getattr(model.norm, name))
+            assert handgrad_ops(fused, x) == ["linear_activation"] * 2
+            assert handgrad_ops(model, x) == []  # its statistics counted as many times
+    assert "fake" not in repr(vars(fused.norm)).lower()
+
+
 def test_linear_subclasses_are_left_unfused_and_reported(capsys):
     class ScaledLinear(nn.Linear):  # a subclass may change forward: not ours to replace
         def forward(self, input):

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.fx
 import torch.utils.checkpoint
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -210,12 +211,12 @@ class _Tracer(torch.fx.Tracer):
             return super().trace(root, concrete_args)
 
     def call_module(self, m, forward, args, kwargs):
-        if threading.get_ident() != self.thread:
+        if threading.get_ident() != self.thread or _AttributeAccess.is_paused():
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        if threading.get_ident() != self.thread:
+        if threading.get_ident() != self.thread or _AttributeAccess.is_paused():
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
@@ -254,7 +255,7 @@ def _refusing_mode_switches(thread):
     def refusing(method, message):
         @functools.wraps(method)
         def switch(*args, **kwargs):
-            if threading.get_ident() == thread:
+            if threading.get_ident() == thread and not _AttributeAccess.is_paused():
                 raise _NotReplayable(message)
             return method(*args, **kwargs)
         return switch
@@ -275,38 +276,95 @@ def _modes():
 
 
 class _ShapedProxy(torch.fx.Proxy):
-    """A traced input whose shape is known: a branch on it is taken as for that input."""
+    """A traced tensor whose shape is known (its fake tensor's): a branch on it, or a loop over
+    its sizes, is taken as for the call's inputs."""
 
-    known_shape: torch.Size
+    fake: torch.Tensor
 
     @property
     def shape(self):
-        return self.known_shape
+        return self.fake.shape
 
     @property
     def ndim(self):
-        return len(self.known_shape)
+        return self.fake.ndim
 
     def size(self, dim=None):
-        return self.known_shape if dim is None else self.known_shape[dim]
+        return self.fake.size() if dim is None else self.fake.size(dim)
 
     def dim(self):
-        return len(self.known_shape)
+        return self.fake.dim()
+
+    def __len__(self):
+        return len(self.fake)
+
+
+_FAKE_TENSOR_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def _quiet(logger):
+    """logger silenced meanwhile (fake tensors log each op they cannot run; the trace
+    expects some)."""
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 class _ShapeTracer(_Tracer):
-    """The same, with the inputs' shapes known (the shapes of one call's arguments)."""
+    """The same, with the shapes of one call's arguments known, and with fakes, those of what
+    forward computes from them: each op is run on fake tensors (no data, no effect on the
+    model) as it is traced. The program is kept for those input shapes only."""
 
-    def __init__(self, shapes):
+    def __init__(self, shapes, device, fakes):
         super().__init__()
-        self.shapes = shapes
+        self.shapes, self.device = shapes, device
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fakes else None
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        if kind == "placeholder" and self.shapes.get(target) is not None:
+        fake = None
+        if kind == "placeholder" and self.shapes.get(target, (None,))[0] is not None:
+            shape, dtype = self.shapes[target]
+            # Without fakes, a tensor on the meta device stands for the input: its shape only.
+            with self.fake_mode or contextlib.nullcontext():
+                fake = torch.empty(shape, dtype=dtype, device=self.device if self.fake_mode else "meta")
+        elif kind in ("call_function", "call_method", "call_module") and self.fake_mode is not None:
+            fake = self._run_fake(kind, target, args, kwargs)
+        if isinstance(fake, torch.Tensor):
             proxy.__class__ = _ShapedProxy
-            proxy.known_shape = torch.Size(self.shapes[target])
+            proxy.fake = fake
         return proxy
+
+    def _run_fake(self, kind, target, args, kwargs):
+        """What the op computes from the fakes of its arguments, or None where one is unknown
+        or the op cannot run so (data-dependent shapes, hooks on a module)."""
+        def fake_of(value):
+            if isinstance(value, torch.fx.Proxy):
+                if not isinstance(value, _ShapedProxy):
+                    raise LookupError
+                return value.fake
+            return value
+
+        try:
+            args, kwargs = torch.fx.node.map_aggregate((args, kwargs), fake_of)
+            with _AttributeAccess.paused(), _quiet(_FAKE_TENSOR_LOG), self.fake_mode:
+                if kind == "call_function":
+                    return target(*args, **kwargs)
+                if kind == "call_method":
+                    return getattr(args[0], target)(*args[1:], **kwargs)
+                module = self.root.get_submodule(target)
+                if _has_hooks(module):
+                    return None
+                # The module's own parameters and buffers as fakes, so that its forward
+                # (BatchNorm's counter) changes nothing real.
+                state = {name: self.fake_mode.from_tensor(tensor) for name, tensor in
+                         (*module.named_parameters(), *module.named_buffers())}
+                return torch.func.functional_call(module, state, tuple(args), kwargs)
+        except Exception:
+            return None
 
 
 class _Mode:
@@ -407,14 +465,33 @@ class _NotReplayable(Exception):
 class _AttributeAccess:
     """While active, in this thread: the plain attributes (in a module's __dict__; not its
     parameters, buffers or submodules) and the properties with plain values (a device, a
-    dtype) that code reads from any nn.Module, as (module, name, value, snapshot) guards, and the attributes it sets, which are undone on exit (it
-    raises _NotReplayable then, naming them, where no other error is on its way)."""
+    dtype) that code reads from any nn.Module, as (module, name, value, snapshot) guards,
+    and the attributes it sets, which are undone on exit (it raises _NotReplayable then,
+    naming them, where no other error is on its way)."""
 
     _lock = threading.RLock()  # one recording at a time (nn.DataParallel's threads trace too)
+    _paused = threading.local()
+
+    @classmethod
+    def is_paused(cls):
+        return getattr(cls._paused, "on", False)
+
+    @classmethod
+    @contextlib.contextmanager
+    def paused(cls):
+        """Nothing recorded, refused or traced in this thread meanwhile (the fake runs of
+        _ShapeTracer: torch.fx's patches of nn.Module pass them through)."""
+        cls._paused.on, before = True, getattr(cls._paused, "on", False)
+        try:
+            yield
+        finally:
+            cls._paused.on = before
 
     def __enter__(self):
         self._lock.acquire()
-        self.reads, self.writes, thread = {}, [], threading.get_ident()
+        self.reads, self.writes, thread, paused = {}, [], threading.get_ident(), self._paused
+        if not hasattr(paused, "on"):
+            paused.on = False
         # What was there: torch's own, or an outer recording's (a fused model's forward may
         # call a separately fused submodule, which traces at its first call).
         self.saved = nn.Module.__dict__.get("__getattribute__")
@@ -422,7 +499,7 @@ class _AttributeAccess:
 
         def reading(module, name, read=object.__getattribute__):
             value = read(module, name)
-            if name not in _MODULE_INTERNALS and threading.get_ident() == thread:
+            if name not in _MODULE_INTERNALS and threading.get_ident() == thread and not paused.on:
                 if name in read(module, "__dict__"):
                     self.reads.setdefault((id(module), name), (module, name, value, False))
                 elif type(value) in _PLAIN_VALUES and isinstance(
@@ -436,7 +513,8 @@ class _AttributeAccess:
             # Not torch.fx's own (the tensor constants it puts on the root module), nor the
             # training flags a trace inside this one sets and restores (a submodule fused
             # on its own, tracing at its first call).
-            if threading.get_ident() == thread and name not in _MODULE_INTERNALS and not name.startswith("_tensor_constant"):
+            if (threading.get_ident() == thread and name not in _MODULE_INTERNALS and not paused.on
+                    and not name.startswith("_tensor_constant")):
                 places = (module.__dict__, module._parameters, module._buffers, module._modules)
                 self.writes.append((module, name, [(place, place.get(name, _ABSENT)) for place in places]))
             self.saved_setattr(module, name, value)
@@ -501,8 +579,14 @@ def _trace(model, training, shapes, fixed):
             graph = _Tracer().trace(model, concrete_args=concrete)
         else:
             names = list(inspect.signature(type(model).forward).parameters)[1:]
-            tracer = _ShapeTracer({name: shape for name, (shape, _) in zip(names, shapes)})
-            graph = tracer.trace(model, concrete_args=concrete)
+            tensors = [*model.parameters(), *model.buffers()]
+            device = tensors[0].device if tensors else "cpu"
+            try:  # the inputs' shapes are enough for most (a branch on them)
+                graph = _ShapeTracer(dict(zip(names, shapes)), device, fakes=False).trace(model, concrete_args=concrete)
+            except _NotReplayable:
+                raise
+            except Exception:  # fake tensors too (importing what they need takes seconds, once)
+                graph = _ShapeTracer(dict(zip(names, shapes)), device, fakes=True).trace(model, concrete_args=concrete)
     _unspecialize(graph, fixed)
     return graph, access.guards
 
