@@ -205,6 +205,20 @@ def a_wrong_partial_rule_is_caught(rank, m, tmp):
 
 # --- Models under the engines ---
 
+class Fig78Calls(nn.Module):
+    """Figure 7.8's network with its activations called in forward: fuse() traces it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(10, 40), nn.Linear(40, 40), nn.Linear(40, 5)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+KINDS = ("handgrad", "mlp", "fuse", "fuse calls")
+
+
 def fig7_8(kind, seed=0):
     torch.manual_seed(seed)
     if kind == "torch":
@@ -213,6 +227,8 @@ def fig7_8(kind, seed=0):
         return nn.Sequential(hnn.LinearReLU(10, 40), hnn.LinearReLU(40, 40), nn.Linear(40, 5))
     if kind == "mlp":
         return hnn.MLP([10, 40, 40, 5])
+    if kind == "fuse calls":
+        return hnn.fuse(Fig78Calls())
     return hnn.fuse(fig7_8("torch", seed))
 
 
@@ -250,7 +266,7 @@ def full_state(model):
 @case
 def ddp(rank, m, tmp):
     x, y = data()
-    for kind in ("handgrad", "mlp", "fuse"):
+    for kind in KINDS:
         want = train(fig7_8(kind), x, y)
         model = nn.parallel.DistributedDataParallel(fig7_8(kind))
         got = global_loss(train(model, rows_of(x, rank), rows_of(y, rank)))
@@ -270,14 +286,14 @@ def fsdp2_per_layer_and_root_bf16(rank, m, tmp):
 
     x, y = data()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for kind in ("handgrad", "mlp", "fuse"):
+    for kind in KINDS:
         for per_layer in (True, False):
             twin = fig7_8("torch")
             model = fig7_8(kind)
             for net in (twin, model):
-                if per_layer:
+                if per_layer:  # (fully_shard's hooks on a Linear that fuse() fused as a call unfuse it)
                     for layer in (net.hidden if isinstance(net, hnn.MLP) else
-                                  [l for l in net if isinstance(l, nn.Linear)]):
+                                  [l for l in net.children() if isinstance(l, nn.Linear)]):
                         fully_shard(layer, mesh=m, mp_policy=policy)
                 fully_shard(net, mesh=m, mp_policy=policy)
             got = global_loss(train(model, rows_of(x, rank), rows_of(y, rank)))
@@ -315,6 +331,8 @@ def _tensor_parallel(kind, output_replicated):
         names = ("hidden.0", "hidden.1")
     elif kind == "fuse":
         names = ("0", "2")
+    elif kind == "fuse calls":  # the plan's hooks on the Linear layers unfuse them
+        names = ("fc1", "fc2")
     else:
         names = ("0", "1")
     if output_replicated:  # each layer column-wise, its output all-gathered
@@ -327,7 +345,7 @@ def _tensor_parallel(kind, output_replicated):
 @case
 def tensor_parallel_colwise_then_rowwise(rank, m, tmp):
     x, y = data()
-    for kind in ("handgrad", "mlp", "fuse"):
+    for kind in KINDS:
         for output_replicated in (False, True):
             want = train(fig7_8(kind), x, y)
             model = _tensor_parallel(kind, output_replicated)
