@@ -16,8 +16,10 @@ so an optimizer built before (and its state, restored by position) keeps working
   call (`if mask is None:`) are traced as those values, a program for each set of values, and
   a program is traced again once a plain attribute its trace read (self.temperature) has
   changed, or a hook or module of a pair it fuses has (a hook registered since, a Linear
-  wrapped by an adapter). A forward that branches on shapes is traced with the inputs' shapes known, at its first call
-  (or now, for example inputs), and again for each new input shape.
+  wrapped by an adapter). A forward that branches on shapes is traced with the inputs'
+  shapes known (and, where it reads them, those of what it computes), at its first call (or
+  now, for example inputs), and again for each new input shape. A model whose forward
+  cannot be fused as a whole has its submodules fused on their own.
 """
 
 import collections
