@@ -794,6 +794,29 @@ def test_a_forward_that_reads_the_shapes_of_what_it_computes_is_traced_for_its_i
     assert "fake" not in repr(vars(fused.norm)).lower()
 
 
+class DataDependentWithEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.fc = TwoLayers(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.encoder(x)
+        if h.sum() > 0:  # data-dependent: found untraceable at the first call
+            h = h * 2
+        return F.relu(self.fc(h))
+
+
+def test_a_model_found_untraceable_at_its_first_call_fuses_its_submodules_then():
+    torch.manual_seed(0)
+    model, x = DataDependentWithEncoder(), torch.randn(3, 4)
+    fused = hnn.fuse(copy.deepcopy(model))
+    with pytest.warns(UserWarning, match="cannot trace DataDependentWithEncoder even for its inputs' shapes"):
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)  # the first call runs unfused
+    assert handgrad_ops(fused, x) == ["linear_activation"]  # the encoder's, fused on its own since
+    for a, b in zip(outputs_and_grads(model, x.requires_grad_()), outputs_and_grads(fused, x)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
 def test_linear_subclasses_are_left_unfused_and_reported(capsys):
     class ScaledLinear(nn.Linear):  # a subclass may change forward: not ours to replace
         def forward(self, input):
