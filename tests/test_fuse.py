@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import handgrad.functional as hf
+import handgrad.fuse as hnn_fuse
 import handgrad.nn as hnn
 
 
@@ -676,6 +677,47 @@ def test_hooks_and_modules_changed_after_fusing_are_respected(change):
     for a, b in zip(outputs_and_grads(model, x), outputs_and_grads(fused, x)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     assert seen_fused == pytest.approx(seen)
+
+
+def test_hooks_and_attributes_that_come_and_go_reuse_the_programs_traced_for_them():
+    # Evaluation code registers a hook for features and removes it; a flag flips between two
+    # values. Each state's program is kept, so flipping back traces nothing and never reaches
+    # the limit that leaves the model unfused.
+    torch.manual_seed(0)
+    model, x = TwoActivations(), torch.randn(5, 8)
+    fused = hnn.fuse(copy.deepcopy(model))
+    traces = []
+    original = hnn_fuse._trace
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning that the programs keep going stale
+        try:
+            hnn_fuse._trace = lambda *args: traces.append(1) or original(*args)
+            for step in range(2 * hnn_fuse._MAX_RETRACES + 2):
+                features = []
+                handle = fused.fc2.register_forward_hook(lambda module, args, out: features.append(out)) \
+                    if step % 2 else None
+                torch.testing.assert_close(fused(x), model(x), rtol=0, atol=1e-6)
+                assert handgrad_ops(fused, x) == ["linear_activation"] * (1 if step % 2 else 2)
+                assert len(features) == 2 * (step % 2)  # the hook saw both calls
+                if handle is not None:
+                    handle.remove()
+        finally:
+            hnn_fuse._trace = original
+    assert len(traces) == 1  # with the hook; without it, the program fuse() traced
+    tempered, reference = Tempered(), None
+    reference = copy.deepcopy(tempered)
+    hnn.fuse(tempered)
+    traces.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            hnn_fuse._trace = lambda *args: traces.append(1) or original(*args)
+            for step in range(2 * hnn_fuse._MAX_RETRACES + 2):
+                tempered.use_head = reference.use_head = bool(step % 2)
+                torch.testing.assert_close(tempered(x[:, :4]), reference(x[:, :4]), rtol=0, atol=0)
+        finally:
+            hnn_fuse._trace = original
+    assert len(traces) == 1 and handgrad_ops(tempered, x[:, :4]) == ["linear_activation"]
 
 
 def test_hooks_registered_for_every_module_see_every_module_of_a_fused_model():

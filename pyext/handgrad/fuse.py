@@ -441,6 +441,7 @@ _INSTALLED = ("forward", "__prepare_scriptable__", "_replicate_for_data_parallel
 _MODULE_INTERNALS = frozenset([*vars(nn.Module()), *_INSTALLED])
 _PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None), torch.device, torch.dtype)
 _MAX_RETRACES = 16  # traces after attributes changed, before a model's calls run unfused
+_MAX_VARIANTS = 4  # programs kept per key, for the states a model's attributes and hooks go back to
 
 
 def _snapshot(value):
@@ -663,9 +664,13 @@ def _submodule(model, path):
     return model
 
 
-def _fused_modules(pairs, model):
-    """What a program's fusion rests on: the paths of the Linear layers it fuses, and for each
-    activation module it fuses, (its path, its class, its parameters' (name, value) pairs)."""
+def _fused_modules(pairs, reasons, model):
+    """What a program's fusion rests on: the paths of the Linear layers it fuses; for each
+    activation module it fuses, (its path, its class, its parameters' (name, value) pairs);
+    and the paths of the Linear layers it leaves unfused for a reason of their own (a hook),
+    which may go."""
+    held = tuple(tuple(name.split(".")) for name in reasons
+                 if _why_not_fusable(model.get_submodule(name)) is not None)
     modules = {}
     for activation, _, _, activation_node in pairs.values():
         if activation_node.op == "call_module":
@@ -673,7 +678,7 @@ def _fused_modules(pairs, model):
             keys = [*_FUNCTION_PARAMETERS.get(activation, ()), *(("approximate",) if "gelu" in activation else ())]
             modules[activation_node.target] = (tuple(activation_node.target.split(".")), type(module),
                                                tuple((key, getattr(module, key)) for key in keys))
-    return tuple(tuple(name.split(".")) for name in pairs), tuple(modules.values())
+    return tuple(tuple(name.split(".")) for name in pairs), tuple(modules.values()), held
 
 
 def _still_fusable(model, fused_modules):
@@ -681,10 +686,14 @@ def _still_fusable(model, fused_modules):
     registered on their modules since, no module replaced by another kind (a LoRA wrapper),
     no activation module changed (its slope, or nn.Tanh in its place). The program calls
     neither module, so it would skip the hook or the new module."""
-    linear_paths, activation_modules = fused_modules
+    linear_paths, activation_modules, held_paths = fused_modules
     for path in linear_paths:
         linear = _submodule(model, path)
         if not isinstance(linear, nn.Linear) or _why_not_fusable(linear) is not None:
+            return False
+    for path in held_paths:  # its hook removed: a variant that fuses it may run
+        linear = _submodule(model, path)
+        if isinstance(linear, nn.Linear) and _why_not_fusable(linear) is None:
             return False
     for path, kind, parameters in activation_modules:
         module = _submodule(model, path)
@@ -738,13 +747,15 @@ class _FusedForward:
     strings), and per input shapes where the forward branches on shapes, chosen at call time.
     A forward that torch.fx cannot trace without its inputs' shapes (a branch on them) is
     traced at its first call, with the real inputs' shapes, and again for each new signature.
-    A program is traced again where an attribute its trace read (self.temperature) has
-    changed; after _MAX_RETRACES such traces, the model's calls run unfused, with a warning.
+    A program is traced again where an attribute its trace read (self.temperature), or a
+    hook or module of a pair it fuses, is not as any of the key's last _MAX_VARIANTS traces
+    found it; after _MAX_RETRACES such traces, the model's calls run unfused, with a warning.
     Pickled and deep-copied with the model; the programs are traced again, for the copy, on
     its first call."""
 
     def __init__(self, model, by_shape, programs):
-        # key: (program, the guards of the attributes its trace read, _fused_modules of its pairs)
+        # key: [(program, the guards of the attributes its trace read, _fused_modules of its
+        # pairs)], the variants traced for the states the model was called in, newest first
         self.model, self.by_shape, self.programs = model, by_shape, programs
         self.parameters = _forward_parameters(model)
         self.warned, self.retraces = False, 0
@@ -760,20 +771,25 @@ class _FusedForward:
         return inspect.signature(type(self.model).forward.__get__(self.model))
 
     def current(self, key):
-        """Whether the program for key is made, its guards hold and its pairs may still be fused."""
-        entry = self.programs.get(key)
-        return entry is not None and _unchanged(entry[1]) and _still_fusable(self.model, entry[2])
+        """The variant for key whose guards hold and whose pairs may still be fused, or None."""
+        for entry in self.programs.get(key, ()):
+            if _unchanged(entry[1]) and _still_fusable(self.model, entry[2]):
+                return entry
+        return None
 
     def program(self, key, shapes):
         """The traced program for key, made on first use or when an attribute its trace read
-        has changed; None where there is nothing to fuse, or it cannot be traced, or its
-        attributes keep changing (the model's own forward runs then)."""
-        if self.current(key):
-            return self.programs[key][0]
+        (or a hook or module of a pair) is not as any variant traced before found it; None
+        where there is nothing to fuse, or it cannot be traced, or its attributes keep changing
+        (the model's own forward runs then)."""
+        entry = self.current(key)
+        if entry is not None:
+            return entry[0]
         if key in self.programs:  # an attribute its trace read, or a module it fuses, has changed
             self.retraces += 1
             if self.retraces == _MAX_RETRACES + 1:
-                read = sorted({guard[1] for entry in self.programs.values() for guard in entry[1]})
+                read = sorted({guard[1] for entries in self.programs.values() for entry in entries
+                               for guard in entry[1]})
                 warnings.warn(f"handgrad.nn.fuse: {type(self.model).__name__}'s traced programs keep going "
                               f"stale: attributes its forward reads ({', '.join(read) or 'none'}), or the hooks "
                               f"or modules of the layers it fuses, keep changing; its calls run unfused from "
@@ -784,18 +800,19 @@ class _FusedForward:
             self.programs.clear()
         try:
             graph, guards = _trace(self.model, key[0], shapes, key[1])
-            pairs, _ = _pairs(graph, self.model)
-            fused_modules = _fused_modules(pairs, self.model)
+            pairs, reasons = _pairs(graph, self.model)
+            fused_modules = _fused_modules(pairs, reasons, self.model)
             program = _program(graph, pairs, f"{type(self.model).__name__}, {key}") if pairs else None
-            self.programs[key] = (program, guards, fused_modules)
+            entry = (program, guards, fused_modules)
         except Exception as error:  # not traceable for these inputs: the model's own forward
-            self.programs[key] = (None, (), ((), ()))
+            entry = (None, (), ((), (), ()))
             if not self.warned:  # once per model: every later call runs as it did
                 self.warned = True
                 _fuse_children(self.model, [], apply=True)
                 warnings.warn(_untraceable_message(self.model, error, "even for its inputs' shapes"),
                               stacklevel=5)
-        return self.programs[key][0]
+        self.programs[key] = [entry, *self.programs.get(key, ())][:_MAX_VARIANTS]
+        return entry[0]
 
     def __call__(self, *args, **kwargs):
         model = self.model
@@ -961,9 +978,9 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
         programs = {}
         for training, (graph, guards) in traced.items():
             pairs = found[training][0]
-            fused_modules = _fused_modules(pairs, model)
+            fused_modules = _fused_modules(pairs, found[training][1], model)
             program = _program(graph, pairs, f"{type(model).__name__}, training={training}") if pairs else None
-            programs[(training, fixed, *((shapes,) if by_shape else ()))] = (program, guards, fused_modules)
+            programs[(training, fixed, *((shapes,) if by_shape else ()))] = [(program, guards, fused_modules)]
         _install(model, _FusedForward(model, by_shape, programs))
 
 
