@@ -443,17 +443,22 @@ class TanhBlock(nn.Module):
 
 
 class CheckpointedBlocks(nn.Module):
-    """Activation checkpointing in forward, as memory-bound training code writes it."""
+    """Activation checkpointing (or offloading) in forward, as memory-bound training code
+    writes it."""
 
-    def __init__(self, use_reentrant):
+    def __init__(self, saving):
         super().__init__()
         self.block = TanhBlock()
         self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
-        self.use_reentrant = use_reentrant
+        self.saving = saving
 
     def forward(self, x):
         h = F.relu(self.fc(x))
-        h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.use_reentrant)
+        if self.saving == "offloaded":
+            with torch.autograd.graph.save_on_cpu():
+                h = self.block(h)
+        else:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.saving == "reentrant")
         return self.out(F.relu(h))
 
 
@@ -466,16 +471,16 @@ def outputs_and_accumulated_grads(model, x):
     return (out, x.grad, *(p.grad for p in model.parameters()))
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing_in_forward_is_kept_and_the_checkpointed_block_fuses(use_reentrant):
+@pytest.mark.parametrize("saving", ["checkpointed", "reentrant", "offloaded"])
+def test_activation_checkpointing_in_forward_is_kept_and_the_checkpointed_block_fuses(saving):
     # torch.fx traces through checkpoint(): the program ran the block once and kept its
     # activations, the memory the user checkpointed to free. The model's own calls stay
     # unfused; the block, fused on its own, fuses inside the checkpoint.
     torch.manual_seed(0)
-    model, x = CheckpointedBlocks(use_reentrant), torch.randn(4, 8)
+    model, x = CheckpointedBlocks(saving), torch.randn(4, 8)
     fused = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"activation checkpointing \(torch.utils.checkpoint\)"
-                      if not use_reentrant else "another grad or autocast mode"):
+    with pytest.warns(UserWarning, match="another grad or autocast mode" if saving == "reentrant" else
+                      r"saved-tensor hooks \(activation checkpointing with torch.utils.checkpoint"):
         hnn.fuse(fused)
     decisions = {d.name: d.fused for d in hnn.fusion_decisions(model)}
     assert decisions == {"fc": False, "block.fc1": True, "block.fc2": False, "out": False}
@@ -486,7 +491,8 @@ def test_activation_checkpointing_in_forward_is_kept_and_the_checkpointed_block_
     runs.clear()
     for a, b in zip(outputs_and_accumulated_grads(model, x), outputs_and_accumulated_grads(fused, x)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
-    assert runs == {"model": 2, "fused": 2}  # forward, and again in backward
+    # forward, and again in backward where checkpointed
+    assert runs == {"model": 1 + (saving != "offloaded"), "fused": 1 + (saving != "offloaded")}
 
 
 class WithMLP(nn.Module):

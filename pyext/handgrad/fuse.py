@@ -35,8 +35,8 @@ import warnings
 from typing import NamedTuple
 
 import torch
+import torch.autograd.graph
 import torch.fx
-import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 from torch.nn.utils import parametrize
@@ -235,18 +235,18 @@ class _Tracer(torch.fx.Tracer):
 
 _MODE_SWITCH = ("forward runs part of itself in another grad or autocast mode (torch.no_grad(), "
                 "torch.autocast(...)), which a traced program would not")
-_CHECKPOINT = ("forward runs part of itself under activation checkpointing (torch.utils.checkpoint), "
-               "which a traced program would drop")
+_SAVED_TENSOR_HOOKS = ("forward runs part of itself under saved-tensor hooks (activation checkpointing "
+                       "with torch.utils.checkpoint, offloading with save_on_cpu), which a traced "
+                       "program would drop")
 # What a traced program cannot replay, refused as it is entered: torch's context managers of
-# those modes, and the method of each that switches the mode; and activation checkpointing
-# (torch.fx traces through it, so the program would keep every activation that checkpoint()
-# frees; its reentrant form runs the function under torch.no_grad(), refused already).
-_REFUSED = tuple((owner, name, message) for owner, name, message in (
-    (torch.no_grad, "__enter__", _MODE_SWITCH), (torch.enable_grad, "__enter__", _MODE_SWITCH),
-    (torch.inference_mode, "__enter__", _MODE_SWITCH), (torch.set_grad_enabled, "__init__", _MODE_SWITCH),
-    (torch.amp.autocast, "__enter__", _MODE_SWITCH),
-    (torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", _CHECKPOINT),
-) if name in vars(owner))
+# those modes, and the method of each that switches the mode; and saved-tensor hooks, which
+# torch.fx traces through: the program would keep every activation that checkpoint() frees
+# (its non-reentrant form enters such hooks, in every torch version; the reentrant form runs
+# the function under torch.no_grad(), refused already) or that save_on_cpu() moves.
+_REFUSED = ((torch.no_grad, "__enter__", _MODE_SWITCH), (torch.enable_grad, "__enter__", _MODE_SWITCH),
+            (torch.inference_mode, "__enter__", _MODE_SWITCH), (torch.set_grad_enabled, "__init__", _MODE_SWITCH),
+            (torch.amp.autocast, "__enter__", _MODE_SWITCH),
+            (torch.autograd.graph.saved_tensors_hooks, "__enter__", _SAVED_TENSOR_HOOKS))
 
 
 @contextlib.contextmanager
