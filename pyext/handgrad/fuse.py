@@ -200,6 +200,24 @@ def _is_leaf_module(tracer, module, qualified_name):
     return isinstance(module, _HANDGRAD_MODULES) or torch.fx.Tracer.is_leaf_module(tracer, module, qualified_name)
 
 
+class _FakeRun(threading.local):
+    """Whether this thread runs ops on fake tensors for _ShapeTracer: meanwhile nothing is
+    recorded, refused or traced (torch.fx's patches of nn.Module pass the calls through)."""
+
+    active = False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        before, self.active = self.active, True
+        try:
+            yield
+        finally:
+            self.active = before
+
+
+_FAKE_RUN = _FakeRun()
+
+
 class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer, with handgrad's modules kept whole. While it traces, torch.fx
     patches nn.Module's __call__ and __getattr__ for every thread: other threads' modules (a
@@ -209,22 +227,22 @@ class _Tracer(torch.fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         self.thread, self.modes = threading.get_ident(), _modes()
-        with _refusing_mode_switches(self.thread):
+        with _refusing_unreplayable(self.thread):
             return super().trace(root, concrete_args)
 
     def call_module(self, m, forward, args, kwargs):
-        if threading.get_ident() != self.thread or _AttributeAccess.is_paused():
+        if threading.get_ident() != self.thread or _FAKE_RUN.active:
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        if threading.get_ident() != self.thread or _AttributeAccess.is_paused():
+        if threading.get_ident() != self.thread or _FAKE_RUN.active:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     # The program records no grad or autocast mode: a forward that switches one for part of
     # itself (`with torch.no_grad():` around a teacher network) is not replayed by it. The
-    # switches are refused as they are entered (_refusing_mode_switches), even where they
+    # switches are refused as they are entered (_refusing_unreplayable), even where they
     # change nothing at the trace (autocast(enabled=False) outside autocast), and any other
     # change of mode when it is seen.
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
@@ -250,14 +268,14 @@ _REFUSED = ((torch.no_grad, "__enter__", _MODE_SWITCH), (torch.enable_grad, "__e
 
 
 @contextlib.contextmanager
-def _refusing_mode_switches(thread):
+def _refusing_unreplayable(thread):
     """While active, in thread, entering one of _REFUSED raises _NotReplayable."""
     saved = [(owner, name, vars(owner)[name], message) for owner, name, message in _REFUSED]
 
     def refusing(method, message):
         @functools.wraps(method)
         def switch(*args, **kwargs):
-            if threading.get_ident() == thread and not _AttributeAccess.is_paused():
+            if threading.get_ident() == thread and not _FAKE_RUN.active:
                 raise _NotReplayable(message)
             return method(*args, **kwargs)
         return switch
@@ -352,7 +370,7 @@ class _ShapeTracer(_Tracer):
 
         try:
             args, kwargs = torch.fx.node.map_aggregate((args, kwargs), fake_of)
-            with _AttributeAccess.paused(), _quiet(_FAKE_TENSOR_LOG), self.fake_mode:
+            with _FAKE_RUN(), _quiet(_FAKE_TENSOR_LOG), self.fake_mode:
                 if kind == "call_function":
                     return target(*args, **kwargs)
                 if kind == "call_method":
@@ -473,28 +491,10 @@ class _AttributeAccess:
     naming them, where no other error is on its way)."""
 
     _lock = threading.RLock()  # one recording at a time (nn.DataParallel's threads trace too)
-    _paused = threading.local()
-
-    @classmethod
-    def is_paused(cls):
-        return getattr(cls._paused, "on", False)
-
-    @classmethod
-    @contextlib.contextmanager
-    def paused(cls):
-        """Nothing recorded, refused or traced in this thread meanwhile (the fake runs of
-        _ShapeTracer: torch.fx's patches of nn.Module pass them through)."""
-        cls._paused.on, before = True, getattr(cls._paused, "on", False)
-        try:
-            yield
-        finally:
-            cls._paused.on = before
 
     def __enter__(self):
         self._lock.acquire()
-        self.reads, self.writes, thread, paused = {}, [], threading.get_ident(), self._paused
-        if not hasattr(paused, "on"):
-            paused.on = False
+        self.reads, self.writes, thread, fake_run = {}, [], threading.get_ident(), _FAKE_RUN
         # What was there: torch's own, or an outer recording's (a fused model's forward may
         # call a separately fused submodule, which traces at its first call).
         self.saved = nn.Module.__dict__.get("__getattribute__")
@@ -502,7 +502,7 @@ class _AttributeAccess:
 
         def reading(module, name, read=object.__getattribute__):
             value = read(module, name)
-            if name not in _MODULE_INTERNALS and threading.get_ident() == thread and not paused.on:
+            if name not in _MODULE_INTERNALS and threading.get_ident() == thread and not fake_run.active:
                 if name in read(module, "__dict__"):
                     self.reads.setdefault((id(module), name), (module, name, value, False))
                 elif type(value) in _PLAIN_VALUES and isinstance(
@@ -516,7 +516,7 @@ class _AttributeAccess:
             # Not torch.fx's own (the tensor constants it puts on the root module), nor the
             # training flags a trace inside this one sets and restores (a submodule fused
             # on its own, tracing at its first call).
-            if (threading.get_ident() == thread and name not in _MODULE_INTERNALS and not paused.on
+            if (threading.get_ident() == thread and name not in _MODULE_INTERNALS and not fake_run.active
                     and not name.startswith("_tensor_constant")):
                 places = (module.__dict__, module._parameters, module._buffers, module._modules)
                 self.writes.append((module, name, [(place, place.get(name, _ABSENT)) for place in places]))
