@@ -666,18 +666,12 @@ def _submodule(model, path):
 
 def _fused_modules(pairs, reasons, model):
     """What a program's fusion rests on: the paths of the Linear layers it fuses; for each
-    activation module it fuses, (its path, its class, its parameters' (name, value) pairs);
-    and the paths of the Linear layers it leaves unfused for a reason of their own (a hook),
-    which may go."""
+    activation module it fuses, (its path, its activation, its parameters); and the paths of
+    the Linear layers it leaves unfused for a reason of their own (a hook), which may go."""
     held = tuple(tuple(name.split(".")) for name in reasons
                  if _why_not_fusable(model.get_submodule(name)) is not None)
-    modules = {}
-    for activation, _, _, activation_node in pairs.values():
-        if activation_node.op == "call_module":
-            module = model.get_submodule(activation_node.target)
-            keys = [*_FUNCTION_PARAMETERS.get(activation, ()), *(("approximate",) if "gelu" in activation else ())]
-            modules[activation_node.target] = (tuple(activation_node.target.split(".")), type(module),
-                                               tuple((key, getattr(module, key)) for key in keys))
+    modules = {node.target: (tuple(node.target.split(".")), activation, parameters)
+               for activation, parameters, _, node in pairs.values() if node.op == "call_module"}
     return tuple(tuple(name.split(".")) for name in pairs), tuple(modules.values()), held
 
 
@@ -695,13 +689,11 @@ def _still_fusable(model, fused_modules):
         linear = _submodule(model, path)
         if isinstance(linear, nn.Linear) and _why_not_fusable(linear) is None:
             return False
-    for path, kind, parameters in activation_modules:
+    for path, activation, parameters in activation_modules:
         module = _submodule(model, path)
-        if type(module) is not kind or _has_hooks(module):
+        if (_module_activation(module) != activation or _has_hooks(module)
+                or _module_parameters(activation, module) != parameters):
             return False
-        for name, value in parameters:
-            if getattr(module, name, _ABSENT) != value:
-                return False
     return True
 
 
