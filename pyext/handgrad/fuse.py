@@ -159,6 +159,12 @@ def _become_fused(linear, activation, parameters):
         linear.approximate = "tanh" if activation == "gelu_tanh" else "none"
 
 
+def _runs_in_order(module):
+    """Whether module is an nn.Sequential that runs its modules in order (nn.Sequential's own
+    forward, not a subclass's)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None):
     # A Linear registered in more than one place (module sharing) may also be called without
     # the activation: changed in place, it would apply the activation there too.
@@ -172,7 +178,7 @@ def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None):
     # Only containers that run their modules in order: a subclass with a forward of its own
     # may use them otherwise (one module's output twice, one skipped), and torch.fx's pass
     # sees how it calls them.
-    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+    if _runs_in_order(module):
         for index in range(len(module) - 1):
             linear, activation = module[index], module[index + 1]
             name = _module_activation(activation)
@@ -893,7 +899,7 @@ def _fuse_children(model, decisions, apply, prefix="", seen=None):
             continue
         seen.add(id(child))
         path = f"{prefix}{name}"
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or type(child).forward is nn.Sequential.forward:
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or _runs_in_order(child):
             _fuse_children(child, decisions, apply, f"{path}.", seen)
         elif not type(child).__module__.startswith("torch."):
             found = []
