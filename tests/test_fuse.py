@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import handgrad.functional as hf
-import handgrad.fuse as hnn_fuse
+import handgrad._fuse as hnn_fuse
 import handgrad.nn as hnn
 
 
@@ -959,3 +959,23 @@ def test_softplus_fuses_with_its_beta_and_threshold_as_modules_and_calls():
             return self.b(torch.nn.functional.softplus(self.a(x), x.abs().mean().item() + 1))
     decisions = hnn.fusion_decisions(hnn.fuse(Computed(), inplace=False))
     assert not decisions[0].fused and "beta is computed at run time" in decisions[0].reason
+
+
+def test_fuse_is_handgrad_fuse_and_its_decisions_are_handgrad_nn_s():
+    """`handgrad.fuse(model)` as users write it first (it was the module fuse.py, not
+    callable), and the decisions pickle under the name users import them by."""
+    import pickle
+
+    import handgrad
+
+    assert handgrad.fuse is hnn.fuse
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    reference = copy.deepcopy(model)
+    fused = handgrad.fuse(model)
+    assert isinstance(fused[0], hnn.LinearReLU)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(fused(x), reference(x))
+    decisions = hnn.fusion_decisions(fused)
+    assert decisions and all(type(d) is hnn.FusionDecision for d in decisions)
+    assert hnn.FusionDecision.__module__ == "handgrad.nn"
+    assert pickle.loads(pickle.dumps(decisions)) == decisions

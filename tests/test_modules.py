@@ -173,7 +173,7 @@ def test_the_package_imports_have_no_circle():
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 targets = [node.module] if node.module else [alias.name for alias in node.names]
                 edges.update(t.split(".")[0] for t in targets if (package / f"{t.split('.')[0]}.py").exists())
-    assert {"nn", "fuse", "_modules"} <= graph.keys() and "_modules" in graph["fuse"]
+    assert {"nn", "_fuse", "_modules"} <= graph.keys() and "_modules" in graph["_fuse"]
 
     def circle_from(start, path):
         for target in graph.get(path[-1], ()):

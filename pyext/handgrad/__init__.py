@@ -2,7 +2,8 @@
 
 Importing the package loads the operator library (torch.ops.handgrad.*) and registers the
 fake kernels that torch.compile and torch.export use, and the ops' DTensor sharding rules.
-The public API is in handgrad.functional, handgrad.nn and handgrad.autograd.
+The public API is in handgrad.functional, handgrad.nn and handgrad.autograd; handgrad.fuse
+is handgrad.nn.fuse.
 """
 
 import torch
@@ -16,6 +17,7 @@ from . import _fake  # noqa: E402,F401  (registers their fake kernels)
 from . import _vmap  # noqa: E402,F401  (and their vmap rules)
 from . import _distributed  # noqa: E402,F401  (and their DTensor rules, once DTensor loads)
 from . import autograd, functional, memory, nn  # noqa: E402
+from .nn import fuse  # noqa: E402  (handgrad.fuse(model), as handgrad.nn.fuse)
 
 try:
     from importlib.metadata import version as _version
@@ -48,4 +50,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["autograd", "functional", "memory", "nn", "build_info", "cuda_built", "__version__"]
+__all__ = ["autograd", "functional", "memory", "nn", "fuse", "build_info", "cuda_built", "__version__"]

@@ -1,5 +1,5 @@
 """The drop-in modules themselves, which handgrad.nn exports (see there). They live here so
-that fuse.py, which builds on them, and nn.py, which re-exports fuse(), import them without
+that _fuse.py, which builds on them, and nn.py, which re-exports fuse(), import them without
 importing each other. Each class says it is handgrad.nn's, as its users know it (repr,
 pickles of whole models)."""
 

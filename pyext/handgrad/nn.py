@@ -1,5 +1,5 @@
 """Drop-in modules: fused Linear+activation layers, standalone activations, and MLP (defined in _modules.py;
-fuse() is in fuse.py, both exported here).
+fuse() is in _fuse.py, both exported here and fuse() at the top level too).
 
 The fused layers are nn.Linear subclasses: the same constructor, parameters (`weight`,
 `bias`), initialisation, state_dict and repr, with the activation applied in the same
@@ -24,7 +24,7 @@ from ._modules import (  # noqa: F401
     Softplus,
     MLP,
 )
-from .fuse import FusionDecision, fuse, fusion_decisions
+from ._fuse import FusionDecision, fuse, fusion_decisions
 
 __all__ = [
     "LinearReLU",

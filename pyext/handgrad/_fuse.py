@@ -97,6 +97,9 @@ class FusionDecision(NamedTuple):
     reason: str
 
 
+FusionDecision.__module__ = "handgrad.nn"  # as users know it (repr, pickles)
+
+
 # --- Which Linear layers can fuse ---
 
 def _is_linear(module):
