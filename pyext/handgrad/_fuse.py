@@ -29,6 +29,7 @@ import functools
 import inspect
 import linecache
 import logging
+import operator
 import threading
 import traceback
 import warnings
@@ -133,6 +134,18 @@ def _why_not_fusable(linear, activation_module=None):
 
 
 
+def _saves_what_eager_does_not(activation, parameters, in_place):
+    """Whether the fused layer saves for its backward the activation's output where eager's
+    activation saves its input: LeakyReLU of slope >= 0, unless in place (then eager's saves
+    its output too). The fused layer's backward then fails where forward later changes that
+    output in place, which eager's allows."""
+    return activation == "leaky_relu" and parameters[0] >= 0 and not in_place
+
+
+_CHANGED_IN_PLACE = ("its leaky_relu's output is changed in place afterwards, which the fused layer saves "
+                     "for its backward (eager's LeakyReLU saves its input)")
+
+
 # --- nn.Sequential: the pairs fused in place ---
 
 @functools.lru_cache(maxsize=None)
@@ -168,7 +181,7 @@ def _runs_in_order(module):
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None):
+def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None, undo=None):
     # A Linear registered in more than one place (module sharing) may also be called without
     # the activation: changed in place, it would apply the activation there too.
     # (A container registered twice holds its Linear in one place still.)
@@ -191,15 +204,30 @@ def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None):
             reason = _why_not_fusable(linear, activation)
             if reason is None and id(linear) in shared:
                 reason = "it is registered in more than one place in the model, and may be called without the activation"
+            following = module[index + 2] if index + 2 < len(module) else None
+            if (reason is None and getattr(following, "inplace", False) is True and _saves_what_eager_does_not(
+                    name, _module_parameters(name, activation), getattr(activation, "inplace", False) is True)):
+                reason = _CHANGED_IN_PLACE
             if reason is not None:
                 decisions.append(FusionDecision(qualified, False, reason))
                 continue
             if apply:
+                if undo is not None and _saves_what_eager_does_not(
+                        name, _module_parameters(name, activation), getattr(activation, "inplace", False) is True):
+                    undo[qualified] = (linear, type(linear), module, index, activation)
                 _become_fused(linear, name, _module_parameters(name, activation))
                 module[index + 1] = nn.Identity()
             decisions.append(FusionDecision(qualified, True, f"fused with the {name} after it"))
     for child_name, child in module.named_children():
-        _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply, shared)
+        _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply, shared, undo)
+
+
+def _unfuse(linear, linear_class, container, index, activation):
+    """Undo _fuse_sequentials' fusion of container[index] with activation."""
+    linear.__class__ = linear_class
+    for attribute in ("negative_slope", "beta", "threshold", "approximate"):
+        linear.__dict__.pop(attribute, None)
+    container[index + 1] = activation
 
 
 # --- Calls in forward: traced programs ---
@@ -227,12 +255,38 @@ class _FakeRun(threading.local):
 _FAKE_RUN = _FakeRun()
 
 
+_IN_PLACE_OPERATORS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+                       "iand", "ior", "ixor", "ilshift", "irshift")
+
+
+class _Proxy(torch.fx.Proxy):
+    """torch.fx's Proxy, with `h += x` traced as the in-place operator.iadd that it is.
+    torch.fx's own has no __iadd__, so Python traced h + x and bound h to it: the program then
+    left unchanged a tensor that forward changes through a view (`v = h[:, :2]; v += 1`) or an
+    input it changes for its caller. torch.fx writes such nodes back as `h += x`."""
+
+
+def _in_place_operator(name):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", getattr(operator, name), (self, other), {})
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name in _IN_PLACE_OPERATORS:
+    setattr(_Proxy, f"__{_name}__", _in_place_operator(_name))
+
+
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with handgrad's modules kept whole. While it traces, torch.fx
-    patches nn.Module's __call__ and __getattr__ for every thread: other threads' modules (a
-    server's other requests, the same model's included) run as usual."""
+    """torch.fx's tracer, with handgrad's modules kept whole and in-place operators traced as
+    such (_Proxy). While it traces, torch.fx patches nn.Module's __call__ and __getattr__ for
+    every thread: other threads' modules (a server's other requests, the same model's
+    included) run as usual."""
 
     is_leaf_module = _is_leaf_module
+
+    def proxy(self, node):
+        return _Proxy(node, self)
 
     def trace(self, root, concrete_args=None):
         self.thread, self.modes = threading.get_ident(), _modes()
@@ -304,7 +358,7 @@ def _modes():
             *((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")))
 
 
-class _ShapedProxy(torch.fx.Proxy):
+class _ShapedProxy(_Proxy):
     """A traced tensor whose shape is known (its fake tensor's): a branch on it, or a loop over
     its sizes, is taken as for the call's inputs."""
 
@@ -635,11 +689,73 @@ def _activation_of(node, modules):
     return None, f"{target} follows it"
 
 
+# Ops whose result may share its first argument's memory, by name (methods and torch functions
+# alike); a change in place to the result changes the argument.
+_VIEWS = frozenset((
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "t", "permute",
+    "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "unbind", "split", "chunk",
+    "tensor_split", "hsplit", "vsplit", "dsplit", "movedim", "moveaxis", "swapaxes", "swapdims",
+    "diagonal", "unfold", "as_strided", "contiguous", "detach", "alias", "getitem", "__getitem__",
+    "T", "mT", "H", "mH", "real", "imag", "data", "to", "type", "type_as", "float", "double", "half",
+    "bfloat16", "cpu", "cuda", "view_as_real", "view_as_complex", "identity", "dropout", "alpha_dropout",
+    "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"))
+# Modules that may return their input itself (nn.Dropout in eval mode).
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def _op_name(node):
+    if node.op == "call_method":
+        return node.target
+    if node.target is getattr and len(node.args) > 1:
+        return node.args[1]  # h.T, h.data
+    return getattr(node.target, "__name__", None)
+
+
+def _writes_its_input(node, modules):
+    """Whether node changes its first argument in place: `h += x`, h.mul_(2), torch.relu_(h),
+    F.dropout(h, inplace=True), nn.LeakyReLU(inplace=True), h[i] = x."""
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    if node.op not in ("call_method", "call_function") or not node.args:
+        return False
+    name = _op_name(node)
+    if node.op == "call_function":
+        if node.target is operator.setitem or node.kwargs.get("inplace") is True:
+            return True
+        if node.target in {getattr(operator, name) for name in _IN_PLACE_OPERATORS}:
+            return True
+        try:  # F.dropout(h, 0.5, True, True): inplace by position
+            if inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True:
+                return True
+        except (TypeError, ValueError):
+            pass
+    return (isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+            and name not in ("requires_grad_", "share_memory_"))
+
+
+def _changed_in_place(graph, modules):
+    """The nodes of graph whose values forward changes in place afterwards, directly or through
+    a view of them (`v = h.view(-1); v.add_(1)`)."""
+    shares = {}  # node: the nodes whose memory its value may share
+    changed = set()
+    for node in graph.nodes:
+        first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        aliases = {node}
+        if first is not None and (_op_name(node) in _VIEWS or _writes_its_input(node, modules) or (
+                node.op == "call_module" and isinstance(modules.get(node.target), _VIEW_MODULES))):
+            aliases |= shares.get(first, {first})
+            if _writes_its_input(node, modules):
+                changed |= aliases
+        shares[node] = aliases
+    return changed
+
+
 def _pairs(graph, model):
     """The fusable Linear + activation pairs of a graph, {linear name: (activation, parameters,
     linear node, activation node)}, and the reasons for every other Linear."""
     modules = dict(model.named_modules())
     pairs, reasons, seen = {}, {}, set()
+    changed = None
     for node in graph.nodes:
         if node.op != "call_module" or not _is_linear(modules.get(node.target)):
             continue
@@ -655,6 +771,10 @@ def _pairs(graph, model):
                 reason = parameters_or_why
             elif users[0].args[:1] != (node,) or node.kwargs:
                 reason = "its output is not the activation's input"
+            elif _saves_what_eager_does_not(activation, parameters_or_why, _writes_its_input(users[0], modules)):
+                changed = _changed_in_place(graph, modules) if changed is None else changed
+                if users[0] in changed:
+                    reason = _CHANGED_IN_PLACE
         seen.add(node.target)
         if reason is None:
             pairs[node.target] = (activation, parameters_or_why, node, users[0])
@@ -927,7 +1047,7 @@ def _leave_undecided_unfused(model, decisions, reason):
                      if _is_linear(module) and name not in decided)
 
 
-def _fuse_calls(model, example_inputs, decisions, apply=True):
+def _fuse_calls(model, example_inputs, decisions, apply=True, undo=None):
     """Install a fused forward on model (with apply) if its forward calls fusable pairs, or
     may (one that can be traced only with its inputs' shapes known, at its first call)."""
     shapes = None if example_inputs is None else _shapes_of(tuple(example_inputs))
@@ -962,6 +1082,13 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
                           stacklevel=3)
             return
     found = {training: _pairs(graph, model) for training, (graph, _) in traced.items()}
+    changed = _fused_in_sequentials_and_changed(model, traced, found, decisions, undo or {})
+    if changed:  # given back their LeakyReLU and decided as calls, as if never fused in place
+        decisions[:] = [d for d in decisions if d.name not in changed]
+        if apply:
+            for name in changed:
+                _unfuse(*undo.pop(name))
+            return _fuse_calls(model, example_inputs, decisions, apply, undo)
     names = dict.fromkeys([*found[True][0], *found[True][1], *found[False][0], *found[False][1]])
     # What the nn.Sequential pass fused stays its decision (fusion_decisions() traces the
     # model before that pass changes it, and would see the plain Linear).
@@ -983,6 +1110,21 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
             program = _program(graph, pairs, f"{type(model).__name__}, training={training}") if pairs else None
             programs[(training, fixed, *((shapes,) if by_shape else ()))] = [(program, guards, fused_modules)]
         _install(model, _FusedForward(model, by_shape, programs))
+
+
+def _fused_in_sequentials_and_changed(model, traced, found, decisions, undo):
+    """The pairs the nn.Sequential pass fused whose leaky_relu output model's forward changes
+    in place (`h = self.block(x); h += x`), which the pass cannot see: the fused modules in
+    undo (or, where the pass fused nothing, fusion_decisions(), the plain Linear's reason)."""
+    fused_in_place = {d.name for d in decisions if d.fused}
+    names = set()
+    for training, (graph, _) in traced.items():
+        names |= {name for name, reason in found[training][1].items()
+                  if reason == _CHANGED_IN_PLACE and name in fused_in_place}
+        if undo:
+            names |= {node.target for node in _changed_in_place(graph, dict(model.named_modules()))
+                      if node.op == "call_module" and node.target in undo}
+    return names
 
 
 def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
@@ -1010,7 +1152,8 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
       other parametrizations) fuses: the fused op reads the weight as the module computes it.
     - Left unfused: a Linear subclass; a Linear with forward or backward hooks (they must keep
       seeing its own output); an activation module with hooks; a Linear whose output is used
-      more than once. A model torch.fx cannot trace even with its inputs' shapes known
+      more than once; a LeakyReLU whose output forward changes in place afterwards (the
+      fused layer saves it for its backward, eager's saves the input). A model torch.fx cannot trace even with its inputs' shapes known
       (data-dependent control flow), or whose forward a traced program cannot replay (it
       sets attributes, switches grad or autocast mode, checkpoints), runs its own calls
       unfused, with one warning naming why; its nn.Sequential containers and its submodules
@@ -1024,9 +1167,9 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     if isinstance(model.__dict__.get("forward"), _FusedForward):
         for name in _INSTALLED:  # fused before: trace the model's own forward again
             model.__dict__.pop(name, None)
-    decisions = []
-    _fuse_sequentials(model, "", decisions)
-    _fuse_calls(model, example_inputs, decisions)
+    decisions, undo = [], {}
+    _fuse_sequentials(model, "", decisions, undo=undo)
+    _fuse_calls(model, example_inputs, decisions, undo=undo)
     for decision in sorted(set(decisions)):
         _log.info("%s: %s (%s)", decision.name, "fused" if decision.fused else "not fused", decision.reason)
         if verbose:
