@@ -1090,3 +1090,56 @@ def test_leaky_relu_outputs_changed_only_where_eager_saves_them_too_still_fuse()
                           nn.Linear(6, 6), nn.LeakyReLU(0.2), nn.Dropout(0.25), nn.Linear(6, 2))
     hnn.fuse(model)
     assert isinstance(model[0], hnn.LinearLeakyReLU) and isinstance(model[3], hnn.LinearLeakyReLU)
+
+
+RECORDED = []  # a module-level store, as a hook-free feature recorder keeps one
+
+
+class StoresWhatItComputes(nn.Module):
+    """forward keeps what it computes beyond the call, or makes text of it. A traced program
+    does neither: before, the stores held torch.fx Proxies after fuse(), and gained nothing
+    at the calls; the print printed "Proxy(getattr_1)" once; and a branch on str(x.device)
+    compared the text "Proxy(...)"."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.features, self.stats = [], {"mean": torch.zeros(())}
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        if self.how == "list attribute":
+            self.features.append(h)
+        elif self.how == "dict attribute":
+            self.stats["mean"] = h.mean()
+        elif self.how == "global list":
+            RECORDED.append(h.shape)
+        elif self.how == "print":
+            print("features", h.shape)
+        elif self.how == "text of the device" and str(x.device) != "cpu":
+            h = h * 2
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["list attribute", "dict attribute", "global list", "print", "text of the device"])
+def test_a_forward_that_stores_or_prints_what_it_computes_is_left_unfused_and_keeps_doing_it(how, capsys):
+    torch.manual_seed(0)
+    model = StoresWhatItComputes(how)
+    reference = copy.deepcopy(model)
+    RECORDED.clear()
+    with pytest.warns(UserWarning, match="stores what it computes|makes text of what it computes"):
+        fused = hnn.fuse(model)
+    decision = [d for d in hnn.fusion_decisions(fused) if d.name == "fc"]
+    assert decision and not decision[0].fused, decision
+    # The trace left nothing of itself in the stores, and the calls store as eager's do.
+    assert RECORDED == [] and len(model.features) == 0 and type(model.stats["mean"]) is torch.Tensor
+    capsys.readouterr()
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fused(x), reference(x))
+    if how == "print":
+        assert capsys.readouterr().out.count("features torch.Size([3, 6])") == 2  # both calls printed
+    assert len(model.features) == len(reference.features)
+    assert all(type(t) is torch.Tensor for t in [*model.features, *model.stats.values()])
+    torch.testing.assert_close(model.stats["mean"], reference.stats["mean"])
+    assert RECORDED == [torch.Size([3, 6])] * 2 if how == "global list" else RECORDED == []

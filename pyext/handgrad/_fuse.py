@@ -26,6 +26,7 @@ import collections
 import contextlib
 import copy
 import functools
+import gc
 import inspect
 import linecache
 import logging
@@ -33,6 +34,7 @@ import operator
 import threading
 import traceback
 import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -263,7 +265,24 @@ class _Proxy(torch.fx.Proxy):
     """torch.fx's Proxy, with `h += x` traced as the in-place operator.iadd that it is.
     torch.fx's own has no __iadd__, so Python traced h + x and bound h to it: the program then
     left unchanged a tensor that forward changes through a view (`v = h[:, :2]; v += 1`) or an
-    input it changes for its caller. torch.fx writes such nodes back as `h += x`."""
+    input it changes for its caller. torch.fx writes such nodes back as `h += x`.
+
+    Made into text (print(h.shape), logging, `str(x.device) == "cpu"`), it notes so: the
+    program would print nothing, or have taken the branch on the text "Proxy(...)"."""
+
+    def __repr__(self):
+        if threading.get_ident() == getattr(self.tracer, "thread", None) and not _FAKE_RUN.active:
+            self.tracer.formatted = True
+        return super().__repr__()
+
+    def __getattr__(self, name):  # h.shape, h.T: kept track of as the tracer's proxies are
+        attribute = _Attribute(self, name)
+        self.tracer.proxies.append(weakref.ref(attribute))
+        return attribute
+
+
+class _Attribute(torch.fx.proxy.Attribute, _Proxy):
+    """torch.fx's Attribute (h.shape, h.T, h.mul_ before its call), with _Proxy's methods."""
 
 
 def _in_place_operator(name):
@@ -285,13 +304,27 @@ class _Tracer(torch.fx.Tracer):
 
     is_leaf_module = _is_leaf_module
 
-    def proxy(self, node):
-        return _Proxy(node, self)
 
     def trace(self, root, concrete_args=None):
-        self.thread, self.modes = threading.get_ident(), _modes()
+        self.thread, self.modes, self.proxies, self.formatted = threading.get_ident(), _modes(), [], False
+        # The lists, dicts and sets the modules hold, as they were: forward may store into them.
+        # (Their attributes themselves are _AttributeAccess's: it undoes what forward sets.)
+        before = {id(value): (value, copy.copy(value)) for module in root.modules()
+                  for value in vars(module).values() if isinstance(value, (list, dict, set))}
+        for module in root.modules():
+            before.update((id(place), (place, None)) for place in (vars(module), *(
+                vars(module).get(name, {}) for name in ("_parameters", "_buffers", "_modules"))))
         with _refusing_unreplayable(self.thread):
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        _refuse_stored(self.proxies, before)
+        if self.formatted:
+            raise _NotReplayable(_FORMATS_TRACED)
+        return graph
+
+    def proxy(self, node):
+        proxy = _Proxy(node, self)
+        self.proxies.append(weakref.ref(proxy))
+        return proxy
 
     def call_module(self, m, forward, args, kwargs):
         if threading.get_ident() != self.thread or _FAKE_RUN.active:
@@ -314,6 +347,43 @@ class _Tracer(torch.fx.Tracer):
         return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
 
 
+def _refuse_stored(proxies, before):
+    """Raise _NotReplayable where forward kept a traced value somewhere that outlives the
+    call (self.features.append(h), a dict, a list of the module's globals): a traced program
+    would not store it, and the store holds torch.fx's Proxy instead of a tensor. The modules'
+    lists, dicts and sets that hold one are put back as they were (`before`: id: (object,
+    copy), or (object, None) for the modules' own attributes, which _AttributeAccess puts
+    back); other lists, dicts and sets lose the Proxy."""
+    if not any(proxy() is not None for proxy in proxies):
+        return
+    gc.collect()  # what a cycle held dies with the trace
+    refused = False
+    for reference in proxies:
+        proxy = reference()  # (not gathered into a list, which would hold them itself)
+        for holder in gc.get_referrers(proxy) if proxy is not None else ():
+            if id(holder) in before and before[id(holder)][0] is holder:
+                if before[id(holder)][1] is None:  # a module's own attributes: left to _AttributeAccess
+                    continue
+                holder.clear()
+                (holder.extend if isinstance(holder, list) else holder.update)(before[id(holder)][1])
+            elif isinstance(holder, list):
+                holder[:] = [item for item in holder if item is not proxy]
+            elif isinstance(holder, dict):
+                for key in [key for key, value in holder.items() if value is proxy]:
+                    del holder[key]
+            elif isinstance(holder, set):
+                holder.discard(proxy)
+            else:
+                continue
+            refused = True
+    if refused:
+        raise _NotReplayable(_STORES_TRACED)
+
+
+_STORES_TRACED = ("forward stores what it computes where it outlives the call (self.features.append(h), "
+                  "a dict, a global list), which a traced program would not")
+_FORMATS_TRACED = ("forward makes text of what it computes (print(h.shape), logging, str(x.device)), which "
+                   "a traced program would not")
 _MODE_SWITCH = ("forward runs part of itself in another grad or autocast mode (torch.no_grad(), "
                 "torch.autocast(...)), which a traced program would not")
 _SAVED_TENSOR_HOOKS = ("forward runs part of itself under saved-tensor hooks (activation checkpointing "
@@ -1155,7 +1225,8 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
       more than once; a LeakyReLU whose output forward changes in place afterwards (the
       fused layer saves it for its backward, eager's saves the input). A model torch.fx cannot trace even with its inputs' shapes known
       (data-dependent control flow), or whose forward a traced program cannot replay (it
-      sets attributes, switches grad or autocast mode, checkpoints), runs its own calls
+      sets attributes, stores or prints what it computes, switches grad or autocast mode,
+      checkpoints), runs its own calls
       unfused, with one warning naming why; its nn.Sequential containers and its submodules
       with a forward of their own are fused on their own.
 
