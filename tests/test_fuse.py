@@ -1115,6 +1115,10 @@ class StoresWhatItComputes(nn.Module):
             self.stats["mean"] = h.mean()
         elif self.how == "global list":
             RECORDED.append(h.shape)
+        elif self.how == "tuple in a list attribute":
+            self.features.append((h, x))
+        elif self.how == "nested dict attribute":
+            self.stats["layer"] = {"mean": h.mean()}
         elif self.how == "print":
             print("features", h.shape)
         elif self.how == "text of the device" and str(x.device) != "cpu":
@@ -1122,7 +1126,8 @@ class StoresWhatItComputes(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("how", ["list attribute", "dict attribute", "global list", "print", "text of the device"])
+@pytest.mark.parametrize("how", ["list attribute", "dict attribute", "global list", "tuple in a list attribute",
+                                 "nested dict attribute", "print", "text of the device"])
 def test_a_forward_that_stores_or_prints_what_it_computes_is_left_unfused_and_keeps_doing_it(how, capsys):
     torch.manual_seed(0)
     model = StoresWhatItComputes(how)
@@ -1133,13 +1138,12 @@ def test_a_forward_that_stores_or_prints_what_it_computes_is_left_unfused_and_ke
     decision = [d for d in hnn.fusion_decisions(fused) if d.name == "fc"]
     assert decision and not decision[0].fused, decision
     # The trace left nothing of itself in the stores, and the calls store as eager's do.
-    assert RECORDED == [] and len(model.features) == 0 and type(model.stats["mean"]) is torch.Tensor
+    assert RECORDED == [] and len(model.features) == 0 and list(model.stats) == ["mean"]
     capsys.readouterr()
     x = torch.randn(3, 4)
     torch.testing.assert_close(fused(x), reference(x))
     if how == "print":
         assert capsys.readouterr().out.count("features torch.Size([3, 6])") == 2  # both calls printed
     assert len(model.features) == len(reference.features)
-    assert all(type(t) is torch.Tensor for t in [*model.features, *model.stats.values()])
-    torch.testing.assert_close(model.stats["mean"], reference.stats["mean"])
+    torch.testing.assert_close((model.features, model.stats), (reference.features, reference.stats))
     assert RECORDED == [torch.Size([3, 6])] * 2 if how == "global list" else RECORDED == []

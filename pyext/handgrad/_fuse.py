@@ -310,7 +310,8 @@ class _Tracer(torch.fx.Tracer):
         # The lists, dicts and sets the modules hold, as they were: forward may store into them.
         # (Their attributes themselves are _AttributeAccess's: it undoes what forward sets.)
         before = {id(value): (value, copy.copy(value)) for module in root.modules()
-                  for value in vars(module).values() if isinstance(value, (list, dict, set))}
+                  for name, value in vars(module).items()
+                  if isinstance(value, (list, dict, set)) and name not in _MODULE_INTERNALS}
         for module in root.modules():
             before.update((id(place), (place, None)) for place in (vars(module), *(
                 vars(module).get(name, {}) for name in ("_parameters", "_buffers", "_modules"))))
@@ -349,35 +350,51 @@ class _Tracer(torch.fx.Tracer):
 
 def _refuse_stored(proxies, before):
     """Raise _NotReplayable where forward kept a traced value somewhere that outlives the
-    call (self.features.append(h), a dict, a list of the module's globals): a traced program
-    would not store it, and the store holds torch.fx's Proxy instead of a tensor. The modules'
-    lists, dicts and sets that hold one are put back as they were (`before`: id: (object,
-    copy), or (object, None) for the modules' own attributes, which _AttributeAccess puts
-    back); other lists, dicts and sets lose the Proxy."""
+    call (self.features.append(h), a dict, a list of the module's globals, a tuple in one): a
+    traced program would not store it, and the store holds torch.fx's Proxy instead of a
+    tensor. The modules' lists, dicts and sets are then put back as they were (`before`: id:
+    (object, copy), or (object, None) for the modules' own attributes, which _AttributeAccess
+    puts back); other lists, dicts and sets lose what holds the Proxy."""
     if not any(proxy() is not None for proxy in proxies):
         return
     gc.collect()  # what a cycle held dies with the trace
-    refused = False
+    stored = False
     for reference in proxies:
         proxy = reference()  # (not gathered into a list, which would hold them itself)
-        for holder in gc.get_referrers(proxy) if proxy is not None else ():
-            if id(holder) in before and before[id(holder)][0] is holder:
-                if before[id(holder)][1] is None:  # a module's own attributes: left to _AttributeAccess
-                    continue
-                holder.clear()
-                (holder.extend if isinstance(holder, list) else holder.update)(before[id(holder)][1])
-            elif isinstance(holder, list):
-                holder[:] = [item for item in holder if item is not proxy]
-            elif isinstance(holder, dict):
-                for key in [key for key, value in holder.items() if value is proxy]:
-                    del holder[key]
-            elif isinstance(holder, set):
-                holder.discard(proxy)
-            else:
-                continue
-            refused = True
-    if refused:
+        stored |= proxy is not None and _taken_out(proxy, before, set())
+    if stored:
+        for held, copied in before.values():
+            if copied is not None:
+                held.clear()
+                (held.extend if isinstance(held, list) else held.update)(copied)
         raise _NotReplayable(_STORES_TRACED)
+
+
+def _taken_out(value, before, own, depth=3):
+    """Whether value is held by a list, dict or set (or a tuple so held) that outlives the
+    trace; taken out of those that are not in before. `own`: the ids of this search's own
+    lists of referrers."""
+    referrers = gc.get_referrers(value)
+    own.add(id(referrers))
+    stored = False
+    for holder in referrers:
+        if id(holder) in own:
+            continue
+        if id(holder) in before and before[id(holder)][0] is holder:
+            stored |= before[id(holder)][1] is not None  # put back by the caller, or _AttributeAccess
+        elif isinstance(holder, list):
+            holder[:] = [item for item in holder if item is not value]
+            stored = True
+        elif isinstance(holder, dict):
+            for key in [key for key, item in holder.items() if item is value]:
+                del holder[key]
+            stored = True
+        elif isinstance(holder, set):
+            holder.discard(value)
+            stored = True
+        elif isinstance(holder, tuple) and depth:  # self.history.append((h, y))
+            stored |= _taken_out(holder, before, own, depth - 1)
+    return stored
 
 
 _STORES_TRACED = ("forward stores what it computes where it outlives the call (self.features.append(h), "
