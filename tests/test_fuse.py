@@ -4,9 +4,11 @@ state_dicts and parameters kept, and a clear report of what was fused and why.""
 import copy
 import inspect
 import logging
+import random
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1147,3 +1149,37 @@ def test_a_forward_that_stores_or_prints_what_it_computes_is_left_unfused_and_ke
     assert len(model.features) == len(reference.features)
     torch.testing.assert_close((model.features, model.stats), (reference.features, reference.stats))
     assert RECORDED == [torch.Size([3, 6])] * 2 if how == "global list" else RECORDED == []
+
+
+class DrawsPythonRandom(nn.Module):
+    """Stochastic depth written with Python's or NumPy's generator: a traced program would
+    keep the branch drawn at the trace (before: the head was skipped at every call, or never)."""
+
+    def __init__(self, generator):
+        super().__init__()
+        self.generator = generator
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        draw = random.random() if self.generator == "random" else np.random.rand()
+        return h[:, :2] if self.training and draw < 0.5 else self.head(h)
+
+
+@pytest.mark.parametrize("generator", ["random", "numpy"])
+def test_a_forward_that_draws_python_or_numpy_random_numbers_is_left_unfused(generator):
+    torch.manual_seed(0)
+    model = DrawsPythonRandom(generator)
+    reference = copy.deepcopy(model)
+    random.seed(0), np.random.seed(0)
+    states = random.getstate(), np.random.get_state()[1].copy()
+    with pytest.warns(UserWarning, match="random generator"):
+        hnn.fuse(model)
+    # fuse() drew nothing from them either.
+    assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
+    assert not [d for d in hnn.fusion_decisions(model) if d.fused]
+    x = torch.randn(3, 4)
+    for net in (model, reference):
+        random.seed(1), np.random.seed(1)
+        net.outputs = [net(x) for _ in range(8)]
+    torch.testing.assert_close(model.outputs, reference.outputs)

@@ -31,6 +31,8 @@ import inspect
 import linecache
 import logging
 import operator
+import random
+import sys
 import threading
 import traceback
 import warnings
@@ -315,8 +317,14 @@ class _Tracer(torch.fx.Tracer):
         for module in root.modules():
             before.update((id(place), (place, None)) for place in (vars(module), *(
                 vars(module).get(name, {}) for name in ("_parameters", "_buffers", "_modules"))))
-        with _refusing_unreplayable(self.thread):
-            graph = super().trace(root, concrete_args)
+        generators = _random_states()
+        try:
+            with _refusing_unreplayable(self.thread):
+                graph = super().trace(root, concrete_args)
+        finally:
+            drew = _restore_random_states(generators)
+        if drew:
+            raise _NotReplayable(_DRAWS_RANDOM)
         _refuse_stored(self.proxies, before)
         if self.formatted:
             raise _NotReplayable(_FORMATS_TRACED)
@@ -346,6 +354,26 @@ class _Tracer(torch.fx.Tracer):
         if _modes() != self.modes:
             raise _NotReplayable(_MODE_SWITCH)
         return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+
+
+def _random_states():
+    """The states of Python's and NumPy's global random generators (NumPy's where imported)."""
+    numpy = sys.modules.get("numpy")
+    return random.getstate(), None if numpy is None else numpy.random.get_state(legacy=False)
+
+
+def _restore_random_states(states):
+    """Put the generators back in states; whether either had drawn meanwhile."""
+    python, numpy_state = states
+    drew = random.getstate() != python
+    random.setstate(python)
+    if numpy_state is not None:
+        numpy = sys.modules["numpy"]
+        now = numpy.random.get_state(legacy=False)
+        drew = drew or now["state"]["pos"] != numpy_state["state"]["pos"] or not numpy.array_equal(
+            now["state"]["key"], numpy_state["state"]["key"]) or now["has_gauss"] != numpy_state["has_gauss"]
+        numpy.random.set_state(numpy_state)
+    return drew
 
 
 def _refuse_stored(proxies, before):
@@ -397,6 +425,8 @@ def _taken_out(value, before, own, depth=3):
     return stored
 
 
+_DRAWS_RANDOM = ("forward draws from Python's or NumPy's random generator (random.random(), np.random), "
+                 "which a traced program would have drawn once, at the trace")
 _STORES_TRACED = ("forward stores what it computes where it outlives the call (self.features.append(h), "
                   "a dict, a global list), which a traced program would not")
 _FORMATS_TRACED = ("forward makes text of what it computes (print(h.shape), logging, str(x.device)), which "
@@ -1242,8 +1272,8 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
       more than once; a LeakyReLU whose output forward changes in place afterwards (the
       fused layer saves it for its backward, eager's saves the input). A model torch.fx cannot trace even with its inputs' shapes known
       (data-dependent control flow), or whose forward a traced program cannot replay (it
-      sets attributes, stores or prints what it computes, switches grad or autocast mode,
-      checkpoints), runs its own calls
+      sets attributes, stores or prints what it computes, draws Python or NumPy random
+      numbers, switches grad or autocast mode, checkpoints), runs its own calls
       unfused, with one warning naming why; its nn.Sequential containers and its submodules
       with a forward of their own are fused on their own.
 
