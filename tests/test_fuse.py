@@ -1,6 +1,7 @@
 """fuse() on models torch.fx can trace: activations called in forward, hooks respected,
 state_dicts and parameters kept, and a clear report of what was fused and why."""
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -1183,3 +1184,61 @@ def test_a_forward_that_draws_python_or_numpy_random_numbers_is_left_unfused(gen
         random.seed(1), np.random.seed(1)
         net.outputs = [net(x) for _ in range(8)]
     torch.testing.assert_close(model.outputs, reference.outputs)
+
+
+class BranchesOnTorchState(nn.Module):
+    """forward asks torch what state ops run in. The program kept the answer of the trace:
+    under torch.no_grad(), autocast, inference mode, deterministic algorithms or one thread
+    the fused model took the other branch than eager (off by 0.5 to 2.5)."""
+
+    def __init__(self, query):
+        super().__init__()
+        self.query = query
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        if {"grad": torch.is_grad_enabled, "inference": torch.is_inference_mode_enabled,
+                "deterministic": torch.are_deterministic_algorithms_enabled}.get(self.query, lambda: False)():
+            h = h * 2
+        if self.query == "autocast" and torch.is_autocast_enabled("cpu"):
+            h = h * 3
+        if self.query == "threads" and torch.get_num_threads() == 1:
+            h = h * 4
+        return self.head(h)
+
+
+@contextlib.contextmanager
+def _deterministic():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("query, state", [
+    ("grad", torch.no_grad), ("inference", torch.inference_mode),
+    ("autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    ("deterministic", _deterministic), ("threads", _one_thread)])
+def test_a_forward_that_branches_on_torchs_state_is_traced_again_for_each_state(query, state):
+    torch.manual_seed(0)
+    model = BranchesOnTorchState(query)
+    reference = copy.deepcopy(model)
+    hnn.fuse(model)
+    x = torch.randn(3, 4)
+    for _ in range(2):  # there and back: each state keeps its program
+        torch.testing.assert_close(model(x), reference(x))
+        with state():
+            torch.testing.assert_close(model(x), reference(x))
+    assert [d.fused for d in hnn.fusion_decisions(model) if d.name == "fc"] == [True]

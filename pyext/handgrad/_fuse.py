@@ -469,10 +469,21 @@ def _refusing_unreplayable(thread):
             setattr(owner, name, method)
 
 
+# torch's functions that say what state ops run in. forward may branch on them (`if
+# torch.is_grad_enabled():`); a trace records the values it read as guards (_AttributeAccess).
+_STATE_QUERIES = tuple(name for name in (
+    "is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "get_autocast_dtype",
+    "is_autocast_cpu_enabled", "get_autocast_cpu_dtype", "get_autocast_gpu_dtype",
+    "are_deterministic_algorithms_enabled", "is_deterministic_algorithms_warn_only_enabled",
+    "get_num_threads", "get_default_dtype", "is_anomaly_enabled") if hasattr(torch, name))
+_QUERY = {name: getattr(torch, name) for name in _STATE_QUERIES}  # torch's own, unpatched
+
+
 def _modes():
     """The grad and autocast modes that ops run in."""
-    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-            *((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")))
+    return (_QUERY["is_grad_enabled"](), _QUERY["is_inference_mode_enabled"](),
+            *((_QUERY["is_autocast_enabled"](device), _QUERY["get_autocast_dtype"](device))
+              for device in ("cpu", "cuda")))
 
 
 class _ShapedProxy(_Proxy):
@@ -656,6 +667,7 @@ def _snapshot(value):
 
 _ABSENT = object()
 _PROPERTY = object()  # a guard's snapshot for a property's value: read again to compare
+_QUERIED = object()  # and for a state query's (torch.is_grad_enabled()): asked again
 
 
 class _NotReplayable(Exception):
@@ -684,13 +696,24 @@ class _AttributeAccess:
             value = read(module, name)
             if name not in _MODULE_INTERNALS and threading.get_ident() == thread and not fake_run.active:
                 if name in read(module, "__dict__"):
-                    self.reads.setdefault((id(module), name), (module, name, value, False))
+                    self.reads.setdefault((id(module), name), (module, name, value, None))
                 elif type(value) in _PLAIN_VALUES and isinstance(
                         inspect.getattr_static(type(module), name, None), property):
                     # A property's value (the model's device or dtype, read off its
                     # parameters), which changes with model.to(...).
-                    self.reads.setdefault((id(module), name), (module, name, value, True))
+                    self.reads.setdefault((id(module), name), (module, name, value, _PROPERTY))
             return value
+
+        def querying(name, query):
+            @functools.wraps(query)
+            def recorded(*args, **kwargs):
+                value = query(*args, **kwargs)
+                if threading.get_ident() == thread and not fake_run.active:
+                    key = (name, args, tuple(kwargs.items()))
+                    self.reads.setdefault(key, (functools.partial(query, *args, **kwargs), f"torch.{name}()",
+                                                value, _QUERIED))
+                return value
+            return recorded
 
         def writing(module, name, value):
             # Not torch.fx's own (the tensor constants it puts on the root module), nor the
@@ -704,9 +727,14 @@ class _AttributeAccess:
 
         nn.Module.__getattribute__ = reading
         nn.Module.__setattr__ = writing
+        self.saved_queries = {name: getattr(torch, name) for name in _STATE_QUERIES}
+        for name, query in self.saved_queries.items():
+            setattr(torch, name, querying(name, query))
         return self
 
     def __exit__(self, kind, error, trace):
+        for name, query in self.saved_queries.items():
+            setattr(torch, name, query)
         nn.Module.__setattr__ = self.saved_setattr
         if self.saved is None:
             del nn.Module.__getattribute__
@@ -725,14 +753,19 @@ class _AttributeAccess:
 
     @property
     def guards(self):
-        return tuple((module, name, value, _PROPERTY if is_property else _snapshot(value))
-                     for module, name, value, is_property in self.reads.values())
+        return tuple((module, name, value, _snapshot(value) if kind is None else kind)
+                     for module, name, value, kind in self.reads.values())
 
 
 def _unchanged(guards):
     """Whether every attribute a trace read still has the value it read: equal where it is a
     plain value or a container of them, the same object otherwise."""
     for module, name, value, snapshot in guards:
+        if snapshot is _QUERIED:  # module: the query, with its arguments
+            current = module()
+            if type(current) is not type(value) or current != value:
+                return False
+            continue
         if snapshot is _PROPERTY:
             try:
                 current = getattr(module, name)
