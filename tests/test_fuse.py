@@ -1242,3 +1242,28 @@ def test_a_forward_that_branches_on_torchs_state_is_traced_again_for_each_state(
         with state():
             torch.testing.assert_close(model(x), reference(x))
     assert [d.fused for d in hnn.fusion_decisions(model) if d.name == "fc"] == [True]
+
+
+class LazyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.LazyLinear(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc(x)))
+
+
+def test_a_lazy_linear_fuses_once_its_first_call_has_given_it_a_shape():
+    # Before, a model whose only pair had an nn.LazyLinear got no fused forward at all.
+    torch.manual_seed(0)
+    model = hnn.fuse(LazyNet())
+    decision = [d for d in hnn.fusion_decisions(LazyNet()) if d.name == "fc"]
+    assert not decision[0].fused and "LazyLinear" in decision[0].reason
+    x = torch.randn(3, 5, requires_grad=True)
+    first = model(x)  # the model's own calls: this one gives fc its shape
+    reference = LazyNet()
+    reference(x)
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(first, reference(x))
+    assert handgrad_ops(model, x) == ["linear_activation"]
+    torch.testing.assert_close(outputs_and_grads(model, x), outputs_and_grads(reference, x))

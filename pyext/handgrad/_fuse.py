@@ -118,12 +118,21 @@ def _is_parametrized_linear(module):
     return parametrize.is_parametrized(module) and type(module).__bases__ == (nn.Linear,)
 
 
+def _is_unmaterialized(module):
+    """Whether module is a lazy module (nn.LazyLinear) whose first call has not come yet: it
+    becomes its plain class (nn.Linear) then."""
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+
+
 def _why_not_fusable(linear, activation_module=None):
     """Why linear (and its activation module) must stay as they are, or None.
 
     Forward pre-hooks see the input only (torch.nn.utils.weight_norm's recomputes the weight
     there), so they keep working on a fused layer; hooks that see the output or its gradient
     would see the activation's instead."""
+    if _is_unmaterialized(linear):
+        return ("it is an nn.LazyLinear that no call has given its shape yet (a call of the model fuses it "
+                "where forward calls it; nn.Sequential pairs fuse with fuse() after a first call)")
     if type(linear) is not nn.Linear and not _is_parametrized_linear(linear):
         return f"{type(linear).__name__} is not nn.Linear itself"  # a subclass may change forward
     if linear._forward_hooks:
@@ -1251,7 +1260,10 @@ def _fuse_calls(model, example_inputs, decisions, apply=True, undo=None):
             decisions.append(FusionDecision(name, True, f"fused with the {activation} after it{when}"))
         else:
             decisions.append(FusionDecision(name, False, found[True][1].get(name) or found[False][1][name]))
-    if apply and any(found[training][0] for training in (True, False)):
+    # (A LazyLinear not yet materialized: the forward is installed, runs the model's own
+    # calls, and traces again once the first call has made it an nn.Linear.)
+    if apply and (any(found[training][0] for training in (True, False))
+                  or any(_is_unmaterialized(module) for module in model.modules())):
         # Both programs made now, so that torch.compile finds them made.
         programs = {}
         for training, (graph, guards) in traced.items():
