@@ -1267,3 +1267,67 @@ def test_a_lazy_linear_fuses_once_its_first_call_has_given_it_a_shape():
     torch.testing.assert_close(first, reference(x))
     assert handgrad_ops(model, x) == ["linear_activation"]
     torch.testing.assert_close(outputs_and_grads(model, x), outputs_and_grads(reference, x))
+
+
+USE_SKIP, SCALE, CALLS = False, 1.0, 0  # module globals that the next models' forwards read and set
+
+
+class ScaledByAGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.relu(self.fc(x)) * SCALE
+
+
+class ReadsGlobals(nn.Module):
+    """A flag at module level, read by forward and by a submodule's forward (traced through):
+    the program kept the values of the trace, as torch.fx bakes globals."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.fc, self.head = ScaledByAGlobal(), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.fc(self.inner(x)))
+        if USE_SKIP:
+            h = h + x
+        return self.head(h)
+
+
+def test_module_globals_that_forward_reads_are_read_again_at_each_call():
+    global USE_SKIP, SCALE
+    torch.manual_seed(0)
+    model = ReadsGlobals()
+    reference = copy.deepcopy(model)
+    hnn.fuse(model)
+    x = torch.randn(3, 4)
+    try:
+        for USE_SKIP, SCALE in ((False, 1.0), (True, 1.0), (True, 2.0), (False, 1.0)):
+            torch.testing.assert_close(model(x), reference(x), msg=f"USE_SKIP={USE_SKIP}, SCALE={SCALE}")
+    finally:
+        USE_SKIP, SCALE = False, 1.0
+    assert handgrad_ops(model, x) == ["linear_activation"] * 2
+
+
+class CountsItsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        global CALLS
+        CALLS += 1
+        return self.head(F.relu(self.fc(x)))
+
+
+def test_a_forward_that_sets_module_globals_is_left_unfused_and_keeps_setting_them():
+    model = CountsItsCalls()
+    before = CALLS
+    with pytest.warns(UserWarning, match="sets the module globals CALLS"):
+        hnn.fuse(model)
+    assert CALLS == before  # the trace's increments undone
+    model(torch.randn(3, 4))
+    model(torch.randn(3, 4))
+    assert CALLS == before + 2

@@ -25,6 +25,7 @@ so an optimizer built before (and its state, restored by position) keeps working
 import collections
 import contextlib
 import copy
+import dis
 import functools
 import gc
 import inspect
@@ -318,6 +319,7 @@ class _Tracer(torch.fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         self.thread, self.modes, self.proxies, self.formatted = threading.get_ident(), _modes(), [], False
+        self.functions = {type(root).forward}  # the forwards that ran, for the globals they read
         # The lists, dicts and sets the modules hold, as they were: forward may store into them.
         # (Their attributes themselves are _AttributeAccess's: it undoes what forward sets.)
         before = {id(value): (value, copy.copy(value)) for module in root.modules()
@@ -326,14 +328,18 @@ class _Tracer(torch.fx.Tracer):
         for module in root.modules():
             before.update((id(place), (place, None)) for place in (vars(module), *(
                 vars(module).get(name, {}) for name in ("_parameters", "_buffers", "_modules"))))
-        generators = _random_states()
+        generators, globals_before = _random_states(), _written_globals(root)
         try:
             with _refusing_unreplayable(self.thread):
                 graph = super().trace(root, concrete_args)
         finally:
             drew = _restore_random_states(generators)
+            written = _restore_globals(globals_before)
         if drew:
             raise _NotReplayable(_DRAWS_RANDOM)
+        if written:
+            raise _NotReplayable(f"forward sets the module globals {', '.join(written)}, which a traced "
+                                 f"program would not")
         _refuse_stored(self.proxies, before)
         if self.formatted:
             raise _NotReplayable(_FORMATS_TRACED)
@@ -347,6 +353,7 @@ class _Tracer(torch.fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         if threading.get_ident() != self.thread or _FAKE_RUN.active:
             return forward(*args, **kwargs)
+        self.functions.add(type(m).forward)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
@@ -677,6 +684,7 @@ def _snapshot(value):
 _ABSENT = object()
 _PROPERTY = object()  # a guard's snapshot for a property's value: read again to compare
 _QUERIED = object()  # and for a state query's (torch.is_grad_enabled()): asked again
+_GLOBAL = object()  # and for a module global's: read again
 
 
 class _NotReplayable(Exception):
@@ -770,8 +778,8 @@ def _unchanged(guards):
     """Whether every attribute a trace read still has the value it read: equal where it is a
     plain value or a container of them, the same object otherwise."""
     for module, name, value, snapshot in guards:
-        if snapshot is _QUERIED:  # module: the query, with its arguments
-            current = module()
+        if snapshot is _QUERIED or snapshot is _GLOBAL:  # module: the query, or the module's globals
+            current = module() if snapshot is _QUERIED else module.get(name, _ABSENT)
             if type(current) is not type(value) or current != value:
                 return False
             continue
@@ -801,19 +809,80 @@ def _trace(model, training, shapes, fixed):
     with _Mode(model, training), warnings.catch_warnings(), _AttributeAccess() as access:
         warnings.simplefilter("ignore")  # fx's and the meta tracer's notes on what they skip
         if shapes is None:
-            graph = _Tracer().trace(model, concrete_args=concrete)
+            tracer = _Tracer()
+            graph = tracer.trace(model, concrete_args=concrete)
         else:
             names = list(inspect.signature(type(model).forward).parameters)[1:]
             tensors = [*model.parameters(), *model.buffers()]
             device = tensors[0].device if tensors else "cpu"
             try:  # the inputs' shapes are enough for most (a branch on them)
-                graph = _ShapeTracer(dict(zip(names, shapes)), device, fakes=False).trace(model, concrete_args=concrete)
+                tracer = _ShapeTracer(dict(zip(names, shapes)), device, fakes=False)
+                graph = tracer.trace(model, concrete_args=concrete)
             except _NotReplayable:
                 raise
             except Exception:  # fake tensors too (importing what they need takes seconds, once)
-                graph = _ShapeTracer(dict(zip(names, shapes)), device, fakes=True).trace(model, concrete_args=concrete)
+                tracer = _ShapeTracer(dict(zip(names, shapes)), device, fakes=True)
+                graph = tracer.trace(model, concrete_args=concrete)
     _unspecialize(graph, fixed)
-    return graph, access.guards
+    return graph, access.guards + _global_guards(tracer.functions)
+
+
+@functools.lru_cache(maxsize=None)
+def _globals_written_by(code):
+    """The global names that code (with the code defined in it) assigns or deletes."""
+    names = {instruction.argval for instruction in dis.get_instructions(code)
+             if instruction.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}
+    for constant in code.co_consts:
+        if inspect.iscode(constant):
+            names |= _globals_written_by(constant)
+    return frozenset(names)
+
+
+def _written_globals(root):
+    """(namespace, name, value) of each module global that a forward of root's modules
+    assigns (`global CALLS; CALLS += 1`), as it is before a trace runs them."""
+    found = {}
+    for forward in {type(module).forward for module in root.modules()}:
+        if getattr(forward, "__module__", "").startswith("torch.") or not hasattr(forward, "__code__"):
+            continue
+        for name in _globals_written_by(forward.__code__):
+            found[(id(forward.__globals__), name)] = (forward.__globals__, name,
+                                                      forward.__globals__.get(name, _ABSENT))
+    return tuple(found.values())
+
+
+def _restore_globals(before):
+    """Put back the globals a trace changed; their names."""
+    written = []
+    for namespace, name, value in before:
+        if namespace.get(name, _ABSENT) is not value:
+            written.append(name)
+            if value is _ABSENT:
+                namespace.pop(name, None)
+            else:
+                namespace[name] = value
+    return written
+
+
+def _global_guards(functions):
+    """Guards for the module globals of plain value (a flag, `USE_SKIP = True`) that the code
+    of functions (and the functions, comprehensions and lambdas defined in it) names: the
+    program holds the values the trace read, as it does attributes'."""
+    guards = {}
+    for function in functions:
+        namespace = getattr(function, "__globals__", None)
+        code = getattr(function, "__code__", None)
+        if namespace is None or code is None or getattr(function, "__module__", "").startswith("torch."):
+            continue
+        codes = [code]
+        while codes:
+            code = codes.pop()
+            codes.extend(constant for constant in code.co_consts if inspect.iscode(constant))
+            for name in code.co_names:
+                value = namespace.get(name, _ABSENT)
+                if type(value) in _PLAIN_VALUES:
+                    guards[(id(namespace), name)] = (namespace, name, value, _GLOBAL)
+    return tuple(guards.values())
 
 
 def _activation_of(node, modules):
@@ -1317,7 +1386,7 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
       more than once; a LeakyReLU whose output forward changes in place afterwards (the
       fused layer saves it for its backward, eager's saves the input). A model torch.fx cannot trace even with its inputs' shapes known
       (data-dependent control flow), or whose forward a traced program cannot replay (it
-      sets attributes, stores or prints what it computes, draws Python or NumPy random
+      sets attributes or module globals, stores or prints what it computes, draws Python or NumPy random
       numbers, switches grad or autocast mode, checkpoints), runs its own calls
       unfused, with one warning naming why; its nn.Sequential containers and its submodules
       with a forward of their own are fused on their own.
