@@ -147,7 +147,6 @@ def _why_not_fusable(linear, activation_module=None):
     return None
 
 
-
 def _saves_what_eager_does_not(activation, parameters, in_place):
     """Whether the fused layer saves for its backward the activation's output where eager's
     activation saves its input: LeakyReLU of slope >= 0, unless in place (then eager's saves
@@ -316,31 +315,24 @@ class _Tracer(torch.fx.Tracer):
 
     is_leaf_module = _is_leaf_module
 
-
     def trace(self, root, concrete_args=None):
         self.thread, self.modes, self.proxies, self.formatted = threading.get_ident(), _modes(), [], False
         self.functions = {type(root).forward}  # the forwards that ran, for the globals they read
-        # The lists, dicts and sets the modules hold, as they were: forward may store into them.
-        # (Their attributes themselves are _AttributeAccess's: it undoes what forward sets.)
-        before = {id(value): (value, copy.copy(value)) for module in root.modules()
-                  for name, value in vars(module).items()
-                  if isinstance(value, (list, dict, set)) and name not in _MODULE_INTERNALS}
-        for module in root.modules():
-            before.update((id(place), (place, None)) for place in (vars(module), *(
-                vars(module).get(name, {}) for name in ("_parameters", "_buffers", "_modules"))))
-        generators, globals_before = _random_states(), _written_globals(root)
+        before, generators, globals_before = _containers(root), _random_states(), _written_globals(root)
         try:
             with _refusing_unreplayable(self.thread):
                 graph = super().trace(root, concrete_args)
-        finally:
+        finally:  # undone whether or not the trace went through
             drew = _restore_random_states(generators)
             written = _restore_globals(globals_before)
+            stored = _take_out_stored(self.proxies, before)
         if drew:
             raise _NotReplayable(_DRAWS_RANDOM)
         if written:
             raise _NotReplayable(f"forward sets the module globals {', '.join(written)}, which a traced "
                                  f"program would not")
-        _refuse_stored(self.proxies, before)
+        if stored:
+            raise _NotReplayable(_STORES_TRACED)
         if self.formatted:
             raise _NotReplayable(_FORMATS_TRACED)
         return graph
@@ -372,6 +364,19 @@ class _Tracer(torch.fx.Tracer):
         return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
 
 
+def _containers(root):
+    """The lists, dicts and sets root's modules hold, as they are (forward may store into
+    them): {id: (the object, a copy)}; and the modules' own attribute dicts, {id: (the
+    dict, None)}, which _AttributeAccess keeps (it undoes what forward sets)."""
+    held = {id(value): (value, copy.copy(value)) for module in root.modules()
+            for name, value in vars(module).items()
+            if isinstance(value, (list, dict, set)) and name not in _MODULE_INTERNALS}
+    for module in root.modules():
+        held.update((id(place), (place, None)) for place in (vars(module), *(
+            vars(module).get(name, {}) for name in ("_parameters", "_buffers", "_modules"))))
+    return held
+
+
 def _random_states():
     """The states of Python's and NumPy's global random generators (NumPy's where imported)."""
     numpy = sys.modules.get("numpy")
@@ -392,15 +397,14 @@ def _restore_random_states(states):
     return drew
 
 
-def _refuse_stored(proxies, before):
-    """Raise _NotReplayable where forward kept a traced value somewhere that outlives the
-    call (self.features.append(h), a dict, a list of the module's globals, a tuple in one): a
+def _take_out_stored(proxies, before):
+    """Whether forward kept a traced value somewhere that outlives the call
+    (self.features.append(h), a dict, a list of the module's globals, a tuple in one): a
     traced program would not store it, and the store holds torch.fx's Proxy instead of a
-    tensor. The modules' lists, dicts and sets are then put back as they were (`before`: id:
-    (object, copy), or (object, None) for the modules' own attributes, which _AttributeAccess
-    puts back); other lists, dicts and sets lose what holds the Proxy."""
+    tensor. The modules' lists, dicts and sets are then put back as they were (`before`, from
+    _containers); other lists, dicts and sets lose what holds the Proxy."""
     if not any(proxy() is not None for proxy in proxies):
-        return
+        return False
     gc.collect()  # what a cycle held dies with the trace
     stored = False
     for reference in proxies:
@@ -411,7 +415,7 @@ def _refuse_stored(proxies, before):
             if copied is not None:
                 held.clear()
                 (held.extend if isinstance(held, list) else held.update)(copied)
-        raise _NotReplayable(_STORES_TRACED)
+    return stored
 
 
 def _taken_out(value, before, own, depth=3):
