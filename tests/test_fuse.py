@@ -7,6 +7,7 @@ import inspect
 import logging
 import random
 import threading
+import types
 import warnings
 
 import numpy as np
@@ -1109,6 +1110,7 @@ class StoresWhatItComputes(nn.Module):
         self.how = how
         self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
         self.features, self.stats = [], {"mean": torch.zeros(())}
+        self.state = types.SimpleNamespace(last=torch.zeros(()))
 
     def forward(self, x):
         h = F.relu(self.fc(x))
@@ -1126,6 +1128,8 @@ class StoresWhatItComputes(nn.Module):
             self.features.append((h, x))
         elif self.how == "nested dict attribute":
             self.stats["layer"] = {"mean": h.mean()}
+        elif self.how == "attribute of a plain object":
+            self.state.last = h.mean()
         elif self.how == "print":
             print("features", h.shape)
         elif self.how == "text of the device" and str(x.device) != "cpu":
@@ -1134,8 +1138,8 @@ class StoresWhatItComputes(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["list attribute", "list attribute, then an untraceable branch", "dict attribute",
-                                 "global list", "tuple in a list attribute", "nested dict attribute", "print",
-                                 "text of the device"])
+                                 "global list", "tuple in a list attribute", "nested dict attribute",
+                                 "attribute of a plain object", "print", "text of the device"])
 def test_a_forward_that_stores_or_prints_what_it_computes_is_left_unfused_and_keeps_doing_it(how, capsys):
     torch.manual_seed(0)
     model = StoresWhatItComputes(how)
@@ -1149,12 +1153,14 @@ def test_a_forward_that_stores_or_prints_what_it_computes_is_left_unfused_and_ke
         assert decision and not decision[0].fused, decision
         # The traces left nothing of themselves in the stores, and the calls store as eager's do.
         assert RECORDED == [] and len(model.features) == 0 and list(model.stats) == ["mean"]
+        assert type(model.state.last) is torch.Tensor
         capsys.readouterr()
         torch.testing.assert_close(fused(x), reference(x))
     if how == "print":
         assert capsys.readouterr().out.count("features torch.Size([3, 6])") == 2  # both calls printed
     assert len(model.features) == len(reference.features)
-    torch.testing.assert_close((model.features, model.stats), (reference.features, reference.stats))
+    torch.testing.assert_close((model.features, model.stats, vars(model.state)),
+                               (reference.features, reference.stats, vars(reference.state)))
     assert RECORDED == [torch.Size([3, 6])] * 2 if how == "global list" else RECORDED == []
 
 

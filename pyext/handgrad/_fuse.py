@@ -365,12 +365,20 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _containers(root):
-    """The lists, dicts and sets root's modules hold, as they are (forward may store into
-    them): {id: (the object, a copy)}; and the modules' own attribute dicts, {id: (the
-    dict, None)}, which _AttributeAccess keeps (it undoes what forward sets)."""
-    held = {id(value): (value, copy.copy(value)) for module in root.modules()
-            for name, value in vars(module).items()
-            if isinstance(value, (list, dict, set)) and name not in _MODULE_INTERNALS}
+    """The lists, dicts and sets root's modules hold, and the attributes of plain objects they
+    hold (a SimpleNamespace of state), as they are (forward may store into them): {id: (the
+    object, a copy)}; and the modules' own attribute dicts, {id: (the dict, None)}, which
+    _AttributeAccess keeps (it undoes what forward sets)."""
+    held = {}
+    for module in root.modules():
+        for name, value in vars(module).items():
+            if name in _MODULE_INTERNALS:
+                continue
+            if not isinstance(value, (list, dict, set)) and type(getattr(value, "__dict__", None)) is dict and not (
+                    isinstance(value, (nn.Module, torch.Tensor, type)) or callable(value)):
+                value = vars(value)
+            if isinstance(value, (list, dict, set)):
+                held[id(value)] = (value, copy.copy(value))
     for module in root.modules():
         held.update((id(place), (place, None)) for place in (vars(module), *(
             vars(module).get(name, {}) for name in ("_parameters", "_buffers", "_modules"))))
