@@ -47,6 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import _C
 from . import functional as HF
 from ._modules import (
     _FUSED_LAYERS,
@@ -148,11 +149,21 @@ def _why_not_fusable(linear, activation_module=None):
 
 
 def _saves_what_eager_does_not(activation, parameters, in_place):
-    """Whether the fused layer saves for its backward the activation's output where eager's
-    activation saves its input: LeakyReLU of slope >= 0, unless in place (then eager's saves
-    its output too). The fused layer's backward then fails where forward later changes that
-    output in place, which eager's allows."""
-    return activation == "leaky_relu" and parameters[0] >= 0 and not in_place
+    """Whether the fused layer saves for its backward the activation's output (it does where
+    a' is read off the output: csrc/activation.h) where eager's activation saves its input
+    (eager's ReLU, sigmoid and tanh save their output, and so does any in-place activation):
+    LeakyReLU of slope >= 0. The fused layer's backward then fails where forward later
+    changes that output in place, which eager's allows."""
+    return (not in_place and activation not in _EAGER_SAVES_OUTPUT
+            and not _C.derivative_needs_preactivation(activation, *parameters))
+
+
+def _in_place_module(module):
+    """Whether module writes its output into its input (nn.ReLU(inplace=True), nn.Dropout(inplace=True))."""
+    return getattr(module, "inplace", False) is True
+
+
+_EAGER_SAVES_OUTPUT = ("relu", "sigmoid", "tanh")
 
 
 _CHANGED_IN_PLACE = ("its leaky_relu's output is changed in place afterwards, which the fused layer saves "
@@ -217,16 +228,16 @@ def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None, undo=N
             reason = _why_not_fusable(linear, activation)
             if reason is None and id(linear) in shared:
                 reason = "it is registered in more than one place in the model, and may be called without the activation"
+            saves_output = _saves_what_eager_does_not(name, _module_parameters(name, activation),
+                                                      _in_place_module(activation))
             following = module[index + 2] if index + 2 < len(module) else None
-            if (reason is None and getattr(following, "inplace", False) is True and _saves_what_eager_does_not(
-                    name, _module_parameters(name, activation), getattr(activation, "inplace", False) is True)):
+            if reason is None and saves_output and _in_place_module(following):
                 reason = _CHANGED_IN_PLACE
             if reason is not None:
                 decisions.append(FusionDecision(qualified, False, reason))
                 continue
             if apply:
-                if undo is not None and _saves_what_eager_does_not(
-                        name, _module_parameters(name, activation), getattr(activation, "inplace", False) is True):
+                if undo is not None and saves_output:  # a trace of the model may show a change in place
                     undo[qualified] = (linear, type(linear), module, index, activation)
                 _become_fused(linear, name, _module_parameters(name, activation))
                 module[index + 1] = nn.Identity()
@@ -270,6 +281,7 @@ _FAKE_RUN = _FakeRun()
 
 _IN_PLACE_OPERATORS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
                        "iand", "ior", "ixor", "ilshift", "irshift")
+_IN_PLACE_FUNCTIONS = frozenset(getattr(operator, name) for name in _IN_PLACE_OPERATORS) | {operator.setitem}
 
 
 class _Proxy(torch.fx.Proxy):
@@ -701,7 +713,8 @@ _GLOBAL = object()  # and for a module global's: read again
 
 class _NotReplayable(Exception):
     """forward does something at each call that a traced program would not do: sets module
-    attributes, or runs part of itself in another grad or autocast mode."""
+    attributes or globals, stores or prints what it computes, draws Python random numbers,
+    runs part of itself in another mode or under saved-tensor hooks. The message says which."""
 
 
 class _AttributeAccess:
@@ -839,15 +852,23 @@ def _trace(model, training, shapes, fixed):
     return graph, access.guards + _global_guards(tracer.functions)
 
 
+def _user_codes(function):
+    """The code of a user's function (not torch's) and the code defined in it (functions,
+    comprehensions, lambdas); none for anything else."""
+    code = getattr(function, "__code__", None)
+    if code is None or getattr(function, "__module__", "").startswith("torch."):
+        return []
+    codes = [code]
+    for code in codes:  # grows as it goes
+        codes.extend(constant for constant in code.co_consts if inspect.iscode(constant))
+    return codes
+
+
 @functools.lru_cache(maxsize=None)
-def _globals_written_by(code):
-    """The global names that code (with the code defined in it) assigns or deletes."""
-    names = {instruction.argval for instruction in dis.get_instructions(code)
-             if instruction.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}
-    for constant in code.co_consts:
-        if inspect.iscode(constant):
-            names |= _globals_written_by(constant)
-    return frozenset(names)
+def _globals_written_by(function):
+    """The global names that function's code assigns or deletes."""
+    return frozenset(instruction.argval for code in _user_codes(function) for instruction in dis.get_instructions(code)
+                     if instruction.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
 
 
 def _written_globals(root):
@@ -855,9 +876,7 @@ def _written_globals(root):
     assigns (`global CALLS; CALLS += 1`), as it is before a trace runs them."""
     found = {}
     for forward in {type(module).forward for module in root.modules()}:
-        if getattr(forward, "__module__", "").startswith("torch.") or not hasattr(forward, "__code__"):
-            continue
-        for name in _globals_written_by(forward.__code__):
+        for name in _globals_written_by(forward):
             found[(id(forward.__globals__), name)] = (forward.__globals__, name,
                                                       forward.__globals__.get(name, _ABSENT))
     return tuple(found.values())
@@ -882,18 +901,11 @@ def _global_guards(functions):
     program holds the values the trace read, as it does attributes'."""
     guards = {}
     for function in functions:
-        namespace = getattr(function, "__globals__", None)
-        code = getattr(function, "__code__", None)
-        if namespace is None or code is None or getattr(function, "__module__", "").startswith("torch."):
-            continue
-        codes = [code]
-        while codes:
-            code = codes.pop()
-            codes.extend(constant for constant in code.co_consts if inspect.iscode(constant))
+        for code in _user_codes(function):
             for name in code.co_names:
-                value = namespace.get(name, _ABSENT)
+                value = function.__globals__.get(name, _ABSENT)
                 if type(value) in _PLAIN_VALUES:
-                    guards[(id(namespace), name)] = (namespace, name, value, _GLOBAL)
+                    guards[(id(function.__globals__), name)] = (function.__globals__, name, value, _GLOBAL)
     return tuple(guards.values())
 
 
@@ -955,14 +967,12 @@ def _writes_its_input(node, modules):
     """Whether node changes its first argument in place: `h += x`, h.mul_(2), torch.relu_(h),
     F.dropout(h, inplace=True), nn.LeakyReLU(inplace=True), h[i] = x."""
     if node.op == "call_module":
-        return getattr(modules.get(node.target), "inplace", False) is True
+        return _in_place_module(modules.get(node.target))
     if node.op not in ("call_method", "call_function") or not node.args:
         return False
     name = _op_name(node)
     if node.op == "call_function":
-        if node.target is operator.setitem or node.kwargs.get("inplace") is True:
-            return True
-        if node.target in {getattr(operator, name) for name in _IN_PLACE_OPERATORS}:
+        if node.target in _IN_PLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
             return True
         try:  # F.dropout(h, 0.5, True, True): inplace by position
             if inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True:
@@ -981,10 +991,11 @@ def _changed_in_place(graph, modules):
     for node in graph.nodes:
         first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
         aliases = {node}
-        if first is not None and (_op_name(node) in _VIEWS or _writes_its_input(node, modules) or (
-                node.op == "call_module" and isinstance(modules.get(node.target), _VIEW_MODULES))):
+        writes = first is not None and _writes_its_input(node, modules)
+        if writes or (first is not None and (_op_name(node) in _VIEWS or (
+                node.op == "call_module" and isinstance(modules.get(node.target), _VIEW_MODULES)))):
             aliases |= shares.get(first, {first})
-            if _writes_its_input(node, modules):
+            if writes:
                 changed |= aliases
         shares[node] = aliases
     return changed
