@@ -1221,28 +1221,21 @@ class BranchesOnTorchState(nn.Module):
 
 
 @contextlib.contextmanager
-def _deterministic():
-    torch.use_deterministic_algorithms(True)
+def _set_meanwhile(get, set_, value):
+    before = get()
+    set_(value)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(False)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+        set_(before)
 
 
 @pytest.mark.parametrize("query, state", [
     ("grad", torch.no_grad), ("inference", torch.inference_mode),
     ("autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
-    ("deterministic", _deterministic), ("threads", _one_thread)])
+    ("deterministic", lambda: _set_meanwhile(torch.are_deterministic_algorithms_enabled,
+                                             torch.use_deterministic_algorithms, True)),
+    ("threads", lambda: _set_meanwhile(torch.get_num_threads, torch.set_num_threads, 1))])
 def test_a_forward_that_branches_on_torchs_state_is_traced_again_for_each_state(query, state):
     torch.manual_seed(0)
     model = BranchesOnTorchState(query)
