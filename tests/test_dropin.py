@@ -3,7 +3,9 @@ activations with torch.nn's signatures, eager's memory formats, clear refusals o
 nested tensors, PyTorch's own ModuleInfo samples, and the C++ autograd path itself."""
 
 import concurrent.futures
+import copy
 import inspect
+import re
 import weakref
 
 import pytest
@@ -399,3 +401,42 @@ def test_in_place_activation_and_channels_last(device):
         F.leaky_relu_(y, 0.2)
         assert x.stride() == y.stride()
         torch.testing.assert_close(torch.autograd.grad(x.sum(), base)[0], torch.autograd.grad(y.sum(), base)[0])
+
+
+# --- Dtypes the kernels do not take: torch's own results ---
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_a_complex_network_runs_as_torch_runs_it(dtype):
+    """A complex-valued network (torch.nn's layers take complex dtypes): handgrad.nn.MLP, the
+    fused layers and fuse() give torch's outputs and gradients, with torch's own ops."""
+    import handgrad
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(6, 8, dtype=dtype), nn.Tanh(), nn.Linear(8, 8, dtype=dtype),
+                              nn.Sigmoid(), nn.Linear(8, 3, dtype=dtype))
+    fused = handgrad.fuse(copy.deepcopy(reference))
+    assert isinstance(fused[0], hnn.LinearTanh)
+    network = hnn.MLP([6, 8, 3], activation="tanh", dtype=dtype)
+    twin = nn.Sequential(nn.Linear(6, 8, dtype=dtype), nn.Tanh(), nn.Linear(8, 3, dtype=dtype))
+    twin[0].load_state_dict(network.hidden[0].state_dict())
+    twin[2].load_state_dict(network.output.state_dict())
+    x = torch.randn(5, 6, dtype=dtype)
+    g = torch.randn(5, 3, dtype=dtype)
+    for ours, theirs in ((fused, reference), (network, twin)):
+        out, expected = ours(x), theirs(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(out, list(ours.parameters()), g),
+                                   torch.autograd.grad(expected, list(theirs.parameters()), g), rtol=0, atol=0)
+
+
+def test_activation_modules_take_integers_as_torch_nn_does():
+    x = torch.arange(-3, 4)
+    assert torch.equal(hnn.ReLU()(x), nn.ReLU()(x)) and hnn.ReLU()(x).dtype == torch.int64
+    y = x.clone()
+    assert hnn.ReLU(inplace=True)(y) is y and torch.equal(y, nn.ReLU()(x))
+    torch.testing.assert_close(hnn.Sigmoid()(x), nn.Sigmoid()(x), rtol=0, atol=0)  # a float result
+    with pytest.raises(NotImplementedError) as theirs:
+        nn.GELU()(x)
+    with pytest.raises(NotImplementedError, match=re.escape(str(theirs.value))):
+        hnn.GELU()(x)

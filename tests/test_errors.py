@@ -63,12 +63,15 @@ def test_dtype_mismatch(fn, which):
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.float8_e4m3fn])
-def test_unsupported_dtypes(dtype):
+def test_the_ops_refuse_dtypes_their_kernels_do_not_take(dtype):
+    # The functions and modules compute these as torch does (test_numerics.py); the ops refuse.
     x = torch.ones(4, 5, dtype=dtype)
     with pytest.raises(RuntimeError, match=r"input has dtype torch\.\w+; expected torch.float32"):
-        hf.linear_relu(x, torch.ones(3, 5, dtype=dtype))
+        ops.linear_activation(x, torch.ones(3, 5, dtype=dtype), None, "relu")
     with pytest.raises(RuntimeError, match=r"input has dtype torch\.\w+; expected"):
-        hf.sigmoid(x)
+        ops.activation(x, "sigmoid")
+    with pytest.raises(RuntimeError, match=r"input has dtype torch\.\w+; expected"):
+        ops.mlp(x, [torch.ones(3, 5, dtype=dtype)], [], "relu")
 
 
 def test_zero_dim_input():

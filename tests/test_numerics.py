@@ -6,10 +6,12 @@ no further from it than eager nn.Linear + activation is: the bias added inside t
 rounded once, as F.linear does, so no ReLU mask flips that eager's does not.
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
-from samples import LOW_PRECISION, assert_as_accurate_as_eager, eager_activation, fused_layer, tolerances
+from samples import LOW_PRECISION, assert_as_accurate_as_eager, eager_activation, eager_layer, fused_layer, tolerances
 
 import handgrad.functional as hf
 
@@ -171,3 +173,69 @@ def test_float32_gelu_gives_an_element_the_same_bits_in_a_vector_lane_as_alone()
         alone_grad = torch.autograd.grad(alone_out, alone, torch.ones(1))[0]
         assert torch.equal(out[i:i + 1].detach(), alone_out.detach()) or (out[i].isnan() and alone_out.isnan()).item()
         assert torch.equal(grad[i:i + 1], alone_grad) or (grad[i].isnan() and alone_grad.isnan()).item()
+
+
+# --- The dtypes the kernels do not take: what torch does, with torch's own ops ---
+
+OTHER_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64, torch.complex128]
+
+
+def _same_outcome(ours, theirs):
+    """ours() and theirs() give equal results, or both raise the same error."""
+    try:
+        expected = theirs()
+    except Exception as error:  # noqa: BLE001 - the error itself is the expectation
+        with pytest.raises(type(error), match=re.escape(str(error).splitlines()[0])):
+            ours()
+        return None
+    out = ours()
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    return out, expected
+
+
+def _grads_if_any(out, expected, leaves):
+    leaves = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not leaves or not out.requires_grad or out.numel() == 0:
+        return
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype)
+    torch.testing.assert_close(torch.autograd.grad(out, leaves, g), torch.autograd.grad(expected, leaves, g),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ACTIVATION_OPS)
+@pytest.mark.parametrize("dtype", OTHER_DTYPES, ids=str)
+def test_opinfo_samples_of_activations_in_other_dtypes_are_torchs(name, dtype):
+    """PyTorch's samples in the dtypes its op supports that handgrad's kernels do not take
+    (integers and bool for relu, sigmoid and tanh, complex for sigmoid, tanh and silu): the
+    same result, gradient or error as torch's, through torch's own op."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    for op in (op for op in op_db if op.name == name):
+        if dtype not in op.supported_dtypes("cpu"):
+            continue
+        requires_grad = dtype in op.supported_backward_dtypes("cpu")
+        for sample in op.sample_inputs("cpu", dtype, requires_grad=requires_grad):
+            call = lambda f, s=sample: f(s.input, *s.args, **s.kwargs)  # noqa: E731
+            both = _same_outcome(lambda: call(ACTIVATION_OPS[name]), lambda: call(op))
+            if both:
+                _grads_if_any(*both, [sample.input])
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "softplus"])
+@pytest.mark.parametrize("dtype", OTHER_DTYPES, ids=str)
+def test_opinfo_samples_of_linear_in_other_dtypes_are_torchs(activation, dtype):
+    """F.linear's samples in integers and complex (torch's dtypes for it), through each fused
+    layer: torch's result, gradient or error (relu of a complex number is an error there too)."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (linear,) = [op for op in op_db if op.name == "nn.functional.linear"]
+    if dtype not in linear.supported_dtypes("cpu"):
+        pytest.skip(f"F.linear does not take {dtype}")
+    requires_grad = dtype in linear.supported_backward_dtypes("cpu")
+    for sample in linear.sample_inputs("cpu", dtype, requires_grad=requires_grad):
+        x, (w, *rest) = sample.input, sample.args
+        b = rest[0] if rest else sample.kwargs.get("bias")
+        both = _same_outcome(lambda: fused_layer(activation)(x, w, b), lambda: eager_layer(activation)(x, w, b))
+        if both:
+            _grads_if_any(*both, [x, w, b])

@@ -1,4 +1,6 @@
-"""Functional API: the same results, shapes and dtypes as act(F.linear(input, weight, bias)).
+"""Functional API: the same results, shapes and dtypes as act(F.linear(input, weight, bias)),
+through handgrad's kernels in float32, float64, bfloat16 and float16 and through torch's own
+ops in the other dtypes torch takes (integers, bool, complex).
 
 input has shape (*, in_features), weight (out_features, in_features), bias (out_features,)
 or None. Tensor arguments are checked by the ops themselves (csrc/checks.h), before any
@@ -155,8 +157,46 @@ def parameters_of(activation, negative_slope=0.01, beta=1.0, threshold=20.0):
     return DEFAULT_PARAMETERS
 
 
+# The dtypes handgrad's kernels take. For any other (integers, bool, complex) the functions
+# and modules compute what torch computes, with torch's own ops: F.relu of integers, a
+# complex Linear+Tanh, F.linear's own error for a mixed call. torch.ops.handgrad refuses them.
+_KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+_FLOAT32 = torch.float32
+
+
+def _kernels_take(input):
+    """Whether input's dtype is one of the kernels' (anything that is no tensor goes on to
+    the op, whose error names the argument)."""
+    return getattr(input, "dtype", _FLOAT32) in _KERNEL_DTYPES
+
+
+def _torch_activation(input, activation, parameters, inplace=False):
+    """torch's own activation, for the dtypes the kernels do not take."""
+    F = torch.nn.functional
+    negative_slope, beta, threshold = parameters
+    if activation == "relu":
+        return F.relu(input, inplace)
+    if activation == "leaky_relu":
+        return F.leaky_relu(input, negative_slope, inplace)
+    if activation == "silu":
+        return F.silu(input, inplace)
+    if activation == "sigmoid":
+        return torch.sigmoid(input)
+    if activation == "tanh":
+        return torch.tanh(input)
+    if activation == "softplus":
+        return F.softplus(input, beta, threshold)
+    return F.gelu(input, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+# In eager mode a call in another dtype is found where the op refuses it (its first check),
+# at no cost to the calls the kernels take; traced or transformed calls ask first.
+
+
 def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
     ops = _op_namespace()
+    if ops is not _C and not _kernels_take(input):
+        return _torch_activation(torch.nn.functional.linear(input, weight, bias), activation, parameters)
     if ops is None:
         arguments = _autocast(input, weight, bias) + _function_arguments(activation, parameters)
         return _LINEAR_AUTOGRAD_FUNCTIONS[activation].apply(*arguments)
@@ -165,6 +205,10 @@ def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
     except (TypeError, NotImplementedError):
         _explain_bad_argument(f"linear_{activation}", input=input, weight=weight, bias=bias)
         raise
+    except RuntimeError:
+        if _kernels_take(input):
+            raise
+    return _torch_activation(torch.nn.functional.linear(input, weight, bias), activation, parameters)
 
 
 def linear_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -239,6 +283,8 @@ def linear_softplus(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None
 
 def _elementwise(input, activation, parameters=DEFAULT_PARAMETERS, inplace=False):
     ops = _op_namespace()
+    if ops is not _C and not _kernels_take(input):
+        return _torch_activation(input, activation, parameters, inplace)
     if ops is None:
         out = _FUNCTIONS[activation].apply(input, *_function_arguments(activation, parameters))
         return input.copy_(out) if inplace else out
@@ -250,6 +296,10 @@ def _elementwise(input, activation, parameters=DEFAULT_PARAMETERS, inplace=False
     except (TypeError, NotImplementedError):
         _explain_bad_argument(activation, input=input)
         raise
+    except RuntimeError:
+        if _kernels_take(input):
+            raise
+    return _torch_activation(input, activation, parameters, inplace)
 
 
 def _scripted_activation(input: Tensor, activation: str, inplace: bool, negative_slope: float = 0.01) -> Tensor:
@@ -392,9 +442,16 @@ def _layer_by_layer(input, layers, output_activation, parameters):
 def _mlp(input, weights, biases, activation, parameters, checkpoint_every, output_activation=None):
     """mlp() with its arguments checked already (handgrad.nn.MLP checks them once)."""
     ops = _op_namespace()
-    if ops is None:  # layer by layer, through the per-layer Python Functions
-        _C.check_mlp(input, weights, biases, activation, parameters[0], checkpoint_every,
-                     output_activation, *parameters[1:])  # the op's own check, and its messages
+    kernels_take = _kernels_take(input)
+    if ops is None or not kernels_take:  # layer by layer, through the per-layer Python Functions
+        if kernels_take:  # the op's own check, and its messages
+            _C.check_mlp(input, weights, biases, activation, parameters[0], checkpoint_every,
+                         output_activation, *parameters[1:])
+        elif not weights or len(biases) not in (0, len(weights)):
+            # The op's message for the lists (a float input passes its dtype check); the
+            # layers' shapes and dtypes are F.linear's to check.
+            _C.check_mlp(torch.empty(0), weights, biases, activation, parameters[0], checkpoint_every,
+                         output_activation, *parameters[1:])
         layer_biases = biases if biases else [None] * len(weights)
         layers = [functools.partial(_linear, weight=weight, bias=bias, activation=activation, parameters=parameters)
                   for weight, bias in zip(weights[:-1], layer_biases[:-1])]
