@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import handgrad.functional as hf
 import handgrad.nn as hnn
@@ -36,18 +37,22 @@ def test_message_starts_with_the_function_name():
 
 @pytest.mark.parametrize("fn", FUSED_FUNCTIONS)
 def test_weight_must_be_2d(fn):
+    # A 1-D weight is F.linear's too (test_numerics.py); the op refuses it.
     x, _, _ = x_w_b()
-    with pytest.raises(RuntimeError, match=r"weight must be 2-D \(out_features, in_features\), got shape \[15\]"):
-        fn(x, torch.randn(15))
+    with pytest.raises(RuntimeError, match=r"weight must be 2-D \(out_features, in_features\), got shape \[2, 3, 5\]"):
+        fn(x, torch.randn(2, 3, 5))
+    with pytest.raises(RuntimeError, match=r"weight must be 2-D \(out_features, in_features\), got shape \[5\]"):
+        ops.linear_activation(x, torch.randn(5), None, "relu")
 
 
 @pytest.mark.parametrize("fn", FUSED_FUNCTIONS)
 def test_bias_of_wrong_size(fn):
+    # A bias that broadcasts, (1, 3), is F.linear's too (test_numerics.py); the op refuses it.
     x, w, _ = x_w_b()
     with pytest.raises(RuntimeError, match=r"bias must have shape \[3\] \(out_features of weight\), got shape \[4\]"):
         fn(x, w, torch.randn(4))
     with pytest.raises(RuntimeError, match=r"bias must have shape \[3\]"):
-        fn(x, w, torch.randn(1, 3))
+        ops.linear_activation(x, w, torch.randn(1, 3), "relu")
 
 
 @pytest.mark.parametrize("fn", FUSED_FUNCTIONS)
@@ -116,6 +121,12 @@ def test_non_finite_slope_rejected_everywhere(slope):
 def test_slope_must_be_a_number():
     with pytest.raises(TypeError, match="negative_slope must be a real number, got str"):
         hf.leaky_relu(torch.randn(3), "0.1")
+    with pytest.raises(TypeError, match="negative_slope must be a real number, got Tensor"):
+        hf.leaky_relu(torch.randn(3), torch.tensor([0.1, 0.2]))
+    # A 0-D tensor is a number, as torch's Scalar arguments take it.
+    x = torch.randn(5)
+    assert torch.equal(hf.leaky_relu(x, torch.tensor(0.25)), F.leaky_relu(x, 0.25))
+    assert torch.equal(hnn.LeakyReLU(torch.tensor(0.25))(x), F.leaky_relu(x, 0.25))
 
 
 def test_unknown_activation():

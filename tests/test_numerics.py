@@ -239,3 +239,21 @@ def test_opinfo_samples_of_linear_in_other_dtypes_are_torchs(activation, dtype):
         both = _same_outcome(lambda: fused_layer(activation)(x, w, b), lambda: eager_layer(activation)(x, w, b))
         if both:
             _grads_if_any(*both, [x, w, b])
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "gelu"])
+@pytest.mark.parametrize("bias_shape,weight_shape", [((1, 3), (3, 5)), ((), (3, 5)), ((1,), (3, 5)),
+                                                      ((4, 3), (3, 5)), (None, (5,)), ((), (5,)), ((2, 3), (3, 5))],
+                         ids=str)
+def test_what_else_f_linear_takes_is_torchs(activation, bias_shape, weight_shape):
+    """F.linear's biases that broadcast to the output ((1, out), 0-D, one per row) and its 1-D
+    weight (a product with one vector): torch's result and gradients, or torch's error
+    ((2, 3) does not broadcast to 4 rows)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(weight_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    b = None if bias_shape is None else torch.randn(bias_shape, generator=g, dtype=torch.float64,
+                                                     requires_grad=True)
+    both = _same_outcome(lambda: fused_layer(activation)(x, w, b), lambda: eager_layer(activation)(x, w, b))
+    if both:
+        _grads_if_any(*both, [x, w, b])

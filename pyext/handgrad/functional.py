@@ -54,6 +54,8 @@ _ops = torch.ops.handgrad
 
 
 def _real(name, value):
+    if isinstance(value, Tensor) and value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool):
+        return float(value)  # a 0-D tensor, as torch's Scalar arguments take one
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
@@ -157,17 +159,26 @@ def parameters_of(activation, negative_slope=0.01, beta=1.0, threshold=20.0):
     return DEFAULT_PARAMETERS
 
 
-# The dtypes handgrad's kernels take. For any other (integers, bool, complex) the functions
-# and modules compute what torch computes, with torch's own ops: F.relu of integers, a
-# complex Linear+Tanh, F.linear's own error for a mixed call. torch.ops.handgrad refuses them.
+# The dtypes handgrad's kernels take. For any other (integers, bool, complex), and for what
+# else F.linear takes and the kernels do not (a 1-D weight, a bias that is not 1-D but
+# broadcasts to the output), the functions and modules compute what torch computes,
+# with torch's own ops: F.relu of integers, a complex Linear+Tanh, a bias of shape
+# (1, out_features), and F.linear's own error for a call it refuses. torch.ops.handgrad
+# refuses them all.
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 _FLOAT32 = torch.float32
 
 
-def _kernels_take(input):
-    """Whether input's dtype is one of the kernels' (anything that is no tensor goes on to
-    the op, whose error names the argument)."""
-    return getattr(input, "dtype", _FLOAT32) in _KERNEL_DTYPES
+def _kernels_take(input, weight=None, bias=None):
+    """Whether the kernels take the call, or refuse it with their own message: input's dtype
+    is one of theirs and, for a layer, weight is not 1-D and bias does not broadcast to
+    another shape (anything that is no tensor goes on to the op, whose error names the
+    argument)."""
+    if getattr(input, "dtype", _FLOAT32) not in _KERNEL_DTYPES or getattr(weight, "ndim", 2) == 1:
+        return False
+    if not isinstance(bias, Tensor) or not isinstance(weight, Tensor) or weight.ndim != 2:
+        return True
+    return bias.ndim == 1 and (bias.shape[0] != 1 or weight.shape[0] == 1)
 
 
 def _torch_activation(input, activation, parameters, inplace=False):
@@ -195,7 +206,7 @@ def _torch_activation(input, activation, parameters, inplace=False):
 
 def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
     ops = _op_namespace()
-    if ops is not _C and not _kernels_take(input):
+    if ops is not _C and not _kernels_take(input, weight, bias):
         return _torch_activation(torch.nn.functional.linear(input, weight, bias), activation, parameters)
     if ops is None:
         arguments = _autocast(input, weight, bias) + _function_arguments(activation, parameters)
@@ -206,7 +217,7 @@ def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
         _explain_bad_argument(f"linear_{activation}", input=input, weight=weight, bias=bias)
         raise
     except RuntimeError:
-        if _kernels_take(input):
+        if _kernels_take(input, weight, bias):
             raise
     return _torch_activation(torch.nn.functional.linear(input, weight, bias), activation, parameters)
 
