@@ -214,6 +214,47 @@ def test_a_linear_registered_in_two_places_is_not_fused_in_place():
     torch.testing.assert_close(fused(x), model(x))
 
 
+def test_a_linear_held_twice_by_one_sequential_is_not_fused_in_place():
+    # Weight tying by module reuse: the second place is followed by another activation.
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), shared, nn.Tanh(), shared, nn.Sigmoid(), nn.Linear(6, 2))
+    x = torch.randn(3, 4)
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert type(fused[2]) is nn.Linear and fused[2] is fused[4] and type(fused[0]) is hnn.LinearReLU
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+class CallsItsLinearAlone(nn.Module):
+    """forward calls a Linear of its nn.Sequential apart from the activation after it."""
+
+    def __init__(self, runs_members=False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Sigmoid())
+        self.runs_members = runs_members
+
+    def forward(self, x):
+        if self.runs_members:  # the members one by one, the first Linear's output kept
+            features = self.net[0](x)
+            return self.net[3](self.net[2](self.net[1](features))) + features
+        return self.net(x) + self.net[0](x)
+
+
+@pytest.mark.parametrize("runs_members", [False, True])
+def test_a_sequential_linear_that_forward_calls_alone_is_given_back(runs_members):
+    # The nn.Sequential pass made net.0 a LinearReLU; the model's trace shows net.0 called
+    # apart from its ReLU, which would then return the ReLU's output: net.0 is undone (and
+    # its calls fuse where they can), the other pair stays fused.
+    torch.manual_seed(0)
+    model, x = CallsItsLinearAlone(runs_members), torch.randn(3, 4, requires_grad=True)
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert type(fused.net[0]) is nn.Linear and type(fused.net[1]) is nn.ReLU
+    assert type(fused.net[2]) is hnn.LinearSigmoid
+    y, expected = fused(x), model(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x), torch.autograd.grad(expected.sum(), x))
+
+
 class Tempered(nn.Module):
     """forward reads plain attributes that training code changes: a temperature, a flag."""
 

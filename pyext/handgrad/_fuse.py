@@ -208,11 +208,12 @@ def _runs_in_order(module):
 def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None, undo=None):
     # A Linear registered in more than one place (module sharing) may also be called without
     # the activation: changed in place, it would apply the activation there too.
-    # (A container registered twice holds its Linear in one place still.)
+    # (A container registered twice holds its Linear in one place still.) _modules, not
+    # named_children(), which lists a module held twice by one parent once.
     if shared is None:
         places = collections.defaultdict(set)
         for parent in module.modules():
-            for child_name, child in parent.named_children():
+            for child_name, child in parent._modules.items():
                 places[id(child)].add((id(parent), child_name))
         shared = {key for key, held in places.items() if len(held) > 1}
     # Only containers that run their modules in order: a subclass with a forward of its own
@@ -237,13 +238,18 @@ def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None, undo=N
                 decisions.append(FusionDecision(qualified, False, reason))
                 continue
             if apply:
-                if undo is not None and saves_output:  # a trace of the model may show a change in place
-                    undo[qualified] = (linear, type(linear), module, index, activation)
+                if undo is not None:  # a trace of the model may show a call apart or a change in place
+                    undo[qualified] = _FusedInPlace((linear, type(linear), module, index, activation), saves_output)
                 _become_fused(linear, name, _module_parameters(name, activation))
                 module[index + 1] = nn.Identity()
             decisions.append(FusionDecision(qualified, True, f"fused with the {name} after it"))
     for child_name, child in module.named_children():
         _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply, shared, undo)
+
+
+# A pair the nn.Sequential pass fused: _unfuse's arguments, and whether the fused layer saves
+# an output that eager's does not (_saves_what_eager_does_not).
+_FusedInPlace = collections.namedtuple("_FusedInPlace", "unfuse saves_output")
 
 
 def _unfuse(linear, linear_class, container, index, activation):
@@ -1338,7 +1344,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True, undo=None):
         decisions[:] = [d for d in decisions if d.name not in changed]
         if apply:
             for name in changed:
-                _unfuse(*undo.pop(name))
+                _unfuse(*undo.pop(name).unfuse)
             return _fuse_calls(model, example_inputs, decisions, apply, undo)
     names = dict.fromkeys([*found[True][0], *found[True][1], *found[False][0], *found[False][1]])
     # What the nn.Sequential pass fused stays its decision (fusion_decisions() traces the
@@ -1367,9 +1373,11 @@ def _fuse_calls(model, example_inputs, decisions, apply=True, undo=None):
 
 
 def _fused_in_sequentials_and_changed(model, traced, found, decisions, undo):
-    """The pairs the nn.Sequential pass fused whose leaky_relu output model's forward changes
-    in place (`h = self.block(x); h += x`), which the pass cannot see: the fused modules in
-    undo (or, where the pass fused nothing, fusion_decisions(), the plain Linear's reason)."""
+    """The pairs the nn.Sequential pass fused that model's forward uses otherwise than its
+    container does, which the pass cannot see: it calls the Linear apart from its activation
+    (`self.net[0](x)`, the members run one by one with the Linear's output used elsewhere),
+    or changes a leaky_relu output in place (`h = self.block(x); h += x`). The fused modules
+    in undo (or, where the pass fused nothing, fusion_decisions(), the plain Linear's reason)."""
     fused_in_place = {d.name for d in decisions if d.fused}
     names = set()
     for training, (graph, _) in traced.items():
@@ -1377,8 +1385,19 @@ def _fused_in_sequentials_and_changed(model, traced, found, decisions, undo):
                   if reason == _CHANGED_IN_PLACE and name in fused_in_place}
         if undo:
             names |= {node.target for node in _changed_in_place(graph, dict(model.named_modules()))
-                      if node.op == "call_module" and node.target in undo}
+                      if node.op == "call_module" and node.target in undo and undo[node.target].saves_output}
+            names |= {node.target for node in graph.nodes
+                      if node.op == "call_module" and node.target in undo and not _called_as_paired(node)}
     return names
+
+
+def _called_as_paired(node):
+    """Whether the call of a Linear the nn.Sequential pass fused feeds its activation's place
+    (the nn.Identity after it) and nothing else, as the container's own forward calls it."""
+    prefix, _, index = node.target.rpartition(".")
+    following = f"{prefix}.{int(index) + 1}" if prefix else str(int(index) + 1)
+    (user, *others) = list(node.users) or [None]
+    return not others and user is not None and user.op == "call_module" and user.target == following
 
 
 def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
