@@ -247,6 +247,8 @@ def test_a_sequential_linear_that_forward_calls_alone_is_given_back(runs_members
     # its calls fuse where they can), the other pair stays fused.
     torch.manual_seed(0)
     model, x = CallsItsLinearAlone(runs_members), torch.randn(3, 4, requires_grad=True)
+    decided = {d.name: d.fused for d in hnn.fusion_decisions(model)}
+    assert decided == {"net.0": False, "net.2": True}
     fused = hnn.fuse(copy.deepcopy(model))
     assert type(fused.net[0]) is nn.Linear and type(fused.net[1]) is nn.ReLU
     assert type(fused.net[2]) is hnn.LinearSigmoid

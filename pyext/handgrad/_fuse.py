@@ -1386,14 +1386,15 @@ def _fused_in_sequentials_and_changed(model, traced, found, decisions, undo):
         if undo:
             names |= {node.target for node in _changed_in_place(graph, dict(model.named_modules()))
                       if node.op == "call_module" and node.target in undo and undo[node.target].saves_output}
-            names |= {node.target for node in graph.nodes
-                      if node.op == "call_module" and node.target in undo and not _called_as_paired(node)}
+        names |= {node.target for node in graph.nodes
+                  if node.op == "call_module" and node.target in fused_in_place and not _called_as_paired(node)}
     return names
 
 
 def _called_as_paired(node):
-    """Whether the call of a Linear the nn.Sequential pass fused feeds its activation's place
-    (the nn.Identity after it) and nothing else, as the container's own forward calls it."""
+    """Whether the call of a Linear the nn.Sequential pass fused (or, for fusion_decisions(),
+    would fuse) feeds the module after it (the nn.Identity in its activation's place, or the
+    activation) and nothing else, as the container's own forward calls it."""
     prefix, _, index = node.target.rpartition(".")
     following = f"{prefix}.{int(index) + 1}" if prefix else str(int(index) + 1)
     (user, *others) = list(node.users) or [None]
