@@ -182,7 +182,7 @@ def _kernels_take(input, weight=None, bias=None):
 
 
 def _torch_activation(input, activation, parameters, inplace=False):
-    """torch's own activation, for the dtypes the kernels do not take."""
+    """torch's own activation, for the calls the kernels do not take."""
     F = torch.nn.functional
     negative_slope, beta, threshold = parameters
     if activation == "relu":
@@ -200,8 +200,8 @@ def _torch_activation(input, activation, parameters, inplace=False):
     return F.gelu(input, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
-# In eager mode a call in another dtype is found where the op refuses it (its first check),
-# at no cost to the calls the kernels take; traced or transformed calls ask first.
+# In eager mode a call the kernels do not take is found where the op refuses it (before any
+# work), at no cost to the calls they take; traced or transformed calls ask first.
 
 
 def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
