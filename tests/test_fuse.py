@@ -1,6 +1,7 @@
 """fuse() on models torch.fx can trace: activations called in forward, hooks respected,
 state_dicts and parameters kept, and a clear report of what was fused and why."""
 
+import collections
 import contextlib
 import copy
 import inspect
@@ -255,6 +256,27 @@ def test_a_sequential_linear_that_forward_calls_alone_is_given_back(runs_members
     y, expected = fused(x), model(x)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x), torch.autograd.grad(expected.sum(), x))
+
+
+class CallsANamedMember(nn.Module):
+    """An nn.Sequential of named modules, whose Linear forward also calls by its name."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(collections.OrderedDict(fc1=nn.Linear(4, 4), act=nn.ReLU(),
+                                                         fc2=nn.Linear(4, 4), gate=nn.Sigmoid()))
+
+    def forward(self, x):
+        return self.net(x) + self.net.fc1(x)
+
+
+def test_a_named_sequential_member_called_alone_is_given_back_and_decisions_use_its_name():
+    torch.manual_seed(0)
+    model, x = CallsANamedMember(), torch.randn(3, 4)
+    assert {d.name: d.fused for d in hnn.fusion_decisions(model)} == {"net.fc1": False, "net.fc2": True}
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert type(fused.net.fc1) is nn.Linear and type(fused.net.fc2) is hnn.LinearSigmoid
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
 
 
 class Tempered(nn.Module):

@@ -220,12 +220,13 @@ def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None, undo=N
     # may use them otherwise (one module's output twice, one skipped), and torch.fx's pass
     # sees how it calls them.
     if _runs_in_order(module):
+        keys = list(module._modules)  # an OrderedDict's names, or "0", "1", ...
         for index in range(len(module) - 1):
             linear, activation = module[index], module[index + 1]
             name = _module_activation(activation)
             if not _is_linear(linear) or name is None:
                 continue
-            qualified = f"{prefix}{index}"
+            qualified = f"{prefix}{keys[index]}"
             reason = _why_not_fusable(linear, activation)
             if reason is None and id(linear) in shared:
                 reason = "it is registered in more than one place in the model, and may be called without the activation"
@@ -1387,16 +1388,17 @@ def _fused_in_sequentials_and_changed(model, traced, found, decisions, undo):
             names |= {node.target for node in _changed_in_place(graph, dict(model.named_modules()))
                       if node.op == "call_module" and node.target in undo and undo[node.target].saves_output}
         names |= {node.target for node in graph.nodes
-                  if node.op == "call_module" and node.target in fused_in_place and not _called_as_paired(node)}
+                  if node.op == "call_module" and node.target in fused_in_place and not _called_as_paired(node, model)}
     return names
 
 
-def _called_as_paired(node):
+def _called_as_paired(node, model):
     """Whether the call of a Linear the nn.Sequential pass fused (or, for fusion_decisions(),
     would fuse) feeds the module after it (the nn.Identity in its activation's place, or the
     activation) and nothing else, as the container's own forward calls it."""
-    prefix, _, index = node.target.rpartition(".")
-    following = f"{prefix}.{int(index) + 1}" if prefix else str(int(index) + 1)
+    prefix, _, key = node.target.rpartition(".")
+    keys = list((model.get_submodule(prefix) if prefix else model)._modules)
+    following = f"{prefix}.{keys[keys.index(key) + 1]}" if prefix else keys[keys.index(key) + 1]
     (user, *others) = list(node.users) or [None]
     return not others and user is not None and user.op == "call_module" and user.target == following
 
