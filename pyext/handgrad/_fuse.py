@@ -1399,8 +1399,8 @@ def _called_as_paired(node, model):
     prefix, _, key = node.target.rpartition(".")
     keys = list((model.get_submodule(prefix) if prefix else model)._modules)
     following = f"{prefix}.{keys[keys.index(key) + 1]}" if prefix else keys[keys.index(key) + 1]
-    (user, *others) = list(node.users) or [None]
-    return not others and user is not None and user.op == "call_module" and user.target == following
+    users = list(node.users)
+    return len(users) == 1 and users[0].op == "call_module" and users[0].target == following
 
 
 def fuse(model, example_inputs=None, *, verbose=False, inplace=True):

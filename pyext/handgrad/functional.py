@@ -206,19 +206,18 @@ def _torch_activation(input, activation, parameters, inplace=False):
 
 def _linear(input, weight, bias, activation, parameters=DEFAULT_PARAMETERS):
     ops = _op_namespace()
-    if ops is not _C and not _kernels_take(input, weight, bias):
-        return _torch_activation(torch.nn.functional.linear(input, weight, bias), activation, parameters)
-    if ops is None:
-        arguments = _autocast(input, weight, bias) + _function_arguments(activation, parameters)
-        return _LINEAR_AUTOGRAD_FUNCTIONS[activation].apply(*arguments)
-    try:
-        return ops.linear_activation(input, weight, bias, activation, *parameters)
-    except (TypeError, NotImplementedError):
-        _explain_bad_argument(f"linear_{activation}", input=input, weight=weight, bias=bias)
-        raise
-    except RuntimeError:
-        if _kernels_take(input, weight, bias):
+    if ops is _C or _kernels_take(input, weight, bias):
+        if ops is None:
+            arguments = _autocast(input, weight, bias) + _function_arguments(activation, parameters)
+            return _LINEAR_AUTOGRAD_FUNCTIONS[activation].apply(*arguments)
+        try:
+            return ops.linear_activation(input, weight, bias, activation, *parameters)
+        except (TypeError, NotImplementedError):
+            _explain_bad_argument(f"linear_{activation}", input=input, weight=weight, bias=bias)
             raise
+        except RuntimeError:
+            if _kernels_take(input, weight, bias):
+                raise
     return _torch_activation(torch.nn.functional.linear(input, weight, bias), activation, parameters)
 
 
@@ -294,22 +293,21 @@ def linear_softplus(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None
 
 def _elementwise(input, activation, parameters=DEFAULT_PARAMETERS, inplace=False):
     ops = _op_namespace()
-    if ops is not _C and not _kernels_take(input):
-        return _torch_activation(input, activation, parameters, inplace)
-    if ops is None:
-        out = _FUNCTIONS[activation].apply(input, *_function_arguments(activation, parameters))
-        return input.copy_(out) if inplace else out
-    try:
-        if inplace:
-            ops.activation_(input, activation, *parameters)
-            return input
-        return ops.activation(input, activation, *parameters)
-    except (TypeError, NotImplementedError):
-        _explain_bad_argument(activation, input=input)
-        raise
-    except RuntimeError:
-        if _kernels_take(input):
+    if ops is _C or _kernels_take(input):
+        if ops is None:
+            out = _FUNCTIONS[activation].apply(input, *_function_arguments(activation, parameters))
+            return input.copy_(out) if inplace else out
+        try:
+            if inplace:
+                ops.activation_(input, activation, *parameters)
+                return input
+            return ops.activation(input, activation, *parameters)
+        except (TypeError, NotImplementedError):
+            _explain_bad_argument(activation, input=input)
             raise
+        except RuntimeError:
+            if _kernels_take(input):
+                raise
     return _torch_activation(input, activation, parameters, inplace)
 
 
