@@ -63,7 +63,8 @@ def opcheck_samples():
         for cotangents in ("penalty", "all"):
             for output_activation in (None, "tanh"):
                 add(f"mlp_double_backward_{name}_{cotangents}_{output_activation}", ops.mlp_double_backward.default,
-                    lambda d, a=a, s=s, c=cotangents, o=output_activation: _mlp_double_backward_args(d, a, s, c, o))
+                    lambda d, a=a, s=s, c=cotangents, o=output_activation, k=dict(kwargs):
+                        _mlp_double_backward_args(d, a, s, c, o, k))
     # The network's other arguments: layers without biases, and an output activation.
     for bias, output_activation in ((False, None), (True, "sigmoid"), (False, "leaky_relu")):
         name = f"{'bias' if bias else 'no_bias'}_output_{output_activation}"
@@ -93,10 +94,12 @@ def _mlp_backward_args(device, activation, slope, every, input_grad, bias=True, 
     return (grad_output, x, weights, biases, hidden_outputs, activation, slope, every, input_grad, output_activation)
 
 
-def _mlp_double_backward_args(device, activation, slope, cotangents, output_activation):
-    """Used only inside a backward, below autograd: no grad-requiring args."""
+def _mlp_double_backward_args(device, activation, slope, cotangents, output_activation, kwargs):
+    """Used only inside a backward, below autograd: no grad-requiring args. The hidden
+    outputs are the network's own, with its softplus beta and threshold: a kernel that reads
+    a' off them and one that reads it off f must agree."""
     x, weights, biases = _plain_network(device)
-    _, hidden_outputs = ops.mlp_forward(x, weights, biases, activation, slope, 0, output_activation)
+    _, hidden_outputs = ops.mlp_forward(x, weights, biases, activation, slope, 0, output_activation, **kwargs)
     t = lambda like: torch.randn_like(like)  # noqa: E731
     every = cotangents == "all"
     return (t(torch.empty(7, 3, dtype=torch.float64, device=device)), x, weights, biases, hidden_outputs, t(x),
