@@ -353,3 +353,20 @@ def twin(model):
     if model.output_activation is not None:
         layers.append(make(model.output_activation))
     return torch.nn.Sequential(*layers)
+
+
+def handgrad_ops(model, *args, **kwargs):
+    """The handgrad ops model(*args, **kwargs) calls, by name, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    called = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "handgrad":
+                called.append(func._schema.name.split("::")[1])
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        model(*args, **kwargs)
+    return called

@@ -20,6 +20,7 @@ from torch import nn
 import handgrad.functional as hf
 import handgrad._fuse as hnn_fuse
 import handgrad.nn as hnn
+from samples import handgrad_ops
 
 
 class FunctionalNet(nn.Module):
@@ -54,23 +55,6 @@ def outputs_and_grads(model, x):
     return (out, *torch.autograd.grad(out.square().sum(), [x, *model.parameters()]))
 
 
-def handgrad_ops(model, *args, **kwargs):
-    """The handgrad ops model(*args, **kwargs) calls, by name, in order."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    called = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "handgrad":
-                called.append(func._schema.name.split("::")[1])
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        model(*args, **kwargs)
-    return called
-
-
 def test_fuses_activations_called_in_forward():
     torch.manual_seed(0)
     model = FunctionalNet()
@@ -81,10 +65,9 @@ def test_fuses_activations_called_in_forward():
     decisions = {d.name: d for d in hnn.fusion_decisions(reference)}
     for name, kind in EXPECTED.items():
         assert decisions[name].fused == (kind is not nn.Linear), name
-    # Inside nn.Sequential the Linear became its fused form in place; the calls in forward
-    # are fused in the forward, and those Linear modules stay as they are.
-    assert type(fused.block[0]) is hnn.LinearReLU and type(fused.block[1]) is nn.Identity
-    assert type(fused.fc1) is nn.Linear
+    # The modules stay as they are, those of nn.Sequential included: the forward runs the
+    # pairs fused.
+    assert [type(m) for m in fused.modules()] == [type(m) for m in reference.modules()]
     assert handgrad_ops(fused, torch.randn(2, 8)).count("linear_activation") == 7
     assert all(a is b for a, b in zip(fused.parameters(), parameters))  # optimizers keep working
     assert list(fused.state_dict()) == list(reference.state_dict())
@@ -198,32 +181,38 @@ class SharedSequential(nn.Module):
         return self.net(self.net(x))
 
 
-def test_a_linear_registered_in_two_places_is_not_fused_in_place():
+def test_a_linear_registered_in_two_places_fuses_where_its_sequential_runs_it():
+    # The Linear itself stays as it is: called alone, it gives its own output; its
+    # nn.Sequential runs it with the sigmoid after it.
     torch.manual_seed(0)
     x = torch.randn(3, 4)
     model = SharedLinear()
     fused = hnn.fuse(copy.deepcopy(model))
     assert type(fused.net[0]) is nn.Linear and fused.net[0] is fused.projection
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
-    reasons = {d.reason for d in hnn.fusion_decisions(model) if d.name == "net.0"}
-    assert "it is registered in more than one place in the model, and may be called without the activation" in reasons
-    # A container used twice holds its Linear in one place: fused, and reported once.
+    torch.testing.assert_close(fused.projection(x), model.projection(x), rtol=0, atol=0)
+    assert handgrad_ops(fused, x) == ["linear_activation"]
+    assert hnn.fusion_decisions(model) == [hnn.FusionDecision("net.0", True, "fused with the sigmoid after it")]
+    # A container used twice: fused at each call, and reported once.
     model = SharedSequential()
     assert hnn.fusion_decisions(model) == [hnn.FusionDecision("net.0", True, "fused with the relu after it")]
     fused = hnn.fuse(copy.deepcopy(model))
-    assert type(fused.net[0]) is hnn.LinearReLU
+    assert handgrad_ops(fused, x) == ["linear_activation"] * 2
     torch.testing.assert_close(fused(x), model(x))
 
 
-def test_a_linear_held_twice_by_one_sequential_is_not_fused_in_place():
+def test_a_linear_held_twice_by_one_sequential_fuses_with_the_activation_after_each_place():
     # Weight tying by module reuse: the second place is followed by another activation.
     torch.manual_seed(0)
     shared = nn.Linear(6, 6)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), shared, nn.Tanh(), shared, nn.Sigmoid(), nn.Linear(6, 2))
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 4, requires_grad=True)
     fused = hnn.fuse(copy.deepcopy(model))
-    assert type(fused[2]) is nn.Linear and fused[2] is fused[4] and type(fused[0]) is hnn.LinearReLU
-    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    assert [type(m) for m in fused] == [type(m) for m in model] and fused[2] is fused[4]
+    assert handgrad_ops(fused, x) == ["linear_activation"] * 3
+    y, expected = fused(x), model(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x), torch.autograd.grad(expected.sum(), x))
 
 
 class CallsItsLinearAlone(nn.Module):
@@ -243,16 +232,15 @@ class CallsItsLinearAlone(nn.Module):
 
 @pytest.mark.parametrize("runs_members", [False, True])
 def test_a_sequential_linear_that_forward_calls_alone_is_given_back(runs_members):
-    # The nn.Sequential pass made net.0 a LinearReLU; the model's trace shows net.0 called
-    # apart from its ReLU, which would then return the ReLU's output: net.0 is undone (and
-    # its calls fuse where they can), the other pair stays fused.
+    # The model's trace shows net.0 called apart from its ReLU: its program runs net.0 and
+    # the ReLU apart, and fuses the other pair.
     torch.manual_seed(0)
     model, x = CallsItsLinearAlone(runs_members), torch.randn(3, 4, requires_grad=True)
     decided = {d.name: d.fused for d in hnn.fusion_decisions(model)}
     assert decided == {"net.0": False, "net.2": True}
     fused = hnn.fuse(copy.deepcopy(model))
-    assert type(fused.net[0]) is nn.Linear and type(fused.net[1]) is nn.ReLU
-    assert type(fused.net[2]) is hnn.LinearSigmoid
+    assert [type(m) for m in fused.net] == [nn.Linear, nn.ReLU, nn.Linear, nn.Sigmoid]
+    assert handgrad_ops(fused, x) == ["linear_activation"]
     y, expected = fused(x), model(x)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x), torch.autograd.grad(expected.sum(), x))
@@ -270,13 +258,89 @@ class CallsANamedMember(nn.Module):
         return self.net(x) + self.net.fc1(x)
 
 
-def test_a_named_sequential_member_called_alone_is_given_back_and_decisions_use_its_name():
+def test_a_named_sequential_member_called_alone_runs_apart_and_decisions_use_its_name():
     torch.manual_seed(0)
     model, x = CallsANamedMember(), torch.randn(3, 4)
     assert {d.name: d.fused for d in hnn.fusion_decisions(model)} == {"net.fc1": False, "net.fc2": True}
     fused = hnn.fuse(copy.deepcopy(model))
-    assert type(fused.net.fc1) is nn.Linear and type(fused.net.fc2) is hnn.LinearSigmoid
+    assert handgrad_ops(fused, x) == ["linear_activation"]
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+class UsesItsMembersElsewhere(nn.Module):
+    """Code that uses an nn.Sequential's members apart from the container's own forward,
+    where no trace of forward can see it: another method, the members run one by one to keep
+    the pre-activations (as the chapter's backward pass needs them), slices, .forward."""
+
+    def __init__(self, untraceable=False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.LeakyReLU(0.1), nn.Linear(8, 2))
+        self.untraceable = untraceable
+
+    def forward(self, x):
+        if self.untraceable and x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+            return self.net(x) + self.net[0](x).sum()
+        return self.net(x)
+
+    def pre_activations(self, x):
+        stored = []
+        for module in self.net:
+            x = module(x)
+            stored.append(x)
+        return stored
+
+    def first_layer(self, x):
+        return self.net[0](x), self.net[0].forward(x), self.net[:1](x), self.net[1:](self.net[:1](x))
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_members_of_a_fused_sequential_used_elsewhere_compute_what_they_did(untraceable):
+    torch.manual_seed(0)
+    model, x = UsesItsMembersElsewhere(untraceable), torch.rand(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untraceable forward's
+        fused = hnn.fuse(copy.deepcopy(model))
+        torch.testing.assert_close(fused(x), model(x))  # (traced at its first call)
+    assert handgrad_ops(fused.net, x) == ["linear_activation"] * 2  # the container runs its pairs fused
+    for got, want in zip([*fused.pre_activations(x), *fused.first_layer(x)],
+                         [*model.pre_activations(x), *model.first_layer(x)]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_fused_sequential_follows_changes_to_its_members():
+    # Each call runs a pair as it stands: a hook registered since, a slope changed, an
+    # activation or a member replaced or wrapped (activation checkpointing) are seen at the
+    # next call.
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), \
+        torch.randn(3, 4)
+    reference = copy.deepcopy(model)
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert handgrad_ops(fused, x) == ["linear_activation"] * 2
+    seen = []
+    handle = fused[0].register_forward_hook(lambda module, args, out: seen.append(out))
+    assert handgrad_ops(fused, x) == ["linear_activation"]
+    torch.testing.assert_close(seen[-1], reference[0](x), rtol=0, atol=0)  # its own output
+    handle.remove()
+    fused[1].negative_slope = reference[1].negative_slope = 0.3
+    assert handgrad_ops(fused, x) == ["linear_activation"] * 2
+    torch.testing.assert_close(fused(x), reference(x), rtol=0, atol=0)
+    fused[3] = nn.Tanh()
+    reference[3] = nn.Tanh()
+    torch.testing.assert_close(fused(x), reference(x), rtol=0, atol=0)
+    assert handgrad_ops(fused, x) == ["linear_activation"] * 2  # now with the Tanh
+    fused[2] = nn.Sequential(fused[2])  # a wrapper, as activation checkpointing puts one
+    torch.testing.assert_close(fused(x), reference(x), rtol=0, atol=0)
+
+
+def test_data_parallel_replicas_of_a_fused_sequential_run_their_own_parameters():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.Sigmoid()), torch.randn(3, 4)
+    fused = hnn.fuse(copy.deepcopy(model))
+    for fused_replica, replica in zip(_replicas(fused, [2.0, 3.0]), _replicas(model, [2.0, 3.0])):
+        assert fused_replica.forward.container is fused_replica
+        assert handgrad_ops(fused_replica, x) == ["linear_activation"] * 2
+        torch.testing.assert_close(fused_replica(x), replica(x), rtol=0, atol=0)
 
 
 class Tempered(nn.Module):
@@ -851,8 +915,8 @@ def test_untraceable_model_gets_the_sequential_pass_and_one_warning():
         warnings.simplefilter("error")  # it might branch on shapes only: known at its first call
         fused = hnn.fuse(model)
     assert fused is model
-    assert [type(m) for m in fused.body] == [hnn.LinearReLU, nn.Identity, hnn.LinearSigmoid, nn.Identity]
     x = torch.randn(3, 4)
+    assert handgrad_ops(fused.body, x) == ["linear_activation"] * 2
     with pytest.warns(UserWarning, match="torch.fx cannot trace Branchy even for its inputs' shapes") as record:
         out = fused(x)
     assert len(record) == 1
@@ -941,8 +1005,8 @@ def test_linear_subclasses_are_left_unfused_and_reported(capsys):
 
     model = nn.Sequential(ScaledLinear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Sigmoid())
     fused = hnn.fuse(model, verbose=True)
-    assert type(fused[0]) is ScaledLinear and type(fused[1]) is nn.ReLU
-    assert type(fused[2]) is hnn.LinearSigmoid
+    assert [type(m) for m in fused] == [ScaledLinear, nn.ReLU, nn.Linear, nn.Sigmoid]
+    assert handgrad_ops(fused, torch.randn(2, 3)) == ["linear_activation"]  # the second pair
     assert "0: not fused, ScaledLinear is not nn.Linear itself" in capsys.readouterr().out
 
 
@@ -962,7 +1026,8 @@ def test_a_model_keeps_its_own_class_whether_or_not_anything_is_fused():
     assert type(fused) is Head and type(fused.fc) is nn.Linear  # nothing to fuse: left as it was
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     fused = hnn.fuse(model)
-    assert type(fused) is nn.Sequential and type(fused[0]) is hnn.LinearReLU and type(fused[2]) is nn.Linear
+    assert type(fused) is nn.Sequential and [type(m) for m in fused] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert handgrad_ops(fused, torch.randn(2, 3)) == ["linear_activation"]
 
 
 def test_train_and_eval_mode_are_kept():
@@ -977,9 +1042,8 @@ def test_silu_and_both_gelus_fuse_as_modules_and_calls():
                           nn.Linear(6, 4), nn.GELU(), nn.Linear(4, 2))
     x = torch.randn(3, 5)
     fused = hnn.fuse(model, inplace=False)
-    assert [type(m) for m in fused][::2] == [hnn.LinearGELU, hnn.LinearSiLU, hnn.LinearGELU, nn.Linear]
-    assert fused[0].approximate == "tanh" and fused[4].approximate == "none"
-    torch.testing.assert_close(fused(x), model(x))
+    assert handgrad_ops(fused, x).count("linear_activation") == 3
+    torch.testing.assert_close(fused(x), model(x))  # each GELU as its approximate says
 
     class Calls(nn.Module):
         def __init__(self):
@@ -1000,9 +1064,8 @@ def test_softplus_fuses_with_its_beta_and_threshold_as_modules_and_calls():
                           nn.Linear(6, 2))
     x = torch.randn(9, 5)
     fused = hnn.fuse(model, inplace=False)
-    assert [type(m) for m in fused][::2] == [hnn.LinearSoftplus, hnn.LinearSoftplus, nn.Linear]
-    assert (fused[0].beta, fused[0].threshold, fused[2].beta, fused[2].threshold) == (100.0, 20.0, 2.0, 1.0)
-    torch.testing.assert_close(fused(x), model(x))
+    assert handgrad_ops(fused, x).count("linear_activation") == 2
+    torch.testing.assert_close(fused(x), model(x))  # with each one's beta and threshold
 
     class Calls(nn.Module):  # F.softplus positionally and by name, and handgrad's
         def __init__(self):
@@ -1041,8 +1104,8 @@ def test_fuse_is_handgrad_fuse_and_its_decisions_are_handgrad_nn_s():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     reference = copy.deepcopy(model)
     fused = handgrad.fuse(model)
-    assert isinstance(fused[0], hnn.LinearReLU)
     x = torch.randn(5, 3)
+    assert handgrad_ops(fused, x) == ["linear_activation"]
     torch.testing.assert_close(fused(x), reference(x))
     decisions = hnn.fusion_decisions(fused)
     assert decisions and all(type(d) is hnn.FusionDecision for d in decisions)
@@ -1158,7 +1221,8 @@ def test_leaky_relu_outputs_changed_only_where_eager_saves_them_too_still_fuse()
     model = nn.Sequential(nn.Linear(6, 6), nn.LeakyReLU(0.2, inplace=True), nn.Dropout(0.25, inplace=True),
                           nn.Linear(6, 6), nn.LeakyReLU(0.2), nn.Dropout(0.25), nn.Linear(6, 2))
     hnn.fuse(model)
-    assert isinstance(model[0], hnn.LinearLeakyReLU) and isinstance(model[3], hnn.LinearLeakyReLU)
+    assert [d.fused for d in hnn.fusion_decisions(model)] == [True, True]
+    assert handgrad_ops(model, torch.randn(3, 6)) == ["linear_activation"] * 2
 
 
 RECORDED = []  # a module-level store, as a hook-free feature recorder keeps one

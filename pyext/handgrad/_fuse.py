@@ -4,10 +4,10 @@ The model stays the user's object: its class, methods, attributes, buffers, hook
 registration order of its modules and parameters are kept, and no Parameter is replaced,
 so an optimizer built before (and its state, restored by position) keeps working.
 
-- Inside nn.Sequential containers a Linear followed by an activation module becomes its
-  fused form in place (its class changes to LinearReLU, ...; a parametrized Linear keeps its
-  parametrizations) and the activation becomes nn.Identity: positions and state_dict keys
-  stay as they were.
+- An nn.Sequential container whose members include a Linear followed by an activation
+  module gets, as an instance attribute, a forward that runs its members in order with each
+  such pair in one op (_FusedSequential). The members themselves stay as they are, so any
+  other use of them (`seq[0](x)`, a slice, another method) computes what it did.
 - Calls in forward (F.relu(self.fc(x)), ...) are found by torch.fx. The model gets, as an
   instance attribute, a forward with those pairs fused: one traced program for training and
   one for evaluation, chosen at call time by model.training, so nothing is frozen. The
@@ -22,7 +22,6 @@ so an optimizer built before (and its state, restored by position) keeps working
   cannot be fused as a whole has its submodules fused on their own.
 """
 
-import collections
 import contextlib
 import copy
 import dis
@@ -160,7 +159,8 @@ def _saves_what_eager_does_not(activation, parameters, in_place):
 
 def _in_place_module(module):
     """Whether module writes its output into its input (nn.ReLU(inplace=True), nn.Dropout(inplace=True))."""
-    return getattr(module, "inplace", False) is True
+    # (read from the instance and its class: nn.Module's __getattr__ raises, slowly, for names it lacks)
+    return module is not None and module.__dict__.get("inplace", getattr(type(module), "inplace", False)) is True
 
 
 _EAGER_SAVES_OUTPUT = ("relu", "sigmoid", "tanh")
@@ -170,12 +170,29 @@ _CHANGED_IN_PLACE = ("its leaky_relu's output is changed in place afterwards, wh
                      "for its backward (eager's LeakyReLU saves its input)")
 
 
-# --- nn.Sequential: the pairs fused in place ---
+# --- nn.Sequential: the pairs fused in the container's forward ---
+
+def _sequential_pair(linear, activation, following):
+    """Whether the members linear, activation (and following, the member after them, or None)
+    of an nn.Sequential fuse: (the activation's name, its parameters, whether following
+    writes in place), the reason they may not, or None where they are not a Linear and an
+    activation module."""
+    name = _module_activation(activation)
+    if not _is_linear(linear) or name is None:
+        return None
+    reason = _why_not_fusable(linear, activation)
+    if reason is not None:
+        return reason
+    parameters, following_in_place = _module_parameters(name, activation), _in_place_module(following)
+    if following_in_place and _saves_what_eager_does_not(name, parameters, _in_place_module(activation)):
+        return _CHANGED_IN_PLACE
+    return name, parameters, following_in_place
+
 
 @functools.lru_cache(maxsize=None)
 def _fused_class(linear_class, activation):
-    """The class a Linear of linear_class becomes: LinearReLU, ..., or for a parametrized
-    Linear a subclass of both, which keeps parametrize's property for the weight."""
+    """handgrad's fused layer for a Linear of linear_class: LinearReLU, ..., or for a
+    parametrized Linear a subclass of both, which keeps parametrize's property for the weight."""
     fused = _FUSED_LAYERS[activation]
     if linear_class is nn.Linear:
         return fused
@@ -183,20 +200,22 @@ def _fused_class(linear_class, activation):
                 {"__module__": fused.__module__})
 
 
+def _fused_copy(linear, activation, parameters):
+    """A shallow copy of linear (its parameters shared) that computes activation(linear(x))."""
+    fused = copy.copy(linear)
+    fused.__class__ = _fused_class(type(linear), activation)
+    if activation == "leaky_relu":
+        fused.negative_slope = parameters[0]
+    if activation == "softplus":
+        fused.beta, fused.threshold = parameters[1:]
+    if activation in ("gelu", "gelu_tanh"):
+        fused.approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return fused
+
+
 def _module_parameters(name, module):
     """The parameters (negative_slope, beta, threshold) of activation module `module`."""
     return HF.parameters_of(name, **{key: getattr(module, key) for key in _FUNCTION_PARAMETERS.get(name, ())})
-
-
-def _become_fused(linear, activation, parameters):
-    """linear, the same object, computes activation(linear(x)) from now on."""
-    linear.__class__ = _fused_class(type(linear), activation)
-    if activation == "leaky_relu":
-        linear.negative_slope = parameters[0]
-    if activation == "softplus":
-        linear.beta, linear.threshold = parameters[1:]
-    if activation in ("gelu", "gelu_tanh"):
-        linear.approximate = "tanh" if activation == "gelu_tanh" else "none"
 
 
 def _runs_in_order(module):
@@ -205,67 +224,146 @@ def _runs_in_order(module):
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _fuse_sequentials(module, prefix, decisions, apply=True, shared=None, undo=None):
-    # A Linear registered in more than one place (module sharing) may also be called without
-    # the activation: changed in place, it would apply the activation there too.
-    # (A container registered twice holds its Linear in one place still.) _modules, not
-    # named_children(), which lists a module held twice by one parent once.
-    if shared is None:
-        places = collections.defaultdict(set)
-        for parent in module.modules():
-            for child_name, child in parent._modules.items():
-                places[id(child)].add((id(parent), child_name))
-        shared = {key for key, held in places.items() if len(held) > 1}
-    # Only containers that run their modules in order: a subclass with a forward of its own
-    # may use them otherwise (one module's output twice, one skipped), and torch.fx's pass
-    # sees how it calls them.
+_ACTIVATION_STATE = ("negative_slope", "beta", "threshold", "approximate", "inplace")
+
+
+def _pair_state(linear, activation, following):
+    """What _sequential_pair decides by, read cheaply for each call: the kinds of linear and
+    activation, whether they have hooks, the activation's attributes, and whether following
+    writes in place."""
+    linear_hooked = (linear._forward_hooks or linear._backward_hooks or linear._backward_pre_hooks
+                     or linear._forward_pre_hooks_with_kwargs)
+    return (type(linear), bool(linear_hooked), type(activation), _has_hooks(activation),
+            tuple(map(activation.__dict__.get, _ACTIVATION_STATE)), _in_place_module(following))
+
+
+def _members(container):
+    """[(key, module, the module after it, the one after that)] of container's members."""
+    members = list(container._modules.items())
+    after = [module for _, module in members[1:]] + [None, None]
+    return [(key, module, after[index], after[index + 1]) for index, (key, module) in enumerate(members)]
+
+
+def _fuse_sequentials(module, prefix, decisions, apply=True):
+    """Decide on the pairs of every nn.Sequential in module that runs its members in order and
+    (with apply) give each container with fusable pairs a forward that runs them fused."""
     if _runs_in_order(module):
-        keys = list(module._modules)  # an OrderedDict's names, or "0", "1", ...
-        for index in range(len(module) - 1):
-            linear, activation = module[index], module[index + 1]
-            name = _module_activation(activation)
-            if not _is_linear(linear) or name is None:
-                continue
-            qualified = f"{prefix}{keys[index]}"
-            reason = _why_not_fusable(linear, activation)
-            if reason is None and id(linear) in shared:
-                reason = "it is registered in more than one place in the model, and may be called without the activation"
-            saves_output = _saves_what_eager_does_not(name, _module_parameters(name, activation),
-                                                      _in_place_module(activation))
-            following = module[index + 2] if index + 2 < len(module) else None
-            if reason is None and saves_output and _in_place_module(following):
-                reason = _CHANGED_IN_PLACE
-            if reason is not None:
-                decisions.append(FusionDecision(qualified, False, reason))
-                continue
-            if apply:
-                if undo is not None:  # a trace of the model may show a call apart or a change in place
-                    undo[qualified] = _FusedInPlace((linear, type(linear), module, index, activation), saves_output)
-                _become_fused(linear, name, _module_parameters(name, activation))
-                module[index + 1] = nn.Identity()
-            decisions.append(FusionDecision(qualified, True, f"fused with the {name} after it"))
+        pairs = {}
+        for key, linear, activation, following in _members(module):
+            decided = _sequential_pair(linear, activation, following)
+            if isinstance(decided, str):
+                decisions.append(FusionDecision(f"{prefix}{key}", False, decided))
+            elif decided is not None:
+                pairs[key] = decided
+                decisions.append(FusionDecision(f"{prefix}{key}", True, f"fused with the {decided[0]} after it"))
+        if apply:
+            for name in _INSTALLED:  # fused before: decided again
+                module.__dict__.pop(name, None)
+            if pairs:
+                _install(module, _FusedSequential(module, pairs))
     for child_name, child in module.named_children():
-        _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply, shared, undo)
+        _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply)
 
 
-# A pair the nn.Sequential pass fused: _unfuse's arguments, and whether the fused layer saves
-# an output that eager's does not (_saves_what_eager_does_not).
-_FusedInPlace = collections.namedtuple("_FusedInPlace", "unfuse saves_output")
+class _FusedSequential:
+    """The forward fuse() gives an nn.Sequential whose members include fusable Linear +
+    activation pairs: its members in order, as nn.Sequential's forward runs them, each pair
+    in one op. The members stay as they were, so that any other use of them (`seq[0](x)`,
+    `seq[:1]`, iterating over them, another method) computes what it did; this forward is
+    the only thing fuse() changes. Each call runs a pair as it stands: where a member, a
+    hook or an activation's attribute has changed since, it is decided again (a Linear
+    given a forward hook runs apart from its activation; a new slope fuses as it is)."""
 
+    def __init__(self, container, pairs):
+        # pairs: {the Linear's key: (activation, parameters, whether the member after the
+        # activation writes in place)}, as _sequential_pair decided them
+        self.container, self.pairs = container, pairs
+        self.states = {}  # {key: (_pair_state, the pair as it fuses now or None)}
 
-def _unfuse(linear, linear_class, container, index, activation):
-    """Undo _fuse_sequentials' fusion of container[index] with activation."""
-    linear.__class__ = linear_class
-    for attribute in ("negative_slope", "beta", "threshold", "approximate"):
-        linear.__dict__.pop(attribute, None)
-    container[index + 1] = activation
+    def _fusing(self, key, linear, activation, following):
+        """The pair at key (activation, parameters, ...) where it fuses now, else None:
+        decided again where _pair_state finds a change since (a hook, a new slope)."""
+        state = _pair_state(linear, activation, following)
+        held = self.states.get(key)
+        if held is None or held[0] != state:
+            decided = _sequential_pair(linear, activation, following)
+            held = self.states[key] = (state, decided if isinstance(decided, tuple) else None)
+        return held[1]
+
+    @property
+    def __code__(self):  # read by tools as a forward's (torch.export), as _FusedForward's
+        return type(self.container).forward.__code__
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.container).forward.__get__(self.container))
+
+    def __call__(self, input):
+        container = self.container
+        if _global_hooks():  # registered for every module: they must see each module's call
+            return type(container).forward(container, input)
+        members = list(container._modules.items())
+        count, index = len(members), 0
+        while index < count:
+            key, module = members[index]
+            pair = None
+            if key in self.pairs and index + 1 < count:
+                following = members[index + 2][1] if index + 2 < count else None
+                pair = self._fusing(key, module, members[index + 1][1], following)
+            if pair is None:
+                input = module(input)
+                index += 1
+            else:  # the Linear and the activation after it
+                input = _run_fused(module, input, pair[0], pair[1])
+                index += 2
+        return input
+
+    def for_script(self):
+        """The container's __prepare_scriptable__. TorchScript cannot run this forward
+        (Python), so it compiles a shallow copy of the container whose pairs are handgrad's
+        fused layers, each sharing its Linear's parameters, followed by nn.Identity: the
+        same results, still fused."""
+        scripted = _unfused_copy(self.container)
+        scripted._modules = dict(scripted._modules)
+        skip = False
+        for key, module, activation, following in _members(self.container):
+            if skip:
+                scripted._modules[key], skip = nn.Identity(), False
+            elif key in self.pairs and self._fusing(key, module, activation, following) is not None:
+                scripted._modules[key], skip = _fused_copy(module, *self.states[key][1][:2]), True
+        return scripted
+
+    def replicate_for_data_parallel(self):
+        replica = type(self.container)._replicate_for_data_parallel(self.container)
+        _install(replica, _FusedSequential(replica, self.pairs))
+        return replica
+
+    def __getstate__(self):
+        return {"container": self.container, "pairs": self.pairs}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, states={})
+
+    def __deepcopy__(self, memo):
+        copied = _FusedSequential.__new__(_FusedSequential)
+        memo[id(self)] = copied
+        copied.__setstate__({"container": copy.deepcopy(self.container, memo), "pairs": dict(self.pairs)})
+        return copied
 
 
 # --- Calls in forward: traced programs ---
 
 def _is_leaf_module(tracer, module, qualified_name):
-    """handgrad's modules are kept whole, as torch.nn's are."""
-    return isinstance(module, _HANDGRAD_MODULES) or torch.fx.Tracer.is_leaf_module(tracer, module, qualified_name)
+    """handgrad's modules are kept whole, as torch.nn's are, and so is an nn.Sequential that
+    fuse() gave a forward and that has hooks of its own (they must see its call)."""
+    return (isinstance(module, _HANDGRAD_MODULES) or (_fused_sequential(module) is not None and _has_hooks(module))
+            or torch.fx.Tracer.is_leaf_module(tracer, module, qualified_name))
+
+
+def _fused_sequential(module):
+    """The _FusedSequential fuse() gave module, or None."""
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, _FusedSequential) else None
 
 
 class _FakeRun(threading.local):
@@ -365,6 +463,10 @@ class _Tracer(torch.fx.Tracer):
         if threading.get_ident() != self.thread or _FAKE_RUN.active:
             return forward(*args, **kwargs)
         self.functions.add(type(m).forward)
+        if _fused_sequential(m) is not None and not _is_leaf_module(self, m, ""):
+            # traced through nn.Sequential's own forward: the program fuses its pairs itself
+            # (or keeps apart those its forward uses otherwise)
+            forward = functools.partial(type(m).forward, m)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
@@ -1120,6 +1222,17 @@ def _shapes_of(args):
     return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else (None, None) for a in args)
 
 
+def _unfused_copy(model):
+    """The __prepare_scriptable__ fuse() gives a model: what torch.jit.script compiles in its
+    place. TorchScript cannot run handgrad's fused forwards (Python), so it gets a shallow copy
+    of the model without one and compiles the class's own forward: the same results, unfused."""
+    scripted = copy.copy(model)
+    for name in _INSTALLED:
+        scripted.__dict__.pop(name, None)
+    prepare = getattr(type(scripted), "__prepare_scriptable__", None)
+    return scripted if prepare is None else prepare(scripted)
+
+
 class _FusedForward:
     """The forward fuse() gives a model with fusable calls in its forward: a traced program
     per training mode and values of the arguments that choose a branch (None, bools and
@@ -1212,16 +1325,8 @@ class _FusedForward:
             return type(model).forward(model, *args, **kwargs)
         return program(model, *args, **kwargs)
 
-    def unfused_for_script(self):
-        """The model's __prepare_scriptable__: what torch.jit.script compiles in its place.
-        TorchScript cannot run the traced Python programs, so it gets a shallow copy of the
-        model without them and compiles the class's own forward: the same results, with the
-        pairs of forward's calls unfused (those in nn.Sequential stay fused)."""
-        scripted = copy.copy(self.model)
-        for name in _INSTALLED:
-            scripted.__dict__.pop(name, None)
-        prepare = getattr(type(scripted), "__prepare_scriptable__", None)
-        return scripted if prepare is None else prepare(scripted)
+    def for_script(self):
+        return _unfused_copy(self.model)
 
     def replicate_for_data_parallel(self):
         """The model's _replicate_for_data_parallel: nn.DataParallel's replica for one device,
@@ -1291,10 +1396,10 @@ def _fuse_children(model, decisions, apply, prefix="", seen=None):
 
 
 def _install(model, fused_forward):
-    """Give model its fused forward, torch.jit.script its unfused one, and nn.DataParallel
-    replicas with fused forwards of their own."""
+    """Give model its fused forward, torch.jit.script what it compiles instead, and
+    nn.DataParallel replicas with fused forwards of their own."""
     model.forward = fused_forward
-    model.__prepare_scriptable__ = fused_forward.unfused_for_script
+    model.__prepare_scriptable__ = fused_forward.for_script
     model._replicate_for_data_parallel = fused_forward.replicate_for_data_parallel
 
 
@@ -1305,7 +1410,7 @@ def _leave_undecided_unfused(model, decisions, reason):
                      if _is_linear(module) and name not in decided)
 
 
-def _fuse_calls(model, example_inputs, decisions, apply=True, undo=None):
+def _fuse_calls(model, example_inputs, decisions, apply=True):
     """Install a fused forward on model (with apply) if its forward calls fusable pairs, or
     may (one that can be traced only with its inputs' shapes known, at its first call)."""
     shapes = None if example_inputs is None else _shapes_of(tuple(example_inputs))
@@ -1340,25 +1445,28 @@ def _fuse_calls(model, example_inputs, decisions, apply=True, undo=None):
                           stacklevel=3)
             return
     found = {training: _pairs(graph, model) for training, (graph, _) in traced.items()}
-    changed = _fused_in_sequentials_and_changed(model, traced, found, decisions, undo or {})
-    if changed:  # given back their LeakyReLU and decided as calls, as if never fused in place
-        decisions[:] = [d for d in decisions if d.name not in changed]
-        if apply:
-            for name in changed:
-                _unfuse(*undo.pop(name).unfuse)
-            return _fuse_calls(model, example_inputs, decisions, apply, undo)
     names = dict.fromkeys([*found[True][0], *found[True][1], *found[False][0], *found[False][1]])
-    # What the nn.Sequential pass fused stays its decision (fusion_decisions() traces the
-    # model before that pass changes it, and would see the plain Linear).
-    in_place = {d.name for d in decisions if d.fused}
-    for name in [name for name in names if name not in in_place]:
+    # Where a program runs, it decides for the pairs of the nn.Sequential containers forward
+    # runs (fused, or apart where forward uses them otherwise); where none does, their
+    # containers' forwards run them, as the nn.Sequential pass decided, unless forward changes
+    # a saved output in place.
+    program_runs = any(found[training][0] for training in (True, False))
+    decided_in_containers = {d.name for d in decisions}
+    if not program_runs:
+        names = [name for name in names if name not in decided_in_containers
+                 or (found[True][1].get(name) or found[False][1].get(name)) == _CHANGED_IN_PLACE]
+    decisions[:] = [d for d in decisions if d.name not in names]
+    for name in names:
         in_train, in_eval = name in found[True][0], name in found[False][0]
         if in_train or in_eval:
             activation = (found[True][0] if in_train else found[False][0])[name][0]
             when = "" if in_train and in_eval else (" in training mode only" if in_train else " in eval mode only")
             decisions.append(FusionDecision(name, True, f"fused with the {activation} after it{when}"))
         else:
-            decisions.append(FusionDecision(name, False, found[True][1].get(name) or found[False][1][name]))
+            reason = found[True][1].get(name) or found[False][1][name]
+            decisions.append(FusionDecision(name, False, reason))
+            if apply and reason == _CHANGED_IN_PLACE:  # so, too, where the container runs on its own
+                _keep_apart_in_sequential(model, name)
     # (A LazyLinear not yet materialized: the forward is installed, runs the model's own
     # calls, and traces again once the first call has made it an nn.Linear.)
     if apply and (any(found[training][0] for training in (True, False))
@@ -1373,34 +1481,23 @@ def _fuse_calls(model, example_inputs, decisions, apply=True, undo=None):
         _install(model, _FusedForward(model, by_shape, programs))
 
 
-def _fused_in_sequentials_and_changed(model, traced, found, decisions, undo):
-    """The pairs the nn.Sequential pass fused that model's forward uses otherwise than its
-    container does, which the pass cannot see: it calls the Linear apart from its activation
-    (`self.net[0](x)`, the members run one by one with the Linear's output used elsewhere),
-    or changes a leaky_relu output in place (`h = self.block(x); h += x`). The fused modules
-    in undo (or, where the pass fused nothing, fusion_decisions(), the plain Linear's reason)."""
-    fused_in_place = {d.name for d in decisions if d.fused}
-    names = set()
-    for training, (graph, _) in traced.items():
-        names |= {name for name, reason in found[training][1].items()
-                  if reason == _CHANGED_IN_PLACE and name in fused_in_place}
-        if undo:
-            names |= {node.target for node in _changed_in_place(graph, dict(model.named_modules()))
-                      if node.op == "call_module" and node.target in undo and undo[node.target].saves_output}
-        names |= {node.target for node in graph.nodes
-                  if node.op == "call_module" and node.target in fused_in_place and not _called_as_paired(node, model)}
-    return names
+def _keep_apart_in_sequential(model, name):
+    """The pair of the Linear at name, if an nn.Sequential's fused forward runs it, run apart."""
+    prefix, _, key = name.rpartition(".")
+    fused = _fused_sequential(model.get_submodule(prefix) if prefix else model)
+    if fused is not None:
+        fused.pairs.pop(key, None)
 
 
-def _called_as_paired(node, model):
-    """Whether the call of a Linear the nn.Sequential pass fused (or, for fusion_decisions(),
-    would fuse) feeds the module after it (the nn.Identity in its activation's place, or the
-    activation) and nothing else, as the container's own forward calls it."""
-    prefix, _, key = node.target.rpartition(".")
-    keys = list((model.get_submodule(prefix) if prefix else model)._modules)
-    following = f"{prefix}.{keys[keys.index(key) + 1]}" if prefix else keys[keys.index(key) + 1]
-    users = list(node.users)
-    return len(users) == 1 and users[0].op == "call_module" and users[0].target == following
+def _fuse_model(model, example_inputs, decisions, apply):
+    """fuse()'s decisions for model, carried out with apply. An nn.Sequential that runs its
+    members in order is its own fused forward: the members with a forward of their own are
+    fused on their own."""
+    _fuse_sequentials(model, "", decisions, apply)
+    if _runs_in_order(model):
+        _fuse_children(model, decisions, apply)
+    else:
+        _fuse_calls(model, example_inputs, decisions, apply)
 
 
 def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
@@ -1412,9 +1509,10 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     own. The model keeps its class, methods, attributes, parameter objects and their order,
     so optimizers and their checkpoints keep working, and state_dicts load both ways.
 
-    - Inside nn.Sequential containers the Linear becomes its fused form in place and the
-      activation nn.Identity (not in a subclass with a forward of its own: its calls fuse as
-      calls).
+    - An nn.Sequential container runs each such pair in one op: it gets a forward of its
+      own, and its members stay as they are, so code that uses them apart (`seq[0](x)`,
+      slices) computes what it did (not a subclass with a forward of its own: its calls
+      fuse as calls).
     - Calls in forward are found by torch.fx, in training and in eval mode; the model gets a
       forward that runs the traced program of its current mode, so dropout, `if
       self.training:` branches and model.train()/eval() behave as before. The arguments of a
@@ -1428,8 +1526,9 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
       other parametrizations) fuses: the fused op reads the weight as the module computes it.
     - Left unfused: a Linear subclass; a Linear with forward or backward hooks (they must keep
       seeing its own output); an activation module with hooks; a Linear whose output is used
-      more than once; a LeakyReLU whose output forward changes in place afterwards (the
-      fused layer saves it for its backward, eager's saves the input). A model torch.fx cannot trace even with its inputs' shapes known
+      more than once, or that forward calls more than once; a LeakyReLU whose output forward
+      changes in place afterwards (the fused layer saves it for its backward, eager's saves
+      the input). A model torch.fx cannot trace even with its inputs' shapes known
       (data-dependent control flow), or whose forward a traced program cannot replay (it
       sets attributes or module globals, stores or prints what it computes, draws Python or NumPy random
       numbers, switches grad or autocast mode, checkpoints), runs its own calls
@@ -1441,12 +1540,11 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     """
     if not inplace:
         model = copy.deepcopy(model)
-    if isinstance(model.__dict__.get("forward"), _FusedForward):
+    if isinstance(model.__dict__.get("forward"), (_FusedForward, _FusedSequential)):
         for name in _INSTALLED:  # fused before: trace the model's own forward again
             model.__dict__.pop(name, None)
-    decisions, undo = [], {}
-    _fuse_sequentials(model, "", decisions, undo=undo)
-    _fuse_calls(model, example_inputs, decisions, undo=undo)
+    decisions = []
+    _fuse_model(model, example_inputs, decisions, apply=True)
     for decision in sorted(set(decisions)):
         _log.info("%s: %s (%s)", decision.name, "fused" if decision.fused else "not fused", decision.reason)
         if verbose:
@@ -1461,6 +1559,5 @@ def fusion_decisions(model, example_inputs=None):
     forward can be traced only with its inputs' shapes and none are given, a call's layers
     are reported as decided at the first call."""
     decisions = []
-    _fuse_sequentials(model, "", decisions, apply=False)
-    _fuse_calls(model, example_inputs, decisions, apply=False)
+    _fuse_model(model, example_inputs, decisions, apply=False)
     return sorted(set(decisions))
