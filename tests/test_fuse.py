@@ -209,9 +209,10 @@ def test_a_linear_held_twice_by_one_sequential_fuses_with_the_activation_after_e
     x = torch.randn(3, 4, requires_grad=True)
     fused = hnn.fuse(copy.deepcopy(model))
     assert [type(m) for m in fused] == [type(m) for m in model] and fused[2] is fused[4]
-    assert handgrad_ops(fused, x) == ["linear_activation"] * 3
+    # (the last pair and the output layer as MLP's op)
+    assert handgrad_ops(fused, x) == ["linear_activation", "linear_activation", "mlp_forward"]
     y, expected = fused(x), model(x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(y, expected)
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x), torch.autograd.grad(expected.sum(), x))
 
 
@@ -301,7 +302,7 @@ def test_members_of_a_fused_sequential_used_elsewhere_compute_what_they_did(untr
         warnings.simplefilter("ignore")  # the untraceable forward's
         fused = hnn.fuse(copy.deepcopy(model))
         torch.testing.assert_close(fused(x), model(x))  # (traced at its first call)
-    assert handgrad_ops(fused.net, x) == ["linear_activation"] * 2  # the container runs its pairs fused
+    assert handgrad_ops(fused.net, x) == ["linear_activation", "mlp_forward"]  # the container runs them fused
     for got, want in zip([*fused.pre_activations(x), *fused.first_layer(x)],
                          [*model.pre_activations(x), *model.first_layer(x)]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -312,8 +313,9 @@ def test_a_fused_sequential_follows_changes_to_its_members():
     # activation or a member replaced or wrapped (activation checkpointing) are seen at the
     # next call.
     torch.manual_seed(0)
-    model, x = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), \
-        torch.randn(3, 4)
+    # (nn.Identity keeps the second pair and the output layer from running as MLP's op)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.ReLU(), nn.Identity(),
+                             nn.Linear(8, 2)), torch.randn(3, 4)
     reference = copy.deepcopy(model)
     fused = hnn.fuse(copy.deepcopy(model))
     assert handgrad_ops(fused, x) == ["linear_activation"] * 2
@@ -331,6 +333,48 @@ def test_a_fused_sequential_follows_changes_to_its_members():
     assert handgrad_ops(fused, x) == ["linear_activation"] * 2  # now with the Tanh
     fused[2] = nn.Sequential(fused[2])  # a wrapper, as activation checkpointing puts one
     torch.testing.assert_close(fused(x), reference(x), rtol=0, atol=0)
+
+
+def _figure_7_8(**linear):
+    return nn.Sequential(nn.Linear(10, 40, **linear), nn.ReLU(), nn.Linear(40, 40, **linear), nn.ReLU(),
+                         nn.Linear(40, 5, **linear))
+
+
+def test_a_run_of_pairs_in_a_sequential_runs_as_mlps_one_op():
+    # Figure 7.8 as a learner writes it: the whole network in one op (handgrad.nn.MLP's),
+    # torch.nn's outputs and gradients, first and second order.
+    torch.manual_seed(0)
+    model = _figure_7_8(dtype=torch.float64)
+    x = torch.randn(10, 10, dtype=torch.float64, requires_grad=True)
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert handgrad_ops(fused, x) == ["mlp_forward"]
+    for a, b in zip(outputs_and_grads(fused, x), outputs_and_grads(model, x)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(fused, (x,)) and torch.autograd.gradgradcheck(fused, (x,))
+    # The pairs of the last activation (here Tanh) end the network: the output activation.
+    tanh = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh()).double()
+    assert handgrad_ops(hnn.fuse(copy.deepcopy(tanh)), x) == ["mlp_forward"]
+    torch.testing.assert_close(hnn.fuse(copy.deepcopy(tanh))(x), tanh(x))
+
+
+@pytest.mark.parametrize("change", ["pre-hook", "bias on some layers", "parametrized weight", "in-place after it"])
+def test_a_run_of_pairs_runs_pair_by_pair_where_mlps_op_cannot_stand_for_it(change):
+    torch.manual_seed(0)
+    model = _figure_7_8()
+    if change == "pre-hook":  # torch.nn.utils.weight_norm's kind: it may change the input
+        model[2].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    elif change == "bias on some layers":
+        model[2] = nn.Linear(40, 40, bias=False)
+    elif change == "parametrized weight":
+        torch.nn.utils.parametrizations.weight_norm(model[2])
+    else:
+        model.append(nn.Dropout(0.0, inplace=True))
+    x = torch.randn(10, 10, requires_grad=True)
+    fused = hnn.fuse(copy.deepcopy(model))
+    ops = handgrad_ops(fused, x)
+    assert "mlp_forward" not in ops and ops.count("linear_activation") == 2
+    for a, b in zip(outputs_and_grads(fused, x), outputs_and_grads(model, x)):
+        torch.testing.assert_close(a, b)
 
 
 def test_data_parallel_replicas_of_a_fused_sequential_run_their_own_parameters():
@@ -1027,7 +1071,7 @@ def test_a_model_keeps_its_own_class_whether_or_not_anything_is_fused():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     fused = hnn.fuse(model)
     assert type(fused) is nn.Sequential and [type(m) for m in fused] == [nn.Linear, nn.ReLU, nn.Linear]
-    assert handgrad_ops(fused, torch.randn(2, 3)) == ["linear_activation"]
+    assert handgrad_ops(fused, torch.randn(2, 3)) == ["mlp_forward"]
 
 
 def test_train_and_eval_mode_are_kept():
@@ -1042,7 +1086,7 @@ def test_silu_and_both_gelus_fuse_as_modules_and_calls():
                           nn.Linear(6, 4), nn.GELU(), nn.Linear(4, 2))
     x = torch.randn(3, 5)
     fused = hnn.fuse(model, inplace=False)
-    assert handgrad_ops(fused, x).count("linear_activation") == 3
+    assert handgrad_ops(fused, x) == ["linear_activation", "activation"] * 2 + ["mlp_forward"]
     torch.testing.assert_close(fused(x), model(x))  # each GELU as its approximate says
 
     class Calls(nn.Module):
@@ -1064,7 +1108,7 @@ def test_softplus_fuses_with_its_beta_and_threshold_as_modules_and_calls():
                           nn.Linear(6, 2))
     x = torch.randn(9, 5)
     fused = hnn.fuse(model, inplace=False)
-    assert handgrad_ops(fused, x).count("linear_activation") == 2
+    assert handgrad_ops(fused, x) == ["linear_activation", "activation", "mlp_forward"]
     torch.testing.assert_close(fused(x), model(x))  # with each one's beta and threshold
 
     class Calls(nn.Module):  # F.softplus positionally and by name, and handgrad's
@@ -1105,7 +1149,7 @@ def test_fuse_is_handgrad_fuse_and_its_decisions_are_handgrad_nn_s():
     reference = copy.deepcopy(model)
     fused = handgrad.fuse(model)
     x = torch.randn(5, 3)
-    assert handgrad_ops(fused, x) == ["linear_activation"]
+    assert handgrad_ops(fused, x) == ["mlp_forward"]
     torch.testing.assert_close(fused(x), reference(x))
     decisions = hnn.fusion_decisions(fused)
     assert decisions and all(type(d) is hnn.FusionDecision for d in decisions)

@@ -6,7 +6,8 @@ so an optimizer built before (and its state, restored by position) keeps working
 
 - An nn.Sequential container whose members include a Linear followed by an activation
   module gets, as an instance attribute, a forward that runs its members in order with each
-  such pair in one op (_FusedSequential). The members themselves stay as they are, so any
+  such pair in one op, and a run of pairs with the Linear after them in MLP's one op
+  (_FusedSequential). The members themselves stay as they are, so any
   other use of them (`seq[0](x)`, a slice, another method) computes what it did.
 - Calls in forward (F.relu(self.fc(x)), ...) are found by torch.fx. The model gets, as an
   instance attribute, a forward with those pairs fused: one traced program for training and
@@ -68,6 +69,7 @@ from ._modules import (
     _global_hooks,
     _has_hooks,
     _module_activation,
+    _runs_in_the_op,
 )
 
 _ACTIVATION_FUNCTIONS = {
@@ -268,7 +270,8 @@ def _fuse_sequentials(module, prefix, decisions, apply=True):
 class _FusedSequential:
     """The forward fuse() gives an nn.Sequential whose members include fusable Linear +
     activation pairs: its members in order, as nn.Sequential's forward runs them, each pair
-    in one op. The members stay as they were, so that any other use of them (`seq[0](x)`,
+    in one op, and a run of pairs with the Linear after them in handgrad.nn.MLP's one op
+    (_network_at). The members stay as they were, so that any other use of them (`seq[0](x)`,
     `seq[:1]`, iterating over them, another method) computes what it did; this forward is
     the only thing fuse() changes. Each call runs a pair as it stands: where a member, a
     hook or an activation's attribute has changed since, it is decided again (a Linear
@@ -305,18 +308,52 @@ class _FusedSequential:
         members = list(container._modules.items())
         count, index = len(members), 0
         while index < count:
-            key, module = members[index]
-            pair = None
-            if key in self.pairs and index + 1 < count:
-                following = members[index + 2][1] if index + 2 < count else None
-                pair = self._fusing(key, module, members[index + 1][1], following)
+            pair = self._pair_at(members, index)
             if pair is None:
-                input = module(input)
+                input = members[index][1](input)
                 index += 1
-            else:  # the Linear and the activation after it
-                input = _run_fused(module, input, pair[0], pair[1])
-                index += 2
+                continue
+            layers, output_activation, end = self._network_at(members, index, pair)
+            if layers is None:  # the Linear and the activation after it
+                input = _run_fused(members[index][1], input, pair[0], pair[1])
+            else:  # hidden layers and an output layer: handgrad.nn.MLP's one op
+                weights = [layer._parameters["weight"] for layer in layers]
+                biases = [layer._parameters["bias"] for layer in layers]
+                input = HF._mlp(input, weights, [] if biases[0] is None else biases, pair[0], pair[1], 0,
+                                output_activation)
+            index = end
         return input
+
+    def _pair_at(self, members, index):
+        """The pair of members[index] and the member after it, as it fuses now, or None."""
+        key = members[index][0]
+        if key not in self.pairs or index + 1 >= len(members):
+            return None
+        following = members[index + 2][1] if index + 2 < len(members) else None
+        return self._fusing(key, members[index][1], members[index + 1][1], following)
+
+    def _network_at(self, members, index, pair):
+        """Where the pair at index begins a network that MLP's one op runs as the members
+        would: pairs of the same activation (and parameters), each Linear bare (no hooks, no
+        parametrization, so the op may read its parameters), then a bare Linear as the output
+        layer, or the last pair's Linear with its activation as the output activation. Its
+        layers, the output activation (or None), and the index after it; (None, None, index
+        after the pair) where there is no such network of two layers or more."""
+        layers, end = [], index
+        while (end < len(members) and _runs_in_the_op(members[end][1])
+               and (end == index or self._pair_at(members, end) == pair)):
+            layers.append(members[end][1])
+            end += 2
+        output_activation = pair[0]
+        if (end < len(members) and type(members[end][1]) is nn.Linear and _runs_in_the_op(members[end][1])
+                and self._pair_at(members, end) is None):
+            layers.append(members[end][1])  # the output layer, without an activation
+            output_activation, end = None, end + 1
+        following = members[end][1] if end < len(members) else None
+        if (len(layers) < 2 or _in_place_module(following)
+                or len({layer._parameters["bias"] is None for layer in layers}) > 1):
+            return None, None, index + 2
+        return layers, output_activation, end
 
     def for_script(self):
         """The container's __prepare_scriptable__. TorchScript cannot run this forward
@@ -1509,10 +1546,11 @@ def fuse(model, example_inputs=None, *, verbose=False, inplace=True):
     own. The model keeps its class, methods, attributes, parameter objects and their order,
     so optimizers and their checkpoints keep working, and state_dicts load both ways.
 
-    - An nn.Sequential container runs each such pair in one op: it gets a forward of its
-      own, and its members stay as they are, so code that uses them apart (`seq[0](x)`,
-      slices) computes what it did (not a subclass with a forward of its own: its calls
-      fuse as calls).
+    - An nn.Sequential container runs each such pair in one op, and a run of pairs of one
+      activation with the Linear after them as MLP's one op: it gets a forward of its own,
+      and its members stay as they are, so code that uses them apart (`seq[0](x)`, slices)
+      computes what it did (not a subclass with a forward of its own: its calls fuse as
+      calls).
     - Calls in forward are found by torch.fx, in training and in eval mode; the model gets a
       forward that runs the traced program of its current mode, so dropout, `if
       self.training:` branches and model.train()/eval() behave as before. The arguments of a
