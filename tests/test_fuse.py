@@ -335,6 +335,13 @@ def test_a_fused_sequential_follows_changes_to_its_members():
     torch.testing.assert_close(fused(x), reference(x), rtol=0, atol=0)
 
 
+def test_a_sequential_reports_every_linear():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 2))
+    assert hnn.fusion_decisions(model) == [hnn.FusionDecision("0", True, "fused with the relu after it"),
+                                           hnn.FusionDecision("2", False, "ELU follows it"),
+                                           hnn.FusionDecision("4", False, "nothing follows it")]
+
+
 def _figure_7_8(**linear):
     return nn.Sequential(nn.Linear(10, 40, **linear), nn.ReLU(), nn.Linear(40, 40, **linear), nn.ReLU(),
                          nn.Linear(40, 5, **linear))
@@ -1265,7 +1272,7 @@ def test_leaky_relu_outputs_changed_only_where_eager_saves_them_too_still_fuse()
     model = nn.Sequential(nn.Linear(6, 6), nn.LeakyReLU(0.2, inplace=True), nn.Dropout(0.25, inplace=True),
                           nn.Linear(6, 6), nn.LeakyReLU(0.2), nn.Dropout(0.25), nn.Linear(6, 2))
     hnn.fuse(model)
-    assert [d.fused for d in hnn.fusion_decisions(model)] == [True, True]
+    assert [d.fused for d in hnn.fusion_decisions(model)] == [True, True, False]  # the last: nothing follows it
     assert handgrad_ops(model, torch.randn(3, 6)) == ["linear_activation"] * 2
 
 

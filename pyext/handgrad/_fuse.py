@@ -253,6 +253,8 @@ def _fuse_sequentials(module, prefix, decisions, apply=True):
         pairs = {}
         for key, linear, activation, following in _members(module):
             decided = _sequential_pair(linear, activation, following)
+            if decided is None and _is_linear(linear):  # as a trace of forward says it
+                decided = "nothing follows it" if activation is None else f"{type(activation).__name__} follows it"
             if isinstance(decided, str):
                 decisions.append(FusionDecision(f"{prefix}{key}", False, decided))
             elif decided is not None:
