@@ -236,6 +236,22 @@ def test_hooks_that_see_the_output_keep_a_layer_unfused_and_say_which(capsys):
     assert "4: fused" in printed
 
 
+def test_dynamic_quantization_of_a_fused_sequential_quantizes_its_linear_layers():
+    # torch.ao's quantize_dynamic swaps nn.Linear modules by their exact type: the members of
+    # a fused nn.Sequential are still nn.Linear, so it quantizes them, and the container's
+    # forward runs the quantized modules as nn.Sequential's would.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        quantized = torch.ao.quantization.quantize_dynamic(hnn.fuse(copy.deepcopy(model)), {nn.Linear})
+        want = torch.ao.quantization.quantize_dynamic(model, {nn.Linear})
+    assert [type(m) for m in quantized] == [type(m) for m in want] and type(want[0]) is not nn.Linear
+    x = torch.randn(10, 10)
+    assert handgrad_ops(quantized, x) == []
+    torch.testing.assert_close(quantized(x), want(x), rtol=0, atol=0)
+
+
 def test_deepcopy_pickle_to_and_compile_after_fusing():
     torch.manual_seed(0)
     model = MNISTNet().eval()
