@@ -799,6 +799,16 @@ def test_fused_model_compiles():
     torch.testing.assert_close(torch.compile(fused, fullgraph=True)(x), fused(x))
 
 
+def test_a_fused_sequential_compiles_and_exports_its_fused_ops():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 40), nn.LeakyReLU(0.1), nn.Linear(40, 5))
+    fused, x = hnn.fuse(copy.deepcopy(model)), torch.randn(10, 10)
+    torch.testing.assert_close(torch.compile(fused, fullgraph=True)(x), model(x))
+    called = [node.target for node in torch.export.export(fused, (x,)).graph.nodes if node.op == "call_function"]
+    assert called == [torch.ops.handgrad.linear_activation.default, torch.ops.handgrad.mlp.default]
+
+
 def test_hooked_modules_are_left_unfused_and_their_hooks_fire(capsys):
     model = FunctionalNet()
     reference = copy.deepcopy(model)
