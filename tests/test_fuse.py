@@ -232,16 +232,16 @@ class CallsItsLinearAlone(nn.Module):
 
 
 @pytest.mark.parametrize("runs_members", [False, True])
-def test_a_sequential_linear_that_forward_calls_alone_is_given_back(runs_members):
-    # The model's trace shows net.0 called apart from its ReLU: its program runs net.0 and
-    # the ReLU apart, and fuses the other pair.
+def test_a_sequential_linear_that_forward_calls_alone_is_plain_there(runs_members):
+    # forward also calls net.0 apart from its ReLU: that call is the plain Linear's, and the
+    # container (or the program, for the members run one by one) fuses the pairs it runs.
     torch.manual_seed(0)
     model, x = CallsItsLinearAlone(runs_members), torch.randn(3, 4, requires_grad=True)
     decided = {d.name: d.fused for d in hnn.fusion_decisions(model)}
-    assert decided == {"net.0": False, "net.2": True}
+    assert decided == {"net.0": True, "net.2": True}
     fused = hnn.fuse(copy.deepcopy(model))
     assert [type(m) for m in fused.net] == [nn.Linear, nn.ReLU, nn.Linear, nn.Sigmoid]
-    assert handgrad_ops(fused, x) == ["linear_activation"]
+    assert handgrad_ops(fused, x) == ["linear_activation"] * (1 if runs_members else 2)
     y, expected = fused(x), model(x)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x), torch.autograd.grad(expected.sum(), x))
@@ -262,9 +262,9 @@ class CallsANamedMember(nn.Module):
 def test_a_named_sequential_member_called_alone_runs_apart_and_decisions_use_its_name():
     torch.manual_seed(0)
     model, x = CallsANamedMember(), torch.randn(3, 4)
-    assert {d.name: d.fused for d in hnn.fusion_decisions(model)} == {"net.fc1": False, "net.fc2": True}
+    assert {d.name: d.fused for d in hnn.fusion_decisions(model)} == {"net.fc1": True, "net.fc2": True}
     fused = hnn.fuse(copy.deepcopy(model))
-    assert handgrad_ops(fused, x) == ["linear_activation"]
+    assert handgrad_ops(fused, x) == ["linear_activation"] * 2  # the container's; net.fc1(x) is plain
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
 
 
@@ -362,6 +362,26 @@ def test_a_run_of_pairs_in_a_sequential_runs_as_mlps_one_op():
     tanh = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh()).double()
     assert handgrad_ops(hnn.fuse(copy.deepcopy(tanh)), x) == ["mlp_forward"]
     torch.testing.assert_close(hnn.fuse(copy.deepcopy(tanh))(x), tanh(x))
+
+
+def test_a_sequential_that_a_traced_forward_calls_runs_its_own_fused_forward():
+    # A model that wraps its network in an nn.Sequential (`self.layers(x)`): its program calls
+    # the container, whose forward runs the network as MLP's one op; its other calls fuse
+    # as calls.
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers, self.head = _figure_7_8(), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.layers(x) * 2))
+
+    torch.manual_seed(0)
+    model, x = Wrapped(), torch.randn(10, 10, requires_grad=True)
+    fused = hnn.fuse(copy.deepcopy(model))
+    assert handgrad_ops(fused, x) == ["mlp_forward"]
+    for a, b in zip(outputs_and_grads(fused, x), outputs_and_grads(model, x)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("change", ["pre-hook", "bias on some layers", "parametrized weight", "in-place after it"])

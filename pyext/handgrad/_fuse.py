@@ -393,10 +393,33 @@ class _FusedSequential:
 # --- Calls in forward: traced programs ---
 
 def _is_leaf_module(tracer, module, qualified_name):
-    """handgrad's modules are kept whole, as torch.nn's are, and so is an nn.Sequential that
-    fuse() gave a forward and that has hooks of its own (they must see its call)."""
-    return (isinstance(module, _HANDGRAD_MODULES) or (_fused_sequential(module) is not None and _has_hooks(module))
+    """handgrad's modules are kept whole, as torch.nn's are, and so is an nn.Sequential with
+    pairs to fuse: the program calls it, and its own forward runs them (_FusedSequential)."""
+    return (isinstance(module, _HANDGRAD_MODULES) or _has_sequential_pairs(module)
             or torch.fx.Tracer.is_leaf_module(tracer, module, qualified_name))
+
+
+def _has_sequential_pairs(module):
+    """Whether module is an nn.Sequential that runs its members in order, with a pair to fuse."""
+    return _runs_in_order(module) and any(
+        isinstance(_sequential_pair(linear, activation, following), tuple)
+        for _, linear, activation, following in _members(module))
+
+
+def _last_pair(container, prefix):
+    """The name of the Linear whose pair gives container's output (in the last nn.Sequential
+    of nested ones), and the pair, or (None, None)."""
+    members = _members(container)
+    if not members:
+        return None, None
+    key, last = members[-1][:2]
+    if _runs_in_order(last):
+        return _last_pair(last, f"{prefix}{key}.")
+    if len(members) < 2:
+        return None, None
+    key, linear, activation, following = members[-2]
+    pair = _sequential_pair(linear, activation, following)
+    return (f"{prefix}{key}", pair) if isinstance(pair, tuple) else (None, None)
 
 
 def _fused_sequential(module):
@@ -502,10 +525,6 @@ class _Tracer(torch.fx.Tracer):
         if threading.get_ident() != self.thread or _FAKE_RUN.active:
             return forward(*args, **kwargs)
         self.functions.add(type(m).forward)
-        if _fused_sequential(m) is not None and not _is_leaf_module(self, m, ""):
-            # traced through nn.Sequential's own forward: the program fuses its pairs itself
-            # (or keeps apart those its forward uses otherwise)
-            forward = functools.partial(type(m).forward, m)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
@@ -1485,16 +1504,22 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
             return
     found = {training: _pairs(graph, model) for training, (graph, _) in traced.items()}
     names = dict.fromkeys([*found[True][0], *found[True][1], *found[False][0], *found[False][1]])
-    # Where a program runs, it decides for the pairs of the nn.Sequential containers forward
-    # runs (fused, or apart where forward uses them otherwise); where none does, their
-    # containers' forwards run them, as the nn.Sequential pass decided, unless forward changes
-    # a saved output in place.
-    program_runs = any(found[training][0] for training in (True, False))
+    # The pairs of nn.Sequential containers are the containers' own to run (_FusedSequential):
+    # a Linear of theirs that forward also calls apart is plain there. Where forward changes
+    # a container's output in place and its last pair saves that output, the pair runs apart.
     decided_in_containers = {d.name for d in decisions}
-    if not program_runs:
-        names = [name for name in names if name not in decided_in_containers
-                 or (found[True][1].get(name) or found[False][1].get(name)) == _CHANGED_IN_PLACE]
-    decisions[:] = [d for d in decisions if d.name not in names]
+    names = [name for name in names if name not in decided_in_containers]
+    modules = dict(model.named_modules())
+    for graph, _ in traced.values():
+        for node in _changed_in_place(graph, modules):
+            if node.op != "call_module" or not _runs_in_order(modules.get(node.target)):
+                continue
+            name, pair = _last_pair(modules[node.target], f"{node.target}.")
+            if name is not None and _saves_what_eager_does_not(pair[0], pair[1], False):
+                decisions[:] = [d for d in decisions if d.name != name]
+                decisions.append(FusionDecision(name, False, _CHANGED_IN_PLACE))
+                if apply:
+                    _keep_apart_in_sequential(model, name)
     for name in names:
         in_train, in_eval = name in found[True][0], name in found[False][0]
         if in_train or in_eval:
@@ -1502,10 +1527,7 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
             when = "" if in_train and in_eval else (" in training mode only" if in_train else " in eval mode only")
             decisions.append(FusionDecision(name, True, f"fused with the {activation} after it{when}"))
         else:
-            reason = found[True][1].get(name) or found[False][1][name]
-            decisions.append(FusionDecision(name, False, reason))
-            if apply and reason == _CHANGED_IN_PLACE:  # so, too, where the container runs on its own
-                _keep_apart_in_sequential(model, name)
+            decisions.append(FusionDecision(name, False, found[True][1].get(name) or found[False][1][name]))
     # (A LazyLinear not yet materialized: the forward is installed, runs the model's own
     # calls, and traces again once the first call has made it an nn.Linear.)
     if apply and (any(found[training][0] for training in (True, False))
