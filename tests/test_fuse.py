@@ -409,7 +409,7 @@ def test_data_parallel_replicas_of_a_fused_sequential_run_their_own_parameters()
     model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.Sigmoid()), torch.randn(3, 4)
     fused = hnn.fuse(copy.deepcopy(model))
     for fused_replica, replica in zip(_replicas(fused, [2.0, 3.0]), _replicas(model, [2.0, 3.0])):
-        assert fused_replica.forward.container is fused_replica
+        assert fused_replica.forward.model is fused_replica
         assert handgrad_ops(fused_replica, x) == ["linear_activation"] * 2
         torch.testing.assert_close(fused_replica(x), replica(x), rtol=0, atol=0)
 

@@ -269,7 +269,24 @@ def _fuse_sequentials(module, prefix, decisions, apply=True):
         _fuse_sequentials(child, f"{prefix}{child_name}.", decisions, apply)
 
 
-class _FusedSequential:
+class _InstalledForward:
+    """What fuse() installs as a module's forward (self.model): tools read a forward's code's
+    name and place (torch.export) and bind arguments by its signature, so both are those of
+    the module's own forward; torch.jit.script compiles what for_script gives."""
+
+    @property
+    def __code__(self):
+        return type(self.model).forward.__code__
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
+    def for_script(self):
+        return _unfused_copy(self.model)
+
+
+class _FusedSequential(_InstalledForward):
     """The forward fuse() gives an nn.Sequential whose members include fusable Linear +
     activation pairs: its members in order, as nn.Sequential's forward runs them, each pair
     in one op, and a run of pairs with the Linear after them in handgrad.nn.MLP's one op
@@ -282,7 +299,7 @@ class _FusedSequential:
     def __init__(self, container, pairs):
         # pairs: {the Linear's key: (activation, parameters, whether the member after the
         # activation writes in place)}, as _sequential_pair decided them
-        self.container, self.pairs = container, pairs
+        self.model, self.pairs = container, pairs
         self.states = {}  # {key: (_pair_state, the pair as it fuses now or None)}
 
     def _fusing(self, key, linear, activation, following):
@@ -295,16 +312,8 @@ class _FusedSequential:
             held = self.states[key] = (state, decided if isinstance(decided, tuple) else None)
         return held[1]
 
-    @property
-    def __code__(self):  # read by tools as a forward's (torch.export), as _FusedForward's
-        return type(self.container).forward.__code__
-
-    @property
-    def __signature__(self):
-        return inspect.signature(type(self.container).forward.__get__(self.container))
-
     def __call__(self, input):
-        container = self.container
+        container = self.model
         if _global_hooks():  # registered for every module: they must see each module's call
             return type(container).forward(container, input)
         members = list(container._modules.items())
@@ -341,14 +350,14 @@ class _FusedSequential:
         layer, or the last pair's Linear with its activation as the output activation. Its
         layers, the output activation (or None), and the index after it; (None, None, index
         after the pair) where there is no such network of two layers or more."""
-        layers, end = [], index
-        while (end < len(members) and _runs_in_the_op(members[end][1])
-               and (end == index or self._pair_at(members, end) == pair)):
+        layers, end, next_pair = [], index, pair
+        while end < len(members) and next_pair == pair and _runs_in_the_op(members[end][1]):
             layers.append(members[end][1])
             end += 2
+            next_pair = self._pair_at(members, end) if end < len(members) else None
         output_activation = pair[0]
-        if (end < len(members) and type(members[end][1]) is nn.Linear and _runs_in_the_op(members[end][1])
-                and self._pair_at(members, end) is None):
+        if (next_pair is None and end < len(members) and type(members[end][1]) is nn.Linear
+                and _runs_in_the_op(members[end][1])):
             layers.append(members[end][1])  # the output layer, without an activation
             output_activation, end = None, end + 1
         following = members[end][1] if end < len(members) else None
@@ -362,10 +371,10 @@ class _FusedSequential:
         (Python), so it compiles a shallow copy of the container whose pairs are handgrad's
         fused layers, each sharing its Linear's parameters, followed by nn.Identity: the
         same results, still fused."""
-        scripted = _unfused_copy(self.container)
+        scripted = _unfused_copy(self.model)
         scripted._modules = dict(scripted._modules)
         skip = False
-        for key, module, activation, following in _members(self.container):
+        for key, module, activation, following in _members(self.model):
             if skip:
                 scripted._modules[key], skip = nn.Identity(), False
             elif key in self.pairs and self._fusing(key, module, activation, following) is not None:
@@ -373,12 +382,12 @@ class _FusedSequential:
         return scripted
 
     def replicate_for_data_parallel(self):
-        replica = type(self.container)._replicate_for_data_parallel(self.container)
+        replica = type(self.model)._replicate_for_data_parallel(self.model)
         _install(replica, _FusedSequential(replica, self.pairs))
         return replica
 
     def __getstate__(self):
-        return {"container": self.container, "pairs": self.pairs}
+        return {"model": self.model, "pairs": self.pairs}
 
     def __setstate__(self, state):
         self.__dict__.update(state, states={})
@@ -386,7 +395,7 @@ class _FusedSequential:
     def __deepcopy__(self, memo):
         copied = _FusedSequential.__new__(_FusedSequential)
         memo[id(self)] = copied
-        copied.__setstate__({"container": copy.deepcopy(self.container, memo), "pairs": dict(self.pairs)})
+        copied.__setstate__({"model": copy.deepcopy(self.model, memo), "pairs": dict(self.pairs)})
         return copied
 
 
@@ -406,20 +415,21 @@ def _has_sequential_pairs(module):
         for _, linear, activation, following in _members(module))
 
 
-def _last_pair(container, prefix):
+def _pair_saving_the_output(container, prefix):
     """The name of the Linear whose pair gives container's output (in the last nn.Sequential
-    of nested ones), and the pair, or (None, None)."""
+    of nested ones) where the fused layer saves that output and eager's would not, or None."""
     members = _members(container)
     if not members:
-        return None, None
+        return None
     key, last = members[-1][:2]
     if _runs_in_order(last):
-        return _last_pair(last, f"{prefix}{key}.")
+        return _pair_saving_the_output(last, f"{prefix}{key}.")
     if len(members) < 2:
-        return None, None
+        return None
     key, linear, activation, following = members[-2]
     pair = _sequential_pair(linear, activation, following)
-    return (f"{prefix}{key}", pair) if isinstance(pair, tuple) else (None, None)
+    saves = isinstance(pair, tuple) and _saves_what_eager_does_not(pair[0], pair[1], _in_place_module(activation))
+    return f"{prefix}{key}" if saves else None
 
 
 def _fused_sequential(module):
@@ -1291,7 +1301,7 @@ def _unfused_copy(model):
     return scripted if prepare is None else prepare(scripted)
 
 
-class _FusedForward:
+class _FusedForward(_InstalledForward):
     """The forward fuse() gives a model with fusable calls in its forward: a traced program
     per training mode and values of the arguments that choose a branch (None, bools and
     strings), and per input shapes where the forward branches on shapes, chosen at call time.
@@ -1309,16 +1319,6 @@ class _FusedForward:
         self.model, self.by_shape, self.programs = model, by_shape, programs
         self.parameters = _forward_parameters(model)
         self.warned, self.retraces = False, 0
-
-    # What tools read off a forward (torch.export its code's name and place, and binds its
-    # arguments by its signature): those of the model's own forward.
-    @property
-    def __code__(self):
-        return type(self.model).forward.__code__
-
-    @property
-    def __signature__(self):
-        return inspect.signature(type(self.model).forward.__get__(self.model))
 
     def current(self, key):
         """The variant for key whose guards hold and whose pairs may still be fused, or None."""
@@ -1382,9 +1382,6 @@ class _FusedForward:
         if program is None:
             return type(model).forward(model, *args, **kwargs)
         return program(model, *args, **kwargs)
-
-    def for_script(self):
-        return _unfused_copy(self.model)
 
     def replicate_for_data_parallel(self):
         """The model's _replicate_for_data_parallel: nn.DataParallel's replica for one device,
@@ -1514,8 +1511,8 @@ def _fuse_calls(model, example_inputs, decisions, apply=True):
         for node in _changed_in_place(graph, modules):
             if node.op != "call_module" or not _runs_in_order(modules.get(node.target)):
                 continue
-            name, pair = _last_pair(modules[node.target], f"{node.target}.")
-            if name is not None and _saves_what_eager_does_not(pair[0], pair[1], False):
+            name = _pair_saving_the_output(modules[node.target], f"{node.target}.")
+            if name is not None:
                 decisions[:] = [d for d in decisions if d.name != name]
                 decisions.append(FusionDecision(name, False, _CHANGED_IN_PLACE))
                 if apply:
