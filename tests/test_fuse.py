@@ -364,6 +364,52 @@ def test_a_run_of_pairs_in_a_sequential_runs_as_mlps_one_op():
     torch.testing.assert_close(hnn.fuse(copy.deepcopy(tanh))(x), tanh(x))
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_a_run_of_pairs_follows_changes_made_after_it_ran():
+    # The container keeps its plan (the run as MLP's op) from call to call; whatever the op
+    # depends on, changed after a call, is seen at the next one, and the results are eager's.
+    torch.manual_seed(0)
+    model, x = _figure_7_8(), torch.randn(10, 10, requires_grad=True)
+    fused = hnn.fuse(copy.deepcopy(model))
+
+    def check(ops):
+        assert handgrad_ops(fused, x) == ops
+        for a, b in zip(outputs_and_grads(fused, x), outputs_and_grads(model, x)):
+            torch.testing.assert_close(a, b)
+
+    check(["mlp_forward"])
+    seen = []
+    handle = fused[4].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    check(["mlp_forward"])  # the hidden pairs only, with the output activation; then the Linear
+    assert len(seen) == 2  # the hook fired at each of check's two calls
+    handle.remove()
+    check(["mlp_forward"])
+    assert len(seen) == 2
+    for m in (fused, model):  # a new Parameter put in place is the one the op reads
+        torch.manual_seed(1)
+        m[0].weight = nn.Parameter(torch.randn(40, 10))
+    check(["mlp_forward"])
+    for m in (fused, model):  # a member replaced by one of the same kind
+        torch.manual_seed(3)
+        m[4] = nn.Linear(40, 5)
+    check(["mlp_forward"])
+    fused[2].bias = model[2].bias = None  # biases no longer all present: pair by pair
+    check(["linear_activation"] * 2)
+    for m in (fused, model):
+        torch.manual_seed(2)
+        m[2].bias = nn.Parameter(torch.randn(40))
+    check(["mlp_forward"])
+    for m in (fused, model):  # its class changes: the pair runs on its own, reading the property
+        torch.nn.utils.parametrize.register_parametrization(m[2], "weight", _Doubled())
+    check(["linear_activation"] * 2)
+    fused[1] = model[1] = nn.LeakyReLU(0.2)  # another activation after the first Linear
+    check(["linear_activation"] * 2)
+
+
 def test_a_sequential_that_a_traced_forward_calls_runs_its_own_fused_forward():
     # A model that wraps its network in an nn.Sequential (`self.layers(x)`): its program calls
     # the container, whose forward runs the network as MLP's one op; its other calls fuse

@@ -226,17 +226,24 @@ def _runs_in_order(module):
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-_ACTIVATION_STATE = ("negative_slope", "beta", "threshold", "approximate", "inplace")
-
-
-def _pair_state(linear, activation, following):
-    """What _sequential_pair decides by, read cheaply for each call: the kinds of linear and
-    activation, whether they have hooks, the activation's attributes, and whether following
-    writes in place."""
-    linear_hooked = (linear._forward_hooks or linear._backward_hooks or linear._backward_pre_hooks
-                     or linear._forward_pre_hooks_with_kwargs)
-    return (type(linear), bool(linear_hooked), type(activation), _has_hooks(activation),
-            tuple(map(activation.__dict__.get, _ACTIVATION_STATE)), _in_place_module(following))
+def _member_states(members):
+    """What a container's plan (_FusedSequential) is decided by, read cheaply at each call:
+    each member's class, which hooks it has, whether it holds its weight and a bias, and the
+    attributes of an activation or in-place module (all _sequential_pair and _runs_in_the_op
+    read)."""
+    states = []
+    for _, module in members:
+        # (through __dict__: nn.Module's __getattr__ makes each attribute read slow)
+        attributes = module.__dict__
+        parameters = attributes["_parameters"]
+        states.append((type(module), not attributes["_forward_hooks"], not attributes["_forward_pre_hooks"],
+                       not attributes["_forward_pre_hooks_with_kwargs"],
+                       not (attributes["_backward_hooks"] or attributes["_backward_pre_hooks"]),
+                       "weight" in parameters, parameters.get("bias") is None,
+                       # (one by one: a starred map over the names costs twice as much)
+                       attributes.get("negative_slope"), attributes.get("beta"), attributes.get("threshold"),
+                       attributes.get("approximate"), attributes.get("inplace")))
+    return states
 
 
 def _members(container):
@@ -292,48 +299,53 @@ class _FusedSequential(_InstalledForward):
     in one op, and a run of pairs with the Linear after them in handgrad.nn.MLP's one op
     (_network_at). The members stay as they were, so that any other use of them (`seq[0](x)`,
     `seq[:1]`, iterating over them, another method) computes what it did; this forward is
-    the only thing fuse() changes. Each call runs a pair as it stands: where a member, a
-    hook or an activation's attribute has changed since, it is decided again (a Linear
-    given a forward hook runs apart from its activation; a new slope fuses as it is)."""
+    the only thing fuse() changes. Each call runs the members as they stand: the plan (which
+    pairs fuse, which run as one network) is kept with what it was decided by
+    (_member_states), and decided again where a member, a hook or an activation's attribute
+    has changed since (a Linear given a forward hook runs apart from its activation; a new
+    slope fuses as it is)."""
 
     def __init__(self, container, pairs):
         # pairs: {the Linear's key: (activation, parameters, whether the member after the
         # activation writes in place)}, as _sequential_pair decided them
         self.model, self.pairs = container, pairs
-        self.states = {}  # {key: (_pair_state, the pair as it fuses now or None)}
-
-    def _fusing(self, key, linear, activation, following):
-        """The pair at key (activation, parameters, ...) where it fuses now, else None:
-        decided again where _pair_state finds a change since (a hook, a new slope)."""
-        state = _pair_state(linear, activation, following)
-        held = self.states.get(key)
-        if held is None or held[0] != state:
-            decided = _sequential_pair(linear, activation, following)
-            held = self.states[key] = (state, decided if isinstance(decided, tuple) else None)
-        return held[1]
+        self.plan = None  # (the members, their _member_states, the steps that run them)
 
     def __call__(self, input):
         container = self.model
         if _global_hooks():  # registered for every module: they must see each module's call
             return type(container).forward(container, input)
-        members = list(container._modules.items())
-        count, index = len(members), 0
-        while index < count:
+        members = tuple(container._modules.items())
+        plan = self.plan
+        if plan is None or plan[0] != members or plan[1] != _member_states(members):
+            plan = self.plan = (members, _member_states(members), self._steps(members))
+        for step in plan[2]:
+            input = step(input)
+        return input
+
+    def keep_apart(self, key):
+        """Run the pair of the Linear at key as two modules from now on."""
+        self.pairs.pop(key, None)
+        self.plan = None
+
+    def _steps(self, members):
+        """Callables that run members in turn: a member itself, a pair in one op, or a run of
+        pairs (with the Linear after it) in MLP's one op."""
+        steps, index = [], 0
+        while index < len(members):
             pair = self._pair_at(members, index)
             if pair is None:
-                input = members[index][1](input)
+                steps.append(members[index][1])
                 index += 1
                 continue
             layers, output_activation, end = self._network_at(members, index, pair)
             if layers is None:  # the Linear and the activation after it
-                input = _run_fused(members[index][1], input, pair[0], pair[1])
+                steps.append(functools.partial(_run_pair, members[index][1], pair[0], pair[1]))
             else:  # hidden layers and an output layer: handgrad.nn.MLP's one op
-                weights = [layer._parameters["weight"] for layer in layers]
-                biases = [layer._parameters["bias"] for layer in layers]
-                input = HF._mlp(input, weights, [] if biases[0] is None else biases, pair[0], pair[1], 0,
-                                output_activation)
+                steps.append(functools.partial(_run_network, tuple(layers), pair[0], pair[1], output_activation,
+                                               layers[0]._parameters["bias"] is not None))
             index = end
-        return input
+        return steps
 
     def _pair_at(self, members, index):
         """The pair of members[index] and the member after it, as it fuses now, or None."""
@@ -341,7 +353,8 @@ class _FusedSequential(_InstalledForward):
         if key not in self.pairs or index + 1 >= len(members):
             return None
         following = members[index + 2][1] if index + 2 < len(members) else None
-        return self._fusing(key, members[index][1], members[index + 1][1], following)
+        decided = _sequential_pair(members[index][1], members[index + 1][1], following)
+        return decided if isinstance(decided, tuple) else None
 
     def _network_at(self, members, index, pair):
         """Where the pair at index begins a network that MLP's one op runs as the members
@@ -377,8 +390,8 @@ class _FusedSequential(_InstalledForward):
         for key, module, activation, following in _members(self.model):
             if skip:
                 scripted._modules[key], skip = nn.Identity(), False
-            elif key in self.pairs and self._fusing(key, module, activation, following) is not None:
-                scripted._modules[key], skip = _fused_copy(module, *self.states[key][1][:2]), True
+            elif key in self.pairs and isinstance(pair := _sequential_pair(module, activation, following), tuple):
+                scripted._modules[key], skip = _fused_copy(module, *pair[:2]), True
         return scripted
 
     def replicate_for_data_parallel(self):
@@ -390,7 +403,7 @@ class _FusedSequential(_InstalledForward):
         return {"model": self.model, "pairs": self.pairs}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, states={})
+        self.__dict__.update(state, plan=None)
 
     def __deepcopy__(self, memo):
         copied = _FusedSequential.__new__(_FusedSequential)
@@ -1269,6 +1282,18 @@ def _run_fused(linear, input, activation, parameters):
     return _FUSED_CALLS[activation](input, linear.weight, linear.bias)
 
 
+def _run_pair(linear, activation, parameters, input):
+    """A Linear and its activation module in one op (an nn.Sequential's pair)."""
+    return _run_fused(linear, input, activation, parameters)
+
+
+def _run_network(layers, activation, parameters, output_activation, with_biases, input):
+    """Bare layers (Linear modules) in MLP's one op, their parameters read as they are now."""
+    weights = [layer._parameters["weight"] for layer in layers]
+    biases = [layer._parameters["bias"] for layer in layers] if with_biases else []
+    return HF._mlp(input, weights, biases, activation, parameters, 0, output_activation)
+
+
 def _program(graph, pairs, label):
     """The Python function forward(self, ...) of graph with its pairs fused."""
     for name, (activation, parameters, linear_node, activation_node) in pairs.items():
@@ -1544,7 +1569,7 @@ def _keep_apart_in_sequential(model, name):
     prefix, _, key = name.rpartition(".")
     fused = _fused_sequential(model.get_submodule(prefix) if prefix else model)
     if fused is not None:
-        fused.pairs.pop(key, None)
+        fused.keep_apart(key)
 
 
 def _fuse_model(model, example_inputs, decisions, apply):

@@ -162,8 +162,11 @@ _FUSED_LAYERS = {"relu": LinearReLU, "leaky_relu": LinearLeakyReLU, "sigmoid": L
 
 def _has_hooks(module):
     """Whether module has hooks of its own around its forward or backward."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    # (through __dict__: nn.Module's __getattr__ makes each attribute read slow, and
+    # handgrad.nn.MLP asks this of every layer at each call)
+    attributes = module.__dict__
+    return bool(attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"]
+                or attributes["_backward_pre_hooks"])
 
 
 _BARE_LAYERS = (LinearReLU, LinearLeakyReLU, LinearSigmoid, LinearTanh, LinearSiLU, LinearGELU,
@@ -175,7 +178,7 @@ def _runs_in_the_op(layer):
     nn.Linear) that holds its own parameters and has no hooks. A wrapped layer (activation
     checkpointing, FSDP1, any wrapper module) is called as a module, so the wrapper does its
     job; a layer under weight norm or with hooks likewise."""
-    return (type(layer) in _BARE_LAYERS and "weight" in layer._parameters and not _has_hooks(layer))
+    return type(layer) in _BARE_LAYERS and "weight" in layer.__dict__["_parameters"] and not _has_hooks(layer)
 
 
 def _global_hooks():
