@@ -69,6 +69,7 @@ from ._modules import (
     _global_hooks,
     _has_hooks,
     _module_activation,
+    _run_in_the_op,
     _runs_in_the_op,
 )
 
@@ -340,10 +341,11 @@ class _FusedSequential(_InstalledForward):
                 continue
             layers, output_activation, end = self._network_at(members, index, pair)
             if layers is None:  # the Linear and the activation after it
-                steps.append(functools.partial(_run_pair, members[index][1], pair[0], pair[1]))
+                steps.append(functools.partial(_run_fused, members[index][1], activation=pair[0],
+                                               parameters=pair[1]))
             else:  # hidden layers and an output layer: handgrad.nn.MLP's one op
-                steps.append(functools.partial(_run_network, tuple(layers), pair[0], pair[1], output_activation,
-                                               layers[0]._parameters["bias"] is not None))
+                steps.append(functools.partial(_run_in_the_op, layers=tuple(layers), activation=pair[0],
+                                               parameters=pair[1], output_activation=output_activation))
             index = end
         return steps
 
@@ -1280,18 +1282,6 @@ def _run_fused(linear, input, activation, parameters):
     if activation == "softplus":
         return HF.linear_softplus(input, linear.weight, linear.bias, *parameters[1:])
     return _FUSED_CALLS[activation](input, linear.weight, linear.bias)
-
-
-def _run_pair(linear, activation, parameters, input):
-    """A Linear and its activation module in one op (an nn.Sequential's pair)."""
-    return _run_fused(linear, input, activation, parameters)
-
-
-def _run_network(layers, activation, parameters, output_activation, with_biases, input):
-    """Bare layers (Linear modules) in MLP's one op, their parameters read as they are now."""
-    weights = [layer._parameters["weight"] for layer in layers]
-    biases = [layer._parameters["bias"] for layer in layers] if with_biases else []
-    return HF._mlp(input, weights, biases, activation, parameters, 0, output_activation)
 
 
 def _program(graph, pairs, label):

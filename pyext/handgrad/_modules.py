@@ -181,6 +181,16 @@ def _runs_in_the_op(layer):
     return type(layer) in _BARE_LAYERS and "weight" in layer.__dict__["_parameters"] and not _has_hooks(layer)
 
 
+def _run_in_the_op(input, layers, activation, parameters, output_activation, checkpoint_every=0):
+    """layers (each _runs_in_the_op, biases all present or all absent) as MLP's one op,
+    their parameters read as they are now (handgrad.nn.MLP, and a run of pairs in a fused
+    nn.Sequential)."""
+    weights = [layer._parameters["weight"] for layer in layers]
+    biases = [layer._parameters["bias"] for layer in layers]
+    return HF._mlp(input, weights, [] if biases[0] is None else biases, activation, parameters,
+                   checkpoint_every, output_activation)
+
+
 def _global_hooks():
     """Whether hooks registered for every module are set (nn.modules.module.register_module_*)."""
     return (_module._global_forward_hooks or _module._global_forward_pre_hooks
@@ -247,10 +257,8 @@ class MLP(nn.Module):
         layers = (*self._modules["hidden"]._modules.values(), self._modules["output"])
         if _global_hooks() or not all(map(_runs_in_the_op, layers)):
             return HF._layer_by_layer(input, layers, self.output_activation, self._activation_parameters())
-        weights = [layer._parameters["weight"] for layer in layers]
-        biases = [layer._parameters["bias"] for layer in layers]
-        return HF._mlp(input, weights, [] if biases[0] is None else biases, self.activation,
-                      self._activation_parameters(), self.checkpoint_every or 0, self.output_activation)
+        return _run_in_the_op(input, layers, self.activation, self._activation_parameters(),
+                              self.output_activation, self.checkpoint_every or 0)
 
     def _activation_parameters(self):
         return (self.negative_slope, self.beta, self.threshold)
