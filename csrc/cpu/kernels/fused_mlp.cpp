@@ -46,7 +46,7 @@ namespace {
 template <typename scalar_t>
 void forward_blocks(const Plan& p, const NetworkActivations& acts, const scalar_t* x,
                     const Weights<at::opmath_type<scalar_t>>& w, scalar_t* out,
-                    const std::vector<scalar_t*>& stored) {
+                    c10::ArrayRef<scalar_t*> stored) {
   using T = at::opmath_type<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, T>;
   const int64_t width = p.max_width(), d0 = p.widths[0];
@@ -125,7 +125,7 @@ void add_row_bias_and_activate(float* f, int64_t rows, int64_t cols, const float
 }
 
 void transposed_forward(const Plan& p, const NetworkActivations& acts, at::TensorList weights,
-                        at::TensorList biases, const float* x, float* out, const std::vector<float*>& stored) {
+                        at::TensorList biases, const float* x, float* out, c10::ArrayRef<float*> stored) {
   const Weights<float> w = prepare<float, float>(weights, biases, /*natural=*/true, /*transposed=*/false);
   const int64_t n = p.rows, d0 = p.widths[0];
   const int64_t width = *std::max_element(p.widths.begin() + 1, p.widths.end());
@@ -163,7 +163,7 @@ void transposed_forward(const Plan& p, const NetworkActivations& acts, at::Tenso
 template <typename scalar_t>
 void transposed_forward(const Plan& p, const NetworkActivations& acts, at::TensorList weights,
                         at::TensorList biases, const scalar_t* x, scalar_t* out,
-                        const std::vector<scalar_t*>& stored) {
+                        c10::ArrayRef<scalar_t*> stored) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     transposed_forward(p, acts, weights, biases, x, out, stored);
   } else {
@@ -176,14 +176,14 @@ void transposed_forward(const Plan& p, const NetworkActivations& acts, at::Tenso
 template <typename scalar_t>
 struct Gradients {
   scalar_t* input;                  // (rows, d_0) or nullptr
-  std::vector<scalar_t*> weights;   // per layer, or empty
-  std::vector<scalar_t*> biases;    // per layer, or empty
+  PerLayer<scalar_t*> weights;  // per layer, or empty
+  PerLayer<scalar_t*> biases;   // per layer, or empty
 };
 
 template <typename scalar_t>
 void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t checkpoint_every,
                      const scalar_t* x, at::TensorList weights, Weights<at::opmath_type<scalar_t>>& w,
-                     const std::vector<const scalar_t*>& hidden_outputs, const scalar_t* grad_output,
+                     c10::ArrayRef<const scalar_t*> hidden_outputs, const scalar_t* grad_output,
                      const scalar_t* out_or_f, const Gradients<scalar_t>& grads) {
   using T = at::opmath_type<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, T>;
@@ -259,7 +259,7 @@ void backward_blocks(const Plan& p, const NetworkActivations& acts, int64_t chec
         for (int64_t block = p.first_block(slot); block < p.first_block(slot + 1); ++block) {
           const bool first_in_slot = block == p.first_block(slot);
           const int64_t row = p.first_row(block), n = p.rows_in(block);
-          std::vector<Rows<const T>> h(layers);  // h[l]: the input of layer l, in this block
+          PerLayer<Rows<const T>> h(layers);  // h[l]: the input of layer l, in this block
           int current = 0;
           // g starts as dl/d(out) of the block, or dl/dh[last] carried from the stretch above.
           Rows<const T> g = last == hidden
@@ -350,15 +350,16 @@ at::Tensor fused_forward(const at::Tensor& input, at::TensorList weight_list,
   const ForwardPath path = forward_path(leading_rows(input.sizes()), weight_list, activations, checkpoint_every, true);
   if (path == ForwardPath::Blas) return blas_forward(input, weight_list, bias_list, activations, hidden_outputs);
   const at::Tensor x = contiguous(input);
-  const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
+  const PerLayer<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
   const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
   at::DimVector out_sizes(input.sizes());
   out_sizes.back() = p.widths.back();
   at::Tensor out = uninitialized(out_sizes, input);
   HANDGRAD_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad_fused_forward", [&] {
     using T = at::opmath_type<scalar_t>;
-    std::vector<scalar_t*> stored(p.hidden(), nullptr);
+    PerLayer<scalar_t*> stored(p.hidden(), nullptr);
     if (hidden_outputs != nullptr) {
+      hidden_outputs->reserve(p.hidden());
       for (size_t l = 0; l < p.hidden(); ++l) {
         if (!is_stored_output(l + 1, p.hidden(), checkpoint_every)) continue;
         hidden_outputs->push_back(uninitialized({p.rows, p.widths[l + 1]}, input));
@@ -388,15 +389,17 @@ NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor&
                          out_or_f, activations, output_mask);
   }
   const at::Tensor x = contiguous(input);
-  const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
+  const PerLayer<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
   const Plan p = plan(leading_rows(input.sizes()), weights, at::elementSize(at::toOpMathType(input.scalar_type())));
   const at::Tensor grad = contiguous(grad_output);
   const at::Tensor source = out_or_f.defined() ? contiguous(out_or_f) : at::Tensor();
-  const std::vector<at::Tensor> stored = contiguous(hidden_outputs);
+  const PerLayer<at::Tensor> stored = contiguous(hidden_outputs);
   const auto [need_input, need_weights, need_biases] = output_mask;
 
   at::Tensor grad_input = need_input ? uninitialized({p.rows, p.widths[0]}, input) : at::Tensor();
   std::vector<at::Tensor> grad_weights, grad_biases;
+  grad_weights.reserve(need_weights ? p.layers() : 0);
+  grad_biases.reserve(need_biases ? p.layers() : 0);
   for (size_t l = 0; l < p.layers(); ++l) {
     if (need_weights) grad_weights.push_back(uninitialized(weights[l].sizes(), input));
     if (need_biases) grad_biases.push_back(uninitialized({p.widths[l + 1]}, input));
@@ -409,7 +412,7 @@ NetworkGradients fused_backward(const at::Tensor& grad_output, const at::Tensor&
       using T = at::opmath_type<scalar_t>;
       // Omega^T, where f is recomputed, is packed by backward_blocks one stretch at a time.
       Weights<T> w = prepare<scalar_t, T>(weights, biases, /*natural=*/true, /*transposed=*/false);
-      std::vector<const scalar_t*> saved_data;
+      PerLayer<const scalar_t*> saved_data;
       for (const auto& t : stored) saved_data.push_back(t.const_data_ptr<scalar_t>());
       Gradients<scalar_t> g{need_input ? grad_input.data_ptr<scalar_t>() : nullptr, {}, {}};
       for (auto& t : grad_weights) g.weights.push_back(t.data_ptr<scalar_t>());

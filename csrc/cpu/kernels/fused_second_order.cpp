@@ -363,10 +363,10 @@ SecondOrderGradients fused_double_backward(
     at::TensorList bias_list, at::TensorList hidden_outputs, const std::optional<at::Tensor>& v,
     const std::vector<std::optional<at::Tensor>>& V, const std::vector<std::optional<at::Tensor>>& u,
     const NetworkActivations& activations, std::array<bool, 4> output_mask) {
-  const std::vector<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
+  const PerLayer<at::Tensor> weights = contiguous(weight_list), biases = contiguous(bias_list);
   const int64_t rows = leading_rows(input.sizes());
   const at::Tensor x = contiguous(input), grad = contiguous(grad_output);
-  const std::vector<at::Tensor> hidden = contiguous(hidden_outputs);
+  const PerLayer<at::Tensor> hidden = contiguous(hidden_outputs);
   const at::Tensor v_data = v.has_value() ? contiguous(*v) : at::Tensor();
   std::vector<std::optional<at::Tensor>> V_data(V.size()), u_data(u.size());
   for (size_t l = 0; l < V.size(); ++l) if (V[l].has_value()) V_data[l] = contiguous(*V[l]);
