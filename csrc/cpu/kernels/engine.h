@@ -42,9 +42,9 @@ using PerLayer = c10::SmallVector<T, 8>;
 // Small blocks of scratch memory that each thread keeps from call to call. A tiny network's
 // forward and backward make eight scratch buffers, and glibc serves blocks over 1 KiB from
 // its bins: keeping them took figure 7.8's training step from 499,400 to 490,900
-// instructions (callgrind), ~1,000 a buffer, a third of a layer's product. Capacities are powers of two from 256 bytes, so that a block serves
-// the next call's buffer of about the same size; a thread keeps at most kKeptBlocks of them,
-// 512 KiB in all, and frees them when it ends.
+// instructions (callgrind), ~1,000 a buffer. Capacities are powers of two from 256 bytes,
+// so that a block serves the next call's buffer of about the same size; a thread keeps at
+// most kKeptBlocks of them, 512 KiB in all, and frees them when it ends.
 constexpr size_t kKeptBlockBytes = 64 * 1024;
 constexpr int kKeptBlocks = 8;
 
