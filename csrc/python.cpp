@@ -9,6 +9,7 @@
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "ops.h"
+#include "autograd/mlp.h"
 #include "autograd/tensor_formulas.h"
 #include "checkpoint.h"
 #include "shapes.h"
@@ -128,6 +129,12 @@ PYBIND11_MODULE(_C, m) {
   }, "whether the CPU double backward (mlp_double_backward) runs as its tensor formula on BLAS's "
      "products rather than in the fused engine (by the network's shapes)",
         pybind11::arg("rows"), pybind11::arg("weights"));
+
+  m.def("set_layers_after_third_order", &handgrad::autograd::set_layers_after_third_order,
+        "whether a CPU network differentiated to a third order records its later forwards whose "
+        "input needs a gradient as a chain of layers (the default) or as one node; forgets the "
+        "networks seen, and returns the previous setting (for tests of either path)",
+        pybind11::arg("enabled"));
 
   // For the Python Functions (handgrad.autograd), the pieces the C++ autograd kernels use,
   // so that each is written once.

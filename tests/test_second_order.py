@@ -15,6 +15,15 @@ import handgrad.nn as hnn
 ops = torch.ops.handgrad
 
 
+@pytest.fixture(autouse=True)
+def no_third_order_seen():
+    # A network differentiated to a third order records its later forwards as a chain of
+    # layers (csrc/autograd/mlp.cpp): each test starts with none seen.
+    handgrad._C.set_layers_after_third_order(True)
+    yield
+    handgrad._C.set_layers_after_third_order(True)
+
+
 def network_args(sizes, bias, seed=0, rows=3):
     g = torch.Generator().manual_seed(seed)
     leaf = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
@@ -49,8 +58,12 @@ def test_gradgradcheck(activation, kwargs, output_activation, bias, every):
 
 @pytest.mark.parametrize("activation,kwargs", NETWORK_ACTIVATIONS)
 @pytest.mark.parametrize("sizes", [[4, 3], [4, 5, 6, 3]], ids=["one_layer", "three_layers"])
-def test_third_order(activation, kwargs, sizes):
+@pytest.mark.parametrize("then_layers", [False, True], ids=["one_node", "then_a_chain_of_layers"])
+def test_third_order(activation, kwargs, sizes, then_layers):
     # A PINN's u_xx, differentiated once more: the double backward is itself differentiable.
+    # one_node: every call differentiates the double backward's formula; otherwise the calls
+    # after the first record the network as a chain of layers.
+    handgrad._C.set_layers_after_third_order(then_layers)
     x, weights, biases = network_args(sizes, bias=True, seed=1)
     run = network(activation, kwargs, 0, "tanh", len(weights))
 
@@ -126,14 +139,68 @@ def test_training_steps_match_torch_nn_and_the_per_layer_path(loss, sizes, activ
                   dtype=torch.float64, **kwargs)
     reference = twin(mlp)
     per_layer = hnn.fuse(twin(mlp))  # the fused layers one by one, each with its own double backward
-    found = {}
-    for name, model in (("mlp", mlp), ("torch.nn", reference), ("per-layer", per_layer)):
-        loss(model, torch.Generator().manual_seed(1)).backward()
-        found[name] = [p.grad for p in model.parameters()]
-    assert len(found["mlp"]) == len(found["torch.nn"]) == len(found["per-layer"])
-    for got, per_layer_grad, want in zip(found["mlp"], found["per-layer"], found["torch.nn"]):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(per_layer_grad, want, rtol=1e-10, atol=1e-12)
+    # Two steps: after a third order (burgers) the second records a chain of layers.
+    for step in range(2):
+        found = {}
+        for name, model in (("mlp", mlp), ("torch.nn", reference), ("per-layer", per_layer)):
+            model.zero_grad(set_to_none=True)
+            loss(model, torch.Generator().manual_seed(1 + step)).backward()
+            found[name] = [p.grad for p in model.parameters()]
+        assert len(found["mlp"]) == len(found["torch.nn"]) == len(found["per-layer"])
+        for got, per_layer_grad, want in zip(found["mlp"], found["per-layer"], found["torch.nn"]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(per_layer_grad, want, rtol=1e-10, atol=1e-12)
+
+
+def u_xx(model, x):
+    u = model(x)
+    (du,) = torch.autograd.grad(u, x, torch.ones_like(u), create_graph=True)
+    (ddu,) = torch.autograd.grad(du[:, :1], x, torch.ones_like(u), create_graph=True)
+    return ddu
+
+
+def test_a_network_differentiated_to_a_third_order_then_records_a_chain_of_layers():
+    torch.manual_seed(0)
+    pinn, other = hnn.MLP([2, 8, 8, 1], "tanh"), hnn.MLP([2, 8, 9, 1], "tanh")
+    x = torch.rand(16, 2, requires_grad=True)
+    assert pinn(x).grad_fn.name() == "MLPBackward0"
+    (torch.autograd.grad(pinn(x).sum(), x, create_graph=True)[0] ** 2).sum().backward()  # a penalty: no switch
+    assert pinn(x).grad_fn.name() == "MLPBackward0"
+    u_xx(pinn, x).sum().backward()  # a third order
+    assert pinn(x).grad_fn.name() == "AddmmBackward0"  # the chain's linear output layer
+    assert hnn.MLP([2, 8, 8, 1], "tanh")(x).grad_fn.name() == "AddmmBackward0"  # by shape
+    assert pinn(x.detach()).grad_fn.name() == "MLPBackward0"  # no input gradient: one node
+    x64 = x.detach().double().requires_grad_()
+    assert hnn.MLP([2, 8, 8, 1], "tanh", dtype=torch.float64)(x64).grad_fn.name() == "MLPBackward0"  # another dtype
+    assert hnn.MLP([2, 8, 8, 1], "sigmoid")(x).grad_fn.name() == "MLPBackward0"  # another activation
+    assert other(x).grad_fn.name() == "MLPBackward0"  # another shape
+    assert hnn.MLP([2, 8, 8, 1], "tanh", checkpoint_every=1)(x).grad_fn.name() == "MLPBackward0"
+    assert handgrad._C.set_layers_after_third_order(False)  # the previous setting
+    u_xx(pinn, x).sum().backward()
+    assert pinn(x).grad_fn.name() == "MLPBackward0"  # off: nothing remembered
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_pinns_steps_are_the_same_bits_on_every_run(threads):
+    # The first step differentiates the formula, the next ones the chain: each run repeats it.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = []
+        for _ in range(2):
+            handgrad._C.set_layers_after_third_order(True)
+            torch.manual_seed(0)
+            pinn = hnn.MLP([2, 16, 16, 1], "tanh", dtype=torch.float64)
+            grads = []
+            for step in range(3):
+                pinn.zero_grad(set_to_none=True)
+                burgers(pinn, torch.Generator().manual_seed(step)).backward()
+                grads.append([p.grad.clone() for p in pinn.parameters()])
+            runs.append(grads)
+        for first, second in zip(*runs):
+            assert all(torch.equal(a, b) for a, b in zip(first, second))
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "tanh", "softplus"])

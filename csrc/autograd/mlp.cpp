@@ -18,7 +18,9 @@
 // and on the CPU where the network's products are BLAS's, the formula below as tensor ops.
 // A third order (a PINN's u_xx, then its loss's backward) differentiates the formula itself,
 // each piece a differentiable op: the hidden outputs are then recomputed with their
-// history, since the stored ones have none.
+// history, since the stored ones have none. Once a network has been differentiated so, its
+// later forwards whose input needs a gradient record a chain of layers instead, whose graph
+// the third order reuses (ThirdOrderNetworks).
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/exp.h>
@@ -26,20 +28,24 @@
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../cpu/kernels.h"
 #include "../ops.h"
 #include "../shapes.h"
 #include "function.h"
+#include "mlp.h"
 #include "tensor_formulas.h"
 
 namespace handgrad::autograd {
@@ -306,6 +312,75 @@ SecondOrderGradients double_backward_op(const at::Tensor& grad_output, const at:
   return {grad_grad_output, grad_input, grad_weights, grad_biases};
 }
 
+// --- Networks differentiated to a third order ---
+//
+// A third order (a PINN's u_xx, then its loss's backward) differentiates the double
+// backward's formula, which recomputes the forward and the first backward with their history:
+// the network's own forward and first backward, fused, are then work done twice, and the
+// whole step measured 1.2-1.6x torch.nn's (bench_second_order.py, DeepXDE and Burgers). A
+// chain of layers (each its own node) keeps every piece's history instead, as torch.nn's
+// graph does, and the third order reuses it. Which kind of step follows is unknown at the
+// forward, so the first third order of a network is remembered by its shape (its widths,
+// dtype, activations and biases) and later forwards of that network whose input needs a
+// gradient, the PINN's collocation points, record the chain; a gradient penalty, which never
+// differentiates the double backward, keeps the fused double backward.
+struct NetworkShape {
+  c10::ScalarType dtype;
+  Activation hidden;
+  int output;  // the output activation, or -1
+  ActivationParameters params;
+  bool has_bias;
+  c10::SmallVector<int64_t, 8> widths;
+
+  bool operator==(const NetworkShape& other) const {
+    return dtype == other.dtype && hidden == other.hidden && output == other.output &&
+           params.negative_slope == other.params.negative_slope && params.beta == other.params.beta &&
+           params.threshold == other.params.threshold && has_bias == other.has_bias && widths == other.widths;
+  }
+};
+
+NetworkShape shape_of(const at::Tensor& input, at::TensorList weights, bool has_bias, const Network& network) {
+  NetworkShape shape{input.scalar_type(), network.hidden,
+                     network.output.has_value() ? static_cast<int>(*network.output) : -1,
+                     network.params, has_bias, {weights[0].size(1)}};
+  for (const auto& w : weights) shape.widths.push_back(w.size(0));
+  return shape;
+}
+
+class ThirdOrderNetworks {
+ public:
+  bool contains(const NetworkShape& shape) {
+    if (!any_.load(std::memory_order_relaxed)) return false;  // no lock on the common path
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::find(shapes_.begin(), shapes_.end(), shape) != shapes_.end();
+  }
+  void add(NetworkShape shape) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!enabled_ || std::find(shapes_.begin(), shapes_.end(), shape) != shapes_.end()) return;
+    if (shapes_.size() == kKept) shapes_.erase(shapes_.begin());  // the oldest
+    shapes_.push_back(std::move(shape));
+    any_.store(true, std::memory_order_relaxed);
+  }
+  bool set_enabled(bool enabled) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    shapes_.clear();
+    any_.store(false, std::memory_order_relaxed);
+    return std::exchange(enabled_, enabled);
+  }
+
+ private:
+  static constexpr size_t kKept = 32;
+  std::mutex mutex_;
+  std::vector<NetworkShape> shapes_;
+  std::atomic<bool> any_{false};
+  bool enabled_ = true;
+};
+
+ThirdOrderNetworks& third_order_networks() {
+  static ThirdOrderNetworks networks;
+  return networks;
+}
+
 class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Variable& grad_output,
@@ -370,6 +445,7 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
     }
     SecondOrderGradients found;
     if (c10::GradMode::is_enabled()) {  // a third order: the formula, differentiable
+      third_order_networks().add(shape_of(input, weights, bias_count > 0, network));
       const Layers layers = layers_of(input, weights, biases, hidden, network);
       found = double_backward(grad_output, layers, v, V, u, ctx->needs_input_grad(1), need_parameters);
     } else {
@@ -499,22 +575,26 @@ struct MLPBackward0 : public torch::autograd::Node {
   }
 };
 
-// Whether a CPU network is recorded as a chain of fused layers, each keeping its f
-// (cpu::Kernels::runs_as_layers): plain CPU tensors of concrete sizes only. A tensor
+// Whether a CPU network is recorded as a chain of fused layers: where each keeps its f
+// (cpu::Kernels::runs_as_layers), or where a third order of it has been seen and its input
+// needs a gradient (ThirdOrderNetworks). Plain CPU tensors of concrete sizes only: a tensor
 // subclass (DTensor, and the fake tensors that torch.compile traces with) keeps the one op.
 bool runs_as_layers(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
-                    c10::string_view activation, const ActivationParameters& params,
-                    int64_t checkpoint_every, std::optional<c10::string_view> output_activation) {
-  if (!input.device().is_cpu() || checkpoint_every > 0 || weights.size() < 2) return false;
-  if (!derivative_needs_preactivation(parse_activation(activation), params)) return false;
+                    const Network& network, c10::string_view activation,
+                    std::optional<c10::string_view> output_activation) {
+  if (!input.device().is_cpu() || network.checkpoint_every > 0 || weights.size() < 2) return false;
+  const bool third_order = input.requires_grad() &&
+      third_order_networks().contains(shape_of(input, weights, !biases.empty(), network));
+  if (!third_order && !derivative_needs_preactivation(network.hidden, network.params)) return false;
   const auto plain = [](const at::Tensor& t) {
     return !t.key_set().has(c10::DispatchKey::Python) && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
   };
   if (!plain(input) || !std::all_of(weights.begin(), weights.end(), plain)) return false;
-  check_mlp(input, weights, biases, activation, params, checkpoint_every, output_activation);
-  return cpu::kernels().runs_as_layers(leading_rows(input.sizes()), weights,
-                                       cpu::network_activations(activation, params, output_activation),
-                                       checkpoint_every);
+  check_mlp(input, weights, biases, activation, network.params, network.checkpoint_every, output_activation);
+  return third_order ||
+         cpu::kernels().runs_as_layers(leading_rows(input.sizes()), weights,
+                                       cpu::network_activations(activation, network.params, output_activation),
+                                       network.checkpoint_every);
 }
 
 at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
@@ -534,7 +614,11 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::Ten
                     output_activation);
   }
   refuse_tangent(tangent, "mlp", "handgrad.functional.mlp and handgrad.nn.MLP");
-  if (runs_as_layers(input, weights, biases, activation, params, checkpoint_every, output_activation)) {
+  const Network network{parse_activation(activation),
+                        output_activation.has_value()
+                            ? std::optional<Activation>(parse_activation(*output_activation)) : std::nullopt,
+                        params, checkpoint_every};
+  if (runs_as_layers(input, weights, biases, network, activation, output_activation)) {
     // Each layer records its own node (linear_activation.cpp), which keeps h and f.
     at::Tensor h = input;
     for (size_t l = 0; l + 1 < weights.size(); ++l) {
@@ -548,10 +632,7 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::Ten
   }
   auto node = make_node<MLPBackward0>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weights, biases));
-  node->network_ = {parse_activation(activation),
-                    output_activation.has_value()
-                        ? std::optional<Activation>(parse_activation(*output_activation)) : std::nullopt,
-                    params, checkpoint_every};
+  node->network_ = network;
   at::Tensor out;
   std::vector<at::Tensor> hidden_outputs;
   {
@@ -568,6 +649,8 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, at::Ten
 }
 
 }  // namespace
+
+bool set_layers_after_third_order(bool enabled) { return third_order_networks().set_enabled(enabled); }
 
 TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
   m.impl("mlp_double_backward", &mlp_double_backward_kernel<true>);
