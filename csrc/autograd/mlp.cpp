@@ -347,6 +347,7 @@ NetworkShape shape_of(const at::Tensor& input, at::TensorList weights, bool has_
   return shape;
 }
 
+// The shapes of the last kKept networks seen in a third order.
 class ThirdOrderNetworks {
  public:
   bool contains(const NetworkShape& shape) {
@@ -445,7 +446,9 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
     }
     SecondOrderGradients found;
     if (c10::GradMode::is_enabled()) {  // a third order: the formula, differentiable
-      third_order_networks().add(shape_of(input, weights, bias_count > 0, network));
+      if (input.device().is_cpu()) {  // where a chain of layers is recorded
+        third_order_networks().add(shape_of(input, weights, bias_count > 0, network));
+      }
       const Layers layers = layers_of(input, weights, biases, hidden, network);
       found = double_backward(grad_output, layers, v, V, u, ctx->needs_input_grad(1), need_parameters);
     } else {
