@@ -350,12 +350,16 @@ NetworkShape shape_of(const at::Tensor& input, at::TensorList weights, bool has_
 // The shapes of the last kKept networks seen in a third order.
 class ThirdOrderNetworks {
  public:
-  bool contains(const NetworkShape& shape) {
-    if (!any_.load(std::memory_order_relaxed)) return false;  // no lock on the common path
+  // Whether the network is among them. The common case, none seen, takes no lock and builds
+  // no shape: every recorded forward whose input needs a gradient asks.
+  bool contains(const at::Tensor& input, at::TensorList weights, bool has_bias, const Network& network) {
+    if (!any_.load(std::memory_order_relaxed)) return false;
+    const NetworkShape shape = shape_of(input, weights, has_bias, network);
     std::lock_guard<std::mutex> lock(mutex_);
     return std::find(shapes_.begin(), shapes_.end(), shape) != shapes_.end();
   }
-  void add(NetworkShape shape) {
+  void add(const at::Tensor& input, at::TensorList weights, bool has_bias, const Network& network) {
+    NetworkShape shape = shape_of(input, weights, has_bias, network);
     std::lock_guard<std::mutex> lock(mutex_);
     if (!enabled_ || std::find(shapes_.begin(), shapes_.end(), shape) != shapes_.end()) return;
     if (shapes_.size() == kKept) shapes_.erase(shapes_.begin());  // the oldest
@@ -447,7 +451,7 @@ class MLPBackwardFunction : public torch::autograd::Function<MLPBackwardFunction
     SecondOrderGradients found;
     if (c10::GradMode::is_enabled()) {  // a third order: the formula, differentiable
       if (input.device().is_cpu()) {  // where a chain of layers is recorded
-        third_order_networks().add(shape_of(input, weights, bias_count > 0, network));
+        third_order_networks().add(input, weights, bias_count > 0, network);
       }
       const Layers layers = layers_of(input, weights, biases, hidden, network);
       found = double_backward(grad_output, layers, v, V, u, ctx->needs_input_grad(1), need_parameters);
@@ -586,8 +590,8 @@ bool runs_as_layers(const at::Tensor& input, at::TensorList weights, at::TensorL
                     const Network& network, c10::string_view activation,
                     std::optional<c10::string_view> output_activation) {
   if (!input.device().is_cpu() || network.checkpoint_every > 0 || weights.size() < 2) return false;
-  const bool third_order = input.requires_grad() &&
-      third_order_networks().contains(shape_of(input, weights, !biases.empty(), network));
+  const bool third_order =
+      input.requires_grad() && third_order_networks().contains(input, weights, !biases.empty(), network);
   if (!third_order && !derivative_needs_preactivation(network.hidden, network.params)) return false;
   const auto plain = [](const at::Tensor& t) {
     return !t.key_set().has(c10::DispatchKey::Python) && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
