@@ -21,6 +21,7 @@ from samples import (
 )
 from torch import nn
 
+import handgrad
 import handgrad.functional as hf
 import handgrad.nn as hnn
 
@@ -95,6 +96,40 @@ def test_export_save_load_run():
     loaded = torch.export.load(buffer)
     for batch in (x, torch.randn(5, 8)):
         torch.testing.assert_close(loaded.module()(batch), model(batch))
+
+
+class _Deployed(nn.Module):
+    """What a user deploys: handgrad's layers, an MLP with an output activation, and a fused
+    torch.nn network, in one program."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = make_model()
+        self.mlp = hnn.MLP([4, 16, 16, 3], activation="leaky_relu", negative_slope=0.1,
+                           output_activation="sigmoid")
+        torch.manual_seed(1)
+        self.fused = handgrad.fuse(nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                                                 nn.Linear(12, 2)))
+
+    def forward(self, x):
+        return self.fused(self.mlp(self.layers(x)))
+
+
+def test_aot_inductor_package_runs_the_ops_as_eager_does(tmp_path):
+    # AOTInductor, the way to deploy an exported program without Python: the package calls
+    # handgrad's ops through the dispatcher, for any batch size the export allowed.
+    model = _Deployed().eval()
+    x = torch.randn(5, 8)
+    model(x)  # fuse() decides on its first call
+    batch = torch.export.Dim("batch", min=2, max=4096)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert {"handgrad.linear_activation.default", "handgrad.mlp.default"} <= targets
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    loaded = torch._inductor.aoti_load_package(package)
+    for rows in (5, 3, 257):
+        batch_input = torch.randn(rows, 8, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(loaded(batch_input), model(batch_input), rtol=0, atol=0)
 
 
 def test_threads_give_serial_results():
