@@ -132,6 +132,64 @@ def test_aot_inductor_package_runs_the_ops_as_eager_does(tmp_path):
         torch.testing.assert_close(loaded(batch_input), model(batch_input), rtol=0, atol=0)
 
 
+def _handgrad_targets(program):
+    """handgrad's ops that program calls, directly or through a higher-order op
+    (auto_functionalized_v2(handgrad.activation_.default, ...))."""
+    found = set()
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            found.update(str(t) for t in (node.target, *node.args[:1]) if str(t).startswith("handgrad."))
+    return found
+
+
+def _decomposed(program):
+    table = torch.export.default_decompositions()
+    table.update(handgrad.decompositions())
+    return program.run_decompositions(table)
+
+
+def test_decompositions_leave_torch_ops_that_compute_the_same():
+    # For runtimes with torch's ops only (ONNX, ExecuTorch): the in-place activation exports
+    # as torch's in-place ops do (the op and a functional copy), so nothing of handgrad's is left.
+    model = _Deployed().eval()
+    x = torch.randn(5, 8)
+    model(x)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=2)},))
+    assert {"handgrad.linear_activation.default", "handgrad.activation.default",
+            "handgrad.mlp.default"} <= _handgrad_targets(program)
+    decomposed = _decomposed(program)
+    assert not _handgrad_targets(decomposed)
+    for rows in (5, 3, 257):
+        batch = torch.randn(rows, 8, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(decomposed.module()(batch), model(batch))
+
+
+EVERY_ACTIVATION = [("relu", {}), ("leaky_relu", {"negative_slope": 0.2}), ("sigmoid", {}), ("tanh", {}),
+                    ("silu", {}), ("gelu", {}), ("gelu_tanh", {}), ("softplus", {"beta": 4.0, "threshold": 1.5})]
+
+
+@pytest.mark.parametrize("activation,parameters", EVERY_ACTIVATION, ids=[a for a, _ in EVERY_ACTIVATION])
+def test_decompositions_of_every_activation_and_its_parameters(activation, parameters):
+    torch.manual_seed(0)
+    mlp = hnn.MLP([4, 8, 8, 3], activation=activation, output_activation=activation, **parameters)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, x):  # the network's op, one layer's op, the elementwise op
+            a = torch.ops.handgrad.activation(x[:, :4], activation, parameters.get("negative_slope", 0.01),
+                                              parameters.get("beta", 1.0), parameters.get("threshold", 20.0))
+            return self.mlp(a) + self.mlp.hidden[0](x[:, 4:])[:, :3]
+
+    model = Model().eval()
+    x = torch.randn(6, 8) * 3
+    decomposed = _decomposed(torch.export.export(model, (x,)))
+    assert not _handgrad_targets(decomposed)
+    torch.testing.assert_close(decomposed.module()(x), model(x))
+
+
 def test_threads_give_serial_results():
     model = make_model()
     inputs = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]

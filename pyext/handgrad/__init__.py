@@ -18,6 +18,7 @@ from . import _vmap  # noqa: E402,F401  (and their vmap rules)
 from . import _distributed  # noqa: E402,F401  (and their DTensor rules, once DTensor loads)
 from . import autograd, functional, memory, nn  # noqa: E402
 from .nn import fuse  # noqa: E402  (handgrad.fuse(model), as handgrad.nn.fuse)
+from ._decompositions import decompositions  # noqa: E402
 
 try:
     from importlib.metadata import version as _version
@@ -50,4 +51,5 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["autograd", "functional", "memory", "nn", "fuse", "build_info", "cuda_built", "__version__"]
+__all__ = ["autograd", "functional", "memory", "nn", "fuse", "decompositions", "build_info", "cuda_built",
+           "__version__"]
