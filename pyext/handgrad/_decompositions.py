@@ -19,28 +19,26 @@ def _activation(input, activation, negative_slope=0.01, beta=1.0, threshold=20.0
     return HF._torch_activation(input, activation, (negative_slope, beta, threshold))
 
 
-def _activation_in_place(input, activation, negative_slope=0.01, beta=1.0, threshold=20.0):
-    input.copy_(_activation(input, activation, negative_slope, beta, threshold))
-
-
 def _linear_activation(input, weight, bias, activation, negative_slope=0.01, beta=1.0, threshold=20.0):
     return _activation(F.linear(input, weight, bias), activation, negative_slope, beta, threshold)
 
 
 def _mlp(input, weights, biases, activation, negative_slope=0.01, checkpoint_every=0,
          output_activation=None, beta=1.0, threshold=20.0):
-    h = input
-    for layer, weight in enumerate(weights):
-        h = F.linear(h, weight, biases[layer] if biases else None)
-        current = activation if layer + 1 < len(weights) else output_activation
-        if current is not None:
-            h = _activation(h, current, negative_slope, beta, threshold)
-    return h  # (checkpointing changes what the backward stores, not the output)
+    # (checkpointing changes what the backward stores, not the output)
+    layer_biases = biases if biases else [None] * len(weights)
+    for weight, bias in zip(weights[:-1], layer_biases[:-1]):
+        input = _linear_activation(input, weight, bias, activation, negative_slope, beta, threshold)
+    out = F.linear(input, weights[-1], layer_biases[-1])
+    return out if output_activation is None else _activation(out, output_activation, negative_slope, beta, threshold)
 
 
 def decompositions():
-    """{op: its decomposition} for handgrad's forward ops (linear_activation, activation and
-    its in-place form, mlp), to add to a table for ExportedProgram.run_decompositions."""
+    """{op: its decomposition} for handgrad's forward ops (linear_activation, activation, mlp),
+    to add to a table for ExportedProgram.run_decompositions. The in-place activation needs
+    none: handgrad's modules export it as the op and a copy (functional._elementwise), which
+    export makes functional; a mutating op would stay behind auto_functionalized, which no
+    decomposition table reaches."""
     ops = torch.ops.handgrad
     return {ops.linear_activation.default: _linear_activation, ops.activation.default: _activation,
-            ops.activation_.default: _activation_in_place, ops.mlp.default: _mlp}
+            ops.mlp.default: _mlp}

@@ -298,11 +298,11 @@ def _elementwise(input, activation, parameters=DEFAULT_PARAMETERS, inplace=False
             out = _FUNCTIONS[activation].apply(input, *_function_arguments(activation, parameters))
             return input.copy_(out) if inplace else out
         try:
-            if inplace and torch.compiler.is_exporting():
-                # As torch's own in-place ops export: the op, then a copy that export makes
-                # functional, so that an exported program holds no mutating handgrad op.
-                return input.copy_(ops.activation(input, activation, *parameters))
             if inplace:
+                if torch.compiler.is_exporting():
+                    # As torch's own in-place ops export: the op, then a copy that export
+                    # makes functional, so that an exported program holds no mutating op.
+                    return input.copy_(ops.activation(input, activation, *parameters))
                 ops.activation_(input, activation, *parameters)
                 return input
             return ops.activation(input, activation, *parameters)
